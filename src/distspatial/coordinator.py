@@ -1,0 +1,493 @@
+"""The coordinator: :class:`DistributedSpatialCluster`, living in the driver process.
+
+It owns the node actors, the versioned :class:`~distspatial.metadata.GlobalIndexMetadata` (the one place that
+records partitions and their placement) and the :class:`~distspatial.routing.RoutingTable` derived from it.
+Public calls validate their input, plan with :mod:`distspatial.planner`, run rounds of per-partition work through
+:class:`~distspatial.dispatch.Dispatcher` (one message per node per round, failover to replicas) and merge.
+
+Example::
+
+    >>> import numpy as np
+    >>> from distspatial import DistributedSpatialCluster, NodeConfig
+    >>> pts = np.random.default_rng(0).random((10_000, 2))
+    >>> with DistributedSpatialCluster(NodeConfig().with_node_count(2)) as cluster:  # doctest: +SKIP
+    ...     cluster.distribute_data(pts)
+    ...     dist, ids = cluster.distributed_knn_search(np.array([0.5, 0.5]), 5)
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import numpy as np
+import ray
+
+from . import kmeans as _kmeans
+from .config import NodeConfig
+from .curves import curve_keys
+from .dispatch import Dispatcher, payload_bytes
+from .errors import NotDistributedError
+from .local_index import merge_topk
+from .metadata import GlobalIndexMetadata, PartitionInfo
+from .node import SpatialNode
+from .partitioning import partition_points
+from .placement import place_partitions
+from .planner import Assignment, ball_pairs, box_pairs, knn_followups, knn_home
+from .routing import RoutingTable
+from .runtime import cluster_cpus, connect, disconnect
+from .stats import ClusterStatistics, CommunicationCounters, LatencyRecorder, NodeStatistics, Timer
+from .validation import check_ids, check_k, check_points, check_queries, check_radius
+
+log = logging.getLogger(__name__)
+
+__all__ = ["DistributedSpatialCluster"]
+
+
+def _free_cpus(wanted: float, wait_s: float = 10.0) -> float:
+    """CPUs free in the runtime, waiting up to ``wait_s`` for ``wanted`` (actors just killed release theirs late)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        free = float(ray.available_resources().get("CPU", 0.0))
+        if free + 1e-9 >= wanted or time.monotonic() > deadline:
+            return free
+        time.sleep(0.1)
+
+
+class DistributedSpatialCluster:
+    """A distributed spatial index over Ray actors (see module docstring).
+
+    Args:
+        config: the cluster's :class:`NodeConfig`; ``None`` uses the defaults (4 nodes, embedded runtime).
+    """
+
+    def __init__(self, config: NodeConfig | None = None) -> None:
+        self.config = config if config is not None else NodeConfig()
+        if not isinstance(self.config, NodeConfig):
+            raise ValueError(f"config must be a NodeConfig, got {type(config).__name__}")
+        self._started_ray = connect(self.config)
+        self._closed = False
+        self._meta: GlobalIndexMetadata | None = None
+        self._routing: RoutingTable | None = None
+        self._dataset_counter = 0
+        self._id_sorted: np.ndarray | None = None  # user ids, sorted (None: ids are row numbers)
+        self._id_rows: np.ndarray | None = None  # row of each sorted id
+        self._mean_variance = 0.0
+        self.comm = CommunicationCounters()
+        self.latency = LatencyRecorder()
+        self._run_counter = 0
+        try:
+            self._actors, self._node_info = self._start_nodes()
+        except BaseException:
+            disconnect(self._started_ray)
+            raise
+        self._dispatch = Dispatcher(
+            self._actors, self.config.communication_timeout_ms / 1000.0, self.config.max_retries, self.comm
+        )
+
+    # -- life cycle -----------------------------------------------------------------------------------------
+    def _start_nodes(self) -> tuple[dict[int, Any], dict[int, dict]]:
+        cfg = self.config
+        total = cluster_cpus()
+        # Node actors are long-lived and idle between calls; by default they share the CPUs still free (at most
+        # one each), so two clusters can live in one runtime. Set cpus_per_node to reserve more.
+        free = _free_cpus(cfg.node_count * (cfg.cpus_per_node or 0.01))
+        cpus = cfg.cpus_per_node or max(0.01, min(1.0, int(free / cfg.node_count * 100) / 100))
+        threads = cfg.threads_per_node or max(1, int(total // cfg.node_count))
+        if cfg.address is None and cpus * cfg.node_count > free + 1e-9:
+            raise RuntimeError(
+                f"{cfg.node_count} nodes x {cpus:g} CPUs do not fit in the {free:g} CPUs still free in this Ray "
+                f"runtime (another cluster may hold them); set NodeConfig.cpus_per_node lower or shut the other down"
+            )
+        actor_cls = ray.remote(SpatialNode)
+        actors = {
+            i: actor_cls.options(num_cpus=cpus, scheduling_strategy="SPREAD", max_concurrency=1).remote(i, threads)
+            for i in range(cfg.node_count)
+        }
+        refs = {i: a.ping.remote() for i, a in actors.items()}
+        ready, missing = ray.wait(list(refs.values()), num_returns=len(refs), timeout=max(60.0, cfg.communication_timeout_ms / 1000))
+        if missing:
+            for a in actors.values():
+                ray.kill(a)
+            raise RuntimeError(
+                f"only {len(ready)} of {cfg.node_count} node actors started within the timeout; the Ray cluster has "
+                f"{total:g} CPUs and each node asks for {cpus:g} (set NodeConfig.cpus_per_node lower or add machines)"
+            )
+        info = dict(zip(refs.keys(), ray.get(list(refs.values()))))
+        return actors, info
+
+    def shutdown(self) -> None:
+        """Stop the node actors, and the Ray runtime if this cluster started it. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        for a in getattr(self, "_actors", {}).values():
+            try:
+                ray.kill(a)
+            except Exception:  # already gone
+                pass
+        disconnect(self._started_ray)
+
+    def __enter__(self) -> DistributedSpatialCluster:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    def __del__(self) -> None:  # pragma: no cover - best effort
+        try:
+            if not self._closed and self._started_ray:
+                self.shutdown()
+        except Exception:
+            pass
+
+    def __repr__(self) -> str:
+        m = self._meta
+        pts = m.n_points if m else 0
+        parts = m.n_partitions if m else 0
+        state = "closed" if self._closed else "running"
+        return (
+            f"DistributedSpatialCluster(nodes={self.config.node_count}, points={pts}, partitions={parts}, "
+            f"curve={self.config.curve!r}, replication={self.config.replication_factor}, {state})"
+        )
+
+    @property
+    def metadata(self) -> GlobalIndexMetadata:
+        """The current metadata snapshot (raises :class:`NotDistributedError` before ``distribute_data``)."""
+        return self._require_data()
+
+    @property
+    def n_points(self) -> int:
+        return self._meta.n_points if self._meta else 0
+
+    @property
+    def node_ids(self) -> list[int]:
+        return sorted(self._actors)
+
+    def _require_data(self) -> GlobalIndexMetadata:
+        if self._closed:
+            raise RuntimeError("this cluster has been shut down; create a new DistributedSpatialCluster")
+        if self._meta is None:
+            raise NotDistributedError("no data has been distributed yet; call cluster.distribute_data(points) first")
+        return self._meta
+
+    # -- distribute -----------------------------------------------------------------------------------------
+    def distribute_data(self, points: Any, ids: Any = None) -> GlobalIndexMetadata:
+        """Partition ``points`` along the space-filling curve and load the partitions onto the nodes.
+
+        Args:
+            points: ``(n, d)`` numeric array, finite.
+            ids: optional unique integer id per point; default: the row number. Every result speaks in these ids.
+
+        Returns the new :class:`GlobalIndexMetadata`. Replaces any previously distributed data set. Input is
+        validated before anything changes, so a bad call leaves the cluster as it was.
+        """
+        if self._closed:
+            raise RuntimeError("this cluster has been shut down; create a new DistributedSpatialCluster")
+        pts = check_points(points)
+        n, d = pts.shape
+        id_arr = check_ids(ids, n) if ids is not None else None
+        cfg = self.config
+        with Timer() as t:
+            plan = partition_points(pts, cfg.partition_count, id_arr, cfg.curve)
+            n_parts, cuts = plan.n_partitions, plan.cuts
+            machine_of = {i: info.get("ray_node_id", "") or str(i) for i, info in self._node_info.items()}
+            owners = place_partitions(n_parts, self.node_ids, cfg.replication_factor, machine_of)
+            self._dataset_counter += 1
+            dataset = self._dataset_counter
+            # One object per partition in Ray's object store; each owner node reads it from there.
+            refs = {}
+            for p in range(n_parts):
+                refs[p] = tuple(ray.put(arr) for arr in plan.part(p))
+            loads = []
+            for node in self.node_ids:
+                pids = [p for p in range(n_parts) if node in owners[p]]
+                args = [r for p in pids for r in refs[p]]
+                self.comm.sent(node, sum(int(cuts[p + 1] - cuts[p]) * (d + 1) * 8 for p in pids))
+                loads.append(self._actors[node].load_partitions.remote(dataset, pids, *args))
+            try:
+                ray.get(loads)
+            except Exception:
+                self._meta, self._routing = None, None
+                raise
+            parts = tuple(
+                PartitionInfo(
+                    partition_id=p,
+                    key_lo=int(plan.key_lo[p]),
+                    key_hi=int(plan.key_hi[p]),
+                    lo=plan.box_lo[p].copy(),
+                    hi=plan.box_hi[p].copy(),
+                    size=int(cuts[p + 1] - cuts[p]),
+                    nbytes=int((cuts[p + 1] - cuts[p]) * (d * 8 + 8)),
+                    owners=owners[p],
+                )
+                for p in range(n_parts)
+            )
+            version = (self._meta.version + 1) if self._meta else 1
+            meta = GlobalIndexMetadata(
+                dim=d, lo=plan.lo, hi=plan.hi, curve=cfg.curve, bits=plan.bits, partitions=parts, version=version,
+                dataset_id=dataset,
+            )
+            if id_arr is None:
+                self._id_sorted = self._id_rows = None
+            else:
+                self._id_rows = np.argsort(id_arr, kind="stable")
+                self._id_sorted = id_arr[self._id_rows]
+            self._mean_variance = float(np.mean([pts[:, j].var() for j in range(d)]))
+            self._meta, self._routing = meta, RoutingTable(meta)  # switch in one step
+        log.info("distributed %d points in %d partitions over %d nodes in %.2f s", n, n_parts, cfg.node_count, t.seconds)
+        return meta
+
+    def _rows_of_ids(self, ids: np.ndarray) -> np.ndarray:
+        """Input row of each global id."""
+        if self._id_sorted is None:
+            return ids
+        return self._id_rows[np.searchsorted(self._id_sorted, ids)]
+
+    # -- queries --------------------------------------------------------------------------------------------
+    def _run_assignment(self, assign: Assignment, make_args) -> list[tuple[Any, Any]]:
+        """Send each node the rows of ``assign`` for the partitions it serves; one message per node.
+
+        ``make_args(rows)`` gives the per-row arrays to send. Returns ``[(rows, result), ...]``.
+        """
+        groups = assign.groups()
+        routing = self._routing
+        method = make_args.__name__
+
+        def build(node: int, pids: list[int]):
+            row_parts = [groups[p] for p in pids]
+            rows = np.concatenate(row_parts) if len(row_parts) > 1 else row_parts[0]
+            bounds = np.cumsum([0] + [len(r) for r in row_parts])
+            segments = [(p, int(bounds[i]), int(bounds[i + 1])) for i, p in enumerate(pids)]
+            args = make_args(rows)
+            ref = getattr(self._actors[node], method).remote(*args[:-1], segments, *args[-1:])
+            return ref, rows, payload_bytes(args)
+
+        return self._dispatch.run(list(groups), routing, build)
+
+    def distributed_knn_search(self, query: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Exact k nearest neighbours of one point or a batch.
+
+        Args:
+            query: a point ``(d,)`` or a batch ``(m, d)``.
+            k: neighbours per query, ``1 <= k <= n_points``.
+
+        Returns ``(distances, ids)``: shape ``(k,)`` each for one point, ``(m, k)`` for a batch, sorted by
+        distance (Euclidean), ids as given to ``distribute_data``.
+
+        >>> dist, ids = cluster.distributed_knn_search(np.array([0.5, 0.5]), 10)  # doctest: +SKIP
+        """
+        meta = self._require_data()
+        q, single = check_queries(query, meta.dim)
+        k = check_k(k, meta.n_points)
+        with Timer() as t:
+            dist, ids = self._knn(q, k, meta)
+        self.latency.record(t.seconds, len(q))
+        return (dist[0], ids[0]) if single else (dist, ids)
+
+    def _knn(self, q: np.ndarray, k: int, meta: GlobalIndexMetadata) -> tuple[np.ndarray, np.ndarray]:
+        routing = self._routing
+        m = len(q)
+        keys = curve_keys(q, meta.lo, meta.hi, meta.curve, meta.bits)
+        order = np.argsort(keys, kind="stable")
+        qs = np.take(q, order, axis=0)
+        home = knn_home(keys[order], routing)
+        dist = np.empty((m, k))
+        ids = np.empty((m, k), dtype=np.int64)
+
+        def knn(rows):  # round 1: k best in the home partition
+            return (qs[rows], k, None)
+
+        for rows, (d_, i_) in self._run_assignment(home, knn):
+            dist[rows], ids[rows] = d_, i_
+
+        kth = dist[:, k - 1]
+        home_part = np.empty(m, dtype=np.int64)
+        for p, a, b in zip(home.partitions, home.starts[:-1], home.starts[1:]):
+            home_part[home.rows[a:b]] = p
+        follow = knn_followups(qs, kth, home_part, routing)
+        if follow.n_pairs:
+
+            def knn(rows):  # noqa: F811 - round 2: only candidates within the k-th distance
+                return (qs[rows], k, kth[rows])
+
+            results = self._run_assignment(follow, knn)
+            # Merge node by node; a node's rows may repeat a query (two partitions), so merge per segment.
+            for rows, (d_, i_) in results:
+                self._merge_rows(dist, ids, rows, d_, i_, k)
+        out_d = np.empty_like(dist)
+        out_i = np.empty_like(ids)
+        out_d[order] = dist
+        out_i[order] = ids
+        return out_d, out_i
+
+    @staticmethod
+    def _merge_rows(dist, ids, rows, d_, i_, k) -> None:
+        """Merge candidate rows into the running top-k; ``rows`` may repeat (handled by unique passes)."""
+        pending = np.arange(len(rows))
+        while len(pending):
+            r = rows[pending]
+            _, first = np.unique(r, return_index=True)
+            take = pending[first]
+            rr = rows[take]
+            dist[rr], ids[rr] = merge_topk(dist[rr], ids[rr], d_[take], i_[take], k)
+            pending = np.setdiff1d(pending, take, assume_unique=True)
+
+    def range_search(
+        self, center: Any, radius: Any, return_points: bool = False
+    ) -> np.ndarray | list[np.ndarray] | tuple:
+        """Ids of all points within ``radius`` of ``center`` (inclusive), sorted by id.
+
+        One centre ``(d,)`` gives an array; a batch ``(m, d)`` (radius scalar or ``(m,)``) gives a list of arrays.
+        With ``return_points=True`` each result is ``(ids, points)``.
+        """
+        meta = self._require_data()
+        c, single = check_queries(center, meta.dim, "center")
+        r = check_radius(radius, len(c))
+        with Timer() as t:
+            assign = ball_pairs(c, r, self._routing)
+
+            def ball(rows):
+                return (c[rows], r[rows], return_points)
+
+            out = self._collect_hits(assign, ball, len(c), meta.dim, return_points)
+        self.latency.record(t.seconds, len(c))
+        return out[0] if single else out
+
+    def box_search(self, lo: Any, hi: Any, return_points: bool = False) -> np.ndarray | list[np.ndarray] | tuple:
+        """Ids of all points with ``lo <= p <= hi`` in every dimension, sorted by id.
+
+        One box (``lo``, ``hi`` of shape ``(d,)``) gives an array; a batch ``(m, d)`` gives a list of arrays.
+        """
+        meta = self._require_data()
+        lo_a, single = check_queries(lo, meta.dim, "lo")
+        hi_a, _ = check_queries(hi, meta.dim, "hi")
+        if lo_a.shape != hi_a.shape:
+            raise ValueError(f"lo and hi must have the same shape, got {np.shape(lo)} and {np.shape(hi)}")
+        bad = np.flatnonzero((lo_a > hi_a).any(axis=1))
+        if len(bad):
+            raise ValueError(f"box {int(bad[0])} has lo > hi in some dimension; each box needs lo <= hi")
+        with Timer() as t:
+            assign = box_pairs(lo_a, hi_a, self._routing)
+
+            def box(rows):
+                return (lo_a[rows], hi_a[rows], return_points)
+
+            out = self._collect_hits(assign, box, len(lo_a), meta.dim, return_points)
+        self.latency.record(t.seconds, len(lo_a))
+        return out[0] if single else out
+
+    def _collect_hits(self, assign: Assignment, make_args, m: int, d: int, return_points: bool) -> list:
+        q_parts, id_parts, pt_parts = [], [], []
+        for rows, (counts, ids, pts) in self._run_assignment(assign, make_args):
+            q_parts.append(np.repeat(rows, counts))
+            id_parts.append(ids)
+            if return_points:
+                pt_parts.append(pts)
+        q_all = np.concatenate(q_parts) if q_parts else np.empty(0, np.int64)
+        id_all = np.concatenate(id_parts) if id_parts else np.empty(0, np.int64)
+        order = np.lexsort((id_all, q_all))
+        id_all = id_all[order]
+        splits = np.cumsum(np.bincount(q_all, minlength=m))[:-1]
+        id_lists = np.split(id_all, splits)
+        if not return_points:
+            return id_lists
+        pt_all = np.concatenate(pt_parts)[order] if pt_parts else np.empty((0, d))
+        return list(zip(id_lists, np.split(pt_all, splits)))
+
+    # -- algorithms -----------------------------------------------------------------------------------------
+    def distributed_kmeans(
+        self,
+        k: int,
+        max_iterations: int = 300,
+        tol: float = 1e-4,
+        init: str | np.ndarray = "k-means||",
+        seed: int | None = None,
+        oversampling_factor: float | None = None,
+        init_rounds: int = 2,
+    ) -> _kmeans.KMeansResult:
+        """Lloyd's k-means over the distributed points; points never leave their nodes.
+
+        Args:
+            k: clusters, ``1 <= k <= n_points``.
+            max_iterations: Lloyd iterations at most.
+            tol: stop when the summed squared centroid movement is at most ``tol * mean(variance per
+                dimension)`` (scikit-learn's convention); ``0`` runs until labels stop changing.
+            init: ``"k-means||"`` (Bahmani et al. 2012), ``"random"`` or a ``(k, d)`` array of centroids.
+            seed: seeds the initialisation (default: ``NodeConfig.seed``).
+            oversampling_factor: k-means|| points sampled per round (default ``2 * k``).
+            init_rounds: k-means|| rounds (default 2, as in Spark).
+
+        Returns a :class:`~distspatial.kmeans.KMeansResult` that unpacks to ``(centroids, labels)``; labels are
+        in the order of the rows given to ``distribute_data``. It also has ``inertia`` and ``n_iter``.
+        """
+        meta = self._require_data()
+        return _kmeans.run_kmeans(
+            self, meta, k, max_iterations, tol, init, self.config.seed if seed is None else seed,
+            oversampling_factor, init_rounds,
+        )
+
+    def _partitions_call(self, method: str, *args: Any, partitions: list[int] | None = None) -> list[tuple[list[int], Any]]:
+        """Call ``node.method(*args, partition_ids)`` on one replica of each partition; ``[(pids, result)]``."""
+        meta = self._require_data()
+        pids = list(range(meta.n_partitions)) if partitions is None else partitions
+
+        def build(node: int, part_ids: list[int]):
+            ref = getattr(self._actors[node], method).remote(*args, part_ids)
+            return ref, part_ids, payload_bytes(args)
+
+        return self._dispatch.run(pids, self._routing, build)
+
+    def _next_run_id(self) -> int:
+        self._run_counter += 1
+        return self._run_counter
+
+    # -- statistics -----------------------------------------------------------------------------------------
+    def statistics(self) -> ClusterStatistics:
+        """Per-node and cluster-wide statistics (see :class:`~distspatial.stats.ClusterStatistics`)."""
+        refs = {i: a.stats.remote() for i, a in self._actors.items() if i not in self._dispatch.failed_nodes}
+        node_stats = {}
+        for i, ref in refs.items():
+            try:
+                node_stats[i] = ray.get(ref, timeout=self.config.communication_timeout_ms / 1000)
+            except Exception as exc:
+                self._dispatch.mark_failed(i, f"statistics: {type(exc).__name__}")
+        c = self.comm
+        nodes = []
+        for i in self.node_ids:
+            s = node_stats.get(i)
+            alive = s is not None
+            nodes.append(
+                NodeStatistics(
+                    node_id=i,
+                    status="alive" if alive else "failed",
+                    ray_node_id=(s or self._node_info.get(i, {})).get("ray_node_id", ""),
+                    host=(s or self._node_info.get(i, {})).get("host", ""),
+                    partitions=len(s["partitions"]) if alive else 0,
+                    points=s["points"] if alive else 0,
+                    bytes_held=s["bytes"] if alive else 0,
+                    queries_served=s["queries"] if alive else 0,
+                    calls_served=s["calls"] if alive else 0,
+                    busy_seconds=s["busy_s"] if alive else 0.0,
+                    messages_sent=c.messages_received.get(i, 0),
+                    bytes_sent=c.bytes_received.get(i, 0),
+                    messages_received=c.messages_sent.get(i, 0),
+                    bytes_received=c.bytes_sent.get(i, 0),
+                )
+            )
+        pts = np.array([n.points for n in nodes if n.status == "alive"], dtype=np.float64)
+        balance = float(pts.max() / pts.mean()) if len(pts) and pts.mean() > 0 else 1.0
+        lat = self.latency.summary()
+        tot = c.totals()
+        meta = self._meta
+        return ClusterStatistics(
+            nodes=nodes,
+            n_points=meta.n_points if meta else 0,
+            n_partitions=meta.n_partitions if meta else 0,
+            metadata_version=meta.version if meta else 0,
+            queries=self.latency.total_queries,
+            load_balance_score=balance,
+            **lat,
+            **tot,
+        )

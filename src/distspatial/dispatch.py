@@ -1,0 +1,140 @@
+"""Dispatch: send per-partition work to replica nodes, one message per node, and fail over on node loss.
+
+A round of work is a list of partitions. :class:`Dispatcher` picks one live replica per partition
+(:meth:`RoutingTable.node_for`), asks the caller to build one call per node for the partitions it got, and
+collects the results. When a node dies or does not answer within ``communication_timeout_ms``, its partitions are
+regrouped onto other replicas and re-sent, up to ``max_retries`` times; the caller sees only complete results.
+Errors raised by the node code itself (bad arguments, bugs) are not retried: they propagate.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import ray
+from ray.exceptions import GetTimeoutError, ObjectLostError, RayActorError
+
+from .errors import NodeFailureError, PartitionLostError
+from .routing import RoutingTable
+from .stats import CommunicationCounters
+
+try:  # Ray >= 2.20
+    from ray.exceptions import ActorUnavailableError
+except ImportError:  # pragma: no cover
+    ActorUnavailableError = RayActorError  # type: ignore[misc,assignment]
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Dispatcher", "NODE_FAILURES"]
+
+#: exceptions that mean "this node is gone or unreachable", as opposed to an error in the work itself.
+NODE_FAILURES = (RayActorError, ActorUnavailableError, GetTimeoutError, ObjectLostError)
+
+#: ``build(node_id, partition_ids) -> (object_ref, context, payload_bytes)``
+BuildCall = Callable[[int, list[int]], tuple[Any, Any, int]]
+
+
+def payload_bytes(*objs: Any) -> int:
+    """Bytes of the arrays in ``objs`` (what a message carries, to within its small header)."""
+    total = 0
+    for o in objs:
+        if isinstance(o, np.ndarray):
+            total += o.nbytes
+        elif isinstance(o, (list, tuple)):
+            total += payload_bytes(*o)
+        elif o is not None:
+            total += 8
+    return total
+
+
+class Dispatcher:
+    """Runs rounds of per-partition work on the nodes (see module docstring)."""
+
+    def __init__(
+        self,
+        actors: dict[int, Any],
+        timeout_s: float,
+        max_retries: int,
+        comm: CommunicationCounters,
+    ) -> None:
+        self.actors = actors
+        self.timeout_s = timeout_s
+        self.max_retries = max_retries
+        self.comm = comm
+        self.failed_nodes: set[int] = set()
+        self.failures: list[tuple[float, int, str]] = []
+        self._lock = threading.Lock()
+
+    def mark_failed(self, node: int, reason: str) -> None:
+        with self._lock:
+            if node not in self.failed_nodes:
+                log.warning("distspatial: node %d marked failed: %s", node, reason)
+                self.failed_nodes.add(node)
+                self.failures.append((time.time(), node, reason))
+
+    def assign(self, partitions: list[int], routing: RoutingTable, exclude: set[int]) -> dict[int, list[int]]:
+        """``{node: [partition, ...]}`` choosing one live replica per partition."""
+        by_node: dict[int, list[int]] = {}
+        lost = []
+        for pid in partitions:
+            try:
+                node = routing.node_for(pid, exclude=exclude)
+            except LookupError:
+                lost.append(pid)
+                continue
+            by_node.setdefault(node, []).append(pid)
+        if lost:
+            raise PartitionLostError(
+                f"every replica of partitions {sorted(lost)} is unavailable (failed nodes: "
+                f"{sorted(exclude)}); restore from a checkpoint or distribute the data again",
+                lost,
+            )
+        return by_node
+
+    def run(self, partitions: list[int], routing: RoutingTable, build: BuildCall) -> list[tuple[Any, Any]]:
+        """Run one round over ``partitions``; returns ``[(context, result), ...]`` covering each partition once."""
+        exclude = set(self.failed_nodes)
+        pending = self.assign(sorted(set(int(p) for p in partitions)), routing, exclude)
+        results: list[tuple[Any, Any]] = []
+        attempt = 0
+        while pending:
+            calls = []
+            for node, pids in pending.items():
+                ref, ctx, nbytes = build(node, pids)
+                self.comm.sent(node, nbytes)
+                calls.append((ref, node, pids, ctx))
+            refs = [c[0] for c in calls]
+            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=self.timeout_s)
+            ready_set = set(ready)
+            retry: list[int] = []
+            for ref, node, pids, ctx in calls:
+                if ref not in ready_set:
+                    self.mark_failed(node, f"no answer within {self.timeout_s:.1f} s")
+                    exclude.add(node)
+                    retry.extend(pids)
+                    continue
+                try:
+                    res = ray.get(ref)
+                except NODE_FAILURES as exc:
+                    self.mark_failed(node, type(exc).__name__)
+                    exclude.add(node)
+                    retry.extend(pids)
+                    continue
+                self.comm.received(node, payload_bytes(res))
+                results.append((ctx, res))
+            if retry:
+                attempt += 1
+                if attempt > self.max_retries:
+                    raise NodeFailureError(
+                        f"partitions {sorted(retry)} failed on {attempt} nodes in a row "
+                        f"(max_retries={self.max_retries}); failed nodes: {sorted(exclude)}"
+                    )
+                pending = self.assign(sorted(retry), routing, exclude)
+            else:
+                pending = {}
+        return results

@@ -1,0 +1,286 @@
+"""A logical cluster node: the partitions it holds and the work it does on them.
+
+:class:`SpatialNode` is a plain Python class; the coordinator runs each instance as a Ray actor
+(``ray.remote(SpatialNode)``), so the class itself imports no Ray and can be driven directly in a unit test.
+Every method takes and returns NumPy arrays and small tuples, which Ray moves through its object store
+(zero-copy reads of arrays on the receiving side).
+
+Work is always addressed to partitions, never to the node as a whole: a call names the partitions it covers,
+because with replicas a node may hold a partition that another replica serves for this call.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from typing import Any
+
+import numpy as np
+
+from .kmeans_kernels import LloydState, squared_distances_min
+from .local_index import LocalPartition
+
+__all__ = ["SpatialNode", "Segment"]
+
+#: ``(partition_id, start, stop)``: rows ``start:stop`` of a call's query array are addressed to that partition.
+Segment = tuple[int, int, int]
+
+
+class SpatialNode:
+    """State and kernels of one logical node (see module docstring)."""
+
+    def __init__(self, node_id: int, threads: int = 1) -> None:
+        self.node_id = node_id
+        self.threads = max(1, int(threads))
+        self.partitions: dict[int, LocalPartition] = {}
+        self.dataset_id = -1
+        self._kmeans: dict[tuple[int, int], LloydState] = {}
+        self._mind2: dict[tuple[int, int], np.ndarray] = {}
+        self.started = time.time()
+        self.counters = {
+            "calls": 0,
+            "queries": 0,
+            "busy_s": 0.0,
+            "bytes_in": 0,
+            "bytes_out": 0,
+        }
+
+    # -- bookkeeping ----------------------------------------------------------------------------------------
+    def _account(self, t0: float, n_queries: int, arrays_in: tuple, result: Any) -> Any:
+        c = self.counters
+        c["calls"] += 1
+        c["queries"] += n_queries
+        c["busy_s"] += time.perf_counter() - t0
+        c["bytes_in"] += sum(int(getattr(a, "nbytes", 0)) for a in arrays_in)
+        c["bytes_out"] += _nbytes(result)
+        return result
+
+    def ping(self) -> dict[str, Any]:
+        """Liveness and identity: node id, process, host, Ray node, partitions and memory held."""
+        try:
+            import psutil
+
+            rss = psutil.Process().memory_info().rss
+        except Exception:  # pragma: no cover - psutil is a Ray dependency, but stay robust
+            rss = -1
+        ray_node = os.environ.get("RAY_NODE_ID", "")
+        try:  # only meaningful inside a Ray actor
+            import ray
+
+            if ray.is_initialized():
+                ray_node = ray.get_runtime_context().get_node_id()
+        except Exception:
+            pass
+        return {
+            "node_id": self.node_id,
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "ray_node_id": ray_node,
+            "partitions": sorted(self.partitions),
+            "points": int(sum(p.size for p in self.partitions.values())),
+            "bytes": int(sum(p.nbytes for p in self.partitions.values())),
+            "rss": int(rss),
+            "time": time.time(),
+        }
+
+    def stats(self) -> dict[str, Any]:
+        """Counters of work served since start."""
+        info = self.ping()
+        info.update(self.counters)
+        return info
+
+    # -- data placement -------------------------------------------------------------------------------------
+    def load_partitions(self, dataset_id: int, partition_ids: list[int], *arrays: np.ndarray) -> list[int]:
+        """Hold partitions of data set ``dataset_id``: ``arrays`` is ``points_0, ids_0, points_1, ids_1, ...``.
+
+        The arrays are passed as top-level arguments so that Ray resolves object references to zero-copy views
+        of its object store. A KD-tree is built over each partition. Loading a new data set drops every
+        partition of the previous one. Returns the partition ids loaded.
+        """
+        t0 = time.perf_counter()
+        if len(arrays) != 2 * len(partition_ids):
+            raise ValueError("load_partitions needs one (points, ids) pair per partition id")
+        if dataset_id != self.dataset_id:
+            self.clear()
+            self.dataset_id = dataset_id
+        for j, pid in enumerate(partition_ids):
+            self.partitions[int(pid)] = LocalPartition(arrays[2 * j], arrays[2 * j + 1])
+        return self._account(t0, 0, arrays, [int(p) for p in partition_ids])
+
+    def drop_partitions(self, partition_ids: list[int]) -> None:
+        for pid in partition_ids:
+            self.partitions.pop(pid, None)
+
+    def clear(self) -> None:
+        """Drop all data and algorithm state."""
+        self.partitions.clear()
+        self._kmeans.clear()
+        self._mind2.clear()
+        self.dataset_id = -1
+
+    def _part(self, pid: int) -> LocalPartition:
+        try:
+            return self.partitions[pid]
+        except KeyError:
+            raise KeyError(f"node {self.node_id} does not hold partition {pid}") from None
+
+    # -- queries --------------------------------------------------------------------------------------------
+    def knn(
+        self, queries: np.ndarray, k: int, segments: list[Segment], bounds: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """k nearest neighbours of ``queries[start:stop]`` within each segment's partition.
+
+        Returns ``(distances (m, k), ids (m, k))`` aligned with ``queries``. With ``bounds`` (m,), only
+        candidates within each query's bound come back; the other slots are ``inf`` / ``-1``.
+        """
+        t0 = time.perf_counter()
+        m = len(queries)
+        dist = np.empty((m, k), dtype=np.float64)
+        ids = np.empty((m, k), dtype=np.int64)
+        for pid, a, b in segments:
+            bnd = None if bounds is None else bounds[a:b]
+            dist[a:b], ids[a:b] = self._part(pid).knn(queries[a:b], k, bnd, workers=self.threads)
+        return self._account(t0, m, (queries,), (dist, ids))
+
+    def ball(
+        self, centers: np.ndarray, radii: np.ndarray, segments: list[Segment], return_points: bool = False
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Points within ``radii[i]`` of ``centers[i]`` (inclusive), for each segment's partition.
+
+        Returns ``(counts (m,), ids (sum counts,), points or None)``: row i's hits are the ``counts[i]``
+        entries after those of rows ``< i``.
+        """
+        t0 = time.perf_counter()
+        m = len(centers)
+        counts = np.zeros(m, dtype=np.int64)
+        id_chunks, pt_chunks = [], []
+        for pid, a, b in segments:
+            part = self._part(pid)
+            hits = part.radius(centers[a:b], radii[a:b], workers=self.threads)
+            counts[a:b] = [len(h) for h in hits]
+            rows = np.concatenate(hits) if hits else np.empty(0, dtype=np.int64)
+            id_chunks.append(part.ids[rows])
+            if return_points:
+                pt_chunks.append(part.points[rows])
+        return self._account(t0, m, (centers,), _pack_hits(counts, id_chunks, pt_chunks, return_points, centers))
+
+    def box(
+        self, lo: np.ndarray, hi: np.ndarray, segments: list[Segment], return_points: bool = False
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Points inside the boxes ``[lo[i], hi[i]]`` (inclusive); same return layout as :meth:`ball`."""
+        t0 = time.perf_counter()
+        m = len(lo)
+        counts = np.zeros(m, dtype=np.int64)
+        id_chunks, pt_chunks = [], []
+        for pid, a, b in segments:
+            part = self._part(pid)
+            for i in range(a, b):  # one KD-tree call per box; batches of boxes are short
+                rows = part.box(lo[i], hi[i])
+                counts[i] = len(rows)
+                id_chunks.append(part.ids[rows])
+                if return_points:
+                    pt_chunks.append(part.points[rows])
+        return self._account(t0, m, (lo, hi), _pack_hits(counts, id_chunks, pt_chunks, return_points, lo))
+
+    def sample(self, pid: int, rows: np.ndarray) -> np.ndarray:
+        """Points at ``rows`` of partition ``pid``."""
+        return self._part(pid).points[rows]
+
+    # -- k-means --------------------------------------------------------------------------------------------
+    def kmeans_step(
+        self, run: int, centers: np.ndarray, partition_ids: list[int]
+    ) -> tuple[np.ndarray, np.ndarray, float, int]:
+        """One Lloyd assignment over ``partition_ids``: ``(sums (k, d), counts (k,), inertia, n_changed)``."""
+        t0 = time.perf_counter()
+        k, d = centers.shape
+        sums = np.zeros((k, d))
+        counts = np.zeros(k, dtype=np.int64)
+        inertia, changed = 0.0, 0
+        for pid in partition_ids:
+            state = self._kmeans.get((run, pid))
+            if state is None:
+                state = self._kmeans[(run, pid)] = LloydState(self._part(pid).points)
+            s, c, i, ch = state.step(centers)
+            sums += s
+            counts += c
+            inertia += i
+            changed += ch
+        return self._account(t0, 0, (centers,), (sums, counts, inertia, changed))
+
+    def kmeans_farthest(self, run: int, m: int, partition_ids: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The ``m`` points farthest from their assigned centre: ``(distances, points, labels)``."""
+        dists, pts, labs = [], [], []
+        for pid in partition_ids:
+            state = self._kmeans[(run, pid)]
+            dd, rows = state.farthest(m)
+            dists.append(dd)
+            pts.append(state.points[rows] if hasattr(state, "points") else self._part(pid).points[rows])
+            labs.append(state.labels[rows])
+        dist = np.concatenate(dists)
+        order = np.argsort(-dist, kind="stable")[:m]
+        return dist[order], np.concatenate(pts)[order], np.concatenate(labs)[order]
+
+    def kmeans_labels(self, run: int, partition_ids: list[int]) -> list[tuple[int, np.ndarray, np.ndarray]]:
+        """``(partition_id, ids, labels)`` for each partition of the finished run."""
+        return [(pid, self._part(pid).ids, self._kmeans[(run, pid)].labels) for pid in partition_ids]
+
+    def kmeans_end(self, run: int) -> None:
+        """Free the state of run ``run``."""
+        for key in [k for k in self._kmeans if k[0] == run]:
+            del self._kmeans[key]
+        for key in [k for k in self._mind2 if k[0] == run]:
+            del self._mind2[key]
+
+    def kmeanspar_update(self, run: int, new_centers: np.ndarray, partition_ids: list[int]) -> float:
+        """k-means|| bookkeeping: fold ``new_centers`` into each point's min squared distance; return the cost."""
+        cost = 0.0
+        for pid in partition_ids:
+            _, d2 = squared_distances_min(self._part(pid).points, new_centers)
+            prev = self._mind2.get((run, pid))
+            if prev is not None:
+                np.minimum(prev, d2, out=d2)
+            self._mind2[(run, pid)] = d2
+            cost += float(d2.sum())
+        return cost
+
+    def kmeanspar_sample(self, run: int, factor: float, seed: int, partition_ids: list[int]) -> np.ndarray:
+        """k-means|| oversampling: keep each point with probability ``min(1, factor * d2)``.
+
+        Each partition draws from its own generator seeded by ``(seed, partition_id)``, so the sample does not
+        depend on which replica or node computes it.
+        """
+        out = []
+        for pid in partition_ids:
+            d2 = self._mind2[(run, pid)]
+            rng = np.random.default_rng([seed, pid])
+            keep = rng.random(len(d2)) < factor * d2
+            out.append(self._part(pid).points[keep])
+        d = next(iter(self.partitions.values())).points.shape[1] if self.partitions else 0
+        return np.concatenate(out) if out else np.empty((0, d))
+
+    def nearest_counts(self, centers: np.ndarray, partition_ids: list[int]) -> np.ndarray:
+        """How many points of ``partition_ids`` have each of ``centers`` as their nearest."""
+        counts = np.zeros(len(centers), dtype=np.int64)
+        for pid in partition_ids:
+            labels, _ = squared_distances_min(self._part(pid).points, centers)
+            counts += np.bincount(labels, minlength=len(centers))
+        return counts
+
+
+def _nbytes(obj: Any) -> int:
+    if isinstance(obj, np.ndarray):
+        return int(obj.nbytes)
+    if isinstance(obj, (tuple, list)):
+        return sum(_nbytes(o) for o in obj)
+    return 8
+
+
+def _pack_hits(
+    counts: np.ndarray, id_chunks: list, pt_chunks: list, return_points: bool, like: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    ids = np.concatenate(id_chunks) if id_chunks else np.empty(0, dtype=np.int64)
+    pts = None
+    if return_points:
+        pts = np.concatenate(pt_chunks) if pt_chunks else np.empty((0, like.shape[1]))
+    return counts, ids, pts

@@ -1,0 +1,142 @@
+"""Statistics: communication counters, query latencies and the :class:`ClusterStatistics` report."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+__all__ = ["CommunicationCounters", "LatencyRecorder", "NodeStatistics", "ClusterStatistics"]
+
+
+class CommunicationCounters:
+    """Messages and bytes between the coordinator and each node, counted where the messages are made."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.messages_sent: dict[int, int] = {}
+        self.bytes_sent: dict[int, int] = {}
+        self.messages_received: dict[int, int] = {}
+        self.bytes_received: dict[int, int] = {}
+
+    def sent(self, node: int, nbytes: int) -> None:
+        with self._lock:
+            self.messages_sent[node] = self.messages_sent.get(node, 0) + 1
+            self.bytes_sent[node] = self.bytes_sent.get(node, 0) + int(nbytes)
+
+    def received(self, node: int, nbytes: int) -> None:
+        with self._lock:
+            self.messages_received[node] = self.messages_received.get(node, 0) + 1
+            self.bytes_received[node] = self.bytes_received.get(node, 0) + int(nbytes)
+
+    def totals(self) -> dict[str, int]:
+        with self._lock:
+            return {
+                "messages_sent": sum(self.messages_sent.values()),
+                "bytes_sent": sum(self.bytes_sent.values()),
+                "messages_received": sum(self.messages_received.values()),
+                "bytes_received": sum(self.bytes_received.values()),
+            }
+
+
+class LatencyRecorder:
+    """Wall time of the last ``maxlen`` query calls and the number of queries each answered."""
+
+    def __init__(self, maxlen: int = 10_000) -> None:
+        self._lock = threading.Lock()
+        self._calls: deque[tuple[float, int]] = deque(maxlen=maxlen)
+        self.total_queries = 0
+        self.total_seconds = 0.0
+
+    def record(self, seconds: float, n_queries: int) -> None:
+        with self._lock:
+            self._calls.append((seconds, n_queries))
+            self.total_queries += n_queries
+            self.total_seconds += seconds
+
+    def summary(self) -> dict[str, float]:
+        """Per-call latency mean/p50/p99 (seconds) and throughput (queries per second of query time)."""
+        with self._lock:
+            lat = np.array([c[0] for c in self._calls], dtype=np.float64)
+            total_q, total_s = self.total_queries, self.total_seconds
+        if len(lat) == 0:
+            return {"latency_mean_s": 0.0, "latency_p50_s": 0.0, "latency_p99_s": 0.0, "throughput_qps": 0.0}
+        return {
+            "latency_mean_s": float(lat.mean()),
+            "latency_p50_s": float(np.percentile(lat, 50)),
+            "latency_p99_s": float(np.percentile(lat, 99)),
+            "throughput_qps": total_q / total_s if total_s > 0 else 0.0,
+        }
+
+
+class Timer:
+    """``with Timer() as t: ...`` then ``t.seconds``."""
+
+    def __enter__(self) -> Timer:
+        self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.seconds = time.perf_counter() - self._t0
+
+
+@dataclass
+class NodeStatistics:
+    """One node as seen by the last statistics call."""
+
+    node_id: int
+    status: str  # "alive" or "failed"
+    ray_node_id: str
+    host: str
+    partitions: int
+    points: int
+    bytes_held: int
+    queries_served: int
+    calls_served: int
+    busy_seconds: float
+    messages_sent: int
+    bytes_sent: int
+    messages_received: int
+    bytes_received: int
+
+
+@dataclass
+class ClusterStatistics:
+    """What :meth:`DistributedSpatialCluster.statistics` reports."""
+
+    nodes: list[NodeStatistics]
+    n_points: int
+    n_partitions: int
+    metadata_version: int
+    queries: int
+    latency_mean_s: float
+    latency_p50_s: float
+    latency_p99_s: float
+    throughput_qps: float
+    load_balance_score: float  # max / mean points per live node (1.0 = perfect)
+    messages_sent: int
+    bytes_sent: int
+    messages_received: int
+    bytes_received: int
+    extra: dict = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        lines = [
+            f"distspatial cluster: {len(self.nodes)} nodes, {self.n_points:,} points, {self.n_partitions} partitions "
+            f"(metadata v{self.metadata_version})",
+            f"queries {self.queries:,}: latency mean {self.latency_mean_s * 1e3:.2f} ms, "
+            f"p50 {self.latency_p50_s * 1e3:.2f} ms, p99 {self.latency_p99_s * 1e3:.2f} ms, "
+            f"throughput {self.throughput_qps:,.0f} q/s",
+            f"load balance (max/mean points): {self.load_balance_score:.3f}; messages sent {self.messages_sent:,} "
+            f"({self.bytes_sent / 1e6:.1f} MB), received {self.messages_received:,} ({self.bytes_received / 1e6:.1f} MB)",
+            f"{'node':>4} {'status':>7} {'parts':>5} {'points':>12} {'MB':>9} {'queries':>10} {'busy s':>8}  host",
+        ]
+        for n in self.nodes:
+            lines.append(
+                f"{n.node_id:>4} {n.status:>7} {n.partitions:>5} {n.points:>12,} {n.bytes_held / 1e6:>9.1f} "
+                f"{n.queries_served:>10,} {n.busy_seconds:>8.2f}  {n.host}"
+            )
+        return "\n".join(lines)

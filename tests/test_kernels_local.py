@@ -1,0 +1,138 @@
+"""Node-level pieces without Ray: local index, routing, planning, placement."""
+
+import numpy as np
+import pytest
+from scipy.spatial import cKDTree
+
+from distspatial.local_index import MISSING_ID, LocalPartition, merge_topk
+from distspatial.node import SpatialNode
+from distspatial.placement import place_partitions
+from distspatial.planner import Assignment
+from distspatial.routing import box_mindist2
+
+
+def test_local_knn_matches_ckdtree():
+    rng = np.random.default_rng(1)
+    pts = rng.random((2000, 3))
+    ids = rng.permutation(10_000)[:2000]
+    part = LocalPartition(pts, ids)
+    q = rng.random((50, 3))
+    d, i = part.knn(q, 7)
+    rd, ri = cKDTree(pts).query(q, 7)
+    np.testing.assert_allclose(d, rd)
+    np.testing.assert_array_equal(i, ids[ri])
+
+
+def test_local_knn_bound_and_short_partition():
+    pts = np.array([[0.0], [1.0], [2.0]])
+    part = LocalPartition(pts, np.array([5, 6, 7]))
+    d, i = part.knn(np.array([[0.0], [2.0]]), 5, bound=np.array([1.0, 0.5]))
+    np.testing.assert_allclose(d[0], [0, 1, np.inf, np.inf, np.inf])
+    assert i[0].tolist() == [5, 6, MISSING_ID, MISSING_ID, MISSING_ID]
+    assert i[1].tolist() == [7, MISSING_ID, MISSING_ID, MISSING_ID, MISSING_ID]
+
+
+def test_local_radius_and_box():
+    rng = np.random.default_rng(2)
+    pts = rng.random((3000, 2))
+    part = LocalPartition(pts, np.arange(3000) + 100)
+    c = np.array([[0.5, 0.5], [0.1, 0.9]])
+    r = np.array([0.1, 0.05])
+    hits = part.radius(c, r)
+    for h, cc, rr in zip(hits, c, r):
+        want = np.flatnonzero(((pts - cc) ** 2).sum(1) <= rr * rr)
+        np.testing.assert_array_equal(np.sort(h), want)
+    lo, hi = np.array([0.2, 0.3]), np.array([0.6, 0.4])
+    got = np.sort(part.box(lo, hi))
+    want = np.flatnonzero(np.all((pts >= lo) & (pts <= hi), axis=1))
+    np.testing.assert_array_equal(got, want)
+
+
+def test_merge_topk():
+    d, i = merge_topk(np.array([[1.0, 3.0]]), np.array([[1, 3]]), np.array([[2.0, np.inf]]), np.array([[2, -1]]), 2)
+    assert d.tolist() == [[1.0, 2.0]] and i.tolist() == [[1, 2]]
+
+
+def test_box_mindist2_against_bruteforce():
+    rng = np.random.default_rng(3)
+    q = rng.uniform(-1, 2, (40, 3))
+    lo = rng.random((5, 3))
+    hi = lo + rng.random((5, 3))
+    got = box_mindist2(q, lo, hi)
+    closest = np.clip(q[:, None, :], lo[None], hi[None])
+    np.testing.assert_allclose(got, ((closest - q[:, None, :]) ** 2).sum(2))
+
+
+def test_assignment_groups_pairs():
+    a = Assignment.from_pairs(np.array([0, 1, 2, 3]), np.array([2, 0, 2, 1]))
+    assert {k: v.tolist() for k, v in a.groups().items()} == {0: [1], 1: [3], 2: [0, 2]}
+
+
+def test_placement_distinct_owners_and_machines():
+    owners = place_partitions(8, [0, 1, 2, 3], 2, machine_of={0: "a", 1: "a", 2: "b", 3: "b"})
+    for pid, own in owners.items():
+        assert len(set(own)) == 2
+        assert {"a", "b"} == {"a" if n < 2 else "b" for n in own}, "replicas must sit on distinct machines"
+    primaries = [own[0] for own in owners.values()]
+    assert sorted(primaries) == [0, 0, 1, 1, 2, 2, 3, 3]
+    with pytest.raises(ValueError, match="replication_factor"):
+        place_partitions(4, [0, 1], 3)
+
+
+def test_spatial_node_without_ray():
+    rng = np.random.default_rng(4)
+    node = SpatialNode(0)
+    pts = rng.random((500, 2))
+    node.load_partitions(1, [3, 4], pts[:250], np.arange(250), pts[250:], np.arange(250, 500))
+    q = rng.random((10, 2))
+    d, i = node.knn(q, 3, [(3, 0, 5), (4, 5, 10)])
+    rd, ri = cKDTree(pts[:250]).query(q[:5], 3)
+    np.testing.assert_allclose(d[:5], rd)
+    np.testing.assert_array_equal(i[:5], ri)
+    rd, ri = cKDTree(pts[250:]).query(q[5:], 3)
+    np.testing.assert_array_equal(i[5:], ri + 250)
+    assert node.stats()["queries"] == 10
+    with pytest.raises(KeyError, match="partition 9"):
+        node.knn(q, 3, [(9, 0, 10)])
+
+
+def _routing_for(pts, n_parts, curve):
+    from distspatial.metadata import GlobalIndexMetadata, PartitionInfo
+    from distspatial.partitioning import partition_points
+    from distspatial.routing import RoutingTable
+
+    plan = partition_points(pts, n_parts, curve=curve)
+    parts = tuple(
+        PartitionInfo(p, int(plan.key_lo[p]), int(plan.key_hi[p]), plan.box_lo[p], plan.box_hi[p],
+                      int(plan.sizes[p]), 0, (0,))
+        for p in range(plan.n_partitions)
+    )
+    meta = GlobalIndexMetadata(pts.shape[1], plan.lo, plan.hi, curve, plan.bits, parts)
+    part_of_row = np.empty(len(pts), dtype=np.int64)
+    part_of_row[plan.ids] = np.repeat(np.arange(plan.n_partitions), plan.sizes)
+    return RoutingTable(meta), part_of_row, plan
+
+
+@pytest.mark.parametrize("d", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("curve", ["hilbert", "morton"])
+def test_ball_pruning_never_drops_a_partition_that_holds_a_hit(d, curve):
+    from distspatial.datasets import skewed_points
+    from distspatial.planner import ball_pairs
+
+    pts = skewed_points(20_000, d, n_hotspots=5, seed=d)
+    routing, part_of_row, plan = _routing_for(pts, 24, curve)
+    assert plan.sizes.min() == plan.sizes.max() or plan.sizes.max() - plan.sizes.min() <= 1
+    rng = np.random.default_rng(d)
+    centers = np.concatenate([pts[rng.choice(len(pts), 150)], rng.uniform(-0.3, 1.3, (50, d))])
+    radii = rng.choice([0.0, 1e-4, 1e-3, 0.01, 0.05, 0.3], size=len(centers))
+    groups = ball_pairs(centers, radii, routing)
+    visited = {(int(r), int(p)) for p, rows in groups.groups().items() for r in rows}
+    tree = cKDTree(pts)
+    needed = 0
+    for i, (c, r) in enumerate(zip(centers, radii)):
+        for p in set(part_of_row[tree.query_ball_point(c, r)].tolist()):
+            needed += 1
+            assert (i, p) in visited, f"ball {i} (r={r}) misses partition {p} that holds a hit"
+    assert needed > 0
+    # pruning works: far fewer pairs than every query x every partition
+    assert groups.n_pairs < 0.5 * len(centers) * routing.n_partitions
