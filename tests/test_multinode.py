@@ -1,5 +1,7 @@
 """The exactness suite on several real Ray nodes (ray.cluster_utils.Cluster: separate raylets)."""
 
+import time
+
 import numpy as np
 import pytest
 import ray
@@ -64,12 +66,24 @@ def test_query_survives_killed_raylet(ray_cluster):
         cpus_per_node=0.5, communication_timeout_ms=20_000)
     pts = skewed_points(20_000, 2, seed=22)
     with DistributedSpatialCluster(cfg) as cluster:
-        cluster.distribute_data(pts)
-        victim = workers[-1]
+        meta = cluster.distribute_data(pts)
+        hosts = {info["ray_node_id"]: i for i, info in cluster._node_info.items()}
+        victim = next(w for w in workers if w.node_id in hosts)
+        dead_node = hosts[victim.node_id]
+        assert any(p.owners[0] == dead_node for p in meta.partitions), "the victim is the primary of some partitions"
         c.remove_node(victim, allow_graceful=False)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # wait until the actor is really gone (its raylet is killed)
+            try:
+                ray.get(cluster._actors[dead_node].ping.remote(), timeout=5)
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError, ray.exceptions.ActorUnavailableError):
+                break
+            time.sleep(0.5)
+        else:
+            pytest.fail("the actor on the removed Ray node still answers after 60 s")
         q = skewed_points(400, 2, seed=22, sample_seed=3)
         dist, ids = cluster.distributed_knn_search(q, 10)
         assert_knn_exact(pts, q, dist, ids, 10)
-        assert cluster._dispatch.failed_nodes, "the dead node was detected"
+        assert cluster._dispatch.failed_nodes == {dead_node}, "the dead node was detected"
         st = cluster.statistics()
         assert sum(n.status == "failed" for n in st.nodes) == 1

@@ -3,38 +3,49 @@
 Every node of the cluster keeps one :class:`LloydState` per partition.  In each
 Lloyd iteration the coordinator sends the current centres ``(k, d)``; each
 state assigns its points to the nearest centre and returns only per-cluster
-sums ``(k, d)``, counts ``(k,)``, the inertia and the number of changed labels.
-The per-point state (labels, distance bounds) never leaves the node.
+sums ``(k, d)``, counts ``(k,)``, the inertia and the number of changed labels;
+the coordinator adds them up and divides.  The per-point state (labels,
+distance bounds) never leaves the node.  :func:`squared_distances_min` is the
+stateless full assignment (k-means|| initialisation, final assignment).
 
 Exactness
 ---------
 The "full computation" that everything here reproduces is: the squared distance
 between a point ``x`` and a centre ``c`` is ``(x_0-c_0)**2 + (x_1-c_1)**2 + ...``
 summed sequentially over the dimensions in float64, and a point gets the centre
-with the smallest such value, the lowest centre index winning exact ties (the
-same as ``np.argmin``).  All fast paths are exact with respect to that:
+with the smallest such value, the lowest centre index winning exact ties (as
+``np.argmin``).  Labels and distances returned here are identical to that, and
+sums/inertia are sums of those exact values.  All shortcuts are exact:
 
-* :class:`LloydState` uses Hamerly's algorithm (one upper and one lower bound
-  per point, plus half the distance from every centre to its nearest other
-  centre), with a tight upper bound recomputed each iteration (it is needed for
-  the exact inertia anyway) and conservative floating-point slack on every
-  bound, so that a point keeps its label without a distance computation only
-  when its centre is provably strictly nearer than all others.  The remaining
-  points are grouped by label and compared only with centres that the
-  inter-centre distances do not rule out.
-* For many centres or high dimension, :func:`squared_distances_min` uses the
-  BLAS form ``||x||^2 - 2 x.c + ||c||^2`` (on coordinates shifted to the
-  centres' mean), with a rigorous rounding-error bound; every centre that may be
-  within that bound of the minimum is re-evaluated with the exact form, so the
-  returned labels and distances equal those of the full computation.
+* :class:`LloydState` uses Hamerly's algorithm: per point a lower bound ``l``
+  on the distance to every centre other than its own (decreased by the largest
+  shift of the other centres at each step), plus half the distance from each
+  centre to its nearest other centre.  The upper bound is the exact distance
+  to the own centre, recomputed every step (the exact inertia needs it anyway).
+  Every bound carries a relative slack (``_SLACK``) and an absolute rounding
+  guard, so a point keeps its label without further work only when its centre
+  is provably *strictly* nearer than all the others.  The other points
+  ("candidates") are compared only with the centres ``j`` with
+  ``cc(a, j) <= 2 u`` (any other centre is farther than the own centre ``a``),
+  bucketed by how many such centres they need.
+* The first step labels low-dimensional data (d <= 3) through a uniform grid:
+  a cell whose box has a single possibly-nearest centre labels its points
+  without distance computations; the rest use the full computation.
+* For many centres or higher dimension the full computation uses the BLAS
+  form ``||x||^2 - 2 x.c + ||c||^2`` (on coordinates shifted to the centres'
+  mean) with a rigorous rounding-error bound, and re-evaluates with the exact
+  form every centre that may be within that bound of the minimum.
 
-To keep the per-iteration work proportional to ``n`` with no gathers, a state
-stores its points column-major (one contiguous array per dimension) and sorted
-by label ("segments"); points whose label changed since the last re-sort are
-handled as a small list of exceptions, and the layout is re-sorted when that
-list grows.
+Layout
+------
+A state stores its points column-major and sorted by label into contiguous
+"segments", so that the per-step pass over all points works on contiguous
+arrays with one scalar centre per segment (no gathers).  A point whose label
+changes leaves a hole in its segment and moves to small "overflow" arrays; the
+layout is re-sorted once the overflow has cost about as much as a re-sort.
 
-The module uses numpy only and never imports Ray.
+The module uses numpy only (no Ray, no compiled code) and runs single-threaded
+(BLAS is used only for large ``k * d``).
 """
 
 from __future__ import annotations
@@ -47,7 +58,7 @@ _EPS = float(np.finfo(np.float64).eps)
 #: Relative slack applied to every distance bound: computed distances have a
 #: relative error of a few ``d * eps``; 1e-9 dominates it for any d < ~1e6.
 _SLACK = 1e-9
-#: Rows per block for the elementwise (direct) kernels (fits L2 cache).
+#: Rows per block of the elementwise passes (a few such blocks fit in L2).
 _BLOCK = 32768
 #: Re-sort a state once the overflow sizes summed over the steps since the last
 #: re-sort exceed this fraction of its points (handling an overflow point costs
@@ -173,9 +184,14 @@ def _grid_labels(X: np.ndarray, C: np.ndarray, out: np.ndarray) -> bool:
         return False
     n_cells = int(min(65536, n // 32, max(256, (1 << 20) // k)))
     G = max(1, int(n_cells ** (1.0 / d)))
-    # (column-wise: numpy's axis-0 reduction of a (n, 2) array is very slow)
-    lo = np.array([X[:, i].min() for i in range(d)])
-    hi = np.array([X[:, i].max() for i in range(d)])
+    # The grid spans the bounding box of a sample of the points; the outer
+    # cells extend to infinity, so every point lies in its cell's box (points
+    # outside the sample's box just land in outer cells, which are never
+    # single-candidate).  (Column-wise reductions: numpy's axis-0 reduction of
+    # a (n, 2) array is very slow.)
+    sample = X[:: max(1, n // 32768)]
+    lo = np.array([sample[:, i].min() for i in range(d)])
+    hi = np.array([sample[:, i].max() for i in range(d)])
     ext = hi - lo
     Gd = np.where(ext > 0, G, 1)
     w = np.where(ext > 0, ext / Gd, 1.0)
@@ -187,6 +203,8 @@ def _grid_labels(X: np.ndarray, C: np.ndarray, out: np.ndarray) -> bool:
     margin = 1e-7 * w + 64.0 * _EPS * (np.abs(lo) + np.abs(hi))
     blo = lo + q * w - margin
     bhi = lo + (q + 1) * w + margin
+    blo[q == 0] = -np.inf
+    bhi[q == Gd - 1] = np.inf
     owner = np.empty(q.shape[0], dtype=np.intp)
     cs = max(1, 32768 // k)  # cells per chunk: small temporaries (fresh memory is slow)
     for q0 in range(0, q.shape[0], cs):
@@ -226,7 +244,7 @@ def _grid_labels(X: np.ndarray, C: np.ndarray, out: np.ndarray) -> bool:
             np.subtract(X[b0:b1, i], lo[i], out=dst)
             dst *= inv_w[i]
             np.floor(dst, out=dst)
-            np.minimum(dst, Gd[i] - 1, out=dst)
+            np.clip(dst, 0, Gd[i] - 1, out=dst)
             if i:
                 cff *= Gd[i]
                 cff += tt
@@ -503,7 +521,9 @@ class LloydState:
     Hamerly's bounds and compute distances only for the points whose
     assignment may change, and only to the centres that may be nearer.
 
-    Memory: about ``8 * (2 d + 7) * n`` bytes besides the points themselves.
+    The state keeps a reference to ``points`` (copied only if it is not a
+    C-contiguous float64 array): do not modify it afterwards.  Memory: about
+    ``8 * (d + 7) * n`` bytes besides the points, plus transient buffers.
 
     Attributes
     ----------
@@ -558,6 +578,7 @@ class LloydState:
         self._clear_overflow()
         self._lmax = 0.0  # upper bound of every positive lower bound
         self._D_stale = False  # D not valid for the segments (after a re-sort)
+        self._inertia = 0.0  # of the last step
         self.last_candidates = 0
 
     # ------------------------------------------------------------------ API
@@ -581,6 +602,8 @@ class LloydState:
             centre in ``centers``.
         n_changed : int
             Labels that differ from the previous call (all n on the first call).
+            A call with a different number of centres than the previous one
+            starts over with a full computation.
 
         Examples
         --------
@@ -602,12 +625,7 @@ class LloydState:
         self._C = C.copy()
         self._D_stale = False
         sums, counts = self._reduce(k)
-        if self._holes.any():
-            inertia = float(np.dot(self._D, self._stayf))
-        else:
-            inertia = float(np.sum(self._D))
-        if self._o_D.size:
-            inertia += float(np.sum(self._o_D))
+        inertia = self._inertia
         if self._ov_load > _REBUILD_LOAD * self.n:
             self._rebuild()
         return sums, counts, inertia, int(changed)
@@ -618,7 +636,8 @@ class LloydState:
         Used to re-seed empty clusters.  Returns ``(points (m', d), squared
         distances (m',))`` with ``m' = min(m, n)``, sorted by decreasing distance
         (ties by original index).  The distances are the exact squared distances
-        to the centres passed to the last :meth:`step`.
+        to the centres passed to the last :meth:`step`.  See
+        :meth:`farthest_indices` for the row indices instead of the points.
 
         Examples
         --------
@@ -629,11 +648,27 @@ class LloydState:
         >>> pts.ravel().tolist(), d2.tolist()
         ([3.0, 1.0], [9.0, 1.0])
         """
+        rows, d2 = self.farthest_indices(m)
+        return self._X[rows], d2
+
+    def farthest_indices(self, m: int) -> tuple[np.ndarray, np.ndarray]:
+        """Like :meth:`farthest`, but returns ``(row indices into points (m',) int64,
+        squared distances (m',))``; ``labels[rows]`` gives their clusters.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> st = LloydState(np.array([[0.0], [1.0], [3.0]]))
+        >>> _ = st.step(np.array([[0.0]]))
+        >>> rows, d2 = st.farthest_indices(2)
+        >>> rows.tolist(), d2.tolist()
+        ([2, 1], [9.0, 1.0])
+        """
         if self._C is None:
             raise RuntimeError("farthest() needs a previous step()")
         m = int(min(max(m, 0), self.n))
         if m == 0:
-            return np.empty((0, self.d)), np.empty(0)
+            return np.empty(0, dtype=np.int64), np.empty(0)
         if self._D_stale:
             self._segment_distances(self._C)
             self._D_stale = False
@@ -651,7 +686,7 @@ class LloydState:
             top = np.arange(D.size)
         order = np.lexsort((orig[top], -D[top]))[:m]
         top = top[order]
-        return self._X[orig[top]].copy(), D[top].copy()
+        return orig[top].astype(np.int64), D[top].copy()
 
     # ------------------------------------------------------------ internals
 
@@ -689,16 +724,26 @@ class LloydState:
         lab = self._perm_scratch  # labels in original order for now (buffers reused)
         if not _grid_labels(X, C, lab):
             lab[:] = squared_distances_min(X, C)[0]
+        first = self._C is None
+        changed = n if first else int(np.count_nonzero(lab != self.labels))
         np.copyto(self.labels, lab, casting="unsafe")
         counts = np.bincount(lab, minlength=k)
         order = np.argsort(lab.astype(_label_dtype(k)), kind="stable")
         np.copyto(self._perm, order)
         del order
-        for i in range(d):
-            np.take(X[:, i], self._perm, out=self._xs[i], mode="clip")
+        # gather whole rows (one cache miss per point), then split the columns
+        bs = 65536
+        rows = np.empty((min(bs, n), d))
+        for b0 in range(0, n, bs):
+            b1 = min(b0 + bs, n)
+            rb = rows[: b1 - b0]
+            np.take(X, self._perm[b0:b1], axis=0, out=rb, mode="clip")
+            for i in range(d):
+                self._xs[i][b0:b1] = rb[:, i]
         self._starts = np.zeros(k + 1, dtype=np.intp)
         np.cumsum(counts, out=self._starts[1:])
         self._segment_distances(C)
+        self._inertia = float(np.sum(self._D))
         # lower bounds: d(x, c_j) >= cc(a, j) - d(x, c_a) >= r0(a) - u(x)
         if k == 1:
             self._l.fill(np.inf)
@@ -719,7 +764,7 @@ class LloydState:
         self._seg_sums = np.zeros((0, d))  # recomputed by _reduce
         self._lmax = _max_finite(self._l) if k > 1 else 0.0
         self.last_candidates = n
-        return n
+        return changed
 
     def _segment_distances(self, C: np.ndarray) -> None:
         """D = exact squared distance of every position to its segment's centre."""
@@ -792,6 +837,7 @@ class LloydState:
         if k == 1:
             # a single centre: nothing can change
             self._segment_distances(C)
+            self._inertia = float(np.sum(self._D))
             self.last_candidates = 0
             return 0
         i1 = int(np.argmax(shift))
@@ -815,6 +861,15 @@ class LloydState:
             o_cand = np.flatnonzero(o_D >= thr)
         else:
             o_cand = np.empty(0, dtype=np.intp)
+        # overflow candidates by label: searched together with the segment's own
+        ov_groups: dict[int, np.ndarray] = {}
+        if o_cand.size:
+            g_lab = o_lab[o_cand]
+            o = np.argsort(g_lab, kind="stable")
+            o_cand, g_lab = o_cand[o], g_lab[o]
+            bounds = np.flatnonzero(np.r_[True, g_lab[1:] != g_lab[:-1], True]).tolist()
+            for g0, g1 in zip(bounds[:-1], bounds[1:]):
+                ov_groups[int(g_lab[g0])] = o_cand[g0:g1]
 
         # ---- segments: exact distance to the own centre, bound test ---------
         bs = _BLOCK
@@ -823,13 +878,14 @@ class LloydState:
         msk = np.empty(bs, dtype=bool)
         stayf = self._stayf
         n_changed = 0
-        n_cand = int(o_cand.size)
+        n_cand = 0
         lmax = self._lmax
         new_ov: list[tuple] = []
         seg_sums = np.zeros((k, d))
+        inertia = 0.0  # of the segment points (the overflow is added at the end)
         for a in range(k):
             s0, s1 = int(starts[a]), int(starts[a + 1])
-            if s0 == s1:
+            if s0 == s1 and a not in ov_groups:
                 continue
             ca = cl[a]
             osa, ha = osl[a], halfl[a]
@@ -848,14 +904,16 @@ class LloydState:
                     np.subtract(xb[i], ca[i], out=t)
                     np.multiply(t, t, out=t)
                     Db += t
-                # per-cluster sums while the block is in cache
+                # per-cluster sums and inertia while the block is in cache
                 if has_holes:
                     wb = stayf[b0:b1]
                     for i in range(d):
                         sa[i] += float(np.dot(xb[i], wb))
+                    inertia += float(np.dot(Db, wb))
                 else:
                     for i in range(d):
                         sa[i] += float(np.sum(xb[i]))
+                    inertia += float(np.sum(Db))
                 Lb = L[b0:b1]
                 Lb -= osa
                 thr = tmp2[:nb]
@@ -876,15 +934,40 @@ class LloydState:
                         np.take(xb[i], idx, out=self._cand_X[i][nc:nc1], mode="clip")
                     np.add(idx, b0, out=self._cand_P[nc:nc1])
                     nc = nc1
+            n_seg = nc
+            g = ov_groups.get(a)
+            if g is not None:
+                nc1 = nc + g.size
+                if nc1 > self._cand_P.size:
+                    self._grow_candidate_buffers(nc, nc1)
+                np.take(o_D, g, out=self._cand_D[nc:nc1], mode="clip")
+                for i in range(d):
+                    np.take(self._o_cols[i], g, out=self._cand_X[i][nc:nc1], mode="clip")
+                nc = nc1
             if nc:
-                P, Dc = self._cand_P[:nc], self._cand_D[:nc]
+                Dc = self._cand_D[:nc]
                 cols = [x[:nc] for x in self._cand_X]
                 n_cand += nc
                 lower, ch, nl, nb = self._search(a, cols, Dc, C, cc_sorted[a], cc_order[a])
                 lmax = max(lmax, _max_finite(lower))
-                L[P] = lower
+                if n_seg:
+                    P = self._cand_P[:n_seg]
+                    L[P] = lower[:n_seg]
+                if g is not None:
+                    o_l[g] = lower[n_seg:]
                 if ch.size:
                     n_changed += ch.size
+                    if g is not None:
+                        in_ov = ch >= n_seg
+                        if in_ov.any():
+                            gch = g[ch[in_ov] - n_seg]
+                            onl = nl[in_ov]
+                            o_lab[gch] = onl
+                            o_D[gch] = nb[in_ov]
+                            self.labels[self._o_orig[gch]] = onl
+                            in_seg = ~in_ov
+                            ch, nl, nb = ch[in_seg], nl[in_seg], nb[in_seg]
+                if ch.size:
                     pch = P[ch]
                     stay[pch] = False
                     stayf[pch] = 0.0
@@ -894,29 +977,10 @@ class LloydState:
                     xch = [c[ch] for c in cols]
                     for i in range(d):
                         sa[i] -= float(np.sum(xch[i]))
+                    inertia -= float(np.sum(Dc[ch]))
                     new_ov.append((xch, nb, lower[ch], nl, orig))
             seg_sums[a] = sa
         self._seg_sums = seg_sums
-
-        # ---- overflow candidates --------------------------------------------
-        if o_cand.size:
-            g_lab = o_lab[o_cand]
-            o = np.argsort(g_lab, kind="stable")
-            o_cand, g_lab = o_cand[o], g_lab[o]
-            bounds = np.flatnonzero(np.r_[True, g_lab[1:] != g_lab[:-1], True]).tolist()
-            for g0, g1 in zip(bounds[:-1], bounds[1:]):
-                a = int(g_lab[g0])
-                g = o_cand[g0:g1]
-                cols = [c[g] for c in self._o_cols]
-                lower, ch, nl, nb = self._search(a, cols, o_D[g], C, cc_sorted[a], cc_order[a])
-                lmax = max(lmax, _max_finite(lower))
-                o_l[g] = lower
-                if ch.size:
-                    n_changed += ch.size
-                    gch = g[ch]
-                    o_lab[gch] = nl
-                    o_D[gch] = nb
-                    self.labels[self._o_orig[gch]] = nl
 
         # ---- points that left their segment join the overflow ---------------
         if new_ov:
@@ -928,6 +992,7 @@ class LloydState:
             self._o_lab = np.concatenate([self._o_lab] + [e[3] for e in new_ov])
             self._o_orig = np.concatenate([self._o_orig] + [e[4] for e in new_ov])
         self._ov_load += self._o_D.size
+        self._inertia = inertia + float(np.sum(self._o_D))
         self._lmax = lmax
         self.last_candidates = n_cand
         return n_changed

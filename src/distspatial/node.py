@@ -213,9 +213,9 @@ class SpatialNode:
         dists, pts, labs = [], [], []
         for pid in partition_ids:
             state = self._kmeans[(run, pid)]
-            dd, rows = state.farthest(m)
+            rows, dd = state.farthest_indices(m)
             dists.append(dd)
-            pts.append(state.points[rows] if hasattr(state, "points") else self._part(pid).points[rows])
+            pts.append(self._part(pid).points[rows])
             labs.append(state.labels[rows])
         dist = np.concatenate(dists)
         order = np.argsort(-dist, kind="stable")[:m]

@@ -115,26 +115,36 @@ def _cell_pairs(
     r = radii[idx, None]
     g_lo = quantize(centers[idx] - r, routing.lo, routing.hi, bits) >> shift
     g_hi = quantize(centers[idx] + r, routing.lo, routing.hi, bits) >> shift
-    ok = np.all(g_hi - g_lo <= np.uint64(1), axis=1)
-    idx, g_lo, g_hi = idx[ok], g_lo[ok], g_hi[ok]
+    # Work on columns: reductions along a short last axis are slow in numpy.
+    lo_cols = [np.ascontiguousarray(g_lo[:, j]) for j in range(d)]
+    spans = [g_hi[:, j] - lo_cols[j] for j in range(d)]
+    ok = spans[0] <= 1
+    for j in range(1, d):
+        ok &= spans[j] <= 1
+    sel_ok = np.flatnonzero(ok)
+    idx = idx[sel_ok]
+    lo_cols = [c[sel_ok] for c in lo_cols]
+    wide = [spans[j][sel_ok] == 1 for j in range(d)]  # the ball reaches the next cell in dimension j
     handled[idx] = True
     key_shift = np.uint64(d * (bits - level))
     low_mask = (np.uint64(1) << key_shift) - np.uint64(1) if key_shift < 64 else np.uint64(2**64 - 1)
     to_keys = hilbert_keys if routing.curve == "hilbert" else morton_keys
     rows_out, parts_out = [], []
-    for pattern in range(1 << d):
-        offs = np.array([(pattern >> j) & 1 for j in range(d)], dtype=np.uint64)
-        if pattern and not np.any(offs):  # pragma: no cover - defensive
-            continue
-        cell = np.minimum(g_lo + offs, g_hi)
-        if pattern:  # skip cells equal to an earlier pattern's (span 0 in a flipped dimension)
-            fresh = np.all((cell == g_lo + offs) | (offs == 0), axis=1)
+    for pattern in range(1 << d):  # each corner cell of the (at most 2 x ... x 2) block the ball touches
+        dims = [j for j in range(d) if (pattern >> j) & 1]
+        if dims:
+            fresh = wide[dims[0]].copy()
+            for j in dims[1:]:
+                fresh &= wide[j]
             sel = np.flatnonzero(fresh)
         else:
-            sel = np.arange(len(idx))
-        if len(sel) == 0:
+            sel = slice(None)
+        cell = np.empty((len(idx) if dims == [] else len(sel), d), dtype=np.uint64)
+        for j in range(d):
+            cell[:, j] = lo_cols[j][sel] + np.uint64(1 if j in dims else 0)
+        if len(cell) == 0:
             continue
-        key = to_keys(cell[sel] << shift, bits)
+        key = to_keys(cell << shift, bits)
         a = key & ~low_mask
         first, last = routing.partitions_in_key_range(a, a | low_mask)
         r_, p_ = _expand_ranges(idx[sel], first, last)
