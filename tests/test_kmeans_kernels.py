@@ -1,4 +1,5 @@
-"""Tests of the exact Lloyd k-means kernels (distspatial.kmeans_kernels).
+"""Tests of the exact Lloyd k-means kernels: the NumPy one (distspatial.kmeans_kernels) and the compiled one
+(distspatial.kmeans_compiled, when Numba is installed). Every test runs against both implementations.
 
 The reference everywhere is the naive full computation: squared distances
 ``(x_0-c_0)**2 + (x_1-c_1)**2 + ...`` summed sequentially over the dimensions,
@@ -8,19 +9,22 @@ labels = argmin with the lowest index winning ties.
 from __future__ import annotations
 
 import ast
-import os
-import sys
 
 import numpy as np
 import pytest
 
-try:
-    from distspatial import kmeans_kernels as kk
-except ImportError:  # source checkout without installation
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
-    from distspatial import kmeans_kernels as kk
-
+from distspatial import kmeans_compiled as kc
+from distspatial import kmeans_kernels as kk
 from distspatial.kmeans_kernels import LloydState, squared_distances_min
+
+IMPLEMENTATIONS = [kk.LloydState] + ([kc.CompiledLloydState] if kc.HAVE_NUMBA else [])
+
+
+@pytest.fixture(autouse=True, params=IMPLEMENTATIONS, ids=lambda c: c.__name__)
+def lloyd_impl(request, monkeypatch):
+    """Run every test of this module with each Lloyd state implementation."""
+    monkeypatch.setitem(globals(), "LloydState", request.param)
+    return request.param
 
 
 # --------------------------------------------------------------------------
@@ -365,12 +369,13 @@ def test_full_lloyd_matches_sklearn(max_iter: int) -> None:
         assert n_iter == km.n_iter_ < 300  # converged the same way
 
 
-def test_module_does_not_import_ray() -> None:
-    tree = ast.parse(open(kk.__file__).read())
+@pytest.mark.parametrize("module", [kk, kc])
+def test_kernel_modules_do_not_import_ray(module) -> None:
+    tree = ast.parse(open(module.__file__).read())
     imported = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             imported.update(a.name.split(".")[0] for a in node.names)
         elif isinstance(node, ast.ImportFrom):
-            imported.add((node.module or "").split(".")[0])
-    assert imported <= {"numpy", "__future__"}, imported
+            imported.add((node.module or "").split(".")[0] if node.level == 0 else "distspatial")
+    assert imported <= {"numpy", "numba", "__future__", "distspatial"}, imported

@@ -18,7 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from .kmeans_kernels import LloydState, squared_distances_min
+from .kmeans_compiled import new_lloyd_state
+from .kmeans_kernels import squared_distances_min
 from .local_index import LocalPartition
 
 __all__ = ["SpatialNode", "Segment"]
@@ -35,7 +36,7 @@ class SpatialNode:
         self.threads = max(1, int(threads))
         self.partitions: dict[int, LocalPartition] = {}
         self.dataset_id = -1
-        self._kmeans: dict[tuple[int, int], LloydState] = {}
+        self._kmeans: dict[tuple[int, int], Any] = {}
         self._mind2: dict[tuple[int, int], np.ndarray] = {}
         self.started = time.time()
         self.counters = {
@@ -200,7 +201,7 @@ class SpatialNode:
         for pid in partition_ids:
             state = self._kmeans.get((run, pid))
             if state is None:
-                state = self._kmeans[(run, pid)] = LloydState(self._part(pid).points)
+                state = self._kmeans[(run, pid)] = new_lloyd_state(self._part(pid).points)
             s, c, i, ch = state.step(centers)
             sums += s
             counts += c
