@@ -64,7 +64,7 @@ def test_box_mindist2_against_bruteforce():
 
 
 def test_assignment_groups_pairs():
-    a = Assignment.from_pairs(np.array([0, 1, 2, 3]), np.array([2, 0, 2, 1]))
+    a = Assignment.from_pairs(np.array([0, 1, 2, 3]), np.array([2, 0, 2, 1]), 4)
     assert {k: v.tolist() for k, v in a.groups().items()} == {0: [1], 1: [3], 2: [0, 2]}
 
 
@@ -85,7 +85,7 @@ def test_spatial_node_without_ray():
     pts = rng.random((500, 2))
     node.load_partitions(1, [3, 4], pts[:250], np.arange(250), pts[250:], np.arange(250, 500))
     q = rng.random((10, 2))
-    d, i = node.knn(q, 3, [(3, 0, 5), (4, 5, 10)])
+    d, i = node.knn(q, None, [(3, 0, 5), (4, 5, 10)], 3)
     rd, ri = cKDTree(pts[:250]).query(q[:5], 3)
     np.testing.assert_allclose(d[:5], rd)
     np.testing.assert_array_equal(i[:5], ri)
@@ -93,7 +93,7 @@ def test_spatial_node_without_ray():
     np.testing.assert_array_equal(i[5:], ri + 250)
     assert node.stats()["queries"] == 10
     with pytest.raises(KeyError, match="partition 9"):
-        node.knn(q, 3, [(9, 0, 10)])
+        node.knn(q, None, [(9, 0, 10)], 3)
 
 
 def _routing_for(pts, n_parts, curve):

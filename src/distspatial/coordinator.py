@@ -246,25 +246,24 @@ class DistributedSpatialCluster:
         return self._id_rows[np.searchsorted(self._id_sorted, ids)]
 
     # -- queries --------------------------------------------------------------------------------------------
-    def _run_assignment(self, assign: Assignment, make_args) -> list[tuple[Any, Any]]:
-        """Send each node the rows of ``assign`` for the partitions it serves; one message per node.
+    def _run_assignment(self, assign: Assignment, method: str, row_args, **options: Any) -> list[tuple[Any, Any]]:
+        """Run node ``method`` on the rows of ``assign``; each node gets one message for all its partitions.
 
-        ``make_args(rows)`` gives the per-row arrays to send. Returns ``[(rows, result), ...]``.
+        ``row_args(rows)`` gives the per-row arrays for those rows; the node is called as
+        ``method(*row_args(rows), segments, **options)``. Returns ``[(rows, result), ...]``.
         """
         groups = assign.groups()
-        routing = self._routing
-        method = make_args.__name__
 
         def build(node: int, pids: list[int]):
             row_parts = [groups[p] for p in pids]
             rows = np.concatenate(row_parts) if len(row_parts) > 1 else row_parts[0]
             bounds = np.cumsum([0] + [len(r) for r in row_parts])
             segments = [(p, int(bounds[i]), int(bounds[i + 1])) for i, p in enumerate(pids)]
-            args = make_args(rows)
-            ref = getattr(self._actors[node], method).remote(*args[:-1], segments, *args[-1:])
+            args = row_args(rows)
+            ref = getattr(self._actors[node], method).remote(*args, segments, **options)
             return ref, rows, payload_bytes(args)
 
-        return self._dispatch.run(list(groups), routing, build)
+        return self._dispatch.run(list(groups), self._routing, build)
 
     def distributed_knn_search(self, query: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Exact k nearest neighbours of one point or a batch.
@@ -296,10 +295,8 @@ class DistributedSpatialCluster:
         dist = np.empty((m, k))
         ids = np.empty((m, k), dtype=np.int64)
 
-        def knn(rows):  # round 1: k best in the home partition
-            return (qs[rows], k, None)
-
-        for rows, (d_, i_) in self._run_assignment(home, knn):
+        # round 1: the k best in the home partition
+        for rows, (d_, i_) in self._run_assignment(home, "knn", lambda rows: (np.take(qs, rows, axis=0), None), k=k):
             dist[rows], ids[rows] = d_, i_
 
         kth = dist[:, k - 1]
@@ -307,12 +304,8 @@ class DistributedSpatialCluster:
         for p, a, b in zip(home.partitions, home.starts[:-1], home.starts[1:]):
             home_part[home.rows[a:b]] = p
         follow = knn_followups(qs, kth, home_part, routing)
-        if follow.n_pairs:
-
-            def knn(rows):  # noqa: F811 - round 2: only candidates within the k-th distance
-                return (qs[rows], k, kth[rows])
-
-            results = self._run_assignment(follow, knn)
+        if follow.n_pairs:  # round 2: only candidates within the k-th distance
+            results = self._run_assignment(follow, "knn", lambda rows: (np.take(qs, rows, axis=0), kth[rows]), k=k)
             # Merge node by node; a node's rows may repeat a query (two partitions), so merge per segment.
             for rows, (d_, i_) in results:
                 self._merge_rows(dist, ids, rows, d_, i_, k)
@@ -347,11 +340,7 @@ class DistributedSpatialCluster:
         r = check_radius(radius, len(c))
         with Timer() as t:
             assign = ball_pairs(c, r, self._routing)
-
-            def ball(rows):
-                return (c[rows], r[rows], return_points)
-
-            out = self._collect_hits(assign, ball, len(c), meta.dim, return_points)
+            out = self._collect_hits(assign, "ball", lambda rows: (c[rows], r[rows]), meta.dim, return_points)
         self.latency.record(t.seconds, len(c))
         return out[0] if single else out
 
@@ -370,17 +359,15 @@ class DistributedSpatialCluster:
             raise ValueError(f"box {int(bad[0])} has lo > hi in some dimension; each box needs lo <= hi")
         with Timer() as t:
             assign = box_pairs(lo_a, hi_a, self._routing)
-
-            def box(rows):
-                return (lo_a[rows], hi_a[rows], return_points)
-
-            out = self._collect_hits(assign, box, len(lo_a), meta.dim, return_points)
+            out = self._collect_hits(assign, "box", lambda rows: (lo_a[rows], hi_a[rows]), meta.dim, return_points)
         self.latency.record(t.seconds, len(lo_a))
         return out[0] if single else out
 
-    def _collect_hits(self, assign: Assignment, make_args, m: int, d: int, return_points: bool) -> list:
+    def _collect_hits(self, assign: Assignment, method: str, row_args, d: int, return_points: bool) -> list:
+        """Run a hit-list query (``ball``/``box``) and split the hits per query, sorted by id."""
+        m = assign.n_queries
         q_parts, id_parts, pt_parts = [], [], []
-        for rows, (counts, ids, pts) in self._run_assignment(assign, make_args):
+        for rows, (counts, ids, pts) in self._run_assignment(assign, method, row_args, return_points=return_points):
             q_parts.append(np.repeat(rows, counts))
             id_parts.append(ids)
             if return_points:

@@ -128,7 +128,7 @@ class SpatialNode:
 
     # -- queries --------------------------------------------------------------------------------------------
     def knn(
-        self, queries: np.ndarray, k: int, segments: list[Segment], bounds: np.ndarray | None = None
+        self, queries: np.ndarray, bounds: np.ndarray | None, segments: list[Segment], k: int
     ) -> tuple[np.ndarray, np.ndarray]:
         """k nearest neighbours of ``queries[start:stop]`` within each segment's partition.
 

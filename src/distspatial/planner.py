@@ -32,21 +32,22 @@ class Assignment:
     rows: np.ndarray  # int64 query row of each pair, grouped by partition
     partitions: np.ndarray  # int64 partition ids, one per group
     starts: np.ndarray  # int64, len(partitions) + 1
+    n_queries: int = 0  # rows of the query batch (some may have no pair)
 
     @classmethod
-    def from_pairs(cls, rows: np.ndarray, parts: np.ndarray) -> Assignment:
+    def from_pairs(cls, rows: np.ndarray, parts: np.ndarray, n_queries: int) -> Assignment:
         """Group pairs by partition, keeping the rows' order inside each partition."""
         order = np.argsort(parts, kind="stable")
         rows, parts = rows[order], parts[order]
-        return cls._from_sorted(rows, parts)
+        return cls._from_sorted(rows, parts, n_queries)
 
     @classmethod
-    def _from_sorted(cls, rows: np.ndarray, parts: np.ndarray) -> Assignment:
+    def _from_sorted(cls, rows: np.ndarray, parts: np.ndarray, n_queries: int) -> Assignment:
         if len(parts) == 0:
-            return cls(rows.astype(np.int64), np.empty(0, np.int64), np.zeros(1, np.int64))
+            return cls(rows.astype(np.int64), np.empty(0, np.int64), np.zeros(1, np.int64), n_queries)
         cut = np.flatnonzero(parts[1:] != parts[:-1]) + 1
         starts = np.concatenate([[0], cut, [len(parts)]]).astype(np.int64)
-        return cls(rows.astype(np.int64, copy=False), parts[starts[:-1]].astype(np.int64), starts)
+        return cls(rows.astype(np.int64, copy=False), parts[starts[:-1]].astype(np.int64), starts, n_queries)
 
     def groups(self) -> dict[int, np.ndarray]:
         """``{partition: rows}``."""
@@ -60,7 +61,7 @@ class Assignment:
 def knn_home(sorted_keys: np.ndarray, routing: RoutingTable) -> Assignment:
     """Round 1: each query (already sorted by curve key) to its home partition."""
     home = routing.home_partitions(sorted_keys)
-    return Assignment._from_sorted(np.arange(len(home), dtype=np.int64), home)
+    return Assignment._from_sorted(np.arange(len(home), dtype=np.int64), home, len(home))
 
 
 #: the cell test enumerates 2**d cells per query; above this dimension only the box test is used.
@@ -138,8 +139,8 @@ def _cell_pairs(
                 fresh &= wide[j]
             sel = np.flatnonzero(fresh)
         else:
-            sel = slice(None)
-        cell = np.empty((len(idx) if dims == [] else len(sel), d), dtype=np.uint64)
+            sel = np.arange(len(idx))
+        cell = np.empty((len(sel), d), dtype=np.uint64)
         for j in range(d):
             cell[:, j] = lo_cols[j][sel] + np.uint64(1 if j in dims else 0)
         if len(cell) == 0:
@@ -206,13 +207,13 @@ def knn_followups(
     A box exactly at the k-th distance can only hold ties, so it is skipped.
     """
     rows, parts = _pairs_within(queries, kth * kth, routing, strict=True, exclude=home)
-    return Assignment.from_pairs(rows, parts)
+    return Assignment.from_pairs(rows, parts, len(queries))
 
 
 def ball_pairs(centers: np.ndarray, radii: np.ndarray, routing: RoutingTable) -> Assignment:
     """Pairs ``(query, partition)`` whose box lies within each query's radius (inclusive)."""
     rows, parts = _pairs_within(centers, radii * radii, routing, strict=False, exclude=None)
-    return Assignment.from_pairs(rows, parts)
+    return Assignment.from_pairs(rows, parts, len(centers))
 
 
 def box_pairs(lo: np.ndarray, hi: np.ndarray, routing: RoutingTable) -> Assignment:
@@ -221,4 +222,4 @@ def box_pairs(lo: np.ndarray, hi: np.ndarray, routing: RoutingTable) -> Assignme
         (routing.box_lo[None, :, :] <= hi[:, None, :]) & (routing.box_hi[None, :, :] >= lo[:, None, :]), axis=2
     )
     rows, parts = np.nonzero(hit)
-    return Assignment.from_pairs(rows, parts)
+    return Assignment.from_pairs(rows, parts, len(lo))
