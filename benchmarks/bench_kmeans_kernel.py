@@ -37,6 +37,8 @@ from threadpoolctl import threadpool_limits
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 
+from distspatial.curves import curve_keys  # noqa: E402
+from distspatial.kmeans_compiled import HAVE_NUMBA, CompiledLloydState  # noqa: E402
 from distspatial.kmeans_kernels import LloydState, squared_distances_min  # noqa: E402
 
 
@@ -71,11 +73,10 @@ def time_sklearn(X: np.ndarray, C0: np.ndarray, iters: int, repeat: int) -> tupl
     return (tT - t1) / (iters - 1), tT / iters, runs[0][1]
 
 
-def run_ours(X: np.ndarray, C0: np.ndarray, iters: int) -> tuple[float, float, float, list[float], float]:
+def run_ours(impl, halves: list, C0: np.ndarray, iters: int) -> tuple[float, float, float, list[float], float]:
     """One distributed-style run; returns (init s, mean step s, steady mean s, per-iter s, inertia)."""
-    halves = np.array_split(X, 2)
     t0 = time.perf_counter()
-    states = [LloydState(np.ascontiguousarray(h)) for h in halves]
+    states = [impl(h) for h in halves]
     t_init = (time.perf_counter() - t0) / 2
     C = C0.copy()
     per_iter = []
@@ -105,6 +106,8 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-sklearn", action="store_true")
+    ap.add_argument("--random-order", action="store_true",
+                    help="keep each half in random order (the cluster keeps partitions in Hilbert order)")
     args = ap.parse_args()
 
     X = make_data(args.n, args.seed)
@@ -112,18 +115,29 @@ def main() -> None:
     C0 = X[rng.choice(args.n, args.k, replace=False)].copy()
     print(f"data: {args.n} x 2 skewed points, k={args.k}, {args.iters} Lloyd iterations")
 
-    best = None
-    for _ in range(args.repeat):
-        r = run_ours(X, C0, args.iters)
-        if best is None or r[1] < best[1]:
-            best = r
-    t_init, t_step, t_steady, per_iter, inertia = best
-    print(f"ours   : LloydState.step on {args.n // 2} points, 1 thread")
-    print(f"         construction {t_init * 1e3:7.1f} ms (once per partition)")
-    print(f"         mean step    {t_step * 1e3:7.1f} ms per iteration (first call included)")
-    print(f"         steps 3..{args.iters}   {t_steady * 1e3:7.1f} ms per iteration")
-    print("         per step ms : " + " ".join(f"{t * 1e3:.0f}" for t in per_iter))
-    print(f"         inertia {inertia:.10e}")
+    halves = [np.ascontiguousarray(h) for h in np.array_split(X, 2)]
+    if not args.random_order:  # as distribute_data leaves them: each partition in curve order
+        halves = [np.ascontiguousarray(h[np.argsort(curve_keys(h, X.min(0), X.max(0)), kind="stable")])
+                  for h in halves]
+    impls = [LloydState] + ([CompiledLloydState] if HAVE_NUMBA else [])
+    if HAVE_NUMBA:
+        CompiledLloydState(halves[0][:10]).step(C0[:2])  # compile (cached on disk after the first run)
+    results = {}
+    for impl in impls:
+        best = None
+        for _ in range(args.repeat):
+            r = run_ours(impl, halves, C0, args.iters)
+            if best is None or r[1] < best[1]:
+                best = r
+        results[impl.__name__] = best
+        t_init, t_step, t_steady, per_iter, inertia = best
+        print(f"ours   : {impl.__name__}.step on {args.n // 2} points, 1 thread, "
+              f"{'random' if args.random_order else 'curve'} order")
+        print(f"         construction {t_init * 1e3:7.1f} ms (once per partition)")
+        print(f"         mean step    {t_step * 1e3:7.1f} ms per iteration (first call included)")
+        print(f"         steps 3..{args.iters}   {t_steady * 1e3:7.1f} ms per iteration")
+        print("         per step ms : " + " ".join(f"{t * 1e3:.0f}" for t in per_iter))
+        print(f"         inertia {inertia:.10e}")
 
     if args.skip_sklearn:
         return
@@ -131,9 +145,11 @@ def main() -> None:
     print(f"sklearn: KMeans lloyd on {args.n} points, 2 threads")
     print(f"         {sk_iter * 1e3:7.1f} ms per iteration (fit(T={args.iters}) - fit(T=1)) / {args.iters - 1}")
     print(f"         {sk_plain * 1e3:7.1f} ms per iteration (fit(T={args.iters}) / {args.iters})")
-    print(f"         inertia {sk_inertia:.10e}  (relative difference {abs(inertia - sk_inertia) / sk_inertia:.1e})")
-    print(f"ratio ours / sklearn per iteration: {t_step / sk_iter:.3f} (mean step), "
-          f"{t_steady / sk_iter:.3f} (steps 3..{args.iters})")
+    print(f"         inertia {sk_inertia:.10e}")
+    for name, (_, t_step, t_steady, _, inertia) in results.items():
+        print(f"ratio {name} / sklearn per iteration: {t_step / sk_iter:.3f} (mean step), "
+              f"{t_steady / sk_iter:.3f} (steps 3..{args.iters}); inertia rel. diff "
+              f"{abs(inertia - sk_inertia) / sk_inertia:.1e}")
 
 
 if __name__ == "__main__":
