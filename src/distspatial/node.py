@@ -1,7 +1,8 @@
 """A logical cluster node: the partitions it holds and the work it does on them.
 
 :class:`SpatialNode` is a plain Python class; the coordinator runs each instance as a Ray actor
-(``ray.remote(SpatialNode)``), so the class itself imports no Ray and can be driven directly in a unit test.
+(``ray.remote(SpatialNode)``). The module imports no Ray at import time (``ping`` asks Ray for its node id only
+when running inside Ray), so a node can be driven directly in a unit test.
 Every method takes and returns NumPy arrays and small tuples, which Ray moves through its object store
 (zero-copy reads of arrays on the receiving side).
 
