@@ -18,6 +18,7 @@ Example::
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from typing import Any
 
@@ -29,6 +30,7 @@ from .config import NodeConfig
 from .curves import curve_keys
 from .dispatch import Dispatcher, payload_bytes
 from .errors import NotDistributedError
+from .fault import FailureType, FaultDetector, RecoveryPlan, RecoveryStrategy
 from .local_index import merge_topk
 from .metadata import GlobalIndexMetadata, PartitionInfo
 from .node import SpatialNode
@@ -43,6 +45,20 @@ from .validation import check_ids, check_k, check_points, check_queries, check_r
 log = logging.getLogger(__name__)
 
 __all__ = ["DistributedSpatialCluster"]
+
+
+def threads_for(cfg: NodeConfig, total_cpus: float) -> int:
+    """Compute threads per node: ``threads_per_node`` or the cluster's CPUs divided by the node count."""
+    return cfg.threads_per_node or max(1, int(total_cpus // cfg.node_count))
+
+
+def _new_actor(node_id: int, cpus: float, threads: int) -> Any:
+    """Start one node actor (placed with Ray's SPREAD strategy)."""
+    return (
+        ray.remote(SpatialNode)
+        .options(num_cpus=cpus, scheduling_strategy="SPREAD", max_concurrency=1)
+        .remote(node_id, threads)
+    )
 
 
 def _free_cpus(wanted: float, wait_s: float = 10.0) -> float:
@@ -85,6 +101,15 @@ class DistributedSpatialCluster:
         self._dispatch = Dispatcher(
             self._actors, self.config.communication_timeout_ms / 1000.0, self.config.max_retries, self.comm
         )
+        self._meta_lock = threading.RLock()  # serialises metadata changes (distribute, recovery); reads need none
+        self._threads = threads_for(self.config, cluster_cpus())
+        self._fault = FaultDetector(
+            self,
+            interval_s=self.config.heartbeat_interval_ms / 1000.0,
+            timeout_s=min(self.config.communication_timeout_ms, 5 * self.config.heartbeat_interval_ms) / 1000.0,
+        )
+        if self.config.fault_tolerance:
+            self._fault.start()
 
     # -- life cycle -----------------------------------------------------------------------------------------
     def _start_nodes(self) -> tuple[dict[int, Any], dict[int, dict]]:
@@ -94,17 +119,14 @@ class DistributedSpatialCluster:
         # one each), so two clusters can live in one runtime. Set cpus_per_node to reserve more.
         free = _free_cpus(cfg.node_count * (cfg.cpus_per_node or 0.01))
         cpus = cfg.cpus_per_node or max(0.01, min(1.0, int(free / cfg.node_count * 100) / 100))
-        threads = cfg.threads_per_node or max(1, int(total // cfg.node_count))
+        threads = threads_for(cfg, total)
         if cfg.address is None and cpus * cfg.node_count > free + 1e-9:
             raise RuntimeError(
                 f"{cfg.node_count} nodes x {cpus:g} CPUs do not fit in the {free:g} CPUs still free in this Ray "
                 f"runtime (another cluster may hold them); set NodeConfig.cpus_per_node lower or shut the other down"
             )
-        actor_cls = ray.remote(SpatialNode)
-        actors = {
-            i: actor_cls.options(num_cpus=cpus, scheduling_strategy="SPREAD", max_concurrency=1).remote(i, threads)
-            for i in range(cfg.node_count)
-        }
+        self._cpus_per_node = cpus
+        actors = {i: _new_actor(i, cpus, threads) for i in range(cfg.node_count)}
         refs = {i: a.ping.remote() for i, a in actors.items()}
         ready, missing = ray.wait(list(refs.values()), num_returns=len(refs), timeout=max(60.0, cfg.communication_timeout_ms / 1000))
         if missing:
@@ -122,6 +144,8 @@ class DistributedSpatialCluster:
         if self._closed:
             return
         self._closed = True
+        if getattr(self, "_fault", None) is not None:
+            self._fault.stop()
         for a in getattr(self, "_actors", {}).values():
             try:
                 ray.kill(a)
@@ -189,7 +213,7 @@ class DistributedSpatialCluster:
         n, d = pts.shape
         id_arr = check_ids(ids, n) if ids is not None else None
         cfg = self.config
-        with Timer() as t:
+        with self._meta_lock, Timer() as t:
             plan = partition_points(pts, cfg.partition_count, id_arr, cfg.curve)
             n_parts, cuts = plan.n_partitions, plan.cuts
             machine_of = {i: info.get("ray_node_id", "") or str(i) for i, info in self._node_info.items()}
@@ -429,6 +453,162 @@ class DistributedSpatialCluster:
     def _next_run_id(self) -> int:
         self._run_counter += 1
         return self._run_counter
+
+    # -- fault tolerance ------------------------------------------------------------------------------------
+    def health(self) -> dict[str, Any]:
+        """Node health from the heartbeats, failed nodes, and the recovery plans carried out so far.
+
+        >>> cluster.health()["nodes"][0]["status"]  # doctest: +SKIP
+        'alive'
+        """
+        if not self._fault.health:
+            self._fault.check()
+        return {
+            "nodes": self._fault.report(),
+            "failed_nodes": sorted(self._dispatch.failed_nodes),
+            "recoveries": [
+                {"time": t, "actions": [(a.strategy.value, a.node_id, a.failure.value, a.reason) for a in plan.actions]}
+                for t, plan in self._fault.history
+            ],
+            "under_replicated": self._under_replicated(),
+        }
+
+    def _under_replicated(self) -> list[int]:
+        meta = self._meta
+        if meta is None:
+            return []
+        live = [n for n in self._actors if n not in self._dispatch.failed_nodes]
+        want = min(self.config.replication_factor, len(live))
+        return [p.partition_id for p in meta.partitions if len([o for o in p.owners if o in live]) < want]
+
+    def _recover(self, plan: RecoveryPlan) -> None:
+        """Carry out a recovery plan: isolate, restart, re-replicate, migrate (see :mod:`distspatial.fault`)."""
+        with self._meta_lock:
+            for a in plan.actions:
+                if a.failure in (FailureType.NODE_UNRESPONSIVE, FailureType.NETWORK_PARTITION):
+                    self._dispatch.mark_failed(a.node_id, a.failure.value)
+                    if a.node_id in self._fault.health:
+                        self._fault.health[a.node_id].status = (
+                            "isolated" if a.failure is FailureType.NETWORK_PARTITION else "failed")
+            if any(a.strategy is RecoveryStrategy.RESTART for a in plan.actions):
+                for _ in range(sum(a.strategy is RecoveryStrategy.RESTART for a in plan.actions)):
+                    self._start_replacement()
+            for a in plan.actions:
+                if a.strategy is RecoveryStrategy.REPLICATE and a.failure is FailureType.PARTIAL_FAILURE:
+                    self._copy_partitions({p: a.node_id for p in a.partitions})
+                elif a.strategy is RecoveryStrategy.MIGRATE:
+                    self._migrate_one(a.node_id)
+            self.restore_redundancy()
+
+    def _start_replacement(self) -> int | None:
+        """Start one more node actor if the runtime has room; returns its id."""
+        cpus = self._cpus_per_node
+        if float(ray.available_resources().get("CPU", 0.0)) + 1e-9 < cpus:
+            log.warning("distspatial: no room for a replacement node (%.2f CPUs needed)", cpus)
+            return None
+        node = max(self._actors) + 1
+        actor = _new_actor(node, cpus, self._threads)
+        try:
+            info = ray.get(actor.ping.remote(), timeout=max(30.0, self.config.communication_timeout_ms / 1000))
+        except Exception as exc:
+            log.warning("distspatial: replacement node %d did not start: %s", node, exc)
+            ray.kill(actor)
+            return None
+        self._actors[node] = actor
+        self._node_info[node] = info
+        log.warning("distspatial: started replacement node %d", node)
+        return node
+
+    def restore_redundancy(self) -> dict[int, int]:
+        """Copy under-replicated partitions from a live replica onto other live nodes until each has
+        ``replication_factor`` replicas (or as many as there are live nodes); dead owners leave the metadata.
+
+        Returns ``{partition: new owner}`` for the copies made.
+        """
+        with self._meta_lock:
+            meta = self._meta
+            if meta is None:
+                return {}
+            failed = self._dispatch.failed_nodes
+            live = [n for n in sorted(self._actors) if n not in failed]
+            want = min(self.config.replication_factor, len(live))
+            targets: dict[int, int] = {}
+            load = {n: 0 for n in live}
+            for p in meta.partitions:
+                for o in p.owners:
+                    if o in load:
+                        load[o] += 1
+            machine = {n: self._node_info.get(n, {}).get("ray_node_id", str(n)) for n in live}
+            for p in meta.partitions:
+                alive = [o for o in p.owners if o in load]
+                if not alive or len(alive) >= want:
+                    continue
+                used = {machine[o] for o in alive}
+                cand = [n for n in live if n not in alive]
+                if not cand:
+                    continue
+                target = min(cand, key=lambda n: (machine[n] in used, load[n], n))
+                targets[p.partition_id] = target
+                load[target] += 1
+            self._copy_partitions(targets)
+            # drop dead owners from the metadata even where nothing had to be copied
+            meta = self._meta
+            stale = {p.partition_id: tuple(o for o in p.owners if o not in failed)
+                     for p in meta.partitions if any(o in failed for o in p.owners)}
+            if stale:
+                self._meta = meta.with_owners(stale)
+                self._routing = RoutingTable(self._meta)
+            return targets
+
+    def _copy_partitions(self, targets: dict[int, int]) -> None:
+        """Copy each partition in ``targets`` from a live replica to its target node, node to node; then add
+        the target to the partition's owners in a new metadata version."""
+        if not targets:
+            return
+        meta = self._meta
+        failed = self._dispatch.failed_nodes
+        loads, added = [], {}
+        for pid, target in targets.items():
+            src = next((o for o in meta.partitions[pid].owners if o not in failed and o != target), None)
+            if src is None:
+                continue
+            pts_ref, ids_ref = self._actors[src].export_partition.options(num_returns=2).remote(pid)
+            self.comm.sent(target, meta.partitions[pid].nbytes)
+            loads.append((pid, target, self._actors[target].load_partitions.remote(meta.dataset_id, [pid], pts_ref, ids_ref)))
+        for pid, target, ref in loads:
+            try:
+                ray.get(ref, timeout=max(60.0, self.config.communication_timeout_ms / 1000))
+                added[pid] = target
+            except Exception as exc:
+                log.warning("distspatial: copying partition %d to node %d failed: %s", pid, target, exc)
+        if added:
+            owners = {}
+            for p in meta.partitions:
+                if p.partition_id in added:
+                    keep = tuple(o for o in p.owners if o not in failed and o != added[p.partition_id])
+                    owners[p.partition_id] = keep + (added[p.partition_id],)
+            self._meta = self._meta.with_owners(owners)
+            self._routing = RoutingTable(self._meta)
+            log.info("distspatial: copied partitions %s", added)
+
+    def _migrate_one(self, node: int) -> None:
+        """Move one partition off ``node`` (memory pressure) to the least loaded live node without it."""
+        meta = self._meta
+        mine = meta.partitions_of(node) if meta else []
+        if not mine:
+            return
+        live = [n for n in self._actors if n not in self._dispatch.failed_nodes and n != node]
+        pid = mine[-1]
+        cand = [n for n in live if n not in meta.partitions[pid].owners]
+        if not cand:
+            return
+        target = min(cand, key=lambda n: (len(meta.partitions_of(n)), n))
+        self._copy_partitions({pid: target})
+        new = self._meta
+        owners = tuple(o for o in new.partitions[pid].owners if o != node)
+        self._meta = new.with_owners({pid: owners})
+        self._routing = RoutingTable(self._meta)
+        self._actors[node].drop_partitions.remote([pid])
 
     # -- statistics -----------------------------------------------------------------------------------------
     def statistics(self) -> ClusterStatistics:

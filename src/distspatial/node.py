@@ -64,8 +64,10 @@ class SpatialNode:
             import psutil
 
             rss = psutil.Process().memory_info().rss
-        except Exception:  # pragma: no cover - psutil is a Ray dependency, but stay robust
-            rss = -1
+            vm = psutil.virtual_memory()
+            mem_fraction = 1.0 - vm.available / vm.total
+        except Exception:  # pragma: no cover - psutil is a dependency, but stay robust
+            rss, mem_fraction = -1, 0.0
         ray_node = os.environ.get("RAY_NODE_ID", "")
         try:  # only meaningful inside a Ray actor
             import ray
@@ -83,6 +85,8 @@ class SpatialNode:
             "points": int(sum(p.size for p in self.partitions.values())),
             "bytes": int(sum(p.nbytes for p in self.partitions.values())),
             "rss": int(rss),
+            "memory_fraction": float(mem_fraction),
+            "dataset_id": self.dataset_id,
             "time": time.time(),
         }
 
@@ -109,6 +113,12 @@ class SpatialNode:
         for j, pid in enumerate(partition_ids):
             self.partitions[int(pid)] = LocalPartition(arrays[2 * j], arrays[2 * j + 1])
         return self._account(t0, 0, arrays, [int(p) for p in partition_ids])
+
+    def export_partition(self, partition_id: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(points, ids)`` of a partition, for copying it to another node (call with ``num_returns=2``: the
+        two results then travel node to node through Ray's object store, not through the driver)."""
+        part = self._part(partition_id)
+        return part.points, part.ids
 
     def drop_partitions(self, partition_ids: list[int]) -> None:
         for pid in partition_ids:

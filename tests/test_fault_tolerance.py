@@ -1,0 +1,130 @@
+"""Real failures on several real Ray nodes (ray.cluster_utils.Cluster): a raylet is killed while queries and
+k-means run; answers stay exact, no point is lost, redundancy comes back by itself."""
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import ray
+from ray.cluster_utils import Cluster
+from sklearn.cluster import KMeans
+
+from distspatial import DistributedSpatialCluster, NodeConfig, PartitionLostError
+from distspatial.datasets import skewed_points
+
+from .conftest import assert_knn_exact
+
+MB = 1024**2
+
+
+@pytest.fixture()
+def ray_cluster():
+    if ray.is_initialized():
+        ray.shutdown()
+    c = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 1, "object_store_memory": 120 * MB,
+        "_system_config": {"health_check_period_ms": 500, "health_check_failure_threshold": 4},
+    })
+    workers = [c.add_node(num_cpus=1, object_store_memory=120 * MB) for _ in range(3)]
+    c.wait_for_nodes()
+    ray.init(address=c.address, logging_level="ERROR")
+    yield c, workers
+    ray.shutdown()
+    c.shutdown()
+
+
+def _config(**kw):
+    return NodeConfig().with_node_count(4).with_fault_tolerance(True).replace(
+        cpus_per_node=0.25, heartbeat_interval_ms=200, communication_timeout_ms=5_000, **kw)
+
+
+def _victim(cluster, workers):
+    """A worker Ray node hosting a node actor that is the primary of some partitions."""
+    hosts = {info["ray_node_id"]: i for i, info in cluster._node_info.items()}
+    for w in workers:
+        if w.node_id in hosts:
+            return w, hosts[w.node_id]
+    raise AssertionError("no node actor on a worker node")
+
+
+def _all_ids(cluster, pts):
+    """Every id in the index, via a range query that covers all the data."""
+    c = pts.mean(axis=0)
+    r = float(np.sqrt(((pts - c) ** 2).sum(axis=1)).max()) + 1.0
+    return cluster.range_search(c, r)
+
+
+def _wait_redundant(cluster, timeout=60.0):
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if not cluster.health()["under_replicated"] and cluster._dispatch.failed_nodes:
+            return time.monotonic() - t0
+        time.sleep(0.2)
+    raise AssertionError(f"redundancy not restored within {timeout} s: {cluster.health()}")
+
+
+def test_node_killed_during_queries_and_kmeans(ray_cluster):
+    c, workers = ray_cluster
+    pts = skewed_points(40_000, 2, n_hotspots=8, seed=31)
+    q = skewed_points(20_000, 2, n_hotspots=8, seed=31, sample_seed=4)
+    init = pts[np.random.default_rng(0).choice(len(pts), 6, replace=False)]
+    ref = KMeans(6, init=init, n_init=1, algorithm="lloyd", max_iter=60, tol=0).fit(pts)
+    with DistributedSpatialCluster(_config()) as cluster:
+        cluster.distribute_data(pts)
+        victim, dead = _victim(cluster, workers)
+        out = {}
+
+        def queries():
+            res = []
+            for _ in range(6):
+                res.append(cluster.distributed_knn_search(q, 10))
+            out["knn"] = res
+
+        def kmeans():
+            out["km"] = cluster.distributed_kmeans(6, 60, tol=0, init=init)
+
+        threads = [threading.Thread(target=queries), threading.Thread(target=kmeans)]
+        for t in threads:
+            t.start()
+        time.sleep(0.3)
+        c.remove_node(victim, allow_graceful=False)
+        for t in threads:
+            t.join(timeout=240)
+        assert "knn" in out and "km" in out, "a call failed instead of failing over"
+        for dist, ids in out["knn"]:
+            assert_knn_exact(pts, q[:300], dist[:300], ids[:300], 10)
+            assert np.all(np.isfinite(dist)) and (ids >= 0).all()
+        assert out["km"].inertia == pytest.approx(ref.inertia_, rel=1e-6)
+        np.testing.assert_allclose(out["km"].centroids, ref.cluster_centers_, rtol=1e-7, atol=1e-9)
+
+        took = _wait_redundant(cluster)
+        assert took < 60
+        meta = cluster.metadata
+        assert all(dead not in p.owners for p in meta.partitions)
+        assert all(len(set(p.owners)) == 2 for p in meta.partitions), "every partition back at 2 replicas"
+        ids = _all_ids(cluster, pts)
+        assert len(ids) == len(pts) and np.array_equal(ids, np.arange(len(pts))), "no point lost or duplicated"
+        h = cluster.health()
+        assert h["nodes"][dead]["status"] == "failed"
+        assert any(a[0] == "Replicate" and a[1] == dead for r in h["recoveries"] for a in r["actions"])
+        st = cluster.statistics()
+        assert [n.status for n in st.nodes].count("failed") == 1
+
+
+def test_all_replicas_lost_raises_naming_partitions(ray_cluster):
+    c, workers = ray_cluster
+    pts = skewed_points(10_000, 2, seed=32)
+    cfg = NodeConfig().with_node_count(4).replace(cpus_per_node=0.25, heartbeat_interval_ms=200,
+                                                  communication_timeout_ms=5_000, max_retries=1)
+    with DistributedSpatialCluster(cfg) as cluster:  # replication 1: a dead node loses its partitions
+        meta = cluster.distribute_data(pts)
+        victim, dead = _victim(cluster, workers)
+        lost = sorted(meta.partitions_of(dead))
+        c.remove_node(victim, allow_graceful=False)
+        time.sleep(1.0)
+        with pytest.raises(PartitionLostError) as err:
+            for _ in range(3):
+                cluster.distributed_knn_search(pts[:100], 5)
+        assert sorted(err.value.partitions) == lost
+        assert str(lost[0]) in str(err.value)
