@@ -29,7 +29,7 @@ from . import kmeans as _kmeans
 from .config import NodeConfig
 from .curves import curve_keys
 from .dispatch import Dispatcher, payload_bytes
-from .errors import NotDistributedError
+from .errors import NotDistributedError, PartitionLostError
 from .fault import FailureType, FaultDetector, RecoveryPlan, RecoveryStrategy
 from .local_index import merge_topk
 from .metadata import GlobalIndexMetadata, PartitionInfo
@@ -93,6 +93,7 @@ class DistributedSpatialCluster:
         self.comm = CommunicationCounters()
         self.latency = LatencyRecorder()
         self._run_counter = 0
+        self._checkpoint: tuple[int, str, dict] | None = None  # (dataset id, uri, manifest) of the latest checkpoint
         try:
             self._actors, self._node_info = self._start_nodes()
         except BaseException:
@@ -287,7 +288,7 @@ class DistributedSpatialCluster:
             ref = getattr(self._actors[node], method).remote(*args, segments, **options)
             return ref, rows, payload_bytes(args)
 
-        return self._dispatch.run(list(groups), self._routing, build)
+        return self._run_partitions(list(groups), build)
 
     def distributed_knn_search(self, query: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Exact k nearest neighbours of one point or a batch.
@@ -448,7 +449,19 @@ class DistributedSpatialCluster:
             ref = getattr(self._actors[node], method).remote(*args, part_ids)
             return ref, part_ids, payload_bytes(args)
 
-        return self._dispatch.run(pids, self._routing, build)
+        return self._run_partitions(pids, build)
+
+    def _run_partitions(self, pids: list[int], build) -> list[tuple[Any, Any]]:
+        """One dispatcher round; partitions lost on every replica are first reloaded from the latest checkpoint
+        of this data set when there is one (else :class:`PartitionLostError` names them)."""
+        try:
+            return self._dispatch.run(pids, self._routing, build)
+        except PartitionLostError:
+            ckp = self._checkpoint
+            if ckp is None or self._meta is None or ckp[0] != self._meta.dataset_id:
+                raise
+            self.restore_redundancy()
+            return self._dispatch.run(pids, self._routing, build)
 
     def _next_run_id(self) -> int:
         self._run_counter += 1
@@ -539,6 +552,10 @@ class DistributedSpatialCluster:
                     if o in load:
                         load[o] += 1
             machine = {n: self._node_info.get(n, {}).get("ray_node_id", str(n)) for n in live}
+            lost = [p.partition_id for p in meta.partitions if not any(o in load for o in p.owners)]
+            if lost and live:
+                self._reload_from_checkpoint(lost, live, load)
+                meta = self._meta
             for p in meta.partitions:
                 alive = [o for o in p.owners if o in load]
                 if not alive or len(alive) >= want:
@@ -559,6 +576,34 @@ class DistributedSpatialCluster:
                 self._meta = meta.with_owners(stale)
                 self._routing = RoutingTable(self._meta)
             return targets
+
+    def _reload_from_checkpoint(self, lost: list[int], live: list[int], load: dict[int, int]) -> None:
+        """Partitions with no live replica come back from the latest checkpoint of this data set, if any."""
+        from . import checkpoint as ck
+
+        ckp = self._checkpoint
+        meta = self._meta
+        if ckp is None or ckp[0] != meta.dataset_id:
+            log.error("distspatial: partitions %s lost on every replica and no checkpoint of this data set", lost)
+            return
+        _, uri, man = ckp
+        by_id = {p["id"]: p for p in man["partitions"]}
+        owners = {}
+        for pid in lost:
+            target = min(live, key=lambda n: (load[n], n))
+            p = by_id[pid]
+            try:
+                ray.get(self._actors[target].load_partition_files.remote(
+                    meta.dataset_id, [(pid, ck.join(uri, p["file"]), p["raw_bytes"], p["sha256"])]))
+            except Exception as exc:
+                log.error("distspatial: restoring partition %d from %s failed: %s", pid, uri, exc)
+                continue
+            load[target] += 1
+            owners[pid] = (target,)
+        if owners:
+            self._meta = meta.with_owners(owners)
+            self._routing = RoutingTable(self._meta)
+            log.warning("distspatial: partitions %s restored from checkpoint %s", sorted(owners), uri)
 
     def _copy_partitions(self, targets: dict[int, int]) -> None:
         """Copy each partition in ``targets`` from a live replica to its target node, node to node; then add
@@ -609,6 +654,114 @@ class DistributedSpatialCluster:
         self._meta = new.with_owners({pid: owners})
         self._routing = RoutingTable(self._meta)
         self._actors[node].drop_partitions.remote([pid])
+
+    # -- checkpoints ----------------------------------------------------------------------------------------
+    def checkpoint(self, path: str) -> str:
+        """Write every partition (compressed, with SHA-256 checksums) and the metadata under ``path``.
+
+        ``path`` is a local directory or a pyarrow filesystem URI (``s3://...``, ``gs://...``); with several
+        machines it must be storage every machine can reach, since each partition is written by a node that
+        holds it. Files get temporary names first; the manifest is written last and ``LATEST`` after it, so a
+        crash never spoils the previous checkpoint. Returns the new checkpoint's directory.
+
+        >>> cluster.checkpoint("/tmp/ckpt")  # doctest: +SKIP
+        '/tmp/ckpt/ckpt-20261125-101500-a1b2c3-v1'
+        """
+        from . import checkpoint as ck
+
+        meta = self._require_data()
+        fs, root = ck.resolve(path)
+        fs.create_dir(root, recursive=True)
+        ckpt = ck.new_checkpoint_dir(root, meta.version)
+        fs.create_dir(ckpt, recursive=True)
+        ckpt_uri = ckpt if "://" not in path else path.split("://", 1)[0] + "://" + ckpt
+        files = {}
+        for _, written in self._partitions_call("write_partitions", ckpt_uri):
+            for pid, name, nbytes, raw, digest in written:
+                files[pid] = {"file": name, "bytes": nbytes, "raw_bytes": raw, "sha256": digest}
+        manifest: dict[str, Any] = {
+            "dim": meta.dim, "lo": meta.lo.tolist(), "hi": meta.hi.tolist(), "curve": meta.curve, "bits": meta.bits,
+            "version": meta.version, "n_points": meta.n_points, "mean_variance": self._mean_variance,
+            "partitions": [
+                {"id": p.partition_id, "key_lo": str(p.key_lo), "key_hi": str(p.key_hi), "lo": p.lo.tolist(),
+                 "hi": p.hi.tolist(), "size": p.size, "nbytes": p.nbytes, **files[p.partition_id]}
+                for p in meta.partitions
+            ],
+            "user_ids": None,
+        }
+        if self._id_sorted is not None:
+            data, raw, digest = ck.encode_arrays(sorted=self._id_sorted, rows=self._id_rows)
+            ck.write_bytes(fs, ck.join(ckpt, "ids.npz.zst"), data)
+            manifest["user_ids"] = {"file": "ids.npz.zst", "raw_bytes": raw, "sha256": digest}
+        ck.write_manifest(fs, root, ckpt, manifest)
+        self._checkpoint = (meta.dataset_id, ckpt_uri, manifest)
+        log.info("distspatial: checkpoint of %d partitions written to %s", meta.n_partitions, ckpt_uri)
+        return ckpt_uri
+
+    @classmethod
+    def restore(cls, path: str, config: NodeConfig | None = None) -> DistributedSpatialCluster:
+        """A new cluster holding the data of the checkpoint at ``path`` (its ``LATEST``, or one checkpoint
+        directory), every file verified against its checksum. The node count may differ from the original.
+
+        Raises :class:`~distspatial.checkpoint.CheckpointError` naming the missing or corrupt file.
+        """
+        from . import checkpoint as ck
+
+        fs, ckpt, manifest = ck.read_manifest(path)
+        cluster = cls(config)
+        try:
+            cluster._load_checkpoint(fs, ckpt if "://" not in path else path.split("://", 1)[0] + "://" + ckpt,
+                                     manifest)
+        except BaseException:
+            cluster.shutdown()
+            raise
+        return cluster
+
+    def _load_checkpoint(self, fs, ckpt_uri: str, man: dict[str, Any]) -> None:
+        from . import checkpoint as ck
+
+        cfg = self.config
+        parts_m = man["partitions"]
+        machine_of = {i: info.get("ray_node_id", "") or str(i) for i, info in self._node_info.items()}
+        owners = place_partitions(len(parts_m), self.node_ids, cfg.replication_factor, machine_of)
+        self._dataset_counter += 1
+        dataset = self._dataset_counter
+        loads = []
+        for node in self.node_ids:
+            files = [(p["id"], ck.join(ckpt_uri, p["file"]), p["raw_bytes"], p["sha256"])
+                     for p in parts_m if node in owners[p["id"]]]
+            loads.append(self._actors[node].load_partition_files.remote(dataset, files))
+        try:
+            ray.get(loads)
+        except ray.exceptions.RayTaskError as exc:
+            cause = exc.as_instanceof_cause()
+            if isinstance(cause, ck.CheckpointError):
+                msg = str(cause).splitlines()[-1]
+                raise ck.CheckpointError(msg.split("CheckpointError: ", 1)[-1]) from None
+            raise
+        parts = tuple(
+            PartitionInfo(
+                partition_id=p["id"], key_lo=int(p["key_lo"]), key_hi=int(p["key_hi"]), lo=np.array(p["lo"]),
+                hi=np.array(p["hi"]), size=p["size"], nbytes=p["nbytes"], owners=owners[p["id"]],
+            )
+            for p in parts_m
+        )
+        meta = GlobalIndexMetadata(
+            dim=man["dim"], lo=np.array(man["lo"]), hi=np.array(man["hi"]), curve=man["curve"], bits=man["bits"],
+            partitions=parts, version=man["version"] + 1, dataset_id=dataset,
+        )
+        if meta.n_points != man["n_points"]:
+            raise ck.CheckpointError(f"checkpoint {ckpt_uri} holds {meta.n_points} points, manifest says {man['n_points']}")
+        if man["user_ids"]:
+            u = man["user_ids"]
+            fs2, path = ck.resolve(ck.join(ckpt_uri, u["file"]))
+            arr = ck.decode_arrays(ck.read_bytes(fs2, path), u["raw_bytes"], u["sha256"], path)
+            self._id_sorted, self._id_rows = arr["sorted"], arr["rows"]
+        else:
+            self._id_sorted = self._id_rows = None
+        self._mean_variance = man["mean_variance"]
+        self._meta, self._routing = meta, RoutingTable(meta)
+        self._checkpoint = (dataset, ckpt_uri, man)
 
     # -- statistics -----------------------------------------------------------------------------------------
     def statistics(self) -> ClusterStatistics:

@@ -120,6 +120,27 @@ class SpatialNode:
         part = self._part(partition_id)
         return part.points, part.ids
 
+    def write_partitions(self, ckpt_uri: str, partition_ids: list[int]) -> list[tuple[int, str, int, int, str]]:
+        """Write each partition to ``ckpt_uri/part-XXXXX.npz.zst``: ``[(pid, file, bytes, raw bytes, sha256)]``."""
+        from .checkpoint import join, write_partition_file
+
+        out = []
+        for pid in partition_ids:
+            part = self._part(pid)
+            name = f"part-{pid:05d}.npz.zst"
+            nbytes, raw, digest = write_partition_file(join(ckpt_uri, name), part.points, part.ids)
+            out.append((pid, name, nbytes, raw, digest))
+        return out
+
+    def load_partition_files(self, dataset_id: int, files: list[tuple[int, str, int, str]]) -> list[int]:
+        """Load partitions from checkpoint files ``[(pid, file_uri, raw bytes, sha256)]``, verifying checksums."""
+        from .checkpoint import read_partition_file
+
+        arrays: list[np.ndarray] = []
+        for _, uri, raw, digest in files:
+            arrays.extend(read_partition_file(uri, raw, digest))
+        return self.load_partitions(dataset_id, [f[0] for f in files], *arrays)
+
     def drop_partitions(self, partition_ids: list[int]) -> None:
         for pid in partition_ids:
             self.partitions.pop(pid, None)
