@@ -29,7 +29,7 @@ from . import kmeans as _kmeans
 from .config import NodeConfig
 from .curves import curve_keys
 from .dispatch import Dispatcher, payload_bytes
-from .errors import NotDistributedError, PartitionLostError
+from .errors import NodeFailureError, NotDistributedError, PartitionLostError
 from .fault import FailureType, FaultDetector, RecoveryPlan, RecoveryStrategy
 from .local_index import merge_topk
 from .metadata import GlobalIndexMetadata, PartitionInfo
@@ -188,7 +188,13 @@ class DistributedSpatialCluster:
 
     @property
     def node_ids(self) -> list[int]:
+        """Ids of every node started, failed ones included (see :meth:`statistics` for their status)."""
         return sorted(self._actors)
+
+    @property
+    def live_node_ids(self) -> list[int]:
+        """Ids of the nodes not marked failed."""
+        return [n for n in sorted(self._actors) if n not in self._dispatch.failed_nodes]
 
     def _require_data(self) -> GlobalIndexMetadata:
         if self._closed:
@@ -218,7 +224,8 @@ class DistributedSpatialCluster:
             plan = partition_points(pts, cfg.partition_count, id_arr, cfg.curve)
             n_parts, cuts = plan.n_partitions, plan.cuts
             machine_of = {i: info.get("ray_node_id", "") or str(i) for i, info in self._node_info.items()}
-            owners = place_partitions(n_parts, self.node_ids, cfg.replication_factor, machine_of)
+            live = self.live_node_ids
+            owners = place_partitions(n_parts, live, min(cfg.replication_factor, len(live)), machine_of)
             self._dataset_counter += 1
             dataset = self._dataset_counter
             # One object per partition in Ray's object store; each owner node reads it from there.
@@ -226,7 +233,7 @@ class DistributedSpatialCluster:
             for p in range(n_parts):
                 refs[p] = tuple(ray.put(arr) for arr in plan.part(p))
             loads = []
-            for node in self.node_ids:
+            for node in live:
                 pids = [p for p in range(n_parts) if node in owners[p]]
                 args = [r for p in pids for r in refs[p]]
                 self.comm.sent(node, sum(int(cuts[p + 1] - cuts[p]) * (d + 1) * 8 for p in pids))
@@ -454,14 +461,17 @@ class DistributedSpatialCluster:
     def _run_partitions(self, pids: list[int], build) -> list[tuple[Any, Any]]:
         """One dispatcher round; partitions lost on every replica are first reloaded from the latest checkpoint
         of this data set when there is one (else :class:`PartitionLostError` names them)."""
+        def current() -> RoutingTable:
+            return self._routing
+
         try:
-            return self._dispatch.run(pids, self._routing, build)
+            return self._dispatch.run(pids, self._routing, build, current)
         except PartitionLostError:
             ckp = self._checkpoint
             if ckp is None or self._meta is None or ckp[0] != self._meta.dataset_id:
                 raise
             self.restore_redundancy()
-            return self._dispatch.run(pids, self._routing, build)
+            return self._dispatch.run(pids, self._routing, build, current)
 
     def _next_run_id(self) -> int:
         self._run_counter += 1
@@ -636,24 +646,93 @@ class DistributedSpatialCluster:
             self._routing = RoutingTable(self._meta)
             log.info("distspatial: copied partitions %s", added)
 
+    def _move_partition(self, pid: int, src: int, dst: int) -> None:
+        """Online migration: copy ``pid`` from ``src`` to ``dst`` node to node, switch the metadata (new
+        version), then drop the source copy. Queries planned on the old version still find ``src``'s copy until
+        it is dropped, and the new version's owners hold it before it is."""
+        self._copy_partitions({pid: dst})
+        meta = self._meta
+        if dst not in meta.partitions[pid].owners:
+            raise NodeFailureError(f"moving partition {pid} from node {src} to node {dst} failed")
+        self._meta = meta.with_owners({pid: tuple(o for o in meta.partitions[pid].owners if o != src)})
+        self._routing = RoutingTable(self._meta)
+        if src in self._actors and src not in self._dispatch.failed_nodes:
+            self._actors[src].drop_partitions.remote([pid])
+
     def _migrate_one(self, node: int) -> None:
         """Move one partition off ``node`` (memory pressure) to the least loaded live node without it."""
         meta = self._meta
         mine = meta.partitions_of(node) if meta else []
+        live = [n for n in self._actors if n not in self._dispatch.failed_nodes and n != node]
         if not mine:
             return
-        live = [n for n in self._actors if n not in self._dispatch.failed_nodes and n != node]
         pid = mine[-1]
         cand = [n for n in live if n not in meta.partitions[pid].owners]
-        if not cand:
+        if cand:
+            self._move_partition(pid, node, min(cand, key=lambda n: (len(meta.partitions_of(n)), n)))
+
+    # -- elastic scaling ------------------------------------------------------------------------------------
+    def add_nodes(self, n: int = 1) -> list[int]:
+        """Start ``n`` more nodes and move partitions onto them until replicas per node are even (within one).
+
+        Queries keep running: each partition is copied before the metadata switches and dropped after.
+        Returns the new node ids. Raises ``RuntimeError`` when the Ray cluster has no room for them.
+        """
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"n must be an int >= 1, got {n!r}")
+        with self._meta_lock:
+            new = []
+            for _ in range(n):
+                node = self._start_replacement()
+                if node is None:
+                    raise RuntimeError(
+                        f"no room in the Ray cluster for another node ({self._cpus_per_node:g} CPUs each); "
+                        f"started {len(new)} of {n}: {new}")
+                new.append(node)
+            self._rebalance_counts()
+            return new
+
+    def remove_node(self, node_id: int) -> None:
+        """Drain ``node_id`` gracefully (its partitions first get replicas elsewhere), then stop it."""
+        with self._meta_lock:
+            if node_id not in self._actors:
+                raise ValueError(f"no node {node_id}; nodes are {self.node_ids}")
+            live = [n for n in self._actors if n not in self._dispatch.failed_nodes and n != node_id]
+            if not live:
+                raise ValueError("cannot remove the last live node")
+            meta = self._meta
+            if meta is not None:
+                for pid in meta.partitions_of(node_id):
+                    owners = self._meta.partitions[pid].owners
+                    cand = [m for m in live if m not in owners]
+                    if cand:
+                        self._move_partition(pid, node_id, min(cand, key=lambda m: (len(self._meta.partitions_of(m)), m)))
+                    else:  # every other live node already holds it: just forget this copy
+                        self._meta = self._meta.with_owners({pid: tuple(o for o in owners if o != node_id)})
+                        self._routing = RoutingTable(self._meta)
+            actor = self._actors.pop(node_id)
+            self._node_info.pop(node_id, None)
+            self._fault.health.pop(node_id, None)
+            ray.kill(actor)
+            log.info("distspatial: node %d drained and removed", node_id)
+
+    def _rebalance_counts(self) -> None:
+        """Move partitions from the nodes with the most replicas to those with the fewest until even."""
+        meta = self._meta
+        if meta is None:
             return
-        target = min(cand, key=lambda n: (len(meta.partitions_of(n)), n))
-        self._copy_partitions({pid: target})
-        new = self._meta
-        owners = tuple(o for o in new.partitions[pid].owners if o != node)
-        self._meta = new.with_owners({pid: owners})
-        self._routing = RoutingTable(self._meta)
-        self._actors[node].drop_partitions.remote([pid])
+        live = [n for n in sorted(self._actors) if n not in self._dispatch.failed_nodes]
+        while True:
+            meta = self._meta
+            count = {n: len(meta.partitions_of(n)) for n in live}
+            hi = max(live, key=lambda n: (count[n], -n))
+            lo = min(live, key=lambda n: (count[n], n))
+            if count[hi] - count[lo] <= 1:
+                return
+            movable = [p for p in meta.partitions_of(hi) if lo not in meta.partitions[p].owners]
+            if not movable:
+                return
+            self._move_partition(movable[-1], hi, lo)
 
     # -- checkpoints ----------------------------------------------------------------------------------------
     def checkpoint(self, path: str) -> str:
@@ -723,11 +802,11 @@ class DistributedSpatialCluster:
         cfg = self.config
         parts_m = man["partitions"]
         machine_of = {i: info.get("ray_node_id", "") or str(i) for i, info in self._node_info.items()}
-        owners = place_partitions(len(parts_m), self.node_ids, cfg.replication_factor, machine_of)
+        owners = place_partitions(len(parts_m), self.live_node_ids, cfg.replication_factor, machine_of)
         self._dataset_counter += 1
         dataset = self._dataset_counter
         loads = []
-        for node in self.node_ids:
+        for node in self.live_node_ids:
             files = [(p["id"], ck.join(ckpt_uri, p["file"]), p["raw_bytes"], p["sha256"])
                      for p in parts_m if node in owners[p["id"]]]
             loads.append(self._actors[node].load_partition_files.remote(dataset, files))

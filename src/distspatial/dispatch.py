@@ -17,9 +17,9 @@ from typing import Any
 
 import numpy as np
 import ray
-from ray.exceptions import GetTimeoutError, ObjectLostError, RayActorError
+from ray.exceptions import GetTimeoutError, ObjectLostError, RayActorError, RayTaskError
 
-from .errors import NodeFailureError, PartitionLostError
+from .errors import NodeFailureError, PartitionLostError, PartitionMovedError
 from .routing import RoutingTable
 from .stats import CommunicationCounters
 
@@ -96,8 +96,13 @@ class Dispatcher:
             )
         return by_node
 
-    def run(self, partitions: list[int], routing: RoutingTable, build: BuildCall) -> list[tuple[Any, Any]]:
-        """Run one round over ``partitions``; returns ``[(context, result), ...]`` covering each partition once."""
+    def run(
+        self, partitions: list[int], routing: RoutingTable, build: BuildCall, current: Callable[[], RoutingTable] | None = None
+    ) -> list[tuple[Any, Any]]:
+        """Run one round over ``partitions``; returns ``[(context, result), ...]`` covering each partition once.
+
+        ``current()`` gives the newest routing table, used to re-plan partitions that moved while the round ran.
+        """
         exclude = set(self.failed_nodes)
         pending = self.assign(sorted(set(int(p) for p in partitions)), routing, exclude)
         results: list[tuple[Any, Any]] = []
@@ -112,6 +117,7 @@ class Dispatcher:
             ready, _ = ray.wait(refs, num_returns=len(refs), timeout=self.timeout_s)
             ready_set = set(ready)
             retry: list[int] = []
+            moved = False
             for ref, node, pids, ctx in calls:
                 if ref not in ready_set:
                     self.mark_failed(node, f"no answer within {self.timeout_s:.1f} s")
@@ -125,6 +131,12 @@ class Dispatcher:
                     exclude.add(node)
                     retry.extend(pids)
                     continue
+                except RayTaskError as exc:
+                    if not isinstance(getattr(exc, "cause", None), PartitionMovedError):
+                        raise
+                    moved = True  # planned on an older metadata version: re-plan with the current one
+                    retry.extend(pids)
+                    continue
                 self.comm.received(node, payload_bytes(res))
                 results.append((ctx, res))
             if retry:
@@ -134,6 +146,8 @@ class Dispatcher:
                         f"partitions {sorted(retry)} failed on {attempt} nodes in a row "
                         f"(max_retries={self.max_retries}); failed nodes: {sorted(exclude)}"
                     )
+                if moved and current is not None:
+                    routing = current()
                 pending = self.assign(sorted(retry), routing, exclude)
             else:
                 pending = {}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["DistSpatialError", "NotDistributedError", "NodeFailureError", "PartitionLostError"]
+__all__ = ["DistSpatialError", "NotDistributedError", "NodeFailureError", "PartitionLostError", "PartitionMovedError"]
 
 
 class DistSpatialError(Exception):
@@ -23,3 +23,8 @@ class PartitionLostError(NodeFailureError):
     def __init__(self, message: str, partitions: list[int]) -> None:
         super().__init__(message)
         self.partitions = list(partitions)
+
+
+class PartitionMovedError(DistSpatialError, KeyError):
+    """A node was asked for a partition it no longer holds (it moved after the call was planned); the
+    dispatcher re-plans such calls with the current routing."""

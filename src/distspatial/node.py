@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from .errors import PartitionMovedError
 from .kmeans_compiled import new_lloyd_state
 from .kmeans_kernels import squared_distances_min
 from .local_index import LocalPartition
@@ -156,7 +157,7 @@ class SpatialNode:
         try:
             return self.partitions[pid]
         except KeyError:
-            raise KeyError(f"node {self.node_id} does not hold partition {pid}") from None
+            raise PartitionMovedError(f"node {self.node_id} does not hold partition {pid}") from None
 
     # -- queries --------------------------------------------------------------------------------------------
     def knn(

@@ -1,0 +1,56 @@
+"""Elastic scaling on a real local Ray runtime: nodes added and removed while queries run."""
+
+import threading
+
+import numpy as np
+import pytest
+
+from distspatial import DistributedSpatialCluster, NodeConfig
+from distspatial.datasets import skewed_points
+
+from .conftest import brute_knn
+
+
+def test_add_and_remove_nodes_under_query_load(ray_local):
+    pts = skewed_points(30_000, 2, seed=51)
+    q = skewed_points(2_000, 2, seed=51, sample_seed=6)
+    ref = brute_knn(pts, q[:200], 5)
+    cfg = NodeConfig().with_node_count(2).with_fault_tolerance(True).replace(cpus_per_node=0.2)
+    with DistributedSpatialCluster(cfg) as c:
+        c.distribute_data(pts)
+        stop = threading.Event()
+        errors, answers = [], []
+
+        def load():
+            while not stop.is_set():
+                try:
+                    d, _ = c.distributed_knn_search(q, 5)
+                    answers.append(np.allclose(d[:200], ref, rtol=0, atol=1e-12))
+                except Exception as exc:  # any failed call fails the test
+                    errors.append(exc)
+
+        t = threading.Thread(target=load)
+        t.start()
+        try:
+            new = c.add_nodes(2)
+            assert new == [2, 3]
+            counts = [len(c.metadata.partitions_of(n)) for n in c.live_node_ids]
+            assert max(counts) - min(counts) <= 1, counts
+            assert all(counts[n] > 0 for n in (2, 3)), "the new nodes got partitions"
+            c.remove_node(0)
+            assert 0 not in c.live_node_ids
+        finally:
+            stop.set()
+            t.join(timeout=60)
+        assert not errors, errors
+        assert answers and all(answers), "every answer during scaling was exact"
+        meta = c.metadata
+        assert all(len(set(p.owners)) == 2 and 0 not in p.owners for p in meta.partitions)
+        d, i = c.distributed_knn_search(q[:200], 5)
+        np.testing.assert_allclose(d, ref, rtol=0, atol=1e-12)
+        everything = c.range_search(np.full(2, 0.5), 2.0)
+        assert np.array_equal(everything, np.arange(len(pts))), "no point lost or duplicated"
+        with pytest.raises(ValueError, match="no node 0"):
+            c.remove_node(0)
+        with pytest.raises(ValueError, match="n must be an int >= 1"):
+            c.add_nodes(0)
