@@ -2,6 +2,7 @@
 lost on every replica coming back from the latest checkpoint."""
 
 import os
+import time
 
 import numpy as np
 import pytest
@@ -83,7 +84,37 @@ def test_partition_lost_on_every_replica_comes_back_from_checkpoint(ray_local, t
         assert_knn_exact(pts, q, dist, ids, 5)
         assert all(1 not in c.metadata.partitions[p].owners for p in lost)
     with DistributedSpatialCluster(_cfg(3, max_retries=1)) as c:  # the same without a checkpoint
-        c.distribute_data(pts)
+        meta = c.distribute_data(pts)
+        lost = meta.partitions_of(1)
+        lost_ids = np.concatenate([ray.get(c._actors[1].export_partition.options(num_returns=2).remote(p)[1])
+                                   for p in lost])
         ray.kill(c._actors[1])
-        with pytest.raises(PartitionLostError):
+        with pytest.raises(PartitionLostError) as err:
             c.distributed_knn_search(q, 5)
+        assert sorted(err.value.partitions) == sorted(lost)
+        # a partial answer only when asked for, flagged, and exact over the points still there
+        (dist, ids), status = c.distributed_knn_search(q, 5, allow_partial=True)
+        assert status.partial and list(status.missing_partitions) == sorted(lost)
+        keep = np.setdiff1d(np.arange(len(pts)), lost_ids)
+        assert_knn_exact(pts[keep], q, dist, np.searchsorted(keep, ids), 5)
+        hits, status = c.range_search(q[0], 0.2, allow_partial=True)
+        assert status.partial
+        want = keep[((pts[keep] - q[0]) ** 2).sum(1) <= 0.04]
+        np.testing.assert_array_equal(hits, want)
+        with pytest.raises(PartitionLostError):
+            c.box_search(np.zeros(2), np.ones(2))
+
+
+def test_periodic_checkpoints(ray_local, tmp_path):
+    pts = skewed_points(5_000, 2, seed=44)
+    root = str(tmp_path / "periodic")
+    cfg = _cfg(2).with_periodic_checkpoints(root, 0.3)
+    with DistributedSpatialCluster(cfg) as c:
+        c.distribute_data(pts)
+        deadline = time.monotonic() + 20
+        while not os.path.exists(os.path.join(root, "LATEST")) and time.monotonic() < deadline:
+            time.sleep(0.1)
+    with DistributedSpatialCluster.restore(root, _cfg(1)) as r:
+        assert r.n_points == len(pts)
+    with pytest.raises(ValueError, match="go together"):
+        NodeConfig(checkpoint_path=root)

@@ -179,13 +179,16 @@ def test_statistics_and_replicas(ray_local):
         q = skewed_points(500, 2, seed=9, sample_seed=1)
         dist, ids = c.distributed_knn_search(q, 5)
         assert_knn_exact(pts, q, dist, ids, 5)
+        (d2, i2), status = c.distributed_knn_search(q, 5, allow_partial=True)
+        assert not status.partial and status.missing_partitions == ()
+        np.testing.assert_array_equal(i2, ids)
         st = c.statistics()
         assert len(st.nodes) == 3 and all(n.status == "alive" for n in st.nodes)
         assert sum(n.points for n in st.nodes) == 2 * len(pts), "each point is held by two replicas"
-        assert st.n_points == len(pts) and st.queries == 500
+        assert st.n_points == len(pts) and st.queries == 1000
         assert st.messages_sent >= 3 and st.bytes_sent > 0 and st.bytes_received > 0
         assert st.latency_p99_s >= st.latency_p50_s > 0
         assert 1.0 <= st.load_balance_score < 1.5
         assert "points" in str(st)
         # every partition is read from exactly one replica: no point is counted twice
-        assert sum(n.queries_served for n in st.nodes) >= 500
+        assert sum(n.queries_served for n in st.nodes) >= 1000

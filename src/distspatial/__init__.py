@@ -12,7 +12,7 @@ from .errors import DistSpatialError, NodeFailureError, NotDistributedError, Par
 from .kmeans import KMeansResult
 from .metadata import GlobalIndexMetadata, PartitionInfo
 from .routing import RoutingTable
-from .stats import ClusterStatistics, NodeStatistics
+from .stats import ClusterStatistics, NodeStatistics, QueryStatus
 
 __version__ = "0.1.0"
 
@@ -25,6 +25,7 @@ __all__ = [
     "RoutingTable",
     "ClusterStatistics",
     "NodeStatistics",
+    "QueryStatus",
     "DistSpatialError",
     "NotDistributedError",
     "NodeFailureError",

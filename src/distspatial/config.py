@@ -58,6 +58,9 @@ class NodeConfig:
         num_cpus: CPUs of the embedded runtime; ``None`` = all of the machine's. Ignored with ``address``.
         object_store_memory: bytes of the embedded runtime's object store; ``None`` lets Ray choose.
         seed: default seed for randomized algorithms when a call passes none.
+        checkpoint_path: where periodic checkpoints go (a directory or pyarrow URI); needs
+            ``checkpoint_interval_s``.
+        checkpoint_interval_s: seconds between periodic checkpoints (taken only when the data changed).
     """
 
     node_count: int = 4
@@ -76,6 +79,8 @@ class NodeConfig:
     num_cpus: int | None = None
     object_store_memory: int | None = None
     seed: int | None = None
+    checkpoint_path: str | None = None
+    checkpoint_interval_s: float | None = None
 
     def __post_init__(self) -> None:
         _check_int("node_count", self.node_count, 1, 4096)
@@ -104,6 +109,15 @@ class NodeConfig:
             _check_int("object_store_memory", self.object_store_memory, 75 * 1024 * 1024)
         if self.seed is not None:
             _check_int("seed", self.seed, 0)
+        if (self.checkpoint_path is None) != (self.checkpoint_interval_s is None):
+            raise ValueError("NodeConfig.checkpoint_path and NodeConfig.checkpoint_interval_s go together: set both "
+                             "for periodic checkpoints, or neither")
+        if self.checkpoint_interval_s is not None:
+            _check_positive_number("checkpoint_interval_s", self.checkpoint_interval_s)
+
+    def with_periodic_checkpoints(self, path: str, interval_s: float) -> NodeConfig:
+        """Checkpoint to ``path`` every ``interval_s`` seconds whenever the data changed."""
+        return self.replace(checkpoint_path=path, checkpoint_interval_s=interval_s)
 
     # -- builders -------------------------------------------------------------------------------------------
     def replace(self, **changes: Any) -> NodeConfig:

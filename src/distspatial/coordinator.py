@@ -39,7 +39,7 @@ from .placement import place_partitions
 from .planner import Assignment, ball_pairs, box_pairs, knn_followups, knn_home
 from .routing import RoutingTable
 from .runtime import cluster_cpus, connect, disconnect
-from .stats import ClusterStatistics, CommunicationCounters, LatencyRecorder, NodeStatistics, Timer
+from .stats import ClusterStatistics, CommunicationCounters, LatencyRecorder, NodeStatistics, QueryStatus, Timer
 from .validation import check_ids, check_k, check_points, check_queries, check_radius
 
 log = logging.getLogger(__name__)
@@ -111,6 +111,9 @@ class DistributedSpatialCluster:
         )
         if self.config.fault_tolerance:
             self._fault.start()
+        self._stop_periodic = threading.Event()
+        if self.config.checkpoint_interval_s is not None:
+            threading.Thread(target=self._periodic_checkpoints, name="distspatial-checkpoint", daemon=True).start()
 
     # -- life cycle -----------------------------------------------------------------------------------------
     def _start_nodes(self) -> tuple[dict[int, Any], dict[int, dict]]:
@@ -147,6 +150,8 @@ class DistributedSpatialCluster:
         self._closed = True
         if getattr(self, "_fault", None) is not None:
             self._fault.stop()
+        if getattr(self, "_stop_periodic", None) is not None:
+            self._stop_periodic.set()
         for a in getattr(self, "_actors", {}).values():
             try:
                 ray.kill(a)
@@ -278,7 +283,9 @@ class DistributedSpatialCluster:
         return self._id_rows[np.searchsorted(self._id_sorted, ids)]
 
     # -- queries --------------------------------------------------------------------------------------------
-    def _run_assignment(self, assign: Assignment, method: str, row_args, **options: Any) -> list[tuple[Any, Any]]:
+    def _run_assignment(
+        self, assign: Assignment, method: str, row_args, missing: list[int] | None = None, **options: Any
+    ) -> list[tuple[Any, Any]]:
         """Run node ``method`` on the rows of ``assign``; each node gets one message for all its partitions.
 
         ``row_args(rows)`` gives the per-row arrays for those rows; the node is called as
@@ -295,9 +302,9 @@ class DistributedSpatialCluster:
             ref = getattr(self._actors[node], method).remote(*args, segments, **options)
             return ref, rows, payload_bytes(args)
 
-        return self._run_partitions(list(groups), build)
+        return self._run_partitions(list(groups), build, missing)
 
-    def distributed_knn_search(self, query: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def distributed_knn_search(self, query: Any, k: int, allow_partial: bool = False) -> tuple:
         """Exact k nearest neighbours of one point or a batch.
 
         Args:
@@ -307,17 +314,26 @@ class DistributedSpatialCluster:
         Returns ``(distances, ids)``: shape ``(k,)`` each for one point, ``(m, k)`` for a batch, sorted by
         distance (Euclidean), ids as given to ``distribute_data``.
 
+        When every replica of some partitions is lost (and no checkpoint has them), the call raises
+        :class:`PartitionLostError`; with ``allow_partial=True`` it answers from the partitions still there and
+        returns ``((distances, ids), QueryStatus)``, whose ``partial`` and ``missing_partitions`` say so
+        (slots beyond the points found hold ``inf`` / ``-1``).
+
         >>> dist, ids = cluster.distributed_knn_search(np.array([0.5, 0.5]), 10)  # doctest: +SKIP
         """
         meta = self._require_data()
         q, single = check_queries(query, meta.dim)
         k = check_k(k, meta.n_points)
+        missing: list[int] | None = [] if allow_partial else None
         with Timer() as t:
-            dist, ids = self._knn(q, k, meta)
+            dist, ids = self._knn(q, k, meta, missing)
         self.latency.record(t.seconds, len(q))
-        return (dist[0], ids[0]) if single else (dist, ids)
+        out = (dist[0], ids[0]) if single else (dist, ids)
+        return (out, QueryStatus.of(missing)) if allow_partial else out
 
-    def _knn(self, q: np.ndarray, k: int, meta: GlobalIndexMetadata) -> tuple[np.ndarray, np.ndarray]:
+    def _knn(
+        self, q: np.ndarray, k: int, meta: GlobalIndexMetadata, missing: list[int] | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         routing = self._routing
         m = len(q)
         keys = curve_keys(q, meta.lo, meta.hi, meta.curve, meta.bits)
@@ -328,7 +344,11 @@ class DistributedSpatialCluster:
         ids = np.empty((m, k), dtype=np.int64)
 
         # round 1: the k best in the home partition
-        for rows, (d_, i_) in self._run_assignment(home, "knn", lambda rows: (np.take(qs, rows, axis=0), None), k=k):
+        dist.fill(np.inf)  # rows whose home partition is lost (partial answers) keep these
+        ids.fill(-1)
+        for rows, (d_, i_) in self._run_assignment(
+            home, "knn", lambda rows: (np.take(qs, rows, axis=0), None), missing, k=k
+        ):
             dist[rows], ids[rows] = d_, i_
 
         kth = dist[:, k - 1]
@@ -337,7 +357,9 @@ class DistributedSpatialCluster:
             home_part[home.rows[a:b]] = p
         follow = knn_followups(qs, kth, home_part, routing)
         if follow.n_pairs:  # round 2: only candidates within the k-th distance
-            results = self._run_assignment(follow, "knn", lambda rows: (np.take(qs, rows, axis=0), kth[rows]), k=k)
+            results = self._run_assignment(
+                follow, "knn", lambda rows: (np.take(qs, rows, axis=0), kth[rows]), missing, k=k
+            )
             # Merge node by node; a node's rows may repeat a query (two partitions), so merge per segment.
             for rows, (d_, i_) in results:
                 self._merge_rows(dist, ids, rows, d_, i_, k)
@@ -360,28 +382,34 @@ class DistributedSpatialCluster:
             pending = np.setdiff1d(pending, take, assume_unique=True)
 
     def range_search(
-        self, center: Any, radius: Any, return_points: bool = False
+        self, center: Any, radius: Any, return_points: bool = False, allow_partial: bool = False
     ) -> np.ndarray | list[np.ndarray] | tuple:
         """Ids of all points within ``radius`` of ``center`` (inclusive), sorted by id.
 
         One centre ``(d,)`` gives an array; a batch ``(m, d)`` (radius scalar or ``(m,)``) gives a list of arrays.
-        With ``return_points=True`` each result is ``(ids, points)``.
+        With ``return_points=True`` each result is ``(ids, points)``. ``allow_partial`` as in
+        :meth:`distributed_knn_search`.
         """
         meta = self._require_data()
+        missing: list[int] | None = [] if allow_partial else None
         c, single = check_queries(center, meta.dim, "center")
         r = check_radius(radius, len(c))
         with Timer() as t:
             assign = ball_pairs(c, r, self._routing)
-            out = self._collect_hits(assign, "ball", lambda rows: (c[rows], r[rows]), meta.dim, return_points)
+            out = self._collect_hits(assign, "ball", lambda rows: (c[rows], r[rows]), meta.dim, return_points, missing)
         self.latency.record(t.seconds, len(c))
-        return out[0] if single else out
+        out = out[0] if single else out
+        return (out, QueryStatus.of(missing)) if allow_partial else out
 
-    def box_search(self, lo: Any, hi: Any, return_points: bool = False) -> np.ndarray | list[np.ndarray] | tuple:
+    def box_search(
+        self, lo: Any, hi: Any, return_points: bool = False, allow_partial: bool = False
+    ) -> np.ndarray | list[np.ndarray] | tuple:
         """Ids of all points with ``lo <= p <= hi`` in every dimension, sorted by id.
 
         One box (``lo``, ``hi`` of shape ``(d,)``) gives an array; a batch ``(m, d)`` gives a list of arrays.
         """
         meta = self._require_data()
+        missing: list[int] | None = [] if allow_partial else None
         lo_a, single = check_queries(lo, meta.dim, "lo")
         hi_a, _ = check_queries(hi, meta.dim, "hi")
         if lo_a.shape != hi_a.shape:
@@ -391,15 +419,22 @@ class DistributedSpatialCluster:
             raise ValueError(f"box {int(bad[0])} has lo > hi in some dimension; each box needs lo <= hi")
         with Timer() as t:
             assign = box_pairs(lo_a, hi_a, self._routing)
-            out = self._collect_hits(assign, "box", lambda rows: (lo_a[rows], hi_a[rows]), meta.dim, return_points)
+            out = self._collect_hits(
+                assign, "box", lambda rows: (lo_a[rows], hi_a[rows]), meta.dim, return_points, missing
+            )
         self.latency.record(t.seconds, len(lo_a))
-        return out[0] if single else out
+        out = out[0] if single else out
+        return (out, QueryStatus.of(missing)) if allow_partial else out
 
-    def _collect_hits(self, assign: Assignment, method: str, row_args, d: int, return_points: bool) -> list:
+    def _collect_hits(
+        self, assign: Assignment, method: str, row_args, d: int, return_points: bool, missing: list[int] | None = None
+    ) -> list:
         """Run a hit-list query (``ball``/``box``) and split the hits per query, sorted by id."""
         m = assign.n_queries
         q_parts, id_parts, pt_parts = [], [], []
-        for rows, (counts, ids, pts) in self._run_assignment(assign, method, row_args, return_points=return_points):
+        for rows, (counts, ids, pts) in self._run_assignment(
+            assign, method, row_args, missing, return_points=return_points
+        ):
             q_parts.append(np.repeat(rows, counts))
             id_parts.append(ids)
             if return_points:
@@ -458,9 +493,10 @@ class DistributedSpatialCluster:
 
         return self._run_partitions(pids, build)
 
-    def _run_partitions(self, pids: list[int], build) -> list[tuple[Any, Any]]:
+    def _run_partitions(self, pids: list[int], build, missing: list[int] | None = None) -> list[tuple[Any, Any]]:
         """One dispatcher round; partitions lost on every replica are first reloaded from the latest checkpoint
-        of this data set when there is one (else :class:`PartitionLostError` names them)."""
+        of this data set when there is one; else they are skipped and recorded in ``missing`` when it is a list
+        (a partial answer the caller asked for), else :class:`PartitionLostError` names them."""
         def current() -> RoutingTable:
             return self._routing
 
@@ -468,10 +504,11 @@ class DistributedSpatialCluster:
             return self._dispatch.run(pids, self._routing, build, current)
         except PartitionLostError:
             ckp = self._checkpoint
-            if ckp is None or self._meta is None or ckp[0] != self._meta.dataset_id:
+            if ckp is not None and self._meta is not None and ckp[0] == self._meta.dataset_id:
+                self.restore_redundancy()
+            elif missing is None:
                 raise
-            self.restore_redundancy()
-            return self._dispatch.run(pids, self._routing, build, current)
+            return self._dispatch.run(pids, self._routing, build, current, missing)
 
     def _next_run_id(self) -> int:
         self._run_counter += 1
@@ -776,6 +813,18 @@ class DistributedSpatialCluster:
         self._checkpoint = (meta.dataset_id, ckpt_uri, manifest)
         log.info("distspatial: checkpoint of %d partitions written to %s", meta.n_partitions, ckpt_uri)
         return ckpt_uri
+
+    def _periodic_checkpoints(self) -> None:
+        done = None  # (data set, point count) at the last checkpoint taken here: a proxy for "data changed"
+        while not self._stop_periodic.wait(self.config.checkpoint_interval_s):
+            meta = self._meta
+            if meta is None or done == (meta.dataset_id, meta.n_points):
+                continue
+            try:
+                self.checkpoint(self.config.checkpoint_path)
+                done = (meta.dataset_id, meta.n_points)
+            except Exception:
+                log.exception("distspatial: periodic checkpoint failed")
 
     @classmethod
     def restore(cls, path: str, config: NodeConfig | None = None) -> DistributedSpatialCluster:

@@ -77,8 +77,14 @@ class Dispatcher:
                 self.failed_nodes.add(node)
                 self.failures.append((time.time(), node, reason))
 
-    def assign(self, partitions: list[int], routing: RoutingTable, exclude: set[int]) -> dict[int, list[int]]:
-        """``{node: [partition, ...]}`` choosing one live replica per partition."""
+    def assign(
+        self, partitions: list[int], routing: RoutingTable, exclude: set[int], missing: list[int] | None = None
+    ) -> dict[int, list[int]]:
+        """``{node: [partition, ...]}`` choosing one live replica per partition.
+
+        Partitions without a live replica raise :class:`PartitionLostError`, or, when ``missing`` is a list, are
+        appended to it and skipped (the caller asked for a partial answer).
+        """
         by_node: dict[int, list[int]] = {}
         lost = []
         for pid in partitions:
@@ -88,7 +94,9 @@ class Dispatcher:
                 lost.append(pid)
                 continue
             by_node.setdefault(node, []).append(pid)
-        if lost:
+        if lost and missing is not None:
+            missing.extend(lost)
+        elif lost:
             raise PartitionLostError(
                 f"every replica of partitions {sorted(lost)} is unavailable (failed nodes: "
                 f"{sorted(exclude)}); restore from a checkpoint or distribute the data again",
@@ -97,14 +105,20 @@ class Dispatcher:
         return by_node
 
     def run(
-        self, partitions: list[int], routing: RoutingTable, build: BuildCall, current: Callable[[], RoutingTable] | None = None
+        self,
+        partitions: list[int],
+        routing: RoutingTable,
+        build: BuildCall,
+        current: Callable[[], RoutingTable] | None = None,
+        missing: list[int] | None = None,
     ) -> list[tuple[Any, Any]]:
         """Run one round over ``partitions``; returns ``[(context, result), ...]`` covering each partition once.
 
         ``current()`` gives the newest routing table, used to re-plan partitions that moved while the round ran.
+        With ``missing`` (a list), partitions that have no live replica are skipped and recorded there.
         """
         exclude = set(self.failed_nodes)
-        pending = self.assign(sorted(set(int(p) for p in partitions)), routing, exclude)
+        pending = self.assign(sorted(set(int(p) for p in partitions)), routing, exclude, missing)
         results: list[tuple[Any, Any]] = []
         attempt = 0
         while pending:
@@ -148,7 +162,7 @@ class Dispatcher:
                     )
                 if moved and current is not None:
                     routing = current()
-                pending = self.assign(sorted(retry), routing, exclude)
+                pending = self.assign(sorted(retry), routing, exclude, missing)
             else:
                 pending = {}
         return results

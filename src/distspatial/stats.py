@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["CommunicationCounters", "LatencyRecorder", "NodeStatistics", "ClusterStatistics"]
+__all__ = ["CommunicationCounters", "LatencyRecorder", "NodeStatistics", "ClusterStatistics", "QueryStatus"]
 
 
 class CommunicationCounters:
@@ -81,6 +81,19 @@ class Timer:
 
     def __exit__(self, *exc: object) -> None:
         self.seconds = time.perf_counter() - self._t0
+
+
+@dataclass(frozen=True)
+class QueryStatus:
+    """How complete an answer is (returned with ``allow_partial=True``)."""
+
+    partial: bool
+    missing_partitions: tuple[int, ...] = ()
+
+    @classmethod
+    def of(cls, missing: list[int] | None) -> QueryStatus:
+        lost = tuple(sorted(set(missing or [])))
+        return cls(bool(lost), lost)
 
 
 @dataclass
