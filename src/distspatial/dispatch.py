@@ -97,10 +97,12 @@ class Dispatcher:
         if lost and missing is not None:
             missing.extend(lost)
         elif lost:
+            every = [p for p in range(routing.n_partitions) if all(o in exclude for o in routing.owners[p])]
             raise PartitionLostError(
-                f"every replica of partitions {sorted(lost)} is unavailable (failed nodes: "
-                f"{sorted(exclude)}); restore from a checkpoint or distribute the data again",
-                lost,
+                f"every replica of partitions {every} is unavailable (failed nodes: {sorted(exclude)}); this call "
+                f"needs {sorted(lost)}. Restore from a checkpoint, distribute the data again, or pass "
+                f"allow_partial=True for an answer from the other partitions",
+                every,
             )
         return by_node
 
