@@ -547,9 +547,9 @@ class DistributedSpatialCluster:
             for a in plan.actions:
                 if a.failure in (FailureType.NODE_UNRESPONSIVE, FailureType.NETWORK_PARTITION):
                     self._dispatch.mark_failed(a.node_id, a.failure.value)
-                    if a.node_id in self._fault.health:
-                        self._fault.health[a.node_id].status = (
-                            "isolated" if a.failure is FailureType.NETWORK_PARTITION else "failed")
+                    h = self._fault.health.get(a.node_id)
+                    if h is not None and h.status != "failed":
+                        h.status = "isolated" if a.failure is FailureType.NETWORK_PARTITION else "failed"
             if any(a.strategy is RecoveryStrategy.RESTART for a in plan.actions):
                 for _ in range(sum(a.strategy is RecoveryStrategy.RESTART for a in plan.actions)):
                     self._start_replacement()

@@ -154,16 +154,20 @@ class FaultDetector:
         actors = dict(cluster._actors)
         now = time.time()
         sent = {}
+        dead_machines = _dead_ray_nodes()
+        actions: list[RecoveryAction] = []
         for node, actor in actors.items():
             h = self.health.setdefault(node, NodeHealth(node, last_contact=now))
+            if h.status == "isolated" and cluster._node_info.get(node, {}).get("ray_node_id") in dead_machines:
+                # Ray now reports the machine we cut off as dead: a node death after all; start a replacement
+                h.status, h.failure = "failed", FailureType.NODE_UNRESPONSIVE
+                actions.append(RecoveryAction(RecoveryStrategy.RESTART, node, h.failure, "its Ray node is dead"))
             if h.status in ("failed", "isolated"):
                 continue
             sent[node] = (actor.ping.remote(), time.perf_counter())
         refs = [r for r, _ in sent.values()]
         ready, _ = ray.wait(refs, num_returns=len(refs), timeout=self.timeout_s) if refs else ([], [])
         ready = set(ready)
-        dead_machines = _dead_ray_nodes()
-        actions: list[RecoveryAction] = []
         meta = cluster._meta
         for node, (ref, t0) in sent.items():
             h = self.health[node]

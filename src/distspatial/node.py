@@ -69,18 +69,20 @@ class SpatialNode:
             mem_fraction = 1.0 - vm.available / vm.total
         except Exception:  # pragma: no cover - psutil is a dependency, but stay robust
             rss, mem_fraction = -1, 0.0
-        ray_node = os.environ.get("RAY_NODE_ID", "")
+        ray_node, ip = os.environ.get("RAY_NODE_ID", ""), ""
         try:  # only meaningful inside a Ray actor
             import ray
 
             if ray.is_initialized():
                 ray_node = ray.get_runtime_context().get_node_id()
+                ip = ray.util.get_node_ip_address()
         except Exception:
             pass
         return {
             "node_id": self.node_id,
             "pid": os.getpid(),
             "host": socket.gethostname(),
+            "ip": ip,
             "ray_node_id": ray_node,
             "partitions": sorted(self.partitions),
             "points": int(sum(p.size for p in self.partitions.values())),
