@@ -133,3 +133,31 @@ def test_all_replicas_lost_raises_naming_partitions(ray_cluster):
                 cluster.distributed_knn_search(pts[:100], 5)
         assert sorted(err.value.partitions) == lost
         assert str(lost[0]) in str(err.value)
+
+
+def test_auto_scale_follows_ray_nodes_joining(ray_cluster):
+    c, workers = ray_cluster
+    pts = skewed_points(20_000, 2, seed=33)
+    q = skewed_points(300, 2, seed=33, sample_seed=2)
+    cfg = NodeConfig().with_node_count(2).with_fault_tolerance(True).with_auto_scale(True).replace(
+        cpus_per_node=0.25, heartbeat_interval_ms=200, communication_timeout_ms=5_000)
+    with DistributedSpatialCluster(cfg) as cluster:
+        cluster.distribute_data(pts)
+        before = set(cluster.live_node_ids)
+        deadline = time.monotonic() + 30  # the 4 Ray nodes each get a node of ours
+        while len(cluster.live_node_ids) < 4 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert len(cluster.live_node_ids) == 4, cluster.live_node_ids
+        machines = {cluster._node_info[n]["ray_node_id"] for n in cluster.live_node_ids}
+        assert len(machines) == 4
+        new = c.add_node(num_cpus=1, object_store_memory=120 * MB)  # a machine joins later
+        deadline = time.monotonic() + 60
+        while new.node_id not in {cluster._node_info[n]["ray_node_id"] for n in cluster.live_node_ids}:
+            assert time.monotonic() < deadline, "no node started on the Ray node that joined"
+            time.sleep(0.2)
+        time.sleep(1.0)
+        counts = [len(cluster.metadata.partitions_of(n)) for n in cluster.live_node_ids]
+        assert max(counts) - min(counts) <= 1 and min(counts) > 0, counts
+        assert set(cluster.live_node_ids) > before
+        dist, ids = cluster.distributed_knn_search(q, 5)
+        assert_knn_exact(pts, q, dist, ids, 5)

@@ -61,6 +61,8 @@ class NodeConfig:
         checkpoint_path: where periodic checkpoints go (a directory or pyarrow URI); needs
             ``checkpoint_interval_s``.
         checkpoint_interval_s: seconds between periodic checkpoints (taken only when the data changed).
+        auto_scale: follow the Ray cluster: a Ray node that joins gets a new node (and partitions); one that
+            leaves is recovered from as a failure. Checked with every heartbeat.
     """
 
     node_count: int = 4
@@ -81,6 +83,7 @@ class NodeConfig:
     seed: int | None = None
     checkpoint_path: str | None = None
     checkpoint_interval_s: float | None = None
+    auto_scale: bool = False
 
     def __post_init__(self) -> None:
         _check_int("node_count", self.node_count, 1, 4096)
@@ -91,7 +94,7 @@ class NodeConfig:
         _check_positive_number("heartbeat_interval_ms", self.heartbeat_interval_ms)
         if self.curve not in CURVES:
             raise ValueError(f"NodeConfig.curve must be one of {CURVES}, got {self.curve!r}")
-        for flag in ("fault_tolerance", "load_balancing", "compression"):
+        for flag in ("fault_tolerance", "load_balancing", "compression", "auto_scale"):
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f"NodeConfig.{flag} must be a bool, got {getattr(self, flag)!r}")
         if self.address is not None and (not isinstance(self.address, str) or not self.address.strip()):
@@ -114,6 +117,10 @@ class NodeConfig:
                              "for periodic checkpoints, or neither")
         if self.checkpoint_interval_s is not None:
             _check_positive_number("checkpoint_interval_s", self.checkpoint_interval_s)
+
+    def with_auto_scale(self, enabled: bool = True) -> NodeConfig:
+        """Follow Ray nodes joining and leaving the Ray cluster (heartbeats are started for it)."""
+        return self.replace(auto_scale=enabled)
 
     def with_periodic_checkpoints(self, path: str, interval_s: float) -> NodeConfig:
         """Checkpoint to ``path`` every ``interval_s`` seconds whenever the data changed."""

@@ -52,11 +52,16 @@ def threads_for(cfg: NodeConfig, total_cpus: float) -> int:
     return cfg.threads_per_node or max(1, int(total_cpus // cfg.node_count))
 
 
-def _new_actor(node_id: int, cpus: float, threads: int) -> Any:
-    """Start one node actor (placed with Ray's SPREAD strategy)."""
+def _new_actor(node_id: int, cpus: float, threads: int, ray_node: str | None = None) -> Any:
+    """Start one node actor, placed with Ray's SPREAD strategy or pinned to the Ray node ``ray_node``."""
+    strategy: Any = "SPREAD"
+    if ray_node is not None:
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        strategy = NodeAffinitySchedulingStrategy(node_id=ray_node, soft=False)
     return (
         ray.remote(SpatialNode)
-        .options(num_cpus=cpus, scheduling_strategy="SPREAD", max_concurrency=1)
+        .options(num_cpus=cpus, scheduling_strategy=strategy, max_concurrency=1)
         .remote(node_id, threads)
     )
 
@@ -93,7 +98,8 @@ class DistributedSpatialCluster:
         self.comm = CommunicationCounters()
         self.latency = LatencyRecorder()
         self._run_counter = 0
-        self._checkpoint: tuple[int, str, dict] | None = None  # (dataset id, uri, manifest) of the latest checkpoint
+        self._checkpoint: tuple[int, str, dict] | None = None  # (data set id, uri, manifest) of the latest
+        self._autoscale_skip: set[str] = set()  # Ray nodes where a node of ours could not start
         try:
             self._actors, self._node_info = self._start_nodes()
         except BaseException:
@@ -109,7 +115,7 @@ class DistributedSpatialCluster:
             interval_s=self.config.heartbeat_interval_ms / 1000.0,
             timeout_s=min(self.config.communication_timeout_ms, 5 * self.config.heartbeat_interval_ms) / 1000.0,
         )
-        if self.config.fault_tolerance:
+        if self.config.fault_tolerance or self.config.auto_scale:
             self._fault.start()
         self._stop_periodic = threading.Event()
         if self.config.checkpoint_interval_s is not None:
@@ -560,14 +566,14 @@ class DistributedSpatialCluster:
                     self._migrate_one(a.node_id)
             self.restore_redundancy()
 
-    def _start_replacement(self) -> int | None:
-        """Start one more node actor if the runtime has room; returns its id."""
+    def _start_replacement(self, ray_node: str | None = None) -> int | None:
+        """Start one more node actor if the runtime has room (on Ray node ``ray_node`` if given); its id."""
         cpus = self._cpus_per_node
-        if float(ray.available_resources().get("CPU", 0.0)) + 1e-9 < cpus:
+        if ray_node is None and float(ray.available_resources().get("CPU", 0.0)) + 1e-9 < cpus:
             log.warning("distspatial: no room for a replacement node (%.2f CPUs needed)", cpus)
             return None
         node = max(self._actors) + 1
-        actor = _new_actor(node, cpus, self._threads)
+        actor = _new_actor(node, cpus, self._threads, ray_node)
         try:
             info = ray.get(actor.ping.remote(), timeout=max(30.0, self.config.communication_timeout_ms / 1000))
         except Exception as exc:
@@ -578,6 +584,26 @@ class DistributedSpatialCluster:
         self._node_info[node] = info
         log.warning("distspatial: started replacement node %d", node)
         return node
+
+    def follow_ray_cluster(self) -> list[int]:
+        """``auto_scale``: give every alive Ray node that hosts no live node of ours a new node, then rebalance.
+
+        Ray nodes that leave are handled as failures (their partitions are re-replicated). Returns new node ids.
+        """
+        with self._meta_lock:
+            alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) > 0}
+            hosted = {self._node_info.get(n, {}).get("ray_node_id") for n in self.live_node_ids}
+            new = []
+            for ray_node in sorted(alive - hosted - self._autoscale_skip):
+                node = self._start_replacement(ray_node)
+                if node is not None:
+                    new.append(node)
+                else:  # no room there: do not stall every heartbeat on it again
+                    self._autoscale_skip.add(ray_node)
+            if new:
+                log.warning("distspatial: Ray nodes joined; started nodes %s", new)
+                self._rebalance_counts()
+            return new
 
     def restore_redundancy(self) -> dict[int, int]:
         """Copy under-replicated partitions from a live replica onto other live nodes until each has

@@ -147,6 +147,8 @@ class FaultDetector:
             plan = self._check_locked()
             if plan and self.auto_recover:
                 self.cluster._recover(plan)
+            if self.cluster.config.auto_scale:
+                self.cluster.follow_ray_cluster()
             return plan
 
     def _check_locked(self) -> RecoveryPlan:
