@@ -54,3 +54,39 @@ def test_add_and_remove_nodes_under_query_load(ray_local):
             c.remove_node(0)
         with pytest.raises(ValueError, match="n must be an int >= 1"):
             c.add_nodes(0)
+
+
+def test_partial_failure_and_memory_pressure_are_repaired(ray_local):
+    import ray
+
+    from distspatial.fault import FailureType, RecoveryStrategy
+
+    pts = skewed_points(12_000, 2, seed=52)
+    q = skewed_points(300, 2, seed=52, sample_seed=3)
+    ref = brute_knn(pts, q, 4)
+    # heartbeats driven by hand (a long interval keeps the background thread out of the way)
+    cfg = NodeConfig().with_node_count(3).with_fault_tolerance(True).replace(
+        cpus_per_node=0.2, heartbeat_interval_ms=600_000)
+    with DistributedSpatialCluster(cfg) as c:
+        meta = c.distribute_data(pts)
+        pid = meta.partitions_of(1)[0]
+        ray.get(c._actors[1].drop_partitions.remote([pid]))  # node 1 silently loses a partition
+        plan = c._fault.check()
+        assert any(a.failure is FailureType.PARTIAL_FAILURE and a.strategy is RecoveryStrategy.REPLICATE
+                   and a.node_id == 1 and pid in a.partitions for a in plan.actions), plan
+        assert pid in ray.get(c._actors[1].ping.remote())["partitions"], "re-replicated onto node 1"
+        assert not c._fault.check(), "healthy again"
+        # memory pressure (threshold below the machine's real reading): each node migrates a partition away
+        c._fault.memory_threshold = 0.0
+        version = c.metadata.version
+        plan = c._fault.check()
+        assert {a.node_id for a in plan.actions if a.failure is FailureType.RESOURCE_EXHAUSTION
+                and a.strategy is RecoveryStrategy.MIGRATE} == {0, 1, 2}
+        assert c.metadata.version > version
+        c._fault.memory_threshold = 0.95
+        d, _ = c.distributed_knn_search(q, 4)
+        np.testing.assert_allclose(d, ref, rtol=0, atol=1e-12)
+        assert all(len(set(p.owners)) == 2 for p in c.metadata.partitions)
+        assert np.array_equal(c.range_search(np.full(2, 0.5), 2.0), np.arange(len(pts)))
+        h = c.health()
+        assert all(0.0 < n["health_score"] <= 1.0 for n in h["nodes"].values())

@@ -497,9 +497,12 @@ class DistributedSpatialCluster:
             ref = getattr(self._actors[node], method).remote(*args, part_ids)
             return ref, part_ids, payload_bytes(args)
 
-        return self._run_partitions(pids, build)
+        # algorithm steps keep per-partition state on the node: always the same replica (the first live owner)
+        return self._run_partitions(pids, build, balance=False)
 
-    def _run_partitions(self, pids: list[int], build, missing: list[int] | None = None) -> list[tuple[Any, Any]]:
+    def _run_partitions(
+        self, pids: list[int], build, missing: list[int] | None = None, balance: bool = True
+    ) -> list[tuple[Any, Any]]:
         """One dispatcher round; partitions lost on every replica are first reloaded from the latest checkpoint
         of this data set when there is one; else they are skipped and recorded in ``missing`` when it is a list
         (a partial answer the caller asked for), else :class:`PartitionLostError` names them."""
@@ -507,14 +510,14 @@ class DistributedSpatialCluster:
             return self._routing
 
         try:
-            return self._dispatch.run(pids, self._routing, build, current)
+            return self._dispatch.run(pids, self._routing, build, current, balance=balance)
         except PartitionLostError:
             ckp = self._checkpoint
             if ckp is not None and self._meta is not None and ckp[0] == self._meta.dataset_id:
                 self.restore_redundancy()
             elif missing is None:
                 raise
-            return self._dispatch.run(pids, self._routing, build, current, missing)
+            return self._dispatch.run(pids, self._routing, build, current, missing, balance)
 
     def _next_run_id(self) -> int:
         self._run_counter += 1

@@ -68,6 +68,7 @@ class Dispatcher:
         self.comm = comm
         self.failed_nodes: set[int] = set()
         self.failures: list[tuple[float, int, str]] = []
+        self.inflight: dict[int, int] = {}  # calls sent and not yet answered, per node (read balancing)
         self._lock = threading.Lock()
 
     def mark_failed(self, node: int, reason: str) -> None:
@@ -78,18 +79,28 @@ class Dispatcher:
                 self.failures.append((time.time(), node, reason))
 
     def assign(
-        self, partitions: list[int], routing: RoutingTable, exclude: set[int], missing: list[int] | None = None
+        self,
+        partitions: list[int],
+        routing: RoutingTable,
+        exclude: set[int],
+        missing: list[int] | None = None,
+        balance: bool = True,
     ) -> dict[int, list[int]]:
         """``{node: [partition, ...]}`` choosing one live replica per partition.
 
+        With ``balance``, each partition goes to the replica with the fewest calls in flight (counting the ones
+        this round already gave it), else always to its first live owner (stable, as k-means state needs).
         Partitions without a live replica raise :class:`PartitionLostError`, or, when ``missing`` is a list, are
         appended to it and skipped (the caller asked for a partial answer).
         """
         by_node: dict[int, list[int]] = {}
         lost = []
+        load = {n: float(c) for n, c in self.inflight.items()} if balance else None
         for pid in partitions:
             try:
-                node = routing.node_for(pid, exclude=exclude)
+                node = routing.node_for(pid, load=load, exclude=exclude)
+                if load is not None:
+                    load[node] = load.get(node, 0.0) + 1.0 / max(1, len(partitions))
             except LookupError:
                 lost.append(pid)
                 continue
@@ -113,6 +124,7 @@ class Dispatcher:
         build: BuildCall,
         current: Callable[[], RoutingTable] | None = None,
         missing: list[int] | None = None,
+        balance: bool = True,
     ) -> list[tuple[Any, Any]]:
         """Run one round over ``partitions``; returns ``[(context, result), ...]`` covering each partition once.
 
@@ -120,7 +132,7 @@ class Dispatcher:
         With ``missing`` (a list), partitions that have no live replica are skipped and recorded there.
         """
         exclude = set(self.failed_nodes)
-        pending = self.assign(sorted(set(int(p) for p in partitions)), routing, exclude, missing)
+        pending = self.assign(sorted(set(int(p) for p in partitions)), routing, exclude, missing, balance)
         results: list[tuple[Any, Any]] = []
         attempt = 0
         while pending:
@@ -128,10 +140,15 @@ class Dispatcher:
             for node, pids in pending.items():
                 ref, ctx, nbytes = build(node, pids)
                 self.comm.sent(node, nbytes)
+                with self._lock:
+                    self.inflight[node] = self.inflight.get(node, 0) + 1
                 calls.append((ref, node, pids, ctx))
             refs = [c[0] for c in calls]
             ready, _ = ray.wait(refs, num_returns=len(refs), timeout=self.timeout_s)
             ready_set = set(ready)
+            with self._lock:
+                for _, node, _, _ in calls:
+                    self.inflight[node] -= 1
             retry: list[int] = []
             moved = False
             for ref, node, pids, ctx in calls:
@@ -164,7 +181,7 @@ class Dispatcher:
                     )
                 if moved and current is not None:
                     routing = current()
-                pending = self.assign(sorted(retry), routing, exclude, missing)
+                pending = self.assign(sorted(retry), routing, exclude, missing, balance)
             else:
                 pending = {}
         return results

@@ -72,7 +72,8 @@ class RoutingTable:
         return np.flatnonzero(ok)
 
     def node_for(self, partition: int, load: dict[int, float] | None = None, exclude: set[int] | None = None) -> int:
-        """The replica node that serves a read of ``partition``: the least loaded live owner.
+        """The replica node that serves a read of ``partition``: the least loaded live owner, the primary
+        (first owner) on ties or when no load is given.
 
         Raises ``LookupError`` when every owner is excluded.
         """
@@ -81,4 +82,4 @@ class RoutingTable:
             raise LookupError(f"no live replica of partition {partition}")
         if load is None or len(owners) == 1:
             return owners[0]
-        return min(owners, key=lambda n: (load.get(n, 0.0), n))
+        return min(owners, key=lambda n: (load.get(n, 0.0), owners.index(n)))
