@@ -115,6 +115,8 @@ def test_node_killed_during_queries_and_kmeans(ray_cluster):
         assert any(a[0] == "Replicate" and a[1] == dead for r in h["recoveries"] for a in r["actions"])
         st = cluster.statistics()
         assert [n.status for n in st.nodes].count("failed") == 1
+        assert len(cluster.live_node_ids) == 4, "a replacement node was started (the Ray cluster had room)"
+        assert any(a[0] == "Restart" and a[1] == dead for r in h["recoveries"] for a in r["actions"])
 
 
 def test_all_replicas_lost_raises_naming_partitions(ray_cluster):
