@@ -192,3 +192,21 @@ def test_statistics_and_replicas(ray_local):
         assert "points" in str(st)
         # every partition is read from exactly one replica: no point is counted twice
         assert sum(n.queries_served for n in st.nodes) >= 1000
+
+
+def test_compressed_transfers_stay_exact(ray_local):
+    pts = skewed_points(200_000, 2, seed=12)
+    q = skewed_points(300, 2, seed=12, sample_seed=1)
+    cfg = NodeConfig().with_node_count(2).with_compression(True).with_fault_tolerance(True).replace(
+        cpus_per_node=0.2)
+    with DistributedSpatialCluster(cfg) as c:
+        c.distribute_data(pts)
+        st = c.statistics()
+        assert st.compression_ratio > 1.1, st.compression_ratio
+        assert st.raw_bytes_sent >= 2 * pts.nbytes  # two replicas of every point, counted before compression
+        dist, ids = c.distributed_knn_search(q, 8)
+        assert_knn_exact(pts, q, dist, ids, 8)
+        c.add_nodes(1)  # partitions copied node to node, compressed
+        dist, ids = c.distributed_knn_search(q, 8)
+        assert_knn_exact(pts, q, dist, ids, 8)
+        assert len(c.metadata.partitions_of(2)) > 0

@@ -26,6 +26,7 @@ import numpy as np
 import ray
 
 from . import kmeans as _kmeans
+from .compression import encode, wire_and_raw
 from .config import NodeConfig
 from .curves import curve_keys
 from .dispatch import Dispatcher, payload_bytes
@@ -240,14 +241,17 @@ class DistributedSpatialCluster:
             self._dataset_counter += 1
             dataset = self._dataset_counter
             # One object per partition in Ray's object store; each owner node reads it from there.
-            refs = {}
+            refs, sizes = {}, {}
             for p in range(n_parts):
-                refs[p] = tuple(ray.put(arr) for arr in plan.part(p))
+                objs = [encode(a) if cfg.compression else a for a in plan.part(p)]
+                sizes[p] = np.sum([wire_and_raw(o) for o in objs], axis=0)
+                refs[p] = tuple(ray.put(o) for o in objs)
             loads = []
             for node in live:
                 pids = [p for p in range(n_parts) if node in owners[p]]
                 args = [r for p in pids for r in refs[p]]
-                self.comm.sent(node, sum(int(cuts[p + 1] - cuts[p]) * (d + 1) * 8 for p in pids))
+                wire, raw = np.sum([sizes[p] for p in pids], axis=0) if pids else (0, 0)
+                self.comm.sent(node, int(wire), int(raw))
                 loads.append(self._actors[node].load_partitions.remote(dataset, pids, *args))
             try:
                 ray.get(loads)
@@ -693,8 +697,9 @@ class DistributedSpatialCluster:
             src = next((o for o in meta.partitions[pid].owners if o not in failed and o != target), None)
             if src is None:
                 continue
-            pts_ref, ids_ref = self._actors[src].export_partition.options(num_returns=2).remote(pid)
-            self.comm.sent(target, meta.partitions[pid].nbytes)
+            pts_ref, ids_ref = self._actors[src].export_partition.options(num_returns=2).remote(
+                pid, self.config.compression)
+            self.comm.sent(target, meta.partitions[pid].nbytes)  # raw size: the wire size is known on the nodes
             loads.append((pid, target, self._actors[target].load_partitions.remote(meta.dataset_id, [pid], pts_ref, ids_ref)))
         for pid, target, ref in loads:
             try:

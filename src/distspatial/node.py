@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from .compression import encode, maybe_decode
 from .errors import PartitionMovedError
 from .kmeans_compiled import new_lloyd_state
 from .kmeans_kernels import squared_distances_min
@@ -113,14 +114,17 @@ class SpatialNode:
         if dataset_id != self.dataset_id:
             self.clear()
             self.dataset_id = dataset_id
-        for j, pid in enumerate(partition_ids):
-            self.partitions[int(pid)] = LocalPartition(arrays[2 * j], arrays[2 * j + 1])
+        for j, pid in enumerate(partition_ids):  # compressed transfers arrive as EncodedArray
+            self.partitions[int(pid)] = LocalPartition(maybe_decode(arrays[2 * j]), maybe_decode(arrays[2 * j + 1]))
         return self._account(t0, 0, arrays, [int(p) for p in partition_ids])
 
-    def export_partition(self, partition_id: int) -> tuple[np.ndarray, np.ndarray]:
+    def export_partition(self, partition_id: int, compress: bool = False) -> tuple[Any, Any]:
         """``(points, ids)`` of a partition, for copying it to another node (call with ``num_returns=2``: the
-        two results then travel node to node through Ray's object store, not through the driver)."""
+        two results then travel node to node through Ray's object store, not through the driver), compressed
+        with :func:`distspatial.compression.encode` when ``compress``."""
         part = self._part(partition_id)
+        if compress:
+            return encode(part.points), encode(part.ids)
         return part.points, part.ids
 
     def write_partitions(self, ckpt_uri: str, partition_ids: list[int]) -> list[tuple[int, str, int, int, str]]:

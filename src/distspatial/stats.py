@@ -21,11 +21,14 @@ class CommunicationCounters:
         self.bytes_sent: dict[int, int] = {}
         self.messages_received: dict[int, int] = {}
         self.bytes_received: dict[int, int] = {}
+        self.raw_bytes_sent: dict[int, int] = {}  # before compression (equal to bytes_sent when uncompressed)
 
-    def sent(self, node: int, nbytes: int) -> None:
+    def sent(self, node: int, nbytes: int, raw: int | None = None) -> None:
+        """Count one message of ``nbytes`` on the wire (``raw`` bytes before compression)."""
         with self._lock:
             self.messages_sent[node] = self.messages_sent.get(node, 0) + 1
             self.bytes_sent[node] = self.bytes_sent.get(node, 0) + int(nbytes)
+            self.raw_bytes_sent[node] = self.raw_bytes_sent.get(node, 0) + int(nbytes if raw is None else raw)
 
     def received(self, node: int, nbytes: int) -> None:
         with self._lock:
@@ -39,6 +42,7 @@ class CommunicationCounters:
                 "bytes_sent": sum(self.bytes_sent.values()),
                 "messages_received": sum(self.messages_received.values()),
                 "bytes_received": sum(self.bytes_received.values()),
+                "raw_bytes_sent": sum(self.raw_bytes_sent.values()),
             }
 
 
@@ -135,6 +139,12 @@ class ClusterStatistics:
     messages_received: int
     bytes_received: int
     extra: dict = field(default_factory=dict)
+    raw_bytes_sent: int = 0  # bytes sent before compression
+
+    @property
+    def compression_ratio(self) -> float:
+        """Raw / wire bytes of everything sent (1.0 without compression)."""
+        return self.raw_bytes_sent / self.bytes_sent if self.bytes_sent else 1.0
 
     def __str__(self) -> str:
         lines = [
@@ -144,7 +154,8 @@ class ClusterStatistics:
             f"p50 {self.latency_p50_s * 1e3:.2f} ms, p99 {self.latency_p99_s * 1e3:.2f} ms, "
             f"throughput {self.throughput_qps:,.0f} q/s",
             f"load balance (max/mean points): {self.load_balance_score:.3f}; messages sent {self.messages_sent:,} "
-            f"({self.bytes_sent / 1e6:.1f} MB), received {self.messages_received:,} ({self.bytes_received / 1e6:.1f} MB)",
+            f"({self.bytes_sent / 1e6:.1f} MB, compression {self.compression_ratio:.2f}x), received "
+            f"{self.messages_received:,} ({self.bytes_received / 1e6:.1f} MB)",
             f"{'node':>4} {'status':>7} {'parts':>5} {'points':>12} {'MB':>9} {'queries':>10} {'busy s':>8}  host",
         ]
         for n in self.nodes:
