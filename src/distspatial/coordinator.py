@@ -27,6 +27,7 @@ import ray
 
 from . import kmeans as _kmeans
 from .compression import encode, wire_and_raw
+from .balancing import LoadBalancer, LoadMetrics, RebalancePlan, Strategy
 from .config import NodeConfig
 from .curves import curve_keys
 from .dispatch import Dispatcher, payload_bytes
@@ -101,6 +102,10 @@ class DistributedSpatialCluster:
         self._run_counter = 0
         self._checkpoint: tuple[int, str, dict] | None = None  # (data set id, uri, manifest) of the latest
         self._autoscale_skip: set[str] = set()  # Ray nodes where a node of ours could not start
+        self._last_load: dict[int, tuple[float, dict]] = {}  # previous stats sample per node (for rates)
+        self._part_queries: dict[tuple[int, int], int] = {}  # (node, partition) -> queries served there
+        self.balance_threshold = 1.25  # max/mean load that triggers an automatic rebalance
+        self.node_capacity: dict[int, float] = {}  # capacity weights for ProportionalLoad (default 1.0)
         try:
             self._actors, self._node_info = self._start_nodes()
         except BaseException:
@@ -116,7 +121,7 @@ class DistributedSpatialCluster:
             interval_s=self.config.heartbeat_interval_ms / 1000.0,
             timeout_s=min(self.config.communication_timeout_ms, 5 * self.config.heartbeat_interval_ms) / 1000.0,
         )
-        if self.config.fault_tolerance or self.config.auto_scale:
+        if self.config.fault_tolerance or self.config.auto_scale or self.config.load_balancing:
             self._fault.start()
         self._stop_periodic = threading.Event()
         if self.config.checkpoint_interval_s is not None:
@@ -804,6 +809,62 @@ class DistributedSpatialCluster:
             if not movable:
                 return
             self._move_partition(movable[-1], hi, lo)
+
+    # -- load balancing -------------------------------------------------------------------------------------
+    def load_metrics(self) -> dict[int, LoadMetrics]:
+        """Measured load of every live node (rates since the previous call)."""
+        now = time.monotonic()
+        refs = {n: self._actors[n].stats.remote() for n in self.live_node_ids}
+        out, prev = {}, self._last_load
+        for n, ref in refs.items():
+            try:
+                s = ray.get(ref, timeout=self.config.communication_timeout_ms / 1000)
+            except Exception as exc:
+                self._dispatch.mark_failed(n, f"load metrics: {type(exc).__name__}")
+                continue
+            p = prev.get(n)
+            dt = now - p[0] if p else 0.0
+            rate_in = (s["bytes_in"] - p[1]["bytes_in"]) / dt if p and dt > 0 else 0.0
+            rate_out = (s["bytes_out"] - p[1]["bytes_out"]) / dt if p and dt > 0 else 0.0
+            out[n] = LoadMetrics(
+                node_id=n, cpu_percent=float(s.get("cpu_percent", 0.0)), memory_fraction=s["memory_fraction"],
+                rss_bytes=s["rss"], partitions=len(s["partitions"]), points=s["points"], operations=s["calls"],
+                queries=s["queries"], busy_seconds=s["busy_s"], bytes_in_per_s=rate_in, bytes_out_per_s=rate_out,
+                mean_call_ms=1e3 * s["busy_s"] / max(1, s["calls"]),
+            )
+            self._part_queries.update({(n, int(k)): v for k, v in s["part_queries"].items()})
+            self._last_load[n] = (now, s)
+        return out
+
+    def rebalance(
+        self, dry_run: bool = False, strategy: Strategy | str | None = None, threshold: float | None = None,
+        max_migrations: int | None = None,
+    ) -> RebalancePlan:
+        """Plan (and unless ``dry_run``, carry out) migrations that even out node load.
+
+        ``strategy``: ``"RoundRobin"``, ``"LeastLoaded"``, ``"ProportionalLoad"`` or ``"AdaptiveLoad"``
+        (default; data size and recent query load). Migrations run online: queries stay exact.
+
+        >>> print(cluster.rebalance(dry_run=True))  # doctest: +SKIP
+        RebalancePlan(AdaptiveLoad): imbalance 2.800 -> 1.000, 6 migrations, 48.0 MB
+        """
+        meta = self._require_data()
+        strat = Strategy(strategy) if isinstance(strategy, str) else (strategy or Strategy.ADAPTIVE_LOAD)
+        self.load_metrics()  # refresh per-partition query counts
+        part_q: dict[int, int] = {}
+        for (_, pid), v in self._part_queries.items():
+            part_q[pid] = part_q.get(pid, 0) + v
+        balancer = LoadBalancer(strat, threshold if threshold is not None else self.balance_threshold,
+                                self.node_capacity, max_migrations or 64)
+        with self._meta_lock:
+            plan = balancer.plan(meta, self.live_node_ids, part_q)
+            if not dry_run:
+                for m in plan.migrations:
+                    if m.source in self._meta.partitions[m.partition].owners:
+                        self._move_partition(m.partition, m.source, m.target)
+                if plan.migrations:
+                    log.info("distspatial: rebalanced: %s", str(plan).splitlines()[0])
+        return plan
 
     # -- checkpoints ----------------------------------------------------------------------------------------
     def checkpoint(self, path: str) -> str:

@@ -138,6 +138,9 @@ class FaultDetector:
         self.history: list[tuple[float, RecoveryPlan]] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._beats = 0
+        self.rebalance_every = 10  # heartbeats between automatic rebalance rounds (load balancing on)
+        self.max_migrations_per_round = 4
         self._lock = threading.Lock()
 
     # -- heartbeats -----------------------------------------------------------------------------------------
@@ -149,6 +152,11 @@ class FaultDetector:
                 self.cluster._recover(plan)
             if self.cluster.config.auto_scale:
                 self.cluster.follow_ray_cluster()
+            self._beats += 1
+            if self.cluster.config.load_balancing and self._beats % self.rebalance_every == 0:
+                # bounded rate: one small plan every `rebalance_every` heartbeats
+                if self.cluster._meta is not None:
+                    self.cluster.rebalance(max_migrations=self.max_migrations_per_round)
             return plan
 
     def _check_locked(self) -> RecoveryPlan:

@@ -42,6 +42,7 @@ class SpatialNode:
         self._kmeans: dict[tuple[int, int], Any] = {}
         self._mind2: dict[tuple[int, int], np.ndarray] = {}
         self.started = time.time()
+        self.part_queries: dict[int, int] = {}  # queries served per partition (for query-aware balancing)
         self.counters = {
             "calls": 0,
             "queries": 0,
@@ -95,10 +96,20 @@ class SpatialNode:
         }
 
     def stats(self) -> dict[str, Any]:
-        """Counters of work served since start."""
+        """Counters of work served since start, per-partition query counts, and the process's CPU use."""
         info = self.ping()
         info.update(self.counters)
+        info["part_queries"] = dict(self.part_queries)
+        try:
+            import psutil
+
+            info["cpu_percent"] = psutil.Process().cpu_percent(None)  # since the previous call
+        except Exception:  # pragma: no cover
+            info["cpu_percent"] = 0.0
         return info
+
+    def _count(self, pid: int, n: int) -> None:
+        self.part_queries[pid] = self.part_queries.get(pid, 0) + n
 
     # -- data placement -------------------------------------------------------------------------------------
     def load_partitions(self, dataset_id: int, partition_ids: list[int], *arrays: np.ndarray) -> list[int]:
@@ -181,6 +192,7 @@ class SpatialNode:
         for pid, a, b in segments:
             bnd = None if bounds is None else bounds[a:b]
             dist[a:b], ids[a:b] = self._part(pid).knn(queries[a:b], k, bnd, workers=self.threads)
+            self._count(pid, b - a)
         return self._account(t0, m, (queries,), (dist, ids))
 
     def ball(
@@ -198,6 +210,7 @@ class SpatialNode:
         for pid, a, b in segments:
             part = self._part(pid)
             hits = part.radius(centers[a:b], radii[a:b], workers=self.threads)
+            self._count(pid, b - a)
             counts[a:b] = [len(h) for h in hits]
             rows = np.concatenate(hits) if hits else np.empty(0, dtype=np.int64)
             id_chunks.append(part.ids[rows])
@@ -215,6 +228,7 @@ class SpatialNode:
         id_chunks, pt_chunks = [], []
         for pid, a, b in segments:
             part = self._part(pid)
+            self._count(pid, b - a)
             for i in range(a, b):  # one KD-tree call per box; batches of boxes are short
                 rows = part.box(lo[i], hi[i])
                 counts[i] = len(rows)

@@ -1,0 +1,120 @@
+"""Load balancing: plans on synthetic placements (no Ray), and online rebalancing on a real local runtime."""
+
+import threading
+
+import numpy as np
+import pytest
+
+from distspatial import DistributedSpatialCluster, NodeConfig
+from distspatial.balancing import LoadBalancer, Strategy
+from distspatial.datasets import skewed_points
+from distspatial.metadata import GlobalIndexMetadata, PartitionInfo
+
+from .conftest import brute_knn
+
+
+def _meta(owners, sizes=None):
+    sizes = sizes or [100] * len(owners)
+    parts = tuple(PartitionInfo(i, i, i, np.zeros(2), np.ones(2), s, s * 24, tuple(o))
+                  for i, (o, s) in enumerate(zip(owners, sizes)))
+    return GlobalIndexMetadata(2, np.zeros(2), np.ones(2), "hilbert", 32, parts)
+
+
+def test_least_loaded_plan_evens_points():
+    meta = _meta([(0,)] * 10 + [(1,), (2,)])  # node 0 holds 10 of 12 partitions
+    plan = LoadBalancer(Strategy.LEAST_LOADED, threshold=1.2).plan(meta, [0, 1, 2])
+    assert plan.imbalance_before == pytest.approx(2.5)
+    assert plan.imbalance_after <= 1.2 and plan.expected_improvement > 1.0
+    assert all(m.source == 0 for m in plan.migrations)
+    assert plan.migration_bytes == sum(m.nbytes for m in plan.migrations) > 0
+    assert "RebalancePlan(LeastLoaded)" in str(plan)
+
+
+def test_proportional_load_follows_capacity():
+    meta = _meta([(n,) for n in [0, 1, 2] * 6])
+    plan = LoadBalancer(Strategy.PROPORTIONAL_LOAD, threshold=1.05, capacity={0: 2.0}).plan(meta, [0, 1, 2])
+    after = {n: 0 for n in range(3)}
+    moved = {m.partition: m.target for m in plan.migrations}
+    for p in meta.partitions:
+        after[moved.get(p.partition_id, p.owners[0])] += 1
+    assert after[0] == 9 and after[1] + after[2] == 9  # twice the share of the others
+
+
+def test_adaptive_load_weighs_queries_and_round_robin_counts():
+    meta = _meta([(0,), (0,), (1,), (1,)])
+    hot = {0: 1000, 1: 1000, 2: 0, 3: 0}  # node 0's partitions get all the queries
+    plan = LoadBalancer(Strategy.ADAPTIVE_LOAD, threshold=1.1).plan(meta, [0, 1], hot)
+    assert plan.imbalance_before == pytest.approx(1.5)  # equal points, but node 0 gets every query
+    assert plan.migrations[0].partition in (0, 1) and plan.migrations[0].source == 0
+    assert plan.imbalance_after <= 1.1
+    assert LoadBalancer(Strategy.LEAST_LOADED, threshold=1.1).plan(meta, [0, 1], hot).migrations == []
+    assert LoadBalancer(Strategy.ROUND_ROBIN).plan(meta, [0, 1], hot).migrations == []
+    with pytest.raises(ValueError, match="threshold"):
+        LoadBalancer(threshold=0.5)
+
+
+def test_online_rebalance_of_a_hot_node_under_queries(ray_local):
+    pts = skewed_points(40_000, 2, seed=71)
+    q = skewed_points(1_000, 2, seed=71, sample_seed=2)
+    ref = brute_knn(pts, q[:150], 6)
+    cfg = NodeConfig().with_node_count(4).replace(cpus_per_node=0.2)
+    with DistributedSpatialCluster(cfg) as c:
+        meta = c.distribute_data(pts)
+        for p in meta.partitions:  # pile 70% of the partitions onto node 0
+            if p.owners[0] != 0 and p.partition_id % 10 < 7:
+                c._move_partition(p.partition_id, p.owners[0], 0)
+        pts_per_node = lambda: [sum(p.size for p in c.metadata.partitions if n in p.owners) for n in c.live_node_ids]
+        counts = pts_per_node()
+        assert max(counts) / np.mean(counts) > 2.0
+        version = c.metadata.version
+        plan = c.rebalance(dry_run=True, strategy="LeastLoaded")
+        assert plan.migrations and c.metadata.version == version, "a dry run changes nothing"
+        stop, errors, answers = threading.Event(), [], []
+
+        def load():
+            while not stop.is_set():
+                try:
+                    d, _ = c.distributed_knn_search(q, 6)
+                    answers.append(np.allclose(d[:150], ref, rtol=0, atol=1e-12))
+                except Exception as exc:
+                    errors.append(exc)
+
+        t = threading.Thread(target=load)
+        t.start()
+        try:
+            done = c.rebalance(strategy="LeastLoaded", threshold=1.15)
+        finally:
+            stop.set()
+            t.join(timeout=60)
+        assert not errors and answers and all(answers)
+        counts = pts_per_node()
+        assert max(counts) / np.mean(counts) <= 1.15 + 1e-9, counts
+        assert done.imbalance_after <= 1.15 + 1e-9
+        assert np.array_equal(c.range_search(np.full(2, 0.5), 2.0), np.arange(len(pts)))
+        lm = c.load_metrics()
+        assert set(lm) == set(c.live_node_ids) and sum(m.points for m in lm.values()) == len(pts)
+        assert all(m.operations > 0 for m in lm.values())
+
+
+def test_automatic_rebalance_when_load_balancing_is_on(ray_local):
+    import time
+
+    pts = skewed_points(20_000, 2, seed=72)
+    cfg = NodeConfig().with_node_count(3).with_load_balancing(True).replace(cpus_per_node=0.2,
+                                                                            heartbeat_interval_ms=100)
+    with DistributedSpatialCluster(cfg) as c:
+        meta = c.distribute_data(pts)
+        with c._meta_lock:  # pile everything onto node 0 (the heartbeat thread is running)
+            for p in meta.partitions:
+                if p.owners[0] != 0:
+                    c._move_partition(p.partition_id, p.owners[0], 0)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # equal-size partitions: load is the partition count
+            counts = [len(c.metadata.partitions_of(n)) for n in c.live_node_ids]
+            if max(counts) / np.mean(counts) <= c.balance_threshold:
+                break
+            time.sleep(0.2)
+        assert max(counts) / np.mean(counts) <= c.balance_threshold, counts
+        assert min(counts) > 0
+        d, i = c.distributed_knn_search(pts[:50], 1)
+        assert np.all(d[:, 0] == 0)
