@@ -118,3 +118,31 @@ def test_automatic_rebalance_when_load_balancing_is_on(ray_local):
         assert min(counts) > 0
         d, i = c.distributed_knn_search(pts[:50], 1)
         assert np.all(d[:, 0] == 0)
+
+
+def test_split_partition_at_curve_median_stays_exact(ray_local):
+    pts = skewed_points(30_000, 2, seed=73)
+    q = skewed_points(400, 2, seed=73, sample_seed=9)
+    ref = brute_knn(pts, q, 7)
+    cfg = NodeConfig().with_node_count(2).with_fault_tolerance(True).replace(cpus_per_node=0.2)
+    with DistributedSpatialCluster(cfg) as c:
+        meta = c.distribute_data(pts)
+        big = meta.partitions[3]
+        new = c.split_partition(3)
+        m2 = c.metadata
+        a, b = m2.partitions[3], m2.partitions[new]
+        assert a.size + b.size == big.size and abs(a.size - b.size) <= 1
+        assert a.key_hi <= b.key_lo and a.key_lo >= big.key_lo and b.key_hi <= big.key_hi
+        assert a.owners == b.owners == big.owners and m2.n_points == len(pts)
+        for _ in range(2):  # split the new half again: ids are appended, routing stays in curve order
+            new = c.split_partition(new)
+        d, i = c.distributed_knn_search(q, 7)
+        np.testing.assert_allclose(d, ref, rtol=0, atol=1e-12)
+        assert np.array_equal(c.range_search(np.full(2, 0.5), 2.0), np.arange(len(pts)))
+        res = c.distributed_kmeans(5, 20, init=pts[:5], tol=0)
+        assert float(((pts - res.centroids[res.labels]) ** 2).sum()) == pytest.approx(res.inertia, rel=1e-9)
+        c.rebalance(strategy="LeastLoaded", threshold=1.05)
+        d, i = c.distributed_knn_search(q, 7)
+        np.testing.assert_allclose(d, ref, rtol=0, atol=1e-12)
+        with pytest.raises(ValueError, match="partition_id must be in"):
+            c.split_partition(999)

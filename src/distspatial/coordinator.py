@@ -836,6 +836,40 @@ class DistributedSpatialCluster:
             self._last_load[n] = (now, s)
         return out
 
+    def split_partition(self, partition_id: int) -> int:
+        """Split a partition at its curve-key median into two (same owners); returns the new partition's id.
+
+        All replicas split in place, then the metadata switches to a version with both halves. Use it for a
+        partition that grew too large or too hot; :meth:`rebalance` can then move one half elsewhere.
+        """
+        import dataclasses
+
+        with self._meta_lock:
+            meta = self._require_data()
+            if not 0 <= partition_id < meta.n_partitions:
+                raise ValueError(f"partition_id must be in [0, {meta.n_partitions}), got {partition_id}")
+            part = meta.partitions[partition_id]
+            if part.size < 2:
+                raise ValueError(f"partition {partition_id} has {part.size} point(s); nothing to split")
+            new_id = meta.n_partitions
+            owners = [o for o in part.owners if o not in self._dispatch.failed_nodes]
+            refs = [self._actors[o].split_partition.remote(partition_id, new_id, meta.lo, meta.hi, meta.curve,
+                                                           meta.bits) for o in owners]
+            results = ray.get(refs)
+            (klo0, khi0, blo0, bhi0, n0), (klo1, khi1, blo1, bhi1, n1) = results[0]
+            assert all(r[0][4] == n0 and r[1][4] == n1 for r in results), "replicas split differently"
+            per_point = part.nbytes // max(1, part.size)
+            first = dataclasses.replace(part, key_lo=klo0, key_hi=khi0, lo=blo0, hi=bhi0, size=n0, nbytes=n0 * per_point,
+                                        owners=tuple(owners))
+            second = PartitionInfo(new_id, klo1, khi1, blo1, bhi1, n1, n1 * per_point, tuple(owners))
+            parts = list(meta.partitions)
+            parts[partition_id] = first
+            parts.append(second)
+            self._meta = dataclasses.replace(meta, partitions=tuple(parts), version=meta.version + 1)
+            self._routing = RoutingTable(self._meta)
+            log.info("distspatial: split partition %d -> %d + %d points (new id %d)", partition_id, n0, n1, new_id)
+            return new_id
+
     def rebalance(
         self, dry_run: bool = False, strategy: Strategy | str | None = None, threshold: float | None = None,
         max_migrations: int | None = None,

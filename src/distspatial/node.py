@@ -159,6 +159,29 @@ class SpatialNode:
             arrays.extend(read_partition_file(uri, raw, digest))
         return self.load_partitions(dataset_id, [f[0] for f in files], *arrays)
 
+    def split_partition(
+        self, pid: int, new_pid: int, lo: np.ndarray, hi: np.ndarray, curve: str, bits: int
+    ) -> tuple[tuple[int, int, np.ndarray, np.ndarray, int], tuple[int, int, np.ndarray, np.ndarray, int]]:
+        """Split partition ``pid`` at its curve-key median: the lower half keeps ``pid``, the upper half becomes
+        ``new_pid``. Every replica holds the same rows in the same order, so every replica splits the same way.
+        Returns ``(key_lo, key_hi, box_lo, box_hi, size)`` of both halves."""
+        from .curves import curve_keys
+
+        part = self._part(pid)
+        keys = curve_keys(part.points, lo, hi, curve, bits)
+        order = np.argsort(keys, kind="stable")  # already sorted unless rows were appended
+        mid = len(order) // 2
+        halves = []
+        for new_id, rows in ((pid, order[:mid]), (new_pid, order[mid:])):
+            pts, ids = part.points[rows], part.ids[rows]
+            self.partitions[new_id] = LocalPartition(pts, ids)
+            halves.append((int(keys[rows].min()), int(keys[rows].max()), pts.min(axis=0), pts.max(axis=0), len(rows)))
+        for key in [k for k in self._kmeans if k[1] == pid]:  # algorithm state of the old rows is stale
+            del self._kmeans[key]
+        for key in [k for k in self._mind2 if k[1] == pid]:
+            del self._mind2[key]
+        return halves[0], halves[1]
+
     def drop_partitions(self, partition_ids: list[int]) -> None:
         for pid in partition_ids:
             self.partitions.pop(pid, None)

@@ -150,7 +150,7 @@ def _cell_pairs(
         first, last = routing.partitions_in_key_range(a, a | low_mask)
         r_, p_ = _expand_ranges(idx[sel], first, last)
         rows_out.append(r_)
-        parts_out.append(p_)
+        parts_out.append(routing.by_key[p_])
     if not rows_out:
         return np.empty(0, np.int64), np.empty(0, np.int64), handled
     return np.concatenate(rows_out), np.concatenate(parts_out), handled

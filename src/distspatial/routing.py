@@ -41,8 +41,11 @@ class RoutingTable:
         self.version = meta.version
         parts = meta.partitions
         self.n_partitions = len(parts)
-        self.key_lo = np.array([p.key_lo for p in parts], dtype=np.uint64)
-        self.key_hi = np.array([p.key_hi for p in parts], dtype=np.uint64)
+        key_lo = np.array([p.key_lo for p in parts], dtype=np.uint64)
+        key_hi = np.array([p.key_hi for p in parts], dtype=np.uint64)
+        # partitions in curve order (a split appends a partition whose keys sit between others)
+        self.by_key = np.argsort(key_lo, kind="stable").astype(np.int64)
+        self.key_lo, self.key_hi = key_lo[self.by_key], key_hi[self.by_key]
         self.dim, self.curve, self.bits = meta.dim, meta.curve, meta.bits
         self.lo, self.hi = meta.lo, meta.hi
         self.box_lo = np.array([p.lo for p in parts], dtype=np.float64).reshape(len(parts), meta.dim)
@@ -54,10 +57,11 @@ class RoutingTable:
         """Partition index whose key range holds each key (keys below the first range go to partition 0)."""
         idx = np.searchsorted(self.key_lo, keys, side="right").astype(np.int64) - 1
         np.clip(idx, 0, self.n_partitions - 1, out=idx)
-        return idx
+        return self.by_key[idx]
 
     def partitions_in_key_range(self, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``[first, last]`` partition indices whose key ranges overlap ``[a, b]`` (empty when first > last)."""
+        """``[first, last]`` positions in curve order (``by_key``) of the partitions whose key ranges overlap
+        ``[a, b]`` (empty when first > last)."""
         first = np.searchsorted(self.key_hi, a, side="left").astype(np.int64)
         last = np.searchsorted(self.key_lo, b, side="right").astype(np.int64) - 1
         return first, last
