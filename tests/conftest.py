@@ -11,9 +11,21 @@ def ray_local():
     """A real local Ray runtime for the module; DistributedSpatialCluster attaches to it and never stops it."""
     import ray
 
+    import time
+
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", object_store_memory=300 * 1024 * 1024)
+    for attempt in range(3):  # a runtime torn down just before may still hold ports for a moment
+        try:
+            ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR",
+                     object_store_memory=300 * 1024 * 1024)
+            break
+        except Exception:
+            if ray.is_initialized():
+                ray.shutdown()
+            if attempt == 2:
+                raise
+            time.sleep(3)
     yield ray
     ray.shutdown()
 

@@ -146,3 +146,32 @@ def test_split_partition_at_curve_median_stays_exact(ray_local):
         np.testing.assert_allclose(d, ref, rtol=0, atol=1e-12)
         with pytest.raises(ValueError, match="partition_id must be in"):
             c.split_partition(999)
+
+
+def test_extra_read_replica_for_a_hot_partition(ray_local):
+    pts = skewed_points(20_000, 2, seed=74)
+    cfg = NodeConfig().with_node_count(3).replace(cpus_per_node=0.2)
+    with DistributedSpatialCluster(cfg) as c:
+        meta = c.distribute_data(pts)
+        hot = meta.partitions[0]
+        target = c.add_read_replica(0)
+        assert target not in hot.owners and c.metadata.partitions[0].owners == hot.owners + (target,)
+        # a query batch that lands only in partition 0 now spreads its reads over both replicas
+        box_lo, box_hi = hot.lo, hot.hi
+        q = pts[(pts >= box_lo).all(1) & (pts <= box_hi).all(1)][:200]
+        before = {n: s.queries_served for n, s in ((x.node_id, x) for x in c.statistics().nodes)}
+        big = np.tile(q, (20, 1))  # long calls, so that concurrent ones overlap
+        threads = [threading.Thread(target=c.distributed_knn_search, args=(big, 3)) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        after = {x.node_id: x.queries_served for x in c.statistics().nodes}
+        c.load_metrics()
+        served = {n: c._part_queries.get((n, 0), 0) for n in c.metadata.partitions[0].owners}
+        assert all(v > 0 for v in served.values()), f"both replicas of the hot partition served reads: {served}"
+        d, i = c.distributed_knn_search(q, 3)
+        np.testing.assert_allclose(d, brute_knn(pts, q, 3), rtol=0, atol=1e-12)
+        with pytest.raises(ValueError, match="not a live node without"):
+            c.add_read_replica(0, node=target)
+        assert sum(after.values()) > sum(before.values())

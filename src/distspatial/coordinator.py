@@ -870,6 +870,28 @@ class DistributedSpatialCluster:
             log.info("distspatial: split partition %d -> %d + %d points (new id %d)", partition_id, n0, n1, new_id)
             return new_id
 
+    def add_read_replica(self, partition_id: int, node: int | None = None) -> int:
+        """Give a query-hot partition one more replica (beyond ``replication_factor``), on ``node`` or on the
+        live node with the fewest replicas that lacks it; reads then spread over more nodes. Returns the node."""
+        with self._meta_lock:
+            meta = self._require_data()
+            if not 0 <= partition_id < meta.n_partitions:
+                raise ValueError(f"partition_id must be in [0, {meta.n_partitions}), got {partition_id}")
+            owners = meta.partitions[partition_id].owners
+            cand = [n for n in self.live_node_ids if n not in owners]
+            if node is not None:
+                if node not in cand:
+                    raise ValueError(f"node {node} is not a live node without partition {partition_id}; "
+                                     f"candidates: {cand}")
+                cand = [node]
+            if not cand:
+                raise ValueError(f"every live node already holds partition {partition_id}")
+            target = min(cand, key=lambda n: (len(meta.partitions_of(n)), n))
+            self._copy_partitions({partition_id: target})
+            if target not in self._meta.partitions[partition_id].owners:
+                raise NodeFailureError(f"copying partition {partition_id} to node {target} failed")
+            return target
+
     def rebalance(
         self, dry_run: bool = False, strategy: Strategy | str | None = None, threshold: float | None = None,
         max_migrations: int | None = None,
