@@ -213,6 +213,15 @@ class DistributedSpatialCluster:
         """Ids of the nodes not marked failed."""
         return [n for n in sorted(self._actors) if n not in self._dispatch.failed_nodes]
 
+    def _machines(self) -> dict[int, str]:
+        """Ray node (machine) of each node, for placing replicas on distinct machines."""
+        return {i: info.get("ray_node_id", "") or str(i) for i, info in self._node_info.items()}
+
+    def _fewest_replicas(self, candidates: list[int]) -> int:
+        """The candidate node holding the fewest partition replicas now (lowest id on ties)."""
+        meta = self._meta
+        return min(candidates, key=lambda n: (len(meta.partitions_of(n)), n))
+
     def _require_data(self) -> GlobalIndexMetadata:
         if self._closed:
             raise RuntimeError("this cluster has been shut down; create a new DistributedSpatialCluster")
@@ -240,7 +249,7 @@ class DistributedSpatialCluster:
         with self._meta_lock, Timer() as t:
             plan = partition_points(pts, cfg.partition_count, id_arr, cfg.curve)
             n_parts, cuts = plan.n_partitions, plan.cuts
-            machine_of = {i: info.get("ray_node_id", "") or str(i) for i, info in self._node_info.items()}
+            machine_of = self._machines()
             live = self.live_node_ids
             owners = place_partitions(n_parts, live, min(cfg.replication_factor, len(live)), machine_of)
             self._dataset_counter += 1
@@ -745,7 +754,7 @@ class DistributedSpatialCluster:
         pid = mine[-1]
         cand = [n for n in live if n not in meta.partitions[pid].owners]
         if cand:
-            self._move_partition(pid, node, min(cand, key=lambda n: (len(meta.partitions_of(n)), n)))
+            self._move_partition(pid, node, self._fewest_replicas(cand))
 
     # -- elastic scaling ------------------------------------------------------------------------------------
     def add_nodes(self, n: int = 1) -> list[int]:
@@ -782,7 +791,7 @@ class DistributedSpatialCluster:
                     owners = self._meta.partitions[pid].owners
                     cand = [m for m in live if m not in owners]
                     if cand:
-                        self._move_partition(pid, node_id, min(cand, key=lambda m: (len(self._meta.partitions_of(m)), m)))
+                        self._move_partition(pid, node_id, self._fewest_replicas(cand))
                     else:  # every other live node already holds it: just forget this copy
                         self._meta = self._meta.with_owners({pid: tuple(o for o in owners if o != node_id)})
                         self._routing = RoutingTable(self._meta)
@@ -886,7 +895,7 @@ class DistributedSpatialCluster:
                 cand = [node]
             if not cand:
                 raise ValueError(f"every live node already holds partition {partition_id}")
-            target = min(cand, key=lambda n: (len(meta.partitions_of(n)), n))
+            target = self._fewest_replicas(cand)
             self._copy_partitions({partition_id: target})
             if target not in self._meta.partitions[partition_id].owners:
                 raise NodeFailureError(f"copying partition {partition_id} to node {target} failed")
@@ -1001,7 +1010,7 @@ class DistributedSpatialCluster:
 
         cfg = self.config
         parts_m = man["partitions"]
-        machine_of = {i: info.get("ray_node_id", "") or str(i) for i, info in self._node_info.items()}
+        machine_of = self._machines()
         owners = place_partitions(len(parts_m), self.live_node_ids, cfg.replication_factor, machine_of)
         self._dataset_counter += 1
         dataset = self._dataset_counter
