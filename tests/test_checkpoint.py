@@ -50,11 +50,11 @@ def test_corrupt_and_partial_checkpoints_leave_the_previous_one_usable(ray_local
         second = c.checkpoint(root)
     # a crash in the middle of a third checkpoint: files without a manifest; LATEST still names the second
     os.makedirs(os.path.join(root, "ckpt-crashed"))
-    open(os.path.join(root, "ckpt-crashed", "part-00000.npz.zst"), "wb").write(b"partial")
+    open(os.path.join(root, "ckpt-crashed", "part-00000.dsz"), "wb").write(b"partial")
     with DistributedSpatialCluster.restore(root, _cfg(2)) as r:
         assert r.n_points == 5_000
     # corrupt one partition file of the latest checkpoint: a clear error naming it
-    victim = os.path.join(second, "part-00001.npz.zst")
+    victim = os.path.join(second, "part-00001.dsz")
     data = bytearray(open(victim, "rb").read())
     data[len(data) // 2] ^= 0xFF
     open(victim, "wb").write(bytes(data))

@@ -210,3 +210,31 @@ def test_compressed_transfers_stay_exact(ray_local):
         dist, ids = c.distributed_knn_search(q, 8)
         assert_knn_exact(pts, q, dist, ids, 8)
         assert len(c.metadata.partitions_of(2)) > 0
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_communication_totals_add_up(ray_local, compress):
+    """Every party counts what it sends and receives (coordinator and nodes, node-to-node copies included):
+    the bytes sent by all equal the bytes received by all."""
+    pts = skewed_points(150_000, 2, seed=21)
+    q = skewed_points(6_000, 2, seed=21, sample_seed=3)  # 96 KB of queries: above the codec's threshold
+    cfg = NodeConfig().with_node_count(2).with_compression(compress).with_fault_tolerance(True).replace(
+        cpus_per_node=0.2)
+    with DistributedSpatialCluster(cfg) as c:
+        c.distribute_data(pts)
+        dist, ids = c.distributed_knn_search(q, 6)
+        assert_knn_exact(pts, q, dist, ids, 6)
+        c.range_search(q[:500], 0.01)
+        c.distributed_kmeans(4, max_iterations=3, seed=1)
+        c.add_nodes(1)  # partitions copied node to node
+        c.distributed_knn_search(q, 3)
+        st = c.statistics()
+        coord = st.coordinator
+        assert coord["bytes_sent"] > 0 and coord["bytes_received"] > 0
+        assert sum(n.bytes_received for n in st.nodes) > coord["bytes_sent"], "node-to-node copies are counted"
+        assert st.bytes_sent == st.bytes_received, (st.bytes_sent, st.bytes_received)
+        if compress:
+            assert st.raw_bytes_sent > 1.2 * st.bytes_sent, (st.raw_bytes_sent, st.bytes_sent)
+            assert sum(n.raw_bytes_sent for n in st.nodes) > sum(n.bytes_sent for n in st.nodes)
+        else:
+            assert st.raw_bytes_sent == st.bytes_sent

@@ -21,7 +21,10 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-__all__ = ["EncodedArray", "encode", "decode", "maybe_decode", "DEFAULT_MIN_BYTES"]
+__all__ = [
+    "EncodedArray", "encode", "decode", "maybe_decode", "encode_all", "decode_all", "message_bytes",
+    "DEFAULT_MIN_BYTES",
+]
 
 #: below this many bytes an array is sent raw: compression would cost more than it saves
 DEFAULT_MIN_BYTES = 64 * 1024
@@ -88,3 +91,53 @@ def wire_and_raw(obj: Any) -> tuple[int, int]:
         return obj.wire_bytes, obj.raw_bytes
     n = int(getattr(obj, "nbytes", 8))
     return n, n
+
+
+def encode_all(obj: Any, enabled: bool = True, min_bytes: int = DEFAULT_MIN_BYTES) -> Any:
+    """``encode`` every array in ``obj`` (an array, or tuples/lists of them, nested); others pass through.
+
+    Used for query payloads and results: each array is compressed or not by its own size."""
+    if not enabled:
+        return obj
+    if isinstance(obj, np.ndarray):
+        return encode(obj, min_bytes=min_bytes)
+    if isinstance(obj, tuple):
+        return tuple(encode_all(o, True, min_bytes) for o in obj)
+    if isinstance(obj, list):
+        return [encode_all(o, True, min_bytes) for o in obj]
+    return obj
+
+
+def decode_all(obj: Any) -> Any:
+    """Undo :func:`encode_all` (decode every :class:`EncodedArray` inside tuples/lists)."""
+    if isinstance(obj, EncodedArray):
+        return decode(obj)
+    if isinstance(obj, tuple):
+        return tuple(decode_all(o) for o in obj)
+    if isinstance(obj, list):
+        return [decode_all(o) for o in obj]
+    return obj
+
+
+def message_bytes(*objs: Any, raw: bool = False) -> int:
+    """Bytes a message carries: arrays by size, :class:`EncodedArray` by compressed size, 8 per other value.
+
+    Sender and receiver both count with this function, over the same objects, so the communication totals of
+    all parties add up (bytes sent by all == bytes received by all). ``raw=True`` counts an
+    :class:`EncodedArray` by its size before compression.
+    """
+    total = 0
+    for o in objs:
+        if isinstance(o, np.ndarray):
+            total += o.nbytes
+        elif isinstance(o, EncodedArray):
+            total += o.raw_bytes if raw else o.wire_bytes
+        elif isinstance(o, (list, tuple)):
+            total += message_bytes(*o, raw=raw)
+        elif isinstance(o, dict):
+            total += message_bytes(*o.values(), raw=raw)
+        elif type(o).__name__ == "ObjectRef":  # a reference: its bytes are counted by whoever produced them
+            pass
+        elif o is not None:
+            total += 8
+    return total

@@ -26,11 +26,11 @@ import numpy as np
 import ray
 
 from . import kmeans as _kmeans
-from .compression import encode, wire_and_raw
+from .compression import decode_all, encode, encode_all, message_bytes, wire_and_raw
 from .balancing import LoadBalancer, LoadMetrics, RebalancePlan, Strategy
 from .config import NodeConfig
 from .curves import curve_keys
-from .dispatch import Dispatcher, payload_bytes
+from .dispatch import Dispatcher
 from .errors import NodeFailureError, NotDistributedError, PartitionLostError
 from .fault import FailureType, FaultDetector, RecoveryPlan, RecoveryStrategy
 from .local_index import merge_topk
@@ -54,7 +54,7 @@ def threads_for(cfg: NodeConfig, total_cpus: float) -> int:
     return cfg.threads_per_node or max(1, int(total_cpus // cfg.node_count))
 
 
-def _new_actor(node_id: int, cpus: float, threads: int, ray_node: str | None = None) -> Any:
+def _new_actor(node_id: int, cpus: float, threads: int, ray_node: str | None = None, compress: bool = False) -> Any:
     """Start one node actor, placed with Ray's SPREAD strategy or pinned to the Ray node ``ray_node``."""
     strategy: Any = "SPREAD"
     if ray_node is not None:
@@ -64,7 +64,7 @@ def _new_actor(node_id: int, cpus: float, threads: int, ray_node: str | None = N
     return (
         ray.remote(SpatialNode)
         .options(num_cpus=cpus, scheduling_strategy=strategy, max_concurrency=1)
-        .remote(node_id, threads)
+        .remote(node_id, threads, compress)
     )
 
 
@@ -142,7 +142,7 @@ class DistributedSpatialCluster:
                 f"runtime (another cluster may hold them); set NodeConfig.cpus_per_node lower or shut the other down"
             )
         self._cpus_per_node = cpus
-        actors = {i: _new_actor(i, cpus, threads) for i in range(cfg.node_count)}
+        actors = {i: _new_actor(i, cpus, threads, compress=cfg.compression) for i in range(cfg.node_count)}
         refs = {i: a.ping.remote() for i, a in actors.items()}
         ready, missing = ray.wait(list(refs.values()), num_returns=len(refs), timeout=max(60.0, cfg.communication_timeout_ms / 1000))
         if missing:
@@ -265,10 +265,12 @@ class DistributedSpatialCluster:
                 pids = [p for p in range(n_parts) if node in owners[p]]
                 args = [r for p in pids for r in refs[p]]
                 wire, raw = np.sum([sizes[p] for p in pids], axis=0) if pids else (0, 0)
-                self.comm.sent(node, int(wire), int(raw))
-                loads.append(self._actors[node].load_partitions.remote(dataset, pids, *args))
+                head = message_bytes(dataset, pids)
+                self.comm.sent(node, int(wire) + head, int(raw) + head)
+                loads.append((node, self._actors[node].load_partitions.remote(dataset, pids, *args)))
             try:
-                ray.get(loads)
+                for node, ref in loads:
+                    self._recv(node, ref)
             except Exception:
                 self._meta, self._routing = None, None
                 raise
@@ -300,6 +302,18 @@ class DistributedSpatialCluster:
         log.info("distributed %d points in %d partitions over %d nodes in %.2f s", n, n_parts, cfg.node_count, t.seconds)
         return meta
 
+    def _send(self, node: int, method: str, *args: Any, **kwargs: Any) -> Any:
+        """Call ``node.method(*args, **kwargs)`` and count the message (object references count 0 bytes here:
+        their bytes are counted by the node that produced them)."""
+        self.comm.sent(node, message_bytes(args, kwargs))
+        return getattr(self._actors[node], method).remote(*args, **kwargs)
+
+    def _recv(self, node: int, ref: Any, timeout: float | None = None) -> Any:
+        """``ray.get`` a data message's result from ``node``, counting and decoding it."""
+        res = ray.get(ref, timeout=timeout)
+        self.comm.received(node, message_bytes(res))
+        return decode_all(res)
+
     def _rows_of_ids(self, ids: np.ndarray) -> np.ndarray:
         """Input row of each global id."""
         if self._id_sorted is None:
@@ -322,9 +336,9 @@ class DistributedSpatialCluster:
             rows = np.concatenate(row_parts) if len(row_parts) > 1 else row_parts[0]
             bounds = np.cumsum([0] + [len(r) for r in row_parts])
             segments = [(p, int(bounds[i]), int(bounds[i + 1])) for i, p in enumerate(pids)]
-            args = row_args(rows)
+            args = encode_all(row_args(rows), self.config.compression)
             ref = getattr(self._actors[node], method).remote(*args, segments, **options)
-            return ref, rows, payload_bytes(args)
+            return ref, rows, message_bytes(args, segments, options)
 
         return self._run_partitions(list(groups), build, missing)
 
@@ -513,7 +527,7 @@ class DistributedSpatialCluster:
 
         def build(node: int, part_ids: list[int]):
             ref = getattr(self._actors[node], method).remote(*args, part_ids)
-            return ref, part_ids, payload_bytes(args)
+            return ref, part_ids, message_bytes(args, part_ids)
 
         # algorithm steps keep per-partition state on the node: always the same replica (the first live owner)
         return self._run_partitions(pids, build, balance=False)
@@ -594,7 +608,7 @@ class DistributedSpatialCluster:
             log.warning("distspatial: no room for a replacement node (%.2f CPUs needed)", cpus)
             return None
         node = max(self._actors) + 1
-        actor = _new_actor(node, cpus, self._threads, ray_node)
+        actor = _new_actor(node, cpus, self._threads, ray_node, self.config.compression)
         try:
             info = ray.get(actor.ping.remote(), timeout=max(30.0, self.config.communication_timeout_ms / 1000))
         except Exception as exc:
@@ -687,7 +701,7 @@ class DistributedSpatialCluster:
             target = min(live, key=lambda n: (load[n], n))
             p = by_id[pid]
             try:
-                ray.get(self._actors[target].load_partition_files.remote(
+                self._recv(target, self._send(target, "load_partition_files",
                     meta.dataset_id, [(pid, ck.join(uri, p["file"]), p["raw_bytes"], p["sha256"])]))
             except Exception as exc:
                 log.error("distspatial: restoring partition %d from %s failed: %s", pid, uri, exc)
@@ -711,13 +725,14 @@ class DistributedSpatialCluster:
             src = next((o for o in meta.partitions[pid].owners if o not in failed and o != target), None)
             if src is None:
                 continue
+            # the partition travels node to node; each node counts the bytes it sends or receives
+            self.comm.sent(src, message_bytes(pid, self.config.compression))
             pts_ref, ids_ref = self._actors[src].export_partition.options(num_returns=2).remote(
                 pid, self.config.compression)
-            self.comm.sent(target, meta.partitions[pid].nbytes)  # raw size: the wire size is known on the nodes
-            loads.append((pid, target, self._actors[target].load_partitions.remote(meta.dataset_id, [pid], pts_ref, ids_ref)))
+            loads.append((pid, target, self._send(target, "load_partitions", meta.dataset_id, [pid], pts_ref, ids_ref)))
         for pid, target, ref in loads:
             try:
-                ray.get(ref, timeout=max(60.0, self.config.communication_timeout_ms / 1000))
+                self._recv(target, ref, timeout=max(60.0, self.config.communication_timeout_ms / 1000))
                 added[pid] = target
             except Exception as exc:
                 log.warning("distspatial: copying partition %d to node %d failed: %s", pid, target, exc)
@@ -967,8 +982,8 @@ class DistributedSpatialCluster:
         }
         if self._id_sorted is not None:
             data, raw, digest = ck.encode_arrays(sorted=self._id_sorted, rows=self._id_rows)
-            ck.write_bytes(fs, ck.join(ckpt, "ids.npz.zst"), data)
-            manifest["user_ids"] = {"file": "ids.npz.zst", "raw_bytes": raw, "sha256": digest}
+            ck.write_bytes(fs, ck.join(ckpt, "ids.dsz"), data)
+            manifest["user_ids"] = {"file": "ids.dsz", "raw_bytes": raw, "sha256": digest}
         ck.write_manifest(fs, root, ckpt, manifest)
         self._checkpoint = (meta.dataset_id, ckpt_uri, manifest)
         log.info("distspatial: checkpoint of %d partitions written to %s", meta.n_partitions, ckpt_uri)
@@ -1018,9 +1033,10 @@ class DistributedSpatialCluster:
         for node in self.live_node_ids:
             files = [(p["id"], ck.join(ckpt_uri, p["file"]), p["raw_bytes"], p["sha256"])
                      for p in parts_m if node in owners[p["id"]]]
-            loads.append(self._actors[node].load_partition_files.remote(dataset, files))
+            loads.append((node, self._send(node, "load_partition_files", dataset, files)))
         try:
-            ray.get(loads)
+            for node, ref in loads:
+                self._recv(node, ref)
         except ray.exceptions.RayTaskError as exc:
             cause = exc.as_instanceof_cause()
             if isinstance(cause, ck.CheckpointError):
@@ -1078,10 +1094,12 @@ class DistributedSpatialCluster:
                     queries_served=s["queries"] if alive else 0,
                     calls_served=s["calls"] if alive else 0,
                     busy_seconds=s["busy_s"] if alive else 0.0,
-                    messages_sent=c.messages_received.get(i, 0),
-                    bytes_sent=c.bytes_received.get(i, 0),
-                    messages_received=c.messages_sent.get(i, 0),
-                    bytes_received=c.bytes_sent.get(i, 0),
+                    messages_sent=s["calls"] if alive else 0,
+                    bytes_sent=s["bytes_out"] if alive else 0,
+                    messages_received=s["calls"] if alive else 0,
+                    bytes_received=s["bytes_in"] if alive else 0,
+                    raw_bytes_sent=s["raw_bytes_out"] if alive else 0,
+                    mean_call_ms=1e3 * s["busy_s"] / max(1, s["calls"]) if alive else 0.0,
                 )
             )
         pts = np.array([n.points for n in nodes if n.status == "alive"], dtype=np.float64)
@@ -1097,5 +1115,10 @@ class DistributedSpatialCluster:
             queries=self.latency.total_queries,
             load_balance_score=balance,
             **lat,
-            **tot,
+            messages_sent=tot["messages_sent"] + sum(n.messages_sent for n in nodes),
+            bytes_sent=tot["bytes_sent"] + sum(n.bytes_sent for n in nodes),
+            messages_received=tot["messages_received"] + sum(n.messages_received for n in nodes),
+            bytes_received=tot["bytes_received"] + sum(n.bytes_received for n in nodes),
+            raw_bytes_sent=tot["raw_bytes_sent"] + sum(n.raw_bytes_sent for n in nodes),
+            coordinator=tot,
         )

@@ -19,6 +19,7 @@ import numpy as np
 import ray
 from ray.exceptions import GetTimeoutError, ObjectLostError, RayActorError, RayTaskError
 
+from .compression import decode_all, message_bytes
 from .errors import NodeFailureError, PartitionLostError, PartitionMovedError
 from .routing import RoutingTable
 from .stats import CommunicationCounters
@@ -38,18 +39,6 @@ NODE_FAILURES = (RayActorError, ActorUnavailableError, GetTimeoutError, ObjectLo
 #: ``build(node_id, partition_ids) -> (object_ref, context, payload_bytes)``
 BuildCall = Callable[[int, list[int]], tuple[Any, Any, int]]
 
-
-def payload_bytes(*objs: Any) -> int:
-    """Bytes of the arrays in ``objs`` (what a message carries, to within its small header)."""
-    total = 0
-    for o in objs:
-        if isinstance(o, np.ndarray):
-            total += o.nbytes
-        elif isinstance(o, (list, tuple)):
-            total += payload_bytes(*o)
-        elif o is not None:
-            total += 8
-    return total
 
 
 class Dispatcher:
@@ -170,8 +159,8 @@ class Dispatcher:
                     moved = True  # planned on an older metadata version: re-plan with the current one
                     retry.extend(pids)
                     continue
-                self.comm.received(node, payload_bytes(res))
-                results.append((ctx, res))
+                self.comm.received(node, message_bytes(res))
+                results.append((ctx, decode_all(res)))
             if retry:
                 attempt += 1
                 if attempt > self.max_retries:

@@ -107,11 +107,9 @@ def _sample_points(cluster: DistributedSpatialCluster, meta: GlobalIndexMetadata
     for pid in np.unique(part):
         sel = np.flatnonzero(part == pid)
         node = cluster._routing.node_for(int(pid), exclude=cluster._dispatch.failed_nodes)
-        refs.append((sel, cluster._actors[node].sample.remote(int(pid), rows[sel] - offsets[pid])))
-    import ray
-
-    for sel, ref in refs:
-        out[sel] = ray.get(ref)
+        refs.append((sel, node, cluster._send(node, "sample", int(pid), rows[sel] - offsets[pid])))
+    for sel, node, ref in refs:
+        out[sel] = cluster._recv(node, ref)
     return out
 
 

@@ -12,14 +12,16 @@ because with replicas a node may hold a partition that another replica serves fo
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import numpy as np
 
-from .compression import encode, maybe_decode
+from .compression import decode_all, encode, encode_all, message_bytes
 from .errors import PartitionMovedError
 from .kmeans_compiled import new_lloyd_state
 from .kmeans_kernels import squared_distances_min
@@ -30,13 +32,47 @@ __all__ = ["SpatialNode", "Segment"]
 #: ``(partition_id, start, stop)``: rows ``start:stop`` of a call's query array are addressed to that partition.
 Segment = tuple[int, int, int]
 
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def data_message(compress_result: bool = False) -> Callable[[F], F]:
+    """Mark a node method as a data message: count it, decode compressed arguments, maybe compress the result.
+
+    Bytes are counted with :func:`~distspatial.compression.message_bytes` on the arguments as they arrived
+    (compressed size where compressed) and on the result as it leaves, the same function the coordinator
+    uses on its side, so the totals of all parties add up. Control calls (``ping``, ``stats``, ``clear``,
+    ``drop_partitions``, ``split_partition``, ``kmeans_end``) are not data messages and are not counted.
+    With ``compress_result`` (query answers) and compression on, large result arrays are encoded.
+    """
+
+    def wrap(fn: F) -> F:
+        @functools.wraps(fn)
+        def method(self: SpatialNode, *args: Any, **kwargs: Any) -> Any:
+            t0 = time.perf_counter()
+            received = message_bytes(args, kwargs)
+            result = fn(self, *decode_all(args), **kwargs)
+            if compress_result and self.compress:
+                result = encode_all(result)
+            c = self.counters
+            c["calls"] += 1
+            c["busy_s"] += time.perf_counter() - t0
+            c["bytes_in"] += received
+            c["bytes_out"] += message_bytes(result)
+            c["raw_bytes_out"] += message_bytes(result, raw=True)
+            return result
+
+        return method  # type: ignore[return-value]
+
+    return wrap
+
 
 class SpatialNode:
     """State and kernels of one logical node (see module docstring)."""
 
-    def __init__(self, node_id: int, threads: int = 1) -> None:
+    def __init__(self, node_id: int, threads: int = 1, compress: bool = False) -> None:
         self.node_id = node_id
         self.threads = max(1, int(threads))
+        self.compress = bool(compress)  # compress large query results (NodeConfig.compression)
         self.partitions: dict[int, LocalPartition] = {}
         self.dataset_id = -1
         self._kmeans: dict[tuple[int, int], Any] = {}
@@ -49,18 +85,10 @@ class SpatialNode:
             "busy_s": 0.0,
             "bytes_in": 0,
             "bytes_out": 0,
+            "raw_bytes_out": 0,  # before compression
         }
 
     # -- bookkeeping ----------------------------------------------------------------------------------------
-    def _account(self, t0: float, n_queries: int, arrays_in: tuple, result: Any) -> Any:
-        c = self.counters
-        c["calls"] += 1
-        c["queries"] += n_queries
-        c["busy_s"] += time.perf_counter() - t0
-        c["bytes_in"] += sum(int(getattr(a, "nbytes", 0)) for a in arrays_in)
-        c["bytes_out"] += _nbytes(result)
-        return result
-
     def ping(self) -> dict[str, Any]:
         """Liveness and identity: node id, process, host, Ray node, partitions and memory held."""
         try:
@@ -110,8 +138,10 @@ class SpatialNode:
 
     def _count(self, pid: int, n: int) -> None:
         self.part_queries[pid] = self.part_queries.get(pid, 0) + n
+        self.counters["queries"] += n
 
     # -- data placement -------------------------------------------------------------------------------------
+    @data_message()
     def load_partitions(self, dataset_id: int, partition_ids: list[int], *arrays: np.ndarray) -> list[int]:
         """Hold partitions of data set ``dataset_id``: ``arrays`` is ``points_0, ids_0, points_1, ids_1, ...``.
 
@@ -119,16 +149,19 @@ class SpatialNode:
         of its object store. A KD-tree is built over each partition. Loading a new data set drops every
         partition of the previous one. Returns the partition ids loaded.
         """
-        t0 = time.perf_counter()
+        return self._load(dataset_id, partition_ids, arrays)
+
+    def _load(self, dataset_id: int, partition_ids: list[int], arrays: Any) -> list[int]:
         if len(arrays) != 2 * len(partition_ids):
             raise ValueError("load_partitions needs one (points, ids) pair per partition id")
         if dataset_id != self.dataset_id:
             self.clear()
             self.dataset_id = dataset_id
-        for j, pid in enumerate(partition_ids):  # compressed transfers arrive as EncodedArray
-            self.partitions[int(pid)] = LocalPartition(maybe_decode(arrays[2 * j]), maybe_decode(arrays[2 * j + 1]))
-        return self._account(t0, 0, arrays, [int(p) for p in partition_ids])
+        for j, pid in enumerate(partition_ids):  # compressed transfers were decoded by data_message
+            self.partitions[int(pid)] = LocalPartition(arrays[2 * j], arrays[2 * j + 1])
+        return [int(p) for p in partition_ids]
 
+    @data_message()
     def export_partition(self, partition_id: int, compress: bool = False) -> tuple[Any, Any]:
         """``(points, ids)`` of a partition, for copying it to another node (call with ``num_returns=2``: the
         two results then travel node to node through Ray's object store, not through the driver), compressed
@@ -138,18 +171,20 @@ class SpatialNode:
             return encode(part.points), encode(part.ids)
         return part.points, part.ids
 
+    @data_message()
     def write_partitions(self, ckpt_uri: str, partition_ids: list[int]) -> list[tuple[int, str, int, int, str]]:
-        """Write each partition to ``ckpt_uri/part-XXXXX.npz.zst``: ``[(pid, file, bytes, raw bytes, sha256)]``."""
+        """Write each partition to ``ckpt_uri/part-XXXXX.dsz``: ``[(pid, file, bytes, raw bytes, sha256)]``."""
         from .checkpoint import join, write_partition_file
 
         out = []
         for pid in partition_ids:
             part = self._part(pid)
-            name = f"part-{pid:05d}.npz.zst"
+            name = f"part-{pid:05d}.dsz"
             nbytes, raw, digest = write_partition_file(join(ckpt_uri, name), part.points, part.ids)
             out.append((pid, name, nbytes, raw, digest))
         return out
 
+    @data_message()
     def load_partition_files(self, dataset_id: int, files: list[tuple[int, str, int, str]]) -> list[int]:
         """Load partitions from checkpoint files ``[(pid, file_uri, raw bytes, sha256)]``, verifying checksums."""
         from .checkpoint import read_partition_file
@@ -157,7 +192,7 @@ class SpatialNode:
         arrays: list[np.ndarray] = []
         for _, uri, raw, digest in files:
             arrays.extend(read_partition_file(uri, raw, digest))
-        return self.load_partitions(dataset_id, [f[0] for f in files], *arrays)
+        return self._load(dataset_id, [f[0] for f in files], arrays)
 
     def split_partition(
         self, pid: int, new_pid: int, lo: np.ndarray, hi: np.ndarray, curve: str, bits: int
@@ -200,6 +235,7 @@ class SpatialNode:
             raise PartitionMovedError(f"node {self.node_id} does not hold partition {pid}") from None
 
     # -- queries --------------------------------------------------------------------------------------------
+    @data_message(compress_result=True)
     def knn(
         self, queries: np.ndarray, bounds: np.ndarray | None, segments: list[Segment], k: int
     ) -> tuple[np.ndarray, np.ndarray]:
@@ -208,7 +244,6 @@ class SpatialNode:
         Returns ``(distances (m, k), ids (m, k))`` aligned with ``queries``. With ``bounds`` (m,), only
         candidates within each query's bound come back; the other slots are ``inf`` / ``-1``.
         """
-        t0 = time.perf_counter()
         m = len(queries)
         dist = np.empty((m, k), dtype=np.float64)
         ids = np.empty((m, k), dtype=np.int64)
@@ -216,8 +251,9 @@ class SpatialNode:
             bnd = None if bounds is None else bounds[a:b]
             dist[a:b], ids[a:b] = self._part(pid).knn(queries[a:b], k, bnd, workers=self.threads)
             self._count(pid, b - a)
-        return self._account(t0, m, (queries,), (dist, ids))
+        return dist, ids
 
+    @data_message(compress_result=True)
     def ball(
         self, centers: np.ndarray, radii: np.ndarray, segments: list[Segment], return_points: bool = False
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
@@ -226,7 +262,6 @@ class SpatialNode:
         Returns ``(counts (m,), ids (sum counts,), points or None)``: row i's hits are the ``counts[i]``
         entries after those of rows ``< i``.
         """
-        t0 = time.perf_counter()
         m = len(centers)
         counts = np.zeros(m, dtype=np.int64)
         id_chunks, pt_chunks = [], []
@@ -239,13 +274,13 @@ class SpatialNode:
             id_chunks.append(part.ids[rows])
             if return_points:
                 pt_chunks.append(part.points[rows])
-        return self._account(t0, m, (centers,), _pack_hits(counts, id_chunks, pt_chunks, return_points, centers))
+        return _pack_hits(counts, id_chunks, pt_chunks, return_points, centers)
 
+    @data_message(compress_result=True)
     def box(
         self, lo: np.ndarray, hi: np.ndarray, segments: list[Segment], return_points: bool = False
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """Points inside the boxes ``[lo[i], hi[i]]`` (inclusive); same return layout as :meth:`ball`."""
-        t0 = time.perf_counter()
         m = len(lo)
         counts = np.zeros(m, dtype=np.int64)
         id_chunks, pt_chunks = [], []
@@ -258,18 +293,19 @@ class SpatialNode:
                 id_chunks.append(part.ids[rows])
                 if return_points:
                     pt_chunks.append(part.points[rows])
-        return self._account(t0, m, (lo, hi), _pack_hits(counts, id_chunks, pt_chunks, return_points, lo))
+        return _pack_hits(counts, id_chunks, pt_chunks, return_points, lo)
 
+    @data_message()
     def sample(self, pid: int, rows: np.ndarray) -> np.ndarray:
         """Points at ``rows`` of partition ``pid``."""
         return self._part(pid).points[rows]
 
     # -- k-means --------------------------------------------------------------------------------------------
+    @data_message()
     def kmeans_step(
         self, run: int, centers: np.ndarray, partition_ids: list[int]
     ) -> tuple[np.ndarray, np.ndarray, float, int]:
         """One Lloyd assignment over ``partition_ids``: ``(sums (k, d), counts (k,), inertia, n_changed)``."""
-        t0 = time.perf_counter()
         k, d = centers.shape
         sums = np.zeros((k, d))
         counts = np.zeros(k, dtype=np.int64)
@@ -283,8 +319,9 @@ class SpatialNode:
             counts += c
             inertia += i
             changed += ch
-        return self._account(t0, 0, (centers,), (sums, counts, inertia, changed))
+        return sums, counts, inertia, changed
 
+    @data_message()
     def kmeans_farthest(self, run: int, m: int, partition_ids: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The ``m`` points farthest from their assigned centre: ``(distances, points, labels)``."""
         dists, pts, labs = [], [], []
@@ -298,6 +335,7 @@ class SpatialNode:
         order = np.argsort(-dist, kind="stable")[:m]
         return dist[order], np.concatenate(pts)[order], np.concatenate(labs)[order]
 
+    @data_message()
     def kmeans_labels(self, run: int, partition_ids: list[int]) -> list[tuple[int, np.ndarray, np.ndarray]]:
         """``(partition_id, ids, labels)`` for each partition of the finished run."""
         return [(pid, self._part(pid).ids, self._kmeans[(run, pid)].labels) for pid in partition_ids]
@@ -309,6 +347,7 @@ class SpatialNode:
         for key in [k for k in self._mind2 if k[0] == run]:
             del self._mind2[key]
 
+    @data_message()
     def kmeanspar_update(self, run: int, new_centers: np.ndarray, partition_ids: list[int]) -> float:
         """k-means|| bookkeeping: fold ``new_centers`` into each point's min squared distance; return the cost."""
         cost = 0.0
@@ -321,6 +360,7 @@ class SpatialNode:
             cost += float(d2.sum())
         return cost
 
+    @data_message()
     def kmeanspar_sample(self, run: int, factor: float, seed: int, partition_ids: list[int]) -> np.ndarray:
         """k-means|| oversampling: keep each point with probability ``min(1, factor * d2)``.
 
@@ -336,6 +376,7 @@ class SpatialNode:
         d = next(iter(self.partitions.values())).points.shape[1] if self.partitions else 0
         return np.concatenate(out) if out else np.empty((0, d))
 
+    @data_message()
     def nearest_counts(self, centers: np.ndarray, partition_ids: list[int]) -> np.ndarray:
         """How many points of ``partition_ids`` have each of ``centers`` as their nearest."""
         counts = np.zeros(len(centers), dtype=np.int64)
@@ -344,13 +385,6 @@ class SpatialNode:
             counts += np.bincount(labels, minlength=len(centers))
         return counts
 
-
-def _nbytes(obj: Any) -> int:
-    if isinstance(obj, np.ndarray):
-        return int(obj.nbytes)
-    if isinstance(obj, (tuple, list)):
-        return sum(_nbytes(o) for o in obj)
-    return 8
 
 
 def _pack_hits(

@@ -102,7 +102,13 @@ class QueryStatus:
 
 @dataclass
 class NodeStatistics:
-    """One node as seen by the last statistics call."""
+    """One node as seen by the last statistics call.
+
+    Message and byte counts are the node's own (counted in the node process, coordinator and node-to-node
+    traffic together): ``messages_received`` = data calls served, ``messages_sent`` = their results,
+    ``bytes_*`` on the wire (compressed where compressed), ``raw_bytes_sent`` before compression.
+    ``mean_call_ms``: mean service time of a data call on the node.
+    """
 
     node_id: int
     status: str  # "alive" or "failed"
@@ -118,11 +124,20 @@ class NodeStatistics:
     bytes_sent: int
     messages_received: int
     bytes_received: int
+    raw_bytes_sent: int = 0
+    mean_call_ms: float = 0.0
 
 
 @dataclass
 class ClusterStatistics:
-    """What :meth:`DistributedSpatialCluster.statistics` reports."""
+    """What :meth:`DistributedSpatialCluster.statistics` reports.
+
+    Communication totals cover every party: the coordinator (the driver) and every live node, each counting
+    the messages it produced or took in (:func:`~distspatial.compression.message_bytes`). So
+    ``bytes_sent == bytes_received`` whenever every message sent has arrived (calls lost with a failed node
+    make the difference). ``coordinator`` holds the driver's own counters. Heartbeats and other control calls
+    are not counted.
+    """
 
     nodes: list[NodeStatistics]
     n_points: int
@@ -140,6 +155,7 @@ class ClusterStatistics:
     bytes_received: int
     extra: dict = field(default_factory=dict)
     raw_bytes_sent: int = 0  # bytes sent before compression
+    coordinator: dict = field(default_factory=dict)  # the driver's own messages/bytes sent and received
 
     @property
     def compression_ratio(self) -> float:
