@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from distspatial import DistributedSpatialCluster, NodeConfig
-from distspatial.balancing import LoadBalancer, Strategy
+from distspatial.balancing import LoadBalancer, Strategy, TuningPolicy
 from distspatial.datasets import skewed_points
 from distspatial.metadata import GlobalIndexMetadata, PartitionInfo
 
@@ -175,3 +175,46 @@ def test_extra_read_replica_for_a_hot_partition(ray_local):
         with pytest.raises(ValueError, match="not a live node without"):
             c.add_read_replica(0, node=target)
         assert sum(after.values()) > sum(before.values())
+
+
+def test_tuning_policy_splits_large_and_replicates_hot_partitions():
+    meta = _meta([(0,), (1,), (2,), (0,)], sizes=[60_000, 5_000, 5_000, 5_000])
+    acts = LoadBalancer.tune(meta, {}, n_live=3, replication=1)
+    assert [(a.partition, a.kind) for a in acts] == [(0, "split")] and "3.2x" in acts[0].reason
+    even = _meta([(0,), (1,), (2,), (0,), (1,), (2,), (0,), (1,)], sizes=[5_000] * 8)
+    hot = {1: 9_000, 0: 100, 2: 100, 3: 100}
+    acts = LoadBalancer.tune(even, hot, n_live=3, replication=1)
+    assert [(a.partition, a.kind) for a in acts] == [(1, "read_replica")]
+    full = _meta([(0,), (1, 2), (2,), (0,), (1,), (2,), (0,), (1,)], sizes=[5_000] * 8)  # 1 has its extra replica
+    assert [(a.partition, a.kind) for a in LoadBalancer.tune(full, hot, 3, 1)] == [(1, "split")]
+    assert LoadBalancer.tune(even, {1: 500}, 3, 1) == [], "too few queries to call anything hot"
+    small = _meta([(0,), (1,)], sizes=[3_000, 10])
+    assert LoadBalancer.tune(small, {}, 2, 1) == [], "below min_split_points"
+    many = _meta([(0,)] * 3 + [(1,)] * 20, sizes=[90_000] * 3 + [100] * 20)
+    assert len(LoadBalancer.tune(many, {}, 2, 1, TuningPolicy(max_actions=2))) == 2, "bounded per round"
+    with pytest.raises(ValueError, match="multiples of the mean"):
+        TuningPolicy(hot_query_factor=0.5)
+
+
+def test_rebalance_replicates_then_splits_a_query_hot_partition(ray_local):
+    pts = skewed_points(40_000, 2, seed=75)
+    cfg = NodeConfig().with_node_count(3).replace(cpus_per_node=0.2)
+    with DistributedSpatialCluster(cfg) as c:
+        c.tuning_policy = TuningPolicy(min_split_points=100)
+        meta = c.distribute_data(pts)
+        hot = meta.partitions[5]
+        inside = pts[(pts >= hot.lo).all(1) & (pts <= hot.hi).all(1)][:400]
+        q = np.tile(inside, (10, 1))  # a skewed query load: every query lands in partition 5
+        c.distributed_knn_search(q, 1)
+        plan = c.rebalance()
+        assert [(a.partition, a.kind) for a in plan.actions] == [(5, "read_replica")], str(plan)
+        assert len(c.metadata.partitions[5].owners) == 2
+        c.distributed_knn_search(q, 1)
+        plan = c.rebalance()
+        assert [(a.partition, a.kind) for a in plan.actions] == [(5, "split")], str(plan)
+        meta2 = c.metadata
+        assert meta2.n_partitions == meta.n_partitions + 1 and meta2.n_points == len(pts)
+        assert plan.imbalance_after <= c.balance_threshold + 1e-9
+        d, i = c.distributed_knn_search(q[:300], 4)
+        np.testing.assert_allclose(d, brute_knn(pts, q[:300], 4), rtol=0, atol=1e-12)
+        assert c.rebalance().actions == [], "no new queries since the last round: nothing is hot"

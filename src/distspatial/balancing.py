@@ -12,6 +12,10 @@ Strategies:
 * ``ProportionalLoad``: points per node proportional to each node's capacity weight (heterogeneous machines);
 * ``AdaptiveLoad``: half data size, half recent query load (queries served per partition).
 
+Before migrations, :meth:`LoadBalancer.tune` applies a :class:`TuningPolicy` to single partitions: one that
+holds far more points than the mean is split at its curve-key median; one that serves far more queries than
+the mean gains a read replica (reads spread over replicas) or, when it has all it may have, is split.
+
 >>> bal = LoadBalancer(Strategy.LEAST_LOADED, threshold=1.1)
 """
 
@@ -22,7 +26,9 @@ from dataclasses import dataclass, field
 
 from .metadata import GlobalIndexMetadata
 
-__all__ = ["Strategy", "LoadMetrics", "PartitionMigration", "RebalancePlan", "LoadBalancer"]
+__all__ = [
+    "Strategy", "LoadMetrics", "PartitionMigration", "PartitionAction", "TuningPolicy", "RebalancePlan", "LoadBalancer",
+]
 
 
 class Strategy(enum.Enum):
@@ -66,10 +72,48 @@ class PartitionMigration:
     nbytes: int
 
 
+@dataclass(frozen=True)
+class TuningPolicy:
+    """When a single partition is split or gets an extra read replica (see :meth:`LoadBalancer.tune`).
+
+    Args:
+        split_size_factor: split a partition holding more than this many times the mean partition size.
+        hot_query_factor: a partition that served more than this many times the mean queries per partition
+            since the previous round is hot.
+        min_hot_queries: ignore query heat until a round saw at least this many partition-queries in total.
+        min_split_points: never split a partition smaller than this.
+        max_read_replicas: extra replicas (beyond ``replication_factor``) a hot partition may gain.
+        max_actions: splits + replicas per round (a bounded rate).
+    """
+
+    split_size_factor: float = 3.0
+    hot_query_factor: float = 4.0
+    min_hot_queries: int = 1000
+    min_split_points: int = 4096
+    max_read_replicas: int = 1
+    max_actions: int = 2
+
+    def __post_init__(self) -> None:
+        if self.split_size_factor <= 1.0 or self.hot_query_factor <= 1.0:
+            raise ValueError("split_size_factor and hot_query_factor are multiples of the mean and must be > 1")
+        if min(self.min_hot_queries, self.min_split_points, self.max_read_replicas, self.max_actions) < 0:
+            raise ValueError("TuningPolicy counts must be >= 0")
+
+
+@dataclass(frozen=True)
+class PartitionAction:
+    """A change to one partition: ``kind`` is ``"split"`` or ``"read_replica"``; ``reason`` says why."""
+
+    partition: int
+    kind: str
+    reason: str
+
+
 @dataclass
 class RebalancePlan:
     strategy: Strategy
     migrations: list[PartitionMigration] = field(default_factory=list)
+    actions: list[PartitionAction] = field(default_factory=list)  # splits and read replicas, done first
     imbalance_before: float = 1.0  # max / mean load
     imbalance_after: float = 1.0  # expected after the migrations
     loads_before: dict[int, float] = field(default_factory=dict)
@@ -85,7 +129,9 @@ class RebalancePlan:
 
     def __str__(self) -> str:
         lines = [f"RebalancePlan({self.strategy.value}): imbalance {self.imbalance_before:.3f} -> "
-                 f"{self.imbalance_after:.3f}, {len(self.migrations)} migrations, {self.migration_bytes / 1e6:.1f} MB"]
+                 f"{self.imbalance_after:.3f}, {len(self.migrations)} migrations, {self.migration_bytes / 1e6:.1f} MB"
+                 + (f", {len(self.actions)} partition actions" if self.actions else "")]
+        lines += [f"  {a.kind} partition {a.partition}: {a.reason}" for a in self.actions]
         lines += [f"  partition {m.partition}: node {m.source} -> node {m.target} (priority {m.priority:.3f})"
                   for m in self.migrations]
         return "\n".join(lines)
@@ -174,3 +220,41 @@ class LoadBalancer:
         plan.loads_after = loads()
         plan.imbalance_after = imbalance(plan.loads_after)
         return plan
+
+    @staticmethod
+    def tune(
+        meta: GlobalIndexMetadata,
+        recent_queries: dict[int, int],
+        n_live: int,
+        replication: int,
+        policy: TuningPolicy | None = None,
+    ) -> list[PartitionAction]:
+        """Splits and read replicas for partitions too large or too hot (see :class:`TuningPolicy`).
+
+        ``recent_queries``: queries each partition served since the previous round.
+
+        >>> LoadBalancer.tune(meta, {0: 90_000, 1: 100}, n_live=4, replication=1)  # doctest: +SKIP
+        [PartitionAction(partition=0, kind='read_replica', reason='served 90000 queries, 9.4x the mean')]
+        """
+        pol = policy or TuningPolicy()
+        n_parts = max(1, meta.n_partitions)
+        mean_size = meta.n_points / n_parts
+        q_total = sum(recent_queries.values())
+        mean_q = q_total / n_parts
+        acts: list[tuple[float, PartitionAction]] = []
+        for p in meta.partitions:
+            pid = p.partition_id
+            if p.size > pol.split_size_factor * mean_size and p.size >= pol.min_split_points:
+                ratio = p.size / mean_size
+                acts.append((ratio, PartitionAction(pid, "split", f"holds {p.size} points, {ratio:.1f}x the mean")))
+                continue
+            q = recent_queries.get(pid, 0)
+            if q_total >= pol.min_hot_queries and q > pol.hot_query_factor * mean_q:
+                ratio = q / mean_q
+                why = f"served {q} queries, {ratio:.1f}x the mean"
+                if len(p.owners) < min(n_live, replication + pol.max_read_replicas):
+                    acts.append((ratio, PartitionAction(pid, "read_replica", why)))
+                elif p.size >= pol.min_split_points:
+                    acts.append((ratio, PartitionAction(pid, "split", why)))
+        acts.sort(key=lambda a: (-a[0], a[1].partition))
+        return [a for _, a in acts[: pol.max_actions]]

@@ -27,7 +27,7 @@ import ray
 
 from . import kmeans as _kmeans
 from .compression import decode_all, encode, encode_all, message_bytes, wire_and_raw
-from .balancing import LoadBalancer, LoadMetrics, RebalancePlan, Strategy
+from .balancing import LoadBalancer, LoadMetrics, RebalancePlan, Strategy, TuningPolicy
 from .config import NodeConfig
 from .curves import curve_keys
 from .dispatch import Dispatcher
@@ -106,6 +106,8 @@ class DistributedSpatialCluster:
         self._part_queries: dict[tuple[int, int], int] = {}  # (node, partition) -> queries served there
         self.balance_threshold = 1.25  # max/mean load that triggers an automatic rebalance
         self.node_capacity: dict[int, float] = {}  # capacity weights for ProportionalLoad (default 1.0)
+        self.tuning_policy = TuningPolicy()  # when rebalance() splits partitions or adds read replicas
+        self._part_q_tuned: dict[int, int] = {}  # per-partition query counts at the previous rebalance
         try:
             self._actors, self._node_info = self._start_nodes()
         except BaseException:
@@ -920,10 +922,14 @@ class DistributedSpatialCluster:
         self, dry_run: bool = False, strategy: Strategy | str | None = None, threshold: float | None = None,
         max_migrations: int | None = None,
     ) -> RebalancePlan:
-        """Plan (and unless ``dry_run``, carry out) migrations that even out node load.
+        """Plan (and unless ``dry_run``, carry out) splits, read replicas and migrations that even out load.
 
         ``strategy``: ``"RoundRobin"``, ``"LeastLoaded"``, ``"ProportionalLoad"`` or ``"AdaptiveLoad"``
-        (default; data size and recent query load). Migrations run online: queries stay exact.
+        (default; data size and recent query load). First, partitions too large or too hot since the previous
+        call are split or given a read replica (``cluster.tuning_policy``, a
+        :class:`~distspatial.balancing.TuningPolicy`; listed in ``plan.actions``); then migrations move
+        partitions off the heaviest nodes. Everything runs online: queries stay exact. With load balancing on
+        (``NodeConfig.with_load_balancing``), the heartbeat thread calls this at a bounded rate.
 
         >>> print(cluster.rebalance(dry_run=True))  # doctest: +SKIP
         RebalancePlan(AdaptiveLoad): imbalance 2.800 -> 1.000, 6 migrations, 48.0 MB
@@ -934,15 +940,30 @@ class DistributedSpatialCluster:
         part_q: dict[int, int] = {}
         for (_, pid), v in self._part_queries.items():
             part_q[pid] = part_q.get(pid, 0) + v
+        recent = {p: v - self._part_q_tuned.get(p, 0) for p, v in part_q.items()}
         balancer = LoadBalancer(strat, threshold if threshold is not None else self.balance_threshold,
                                 self.node_capacity, max_migrations or 64)
         with self._meta_lock:
-            plan = balancer.plan(meta, self.live_node_ids, part_q)
+            actions = balancer.tune(self._meta, recent, len(self.live_node_ids), self.config.replication_factor,
+                                    self.tuning_policy)
+            if not dry_run:
+                self._part_q_tuned = part_q
+                for a in actions:
+                    try:
+                        if a.kind == "split":
+                            self.split_partition(a.partition)
+                        else:
+                            self.add_read_replica(a.partition)
+                        log.info("distspatial: %s partition %d (%s)", a.kind.replace("_", " "), a.partition, a.reason)
+                    except (ValueError, NodeFailureError) as exc:
+                        log.warning("distspatial: %s of partition %d skipped: %s", a.kind, a.partition, exc)
+            plan = balancer.plan(self._meta, self.live_node_ids, part_q)
+            plan.actions = actions
             if not dry_run:
                 for m in plan.migrations:
                     if m.source in self._meta.partitions[m.partition].owners:
                         self._move_partition(m.partition, m.source, m.target)
-                if plan.migrations:
+                if plan.migrations or actions:
                     log.info("distspatial: rebalanced: %s", str(plan).splitlines()[0])
         return plan
 
