@@ -102,7 +102,7 @@ def encode_all(obj: Any, enabled: bool = True, min_bytes: int = DEFAULT_MIN_BYTE
     if isinstance(obj, np.ndarray):
         return encode(obj, min_bytes=min_bytes)
     if isinstance(obj, tuple):
-        return tuple(encode_all(o, True, min_bytes) for o in obj)
+        return _same_tuple(obj, [encode_all(o, True, min_bytes) for o in obj])
     if isinstance(obj, list):
         return [encode_all(o, True, min_bytes) for o in obj]
     return obj
@@ -113,10 +113,15 @@ def decode_all(obj: Any) -> Any:
     if isinstance(obj, EncodedArray):
         return decode(obj)
     if isinstance(obj, tuple):
-        return tuple(decode_all(o) for o in obj)
+        return _same_tuple(obj, [decode_all(o) for o in obj])
     if isinstance(obj, list):
         return [decode_all(o) for o in obj]
     return obj
+
+
+def _same_tuple(like: tuple, items: list) -> tuple:
+    """A tuple of ``items`` of the same type as ``like`` (named tuples keep their type)."""
+    return type(like)(*items) if hasattr(like, "_fields") else tuple(items)
 
 
 def message_bytes(*objs: Any, raw: bool = False) -> int:

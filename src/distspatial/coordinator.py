@@ -25,12 +25,14 @@ from typing import Any
 import numpy as np
 import ray
 
+from . import hierarchical as _hierarchical
 from . import kmeans as _kmeans
 from .compression import decode_all, encode, encode_all, message_bytes, wire_and_raw
 from .balancing import LoadBalancer, LoadMetrics, RebalancePlan, Strategy, TuningPolicy
 from .config import NodeConfig
 from .curves import curve_keys
 from .dispatch import Dispatcher
+from .hierarchical import HierarchicalResult
 from .errors import NodeFailureError, NotDistributedError, PartitionLostError
 from .fault import FailureType, FaultDetector, RecoveryPlan, RecoveryStrategy
 from .local_index import merge_topk
@@ -521,6 +523,27 @@ class DistributedSpatialCluster:
             self, meta, k, max_iterations, tol, init, self.config.seed if seed is None else seed,
             oversampling_factor, init_rounds,
         )
+
+    def distributed_hierarchical(
+        self,
+        n_clusters: int | None = None,
+        distance_threshold: float | None = None,
+        linkage: str = "ward",
+        n_micro_clusters: int = 2000,
+        seed: int | None = None,
+    ) -> HierarchicalResult:
+        """Multi-level hierarchical clustering: micro-clusters on the nodes, weighted Ward on the coordinator.
+
+        Exactly one of ``n_clusters`` / ``distance_threshold`` (Ward height, scipy's convention) is set.
+        ``n_micro_clusters`` leaves in total, spread over the partitions by size. Returns a
+        :class:`~distspatial.hierarchical.HierarchicalResult` (unpacks to ``(labels, linkage)``; labels in the
+        order of the rows given to ``distribute_data``; ``linkage`` in scipy's format over the micro-clusters).
+
+        >>> labels, Z = cluster.distributed_hierarchical(n_clusters=5)  # doctest: +SKIP
+        >>> scipy.cluster.hierarchy.dendrogram(Z, no_plot=True)  # doctest: +SKIP
+        """
+        return _hierarchical.run_hierarchical(self, n_clusters, distance_threshold, linkage, int(n_micro_clusters),
+                                              (self.config.seed or 0) if seed is None else seed)
 
     def _partitions_call(self, method: str, *args: Any, partitions: list[int] | None = None) -> list[tuple[list[int], Any]]:
         """Call ``node.method(*args, partition_ids)`` on one replica of each partition; ``[(pids, result)]``."""

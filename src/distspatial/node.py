@@ -376,6 +376,19 @@ class SpatialNode:
         d = next(iter(self.partitions.values())).points.shape[1] if self.partitions else 0
         return np.concatenate(out) if out else np.empty((0, d))
 
+    # -- hierarchical clustering (level 1) ------------------------------------------------------------------
+    @data_message()
+    def micro_clusters(self, per_partition: dict[int, int], seed: int, partition_ids: list[int]) -> list[tuple]:
+        """Micro-cluster summaries of each partition: ``[(pid, MicroClusters without labels, ids, labels)]``."""
+        from .hierarchical_kernels import micro_clusters
+
+        out = []
+        for pid in partition_ids:
+            part = self._part(pid)
+            mc = micro_clusters(part.points, per_partition[pid], seed=int(seed) * 1_000_003 + pid)
+            out.append((pid, mc.summary(), part.ids, mc.labels))
+        return out
+
     @data_message()
     def nearest_counts(self, centers: np.ndarray, partition_ids: list[int]) -> np.ndarray:
         """How many points of ``partition_ids`` have each of ``centers`` as their nearest."""
