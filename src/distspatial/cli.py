@@ -1,14 +1,41 @@
-"""Command line: ``distspatial demo`` (more commands arrive with the user-facing issue)."""
+"""Command line: ``distspatial <command>``.
+
+Commands: ``demo`` (the README's main job), ``knn``, ``range``, ``kmeans``, ``stats`` (on a point file: ``.npy``,
+``.csv``, ``.parquet``, ``.las``/``.laz``) and ``bench`` (kNN against scipy's cKDTree on generated data).
+``distspatial <command> --help`` lists the options.
+
+Exit status: 0 success; 1 failure (a runtime error, or a check that did not hold); 2 bad usage or bad input
+(an unknown option, a missing file or column, a non-numeric or non-finite value), reported as one line on stderr;
+130 interrupted. ``--traceback`` shows the full traceback instead of the one-line message.
+
+Adding a command is a function decorated with :func:`subcommand`: it receives a :class:`Session` whose
+``cluster`` holds the distributed input (``points``, ``ids`` and ``columns`` are on the session too) and
+returns the exit status; ``prepare`` (optional) runs after the input is read and before Ray starts, to
+read and check further inputs so that mistakes fail fast. For example::
+
+    @subcommand("dbscan", "density-based clustering", output="id, label",
+                arguments=[arg("--eps", type=_positive_float, required=True), arg("--min-samples", type=int)])
+    def _dbscan(s: Session) -> int:
+        labels = s.cluster.distributed_dbscan(s.args.eps, s.args.min_samples)
+        s.emit(labels_table(labels, s.ids), "labels")
+        return 0
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import os
 import sys
 import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import numpy as np
 
-__all__ = ["main", "run_demo"]
+__all__ = ["main", "run_demo", "subcommand", "arg", "Session", "SUBCOMMANDS"]
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
 def _brute_knn(points: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
@@ -98,9 +125,371 @@ def run_demo(
     return ok
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="distspatial", description="Distributed spatial index on Ray")
-    sub = parser.add_subparsers(dest="command", required=True)
+
+# -- argument types -------------------------------------------------------------------------------------------
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
+    return v
+
+
+def _nonneg_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not np.isfinite(v) or v < 0:
+        raise argparse.ArgumentTypeError(f"must be finite and >= 0, got {text}")
+    return v
+
+
+def _positive_float(text: str) -> float:
+    v = _nonneg_float(text)
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return v
+
+
+def _output_path(text: str) -> str:
+    from .io import DataFileError, WRITE_FORMATS, detect_format
+
+    try:
+        detect_format(text, WRITE_FORMATS)
+    except DataFileError as exc:
+        raise argparse.ArgumentTypeError(f"{exc.problem} in {text!r}: {exc.fix}") from None
+    return text
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error message (exit status 2)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+# -- subcommand registry ----------------------------------------------------------------------------------------
+def arg(*flags: str, **kwargs: Any) -> tuple[tuple[str, ...], dict]:
+    """One ``add_argument`` call for :func:`subcommand`'s ``arguments``."""
+    return flags, kwargs
+
+
+@dataclass
+class Subcommand:
+    name: str
+    help: str
+    run: Callable[[Session], int]
+    arguments: list = field(default_factory=list)
+    data: bool = True  # takes an input point file and distributes it before ``run``
+    output: str = ""  # what --output holds
+    prepare: Callable[[Session], None] | None = None
+
+
+SUBCOMMANDS: dict[str, Subcommand] = {}
+
+
+def subcommand(name: str, help: str, *, arguments: list | None = None, data: bool = True, output: str = "",
+               prepare: Callable[[Session], None] | None = None):
+    """Register ``fn(session) -> exit status`` as ``distspatial NAME``.
+
+    Args:
+        arguments: ``arg(...)`` entries added to the command's parser.
+        data: the command reads an input point file (``INPUT``, ``--columns``, ``--id-column``) and distributes it
+            before ``fn`` runs; ``False`` for commands that make their own data (``bench``).
+        output: what ``--output`` holds (shown in ``--help``).
+        prepare: called after the input is read and before Ray starts (read and check more files).
+    """
+
+    def register(fn: Callable[[Session], int]) -> Callable[[Session], int]:
+        SUBCOMMANDS[name] = Subcommand(name, help, fn, list(arguments or []), data, output, prepare)
+        return fn
+
+    return register
+
+
+@dataclass
+class Session:
+    """What a subcommand works with: parsed ``args``, the input (``points``, ``ids``, ``columns``), the running
+    ``cluster``, and helpers to print (``say``), time steps (``timed``) and write results (``emit``)."""
+
+    args: argparse.Namespace
+    out: Any = None
+    points: np.ndarray | None = None
+    ids: np.ndarray | None = None
+    columns: list[str] = field(default_factory=list)
+    cluster: Any = None
+    extra: dict = field(default_factory=dict)  # whatever ``prepare`` read (queries, ...)
+
+    @property
+    def progress(self) -> bool:
+        return not getattr(self.args, "no_progress", False)
+
+    def say(self, msg: str = "") -> None:
+        print(msg, file=self.out or sys.stdout, flush=True)
+
+    def timed(self, label: str) -> _Timed:
+        return _Timed(self, label)
+
+    def row_ids(self) -> np.ndarray:
+        """The ids results speak in: the id column's values, else the input row numbers."""
+        return self.ids if self.ids is not None else np.arange(len(self.points), dtype=np.int64)
+
+    def read(self, path: str, columns: Any = None, id_column: str | None = None, what: str = "input"):
+        """``(points, ids, source)`` of a point file, read in chunks with a progress bar."""
+        from .io import open_points
+        from .progress import progress_bar
+
+        src = open_points(path, columns, id_column)
+        with progress_bar(src.n_rows, f"reading {os.path.basename(path)}", self.progress, unit="pts") as bar:
+            pts, ids = src.read(getattr(self.args, "chunk_rows", None), bar.update)
+        return pts, ids, src
+
+    def emit(self, table: dict, what: str, preview_rows: int = 10) -> None:
+        """Write ``table`` to ``--output`` if given, else print its first rows."""
+        from .io import write_results
+
+        n = len(next(iter(table.values()))) if table else 0
+        path = getattr(self.args, "output", None)
+        if path:
+            with self.timed(f"wrote {n:,} rows of {what} ({', '.join(table)}) to {path}"):
+                write_results(path, table)
+            return
+        self.say(f"{what}: {n:,} rows; first {min(n, preview_rows)}:")
+        self.say(_preview(table, preview_rows))
+        if n > preview_rows:
+            self.say(f"... (--output FILE.parquet or FILE.csv writes all {n:,} rows)")
+
+
+class _Timed:
+    def __init__(self, session: Session, label: str) -> None:
+        self.session, self.label = session, label
+
+    def __enter__(self) -> _Timed:
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, exc_type, *rest: object) -> None:
+        self.seconds = time.perf_counter() - self.t0
+        if exc_type is None:
+            self.session.say(f"{self.label}: {self.seconds:.2f} s")
+
+
+def _preview(table: dict, rows: int) -> str:
+    names = list(table)
+    cells = [names]
+    n = len(table[names[0]]) if names else 0
+    for r in range(min(n, rows)):
+        row = []
+        for c in names:
+            v = table[c][r]
+            row.append(f"{v:.6g}" if isinstance(v, (float, np.floating)) else str(v))
+        cells.append(row)
+    widths = [max(len(line[j]) for line in cells) for j in range(len(names))]
+    return "\n".join("  ".join(x.rjust(w) for x, w in zip(line, widths)) for line in cells)
+
+
+# -- the commands -----------------------------------------------------------------------------------------------
+def _read_queries(s: Session) -> None:
+    """``--queries FILE``: columns ``--query-columns``, else ``--columns`` when the file has them all, else every
+    column but ``--query-id-column``."""
+    from .io import open_points
+
+    a = s.args
+    cols = a.query_columns
+    if cols is None and a.columns is not None:
+        probe = open_points(a.queries, None, a.query_id_column)
+        cols = s.columns if all(c in probe.available for c in s.columns) else None
+    q, qids, src = s.read(a.queries, cols, a.query_id_column, "queries")
+    if q.shape[1] != s.points.shape[1]:
+        from .io import DataFileError
+
+        raise DataFileError(a.queries, f"the queries have {q.shape[1]} coordinate column(s) ({', '.join(src.columns)})"
+                            f" but the input has {s.points.shape[1]} ({', '.join(s.columns)})",
+                            "choose matching columns with --query-columns")
+    s.extra["queries"], s.extra["query_ids"] = q, qids
+
+
+def _check_k(s: Session) -> None:
+    if s.args.k > len(s.points):
+        raise ValueError(f"-k {s.args.k} is larger than the number of input points ({len(s.points)}); "
+                         f"use -k <= {len(s.points)}")
+
+
+def _prepare_knn(s: Session) -> None:
+    _check_k(s)
+    _read_queries(s)
+
+
+_QUERY_ARGS = [
+    arg("--queries", required=True, metavar="FILE", help="query points (same formats as INPUT)"),
+    arg("--query-columns", metavar="A,B", help="coordinate columns of the query file (default: --columns if the "
+        "file has them, else all but --query-id-column)"),
+    arg("--query-id-column", metavar="NAME", help="column labelling each query in the output (default: its row)"),
+]
+
+
+@subcommand("knn", "exact k nearest neighbours of every query point", prepare=_prepare_knn,
+            output="query, rank (1 = nearest), id, distance: one row per neighbour",
+            arguments=[*_QUERY_ARGS, arg("-k", type=_positive_int, default=10, help="neighbours per query (10)")])
+def _knn(s: Session) -> int:
+    from .io import knn_table
+
+    q = s.extra["queries"]
+    with s.timed(f"knn: {len(q):,} queries, k={s.args.k}"):
+        dist, ids = s.cluster.distributed_knn_search(q, s.args.k)
+    s.emit(knn_table(dist, ids, s.extra["query_ids"]), "neighbours")
+    return EXIT_OK
+
+
+@subcommand("range", "every point within a radius of each query point", prepare=_read_queries,
+            output="query, id, distance: one row per point found, sorted by query then id",
+            arguments=[*_QUERY_ARGS, arg("--radius", type=_nonneg_float, required=True, help="ball radius")])
+def _range(s: Session) -> int:
+    from .io import range_table
+
+    q = s.extra["queries"]
+    with s.timed(f"range: {len(q):,} balls of radius {s.args.radius:g}"):
+        found = s.cluster.range_search(q, s.args.radius, return_points=True)
+    hits = [ids for ids, _ in found]
+    dists = [np.sqrt(((pts - q[i]) ** 2).sum(axis=1)) for i, (_, pts) in enumerate(found)]
+    s.say(f"points found: {sum(len(h) for h in hits):,} in total")
+    s.emit(range_table(hits, dists, s.extra["query_ids"]), "points found")
+    return EXIT_OK
+
+
+@subcommand("kmeans", "distributed k-means (k-means|| init, Lloyd iterations)", prepare=_check_k,
+            output="id, label: one row per input point",
+            arguments=[
+                arg("-k", type=_positive_int, default=8, help="clusters (8)"),
+                arg("--max-iter", type=_positive_int, default=300, help="Lloyd iterations at most (300)"),
+                arg("--tol", type=_nonneg_float, default=1e-4, help="relative tolerance, 0 = until labels settle"),
+                arg("--init", choices=["k-means||", "random"], default="k-means||"),
+                arg("--seed", type=_nonneg_int, default=None, help="random seed (default: nondeterministic)"),
+                arg("--centroids", type=_output_path, metavar="PATH", help="also write the centroids here"),
+            ])
+def _kmeans(s: Session) -> int:
+    from .io import centroids_table, labels_table, write_results
+
+    a = s.args
+    with s.timed(f"kmeans: k={a.k}"):
+        res = s.cluster.distributed_kmeans(a.k, a.max_iter, tol=a.tol, init=a.init, seed=a.seed)
+    sizes = np.bincount(res.labels, minlength=a.k)
+    s.say(f"{res.n_iter} iterations, inertia {res.inertia:.6g}; cluster sizes min {sizes.min():,} "
+          f"max {sizes.max():,}")
+    cent = centroids_table(res.centroids, s.columns)
+    if a.centroids:
+        write_results(a.centroids, cent)
+        s.say(f"wrote {len(res.centroids)} centroids to {a.centroids}")
+    else:
+        s.say("centroids:")
+        s.say(_preview(cent, 50))
+    s.emit(labels_table(res.labels, s.row_ids()), "labels")
+    return EXIT_OK
+
+
+@subcommand("stats", "distribute the input and print the cluster's statistics",
+            output="one row per node: the statistics' per-node fields")
+def _stats(s: Session) -> int:
+    st = s.cluster.statistics()
+    lo, hi = s.points.min(axis=0), s.points.max(axis=0)
+    s.say(f"input: {len(s.points):,} points, {s.points.shape[1]} dimensions ({', '.join(s.columns)}); "
+          f"bounds {np.array2string(lo, precision=6)} .. {np.array2string(hi, precision=6)}")
+    s.say(str(st))
+    if s.args.output:
+        rows = [dataclasses.asdict(n) for n in st.nodes]
+        s.emit({k: np.array([r[k] for r in rows]) for k in rows[0]}, "node statistics")
+    return EXIT_OK
+
+
+@subcommand("bench", "quick benchmark: batched kNN against scipy's cKDTree on generated data", data=False,
+            output="one row per measurement: name, seconds",
+            arguments=[
+                arg("--points", type=_positive_int, default=200_000, help="points to generate (200,000)"),
+                arg("--queries", type=_positive_int, default=20_000, help="queries (20,000)"),
+                arg("-k", type=_positive_int, default=10, help="neighbours per query (10)"),
+                arg("--dim", type=_positive_int, default=2, help="dimensions (2)"),
+                arg("--seed", type=_nonneg_int, default=0),
+            ])
+def _bench(s: Session) -> int:
+    from scipy.spatial import cKDTree
+
+    from .datasets import skewed_points
+
+    a = s.args
+    if a.k > a.points:
+        raise ValueError(f"-k {a.k} is larger than --points {a.points}")
+    pts = skewed_points(a.points, a.dim, seed=a.seed)
+    q = skewed_points(a.queries, a.dim, seed=a.seed, sample_seed=a.seed + 1)
+    s.say(f"bench: {a.points:,} skewed {a.dim}-D points, {a.queries:,} queries, k={a.k}")
+    with s.timed("cKDTree build") as t_build:
+        tree = cKDTree(pts)
+    with s.timed("cKDTree query (workers=-1)") as t_ref:
+        ref_d, _ = tree.query(q, a.k, workers=-1)
+    with s.timed("distribute_data") as t_dist:
+        s.cluster.distribute_data(pts)
+    s.cluster.distributed_knn_search(q[: min(100, len(q))], a.k)  # warm up (first call compiles/caches)
+    with s.timed("distributed_knn_search") as t_knn:
+        dist, _ = s.cluster.distributed_knn_search(q, a.k)
+    exact = bool(np.allclose(dist.reshape(ref_d.shape), ref_d, rtol=0, atol=1e-12))
+    ratio = t_knn.seconds / t_ref.seconds if t_ref.seconds > 0 else float("inf")
+    s.say(f"query time ratio distributed / cKDTree: {ratio:.2f} "
+          f"({a.queries / t_knn.seconds:,.0f} vs {a.queries / t_ref.seconds:,.0f} queries/s); "
+          f"answers {'exact' if exact else 'WRONG'}")
+    if s.args.output:
+        s.emit({"name": np.array(["ckdtree_build", "ckdtree_query", "distribute", "distributed_query", "ratio"]),
+                "seconds": np.array([t_build.seconds, t_ref.seconds, t_dist.seconds, t_knn.seconds, ratio])},
+               "timings")
+    return EXIT_OK if exact else EXIT_FAILED
+
+
+# -- parser and driver ------------------------------------------------------------------------------------------
+def _cluster_options() -> argparse.ArgumentParser:
+    p = _Parser(add_help=False)
+    g = p.add_argument_group("cluster")
+    g.add_argument("--nodes", type=_positive_int, default=None, metavar="N", help="logical nodes (default 4)")
+    g.add_argument("--address", default=None, help="join an existing Ray cluster ('auto', 'ray://host:port'); "
+                   "default: start an embedded local runtime (stopped at the end)")
+    g.add_argument("--curve", choices=["hilbert", "morton"], default="hilbert", help="space-filling curve")
+    g.add_argument("--partitions", type=_positive_int, default=None, metavar="N",
+                   help="partitions cut per node (default 4)")
+    g.add_argument("--replication", type=_positive_int, default=None, metavar="R",
+                   help="copies of each partition on distinct nodes (default 1; <= --nodes)")
+    o = p.add_argument_group("output")
+    o.add_argument("--output", "-o", type=_output_path, default=None, metavar="PATH",
+                   help="write the results to PATH (.parquet or .csv)")
+    o.add_argument("--no-progress", action="store_true", help="no progress bars (they show only on a terminal)")
+    o.add_argument("--traceback", action="store_true", help="show full tracebacks of errors")
+    return p
+
+
+def _input_options() -> argparse.ArgumentParser:
+    p = _Parser(add_help=False)
+    g = p.add_argument_group("input")
+    g.add_argument("input", metavar="INPUT", help="point file: .npy, .csv/.tsv, .parquet, .las/.laz")
+    g.add_argument("--columns", metavar="X,Y[,Z]", default=None,
+                   help="coordinate columns (default: all but --id-column; LAS/LAZ: x,y,z; plain .npy and "
+                        "headerless CSV columns are named 0,1,...)")
+    g.add_argument("--id-column", metavar="NAME", default=None,
+                   help="integer id column; results report these ids (default: the input row number)")
+    g.add_argument("--chunk-rows", type=_positive_int, default=None, metavar="N",
+                   help="rows read per chunk (default 1,048,576)")
+    return p
+
+
+def _add_demo(sub) -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="distribute a skewed 1M-point set, run k-means and kNN, check and report")
     demo.add_argument("--points", type=int, default=1_000_000, help="points to generate (default 1,000,000)")
     demo.add_argument("--nodes", type=int, default=4, help="logical nodes (default 4)")
@@ -110,14 +499,103 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--curve", choices=["hilbert", "morton"], default="hilbert")
     demo.add_argument("--address", default=None, help="join an existing Ray cluster ('auto', 'ray://host:port')")
     demo.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    return demo
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="distspatial", description="Distributed spatial index on Ray",
+                     epilog="exit status: 0 ok, 1 failed, 2 bad usage or input, 130 interrupted")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.subcommand_parsers = {"demo": _add_demo(sub)}
+    cluster = _cluster_options()
+    inputs = _input_options()
+    for cmd in SUBCOMMANDS.values():
+        parents = [inputs, cluster] if cmd.data else [cluster]
+        epilog = f"--output holds: {cmd.output}" if cmd.output else None
+        p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help, parents=parents, epilog=epilog)
+        for flags, kwargs in cmd.arguments:
+            p.add_argument(*flags, **kwargs)
+        parser.subcommand_parsers[cmd.name] = p
+    return parser
+
+
+def _config(args: argparse.Namespace):
+    from . import NodeConfig
+
+    cfg = NodeConfig()
+    if args.nodes is not None:
+        cfg = cfg.with_node_count(args.nodes)
+    if args.partitions is not None:
+        cfg = cfg.with_partitions_per_node(args.partitions)
+    if args.replication is not None:
+        if args.replication > cfg.node_count:
+            raise ValueError(f"--replication {args.replication} needs at least that many nodes; "
+                             f"--nodes is {cfg.node_count}")
+        cfg = cfg.with_replication_factor(args.replication)
+    return cfg.with_curve(args.curve).with_address(args.address)
+
+
+def _run(cmd: Subcommand, args: argparse.Namespace, out) -> int:
+    from . import DistributedSpatialCluster
+
+    s = Session(args, out)
+    cfg = _config(args)  # bad cluster options fail before any file is read
+    if cmd.data:
+        s.points, s.ids, src = s.read(args.input, args.columns, args.id_column)
+        s.columns = src.columns
+        s.say(f"read {len(s.points):,} points of {s.points.shape[1]} dimensions ({', '.join(s.columns)}) "
+              f"from {args.input}")
+    if cmd.prepare is not None:
+        cmd.prepare(s)
+    with DistributedSpatialCluster(cfg) as cluster:  # stops the runtime at the end if it started one
+        s.cluster = cluster
+        if cmd.data:
+            # TODO(distribute_chunks): hand the chunk iterator (open_points(...).chunks()) to the coordinator
+            # once it can distribute a stream; until then the chunks are concatenated on the driver.
+            with s.timed(f"distribute_data over {cfg.node_count} nodes"):
+                cluster.distribute_data(s.points, s.ids)
+        return cmd.run(s)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if isinstance(exc, ValueError) else f"{type(exc).__name__}: {text}"
+
+
+def main(argv: list[str] | None = None, out=None) -> int:
+    """Run ``distspatial`` with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
+    parser = build_parser()
+    try:
+        args, unknown = parser.parse_known_args(argv)
+        if unknown:  # reported by the subcommand's parser, whose --help lists the options
+            parser.subcommand_parsers[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
+    except SystemExit as exc:  # --help (0) and usage errors (2): argparse has printed the message
+        return int(exc.code or 0) if not isinstance(exc.code, str) else EXIT_USAGE
     if args.command == "demo":
         if args.points < 1 or args.queries < 1 or args.k < 1 or args.k > args.points or args.clusters < 1:
-            parser.error("--points, --queries, -k and --clusters must be >= 1 and -k <= --points")
+            try:
+                parser.error("--points, --queries, -k and --clusters must be >= 1 and -k <= --points")
+            except SystemExit:
+                return EXIT_USAGE
         ok = run_demo(args.points, args.nodes, args.queries, args.k, args.clusters, args.curve, args.address,
-                      seed=args.seed)
-        return 0 if ok else 1
-    return 2  # pragma: no cover
+                      seed=args.seed, out=out or sys.stdout)
+        return EXIT_OK if ok else EXIT_FAILED
+    prog = f"distspatial {args.command}"
+    try:
+        return _run(SUBCOMMANDS[args.command], args, out)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except ValueError as exc:  # bad input: DataFileError (files, columns, values) is a ValueError
+        if args.traceback:
+            raise
+        print(f"{prog}: error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as exc:
+        if args.traceback:
+            raise
+        print(f"{prog}: error: {_one_line(exc)} (--traceback shows where)", file=sys.stderr)
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":  # pragma: no cover
