@@ -49,3 +49,56 @@ def test_hierarchical_with_ids_and_errors(cluster):
         cluster.distributed_hierarchical(n_clusters=2, linkage="single")
     with pytest.raises(ValueError, match="raise n_micro_clusters"):
         cluster.distributed_hierarchical(n_clusters=500, n_micro_clusters=50)
+
+
+def test_knn_join_array_file_stream_and_self_join(cluster, tmp_path):
+    import pyarrow.parquet as pq
+    from scipy.spatial import cKDTree
+
+    from distspatial.datasets import skewed_points
+
+    pts = skewed_points(40_000, 3, seed=31)
+    pts[:500] = pts[500:1000]  # duplicates: the self-join must drop the point itself, not its twin
+    other = skewed_points(7_000, 3, seed=31, sample_seed=5)
+    cluster.distribute_data(pts)
+    tree = cKDTree(pts)
+    ref_d, ref_i = tree.query(other, 4)
+    d, i = cluster.knn_join(other, 4)
+    np.testing.assert_allclose(d, ref_d, rtol=0, atol=1e-12)
+    # a stream of chunks: nothing collected, same answers
+    chunks = list(cluster.knn_join(iter(np.array_split(other, 3)), 4))
+    assert len(chunks) == 3
+    np.testing.assert_allclose(np.concatenate([c[0] for c in chunks]), ref_d, rtol=0, atol=1e-12)
+    # from a file, written chunk by chunk
+    np.save(tmp_path / "other.npy", other)
+    out = cluster.knn_join(str(tmp_path / "other.npy"), 4, output=str(tmp_path / "join.parquet"), chunk_rows=2_000)
+    t = {c: col.to_numpy() for c, col in zip(pq.read_table(out).column_names, pq.read_table(out).columns)}
+    assert len(t["query"]) == 4 * len(other) and t["query"].max() == len(other) - 1
+    got = t["distance"][np.lexsort((t["rank"], t["query"]))].reshape(-1, 4)
+    np.testing.assert_allclose(got, ref_d, rtol=0, atol=1e-12)
+    # all-kNN of the distributed set itself, excluding each point
+    sd, si = cluster.knn_join(k=3, self_join=True, chunk_rows=10_000)
+    rd, ri = tree.query(pts, 4)
+    assert not np.any(si == np.arange(len(pts))[:, None]), "a point is never its own neighbour"
+    np.testing.assert_allclose(sd, rd[:, 1:], rtol=0, atol=1e-12)
+    assert np.all(sd[500:1000, 0] == 0) and np.all(sd[:500, 0] == 0), "duplicates are each other's neighbours"
+    with pytest.raises(ValueError, match="self_join=True"):
+        cluster.knn_join(None, 3)
+    with pytest.raises(ValueError, match="other_points=None"):
+        cluster.knn_join(other, 3, self_join=True)
+
+
+def test_distance_matrix_in_memory_on_disk_and_too_big(cluster, tmp_path):
+    from scipy.spatial.distance import cdist
+
+    rng = np.random.default_rng(3)
+    a, b = rng.random((1_500, 3)), rng.random((900, 3))
+    np.testing.assert_allclose(cluster.distance_matrix(a, b, tile_rows=400), cdist(a, b), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(cluster.distance_matrix(a[:300]), cdist(a[:300], a[:300]), rtol=0, atol=1e-12)
+    with pytest.raises(MemoryError, match="output='matrix.npy'"):
+        cluster.distance_matrix(a, b, memory_budget=1_000_000)
+    path = tmp_path / "dm.npy"
+    cluster.distance_matrix(a, b, output=str(path), memory_budget=1_000_000, tile_rows=512)
+    np.testing.assert_allclose(np.load(path), cdist(a, b), rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="same dimension"):
+        cluster.distance_matrix(a, b[:, :2])

@@ -26,6 +26,7 @@ import numpy as np
 import ray
 
 from . import hierarchical as _hierarchical
+from . import join as _join
 from . import kmeans as _kmeans
 from .compression import decode_all, encode, encode_all, message_bytes, wire_and_raw
 from .balancing import LoadBalancer, LoadMetrics, RebalancePlan, Strategy, TuningPolicy
@@ -544,6 +545,45 @@ class DistributedSpatialCluster:
         """
         return _hierarchical.run_hierarchical(self, n_clusters, distance_threshold, linkage, int(n_micro_clusters),
                                               (self.config.seed or 0) if seed is None else seed)
+
+    def knn_join(
+        self,
+        other_points: Any = None,
+        k: int = 1,
+        self_join: bool = False,
+        output: str | None = None,
+        chunk_rows: int = 250_000,
+        columns: Any = None,
+    ) -> Any:
+        """Exact kNN join: the ``k`` nearest points of the distributed set for every row of ``other_points``.
+
+        ``other_points``: an ``(m, d)`` array -> ``(distances (m, k), ids (m, k))``; a file path (``.npy``, CSV,
+        Parquet, LAS; ``columns`` picks coordinates) or an iterable of ``(n, d)`` chunks -> a generator of
+        ``(distances, ids)`` per chunk (nothing is collected on the driver). With ``output`` (``.parquet`` or
+        ``.csv``) the answers are written chunk by chunk as rows ``(query, rank, id, distance)`` and the path is
+        returned. ``self_join=True`` (no ``other_points``): the all-kNN of the distributed set, each point
+        excluding itself, rows in ``distribute_data`` order (``query`` = the point's id in a file).
+
+        >>> dist, ids = cluster.knn_join(other, k=5)  # doctest: +SKIP
+        >>> cluster.knn_join("big.parquet", k=5, columns="x,y", output="join.parquet")  # doctest: +SKIP
+        """
+        return _join.knn_join(self, other_points, k, self_join, output, chunk_rows, columns)
+
+    def distance_matrix(
+        self, a: Any, b: Any = None, output: str | None = None, memory_budget: int = _join.DEFAULT_MEMORY_BUDGET,
+        tile_rows: int = 4096,
+    ) -> np.ndarray:
+        """Euclidean distance matrix between the rows of ``a`` and ``b`` (``b=None``: ``a`` with itself), computed
+        in ``tile_rows`` x ``tile_rows`` tiles on the nodes.
+
+        Returned whole when ``rows(a) * rows(b) * 8`` bytes fit ``memory_budget`` (default 2 GiB); otherwise
+        pass ``output="matrix.npy"`` and the tiles are written into that memory-mapped file as they arrive
+        (returned as a ``numpy.memmap``). Neither possible: :class:`MemoryError` (or :class:`OSError` when the
+        disk is too small) saying so, before any work starts.
+
+        >>> D = cluster.distance_matrix(a, b)  # doctest: +SKIP
+        """
+        return _join.distance_matrix(self, a, b, output, memory_budget, tile_rows)
 
     def _partitions_call(self, method: str, *args: Any, partitions: list[int] | None = None) -> list[tuple[list[int], Any]]:
         """Call ``node.method(*args, partition_ids)`` on one replica of each partition; ``[(pids, result)]``."""

@@ -376,6 +376,13 @@ class SpatialNode:
         d = next(iter(self.partitions.values())).points.shape[1] if self.partitions else 0
         return np.concatenate(out) if out else np.empty((0, d))
 
+    @data_message(compress_result=True)
+    def distance_tile(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """Euclidean distances between the rows of ``a`` and ``b`` (one tile of a distance matrix)."""
+        from scipy.spatial.distance import cdist
+
+        return cdist(a, b)
+
     # -- hierarchical clustering (level 1) ------------------------------------------------------------------
     @data_message()
     def micro_clusters(self, per_partition: dict[int, int], seed: int, partition_ids: list[int]) -> list[tuple]:
