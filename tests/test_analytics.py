@@ -102,3 +102,36 @@ def test_distance_matrix_in_memory_on_disk_and_too_big(cluster, tmp_path):
     np.testing.assert_allclose(np.load(path), cdist(a, b), rtol=0, atol=1e-12)
     with pytest.raises(ValueError, match="same dimension"):
         cluster.distance_matrix(a, b[:, :2])
+
+
+def test_typed_query_api_runs_the_named_methods(cluster):
+    from scipy.spatial import cKDTree
+
+    from distspatial import QueryParameters, QueryType
+    from distspatial.query import Clustering, DistanceMatrix, NearestNeighbors, RangeSearch
+
+    rng = np.random.default_rng(8)
+    pts = rng.random((5_000, 2))
+    cluster.distribute_data(pts)
+    tree = cKDTree(pts)
+    q = rng.random((20, 2))
+    r = cluster.query(QueryType.KNearestNeighbors, QueryParameters(query_point=q, k=3))
+    assert isinstance(r, NearestNeighbors)
+    np.testing.assert_allclose(r.distances, tree.query(q, 3)[0], rtol=0, atol=1e-12)
+    r = cluster.query("RangeSearch", QueryParameters(query_point=q[0], radius=0.05))
+    assert isinstance(r, RangeSearch) and np.array_equal(r.ids, np.sort(tree.query_ball_point(q[0], 0.05)))
+    r = cluster.query(QueryType.BoxSearch, QueryParameters(lo=[0.1, 0.1], hi=[0.2, 0.3], return_points=True))
+    inside = np.flatnonzero(((pts >= [0.1, 0.1]) & (pts <= [0.2, 0.3])).all(1))
+    assert np.array_equal(r.ids, inside) and np.array_equal(r.points, pts[inside])
+    r = cluster.query(QueryType.KNNJoin, QueryParameters(other_points=q, k=2))
+    np.testing.assert_allclose(r.distances, tree.query(q, 2)[0], rtol=0, atol=1e-12)
+    r = cluster.query(QueryType.DistanceMatrix, QueryParameters(other_points=q))
+    assert isinstance(r, DistanceMatrix) and r.matrix.shape == (20, 20)
+    r = cluster.query(QueryType.KMeans, QueryParameters(n_clusters=4, seed=2))
+    assert isinstance(r, Clustering) and r.labels.shape == (5_000,) and r.centroids.shape == (4, 2)
+    r = cluster.query(QueryType.Hierarchical, QueryParameters(n_clusters=3))
+    assert r.linkage.shape[1] == 4 and set(np.unique(r.labels)) == {0, 1, 2}
+    with pytest.raises(ValueError, match=r"KNearestNeighbors needs QueryParameters\(k=...\)"):
+        cluster.query(QueryType.KNearestNeighbors, QueryParameters(query_point=q))
+    with pytest.raises(ValueError, match="unknown query type"):
+        cluster.query("nearest", QueryParameters())

@@ -10,6 +10,7 @@ from .config import NodeConfig
 from .coordinator import DistributedSpatialCluster
 from .errors import DistSpatialError, NodeFailureError, NotDistributedError, PartitionLostError
 from .kmeans import KMeansResult
+from .query import QueryParameters, QueryResults, QueryType
 from .metadata import GlobalIndexMetadata, PartitionInfo
 from .routing import RoutingTable
 from .stats import ClusterStatistics, NodeStatistics, QueryStatus
@@ -26,6 +27,9 @@ __all__ = [
     "ClusterStatistics",
     "NodeStatistics",
     "QueryStatus",
+    "QueryType",
+    "QueryParameters",
+    "QueryResults",
     "DistSpatialError",
     "NotDistributedError",
     "NodeFailureError",

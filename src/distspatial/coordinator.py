@@ -585,6 +585,14 @@ class DistributedSpatialCluster:
         """
         return _join.distance_matrix(self, a, b, output, memory_budget, tile_rows)
 
+    def query(self, query_type: Any, params: Any) -> Any:
+        """Typed entry point: ``query(QueryType.KNearestNeighbors, QueryParameters(query_point=p, k=5))`` ->
+        a :class:`~distspatial.query.QueryResults` (``NearestNeighbors``, ``RangeSearch``, ``Clustering`` or
+        ``DistanceMatrix``). Runs the same code as the named method of each query type."""
+        from .query import run_query
+
+        return run_query(self, query_type, params)
+
     def _partitions_call(self, method: str, *args: Any, partitions: list[int] | None = None) -> list[tuple[list[int], Any]]:
         """Call ``node.method(*args, partition_ids)`` on one replica of each partition; ``[(pids, result)]``."""
         meta = self._require_data()
