@@ -135,3 +135,25 @@ def test_typed_query_api_runs_the_named_methods(cluster):
         cluster.query(QueryType.KNearestNeighbors, QueryParameters(query_point=q))
     with pytest.raises(ValueError, match="unknown query type"):
         cluster.query("nearest", QueryParameters())
+
+
+def test_notebook_html_and_progress_bars(cluster, capsys):
+    import io
+
+    from distspatial import progress
+
+    rng = np.random.default_rng(2)
+    cluster.distribute_data(rng.random((3_000, 2)))
+    html = cluster._repr_html_()
+    assert "<table>" in html and html.count("<tr><td>") == 3 and "alive" in html
+    st = cluster.statistics()._repr_html_()
+    assert "<table>" in st and "MB sent" in st and st.count("<tr><td>") == 3
+    # progress bars: silent off a terminal (pytest captures stderr, which is not a TTY)
+    cluster.distributed_kmeans(3, max_iterations=5, seed=1)
+    assert "k-means" not in capsys.readouterr().err
+    buf = io.StringIO()
+    bar = progress.make_bar(5, "k-means", True, stream=buf, force=True, backend="line", min_interval=0)
+    bar.update(5)
+    bar.set_postfix(inertia="1.5")
+    bar.close()
+    assert "k-means" in buf.getvalue() and "inertia" in buf.getvalue()

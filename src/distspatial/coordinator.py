@@ -44,6 +44,7 @@ from .placement import place_partitions
 from .planner import Assignment, ball_pairs, box_pairs, knn_followups, knn_home
 from .routing import RoutingTable
 from .runtime import cluster_cpus, connect, disconnect
+from .progress import make_bar, progress_bar
 from .stats import ClusterStatistics, CommunicationCounters, LatencyRecorder, NodeStatistics, QueryStatus, Timer
 from .validation import check_ids, check_k, check_points, check_queries, check_radius
 
@@ -109,6 +110,7 @@ class DistributedSpatialCluster:
         self._part_queries: dict[tuple[int, int], int] = {}  # (node, partition) -> queries served there
         self.balance_threshold = 1.25  # max/mean load that triggers an automatic rebalance
         self.node_capacity: dict[int, float] = {}  # capacity weights for ProportionalLoad (default 1.0)
+        self.progress = True  # progress bars for long work (shown only when stderr is a terminal)
         self.tuning_policy = TuningPolicy()  # when rebalance() splits partitions or adds read replicas
         self._part_q_tuned: dict[int, int] = {}  # per-partition query counts at the previous rebalance
         try:
@@ -199,6 +201,23 @@ class DistributedSpatialCluster:
             f"curve={self.config.curve!r}, replication={self.config.replication_factor}, {state})"
         )
 
+    def _repr_html_(self) -> str:
+        """Notebook view: the configuration and, per node, its partitions and points (from the metadata; no
+        call to the nodes)."""
+        from html import escape
+
+        m = self._meta
+        failed = self._dispatch.failed_nodes if hasattr(self, "_dispatch") else set()
+        rows = []
+        for n in self.node_ids:
+            parts = m.partitions_of(n) if m else []
+            pts = sum(m.partitions[p].size for p in parts) if m else 0
+            status = "failed" if n in failed else ("closed" if self._closed else "alive")
+            rows.append(f"<tr><td>{n}</td><td>{status}</td><td>{len(parts)}</td><td>{pts:,}</td></tr>")
+        head = escape(repr(self))
+        return (f"<div><b>{head}</b><table><thead><tr><th>node</th><th>status</th><th>partitions</th>"
+                f"<th>points</th></tr></thead><tbody>{''.join(rows)}</tbody></table></div>")
+
     @property
     def metadata(self) -> GlobalIndexMetadata:
         """The current metadata snapshot (raises :class:`NotDistributedError` before ``distribute_data``)."""
@@ -266,6 +285,7 @@ class DistributedSpatialCluster:
                 sizes[p] = np.sum([wire_and_raw(o) for o in objs], axis=0)
                 refs[p] = tuple(ray.put(o) for o in objs)
             loads = []
+            bar = make_bar(len(live), "distribute", self.progress, unit="node")
             for node in live:
                 pids = [p for p in range(n_parts) if node in owners[p]]
                 args = [r for p in pids for r in refs[p]]
@@ -276,9 +296,12 @@ class DistributedSpatialCluster:
             try:
                 for node, ref in loads:
                     self._recv(node, ref)
+                    bar.update(1)
             except Exception:
                 self._meta, self._routing = None, None
                 raise
+            finally:
+                bar.close()
             parts = tuple(
                 PartitionInfo(
                     partition_id=p,
@@ -1059,9 +1082,11 @@ class DistributedSpatialCluster:
         fs.create_dir(ckpt, recursive=True)
         ckpt_uri = ckpt if "://" not in path else path.split("://", 1)[0] + "://" + ckpt
         files = {}
-        for _, written in self._partitions_call("write_partitions", ckpt_uri):
-            for pid, name, nbytes, raw, digest in written:
-                files[pid] = {"file": name, "bytes": nbytes, "raw_bytes": raw, "sha256": digest}
+        with progress_bar(meta.n_partitions, "checkpoint", self.progress, unit="part") as bar:
+            for _, written in self._partitions_call("write_partitions", ckpt_uri):
+                for pid, name, nbytes, raw, digest in written:
+                    files[pid] = {"file": name, "bytes": nbytes, "raw_bytes": raw, "sha256": digest}
+                bar.update(len(written))
         manifest: dict[str, Any] = {
             "dim": meta.dim, "lo": meta.lo.tolist(), "hi": meta.hi.tolist(), "curve": meta.curve, "bits": meta.bits,
             "version": meta.version, "n_points": meta.n_points, "mean_variance": self._mean_variance,

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .kmeans_kernels import squared_distances_min
+from .progress import make_bar
 from .stats import Timer
 
 if TYPE_CHECKING:
@@ -195,8 +196,11 @@ def run_kmeans(
         tol_scaled = tol * cluster._mean_variance
         i = 0
         t_loop = time.perf_counter()
+        bar = make_bar(max_iterations, "k-means", cluster.progress, unit="iter")
         for i in range(max_iterations):
-            sums, counts, _, changed = _lloyd_step(cluster, run, centers)
+            sums, counts, inertia_i, changed = _lloyd_step(cluster, run, centers)
+            bar.update(1)
+            bar.set_postfix(inertia=f"{inertia_i:.6g}", changed=changed)
             empty = np.flatnonzero(counts == 0)
             if len(empty):
                 _relocate_empty(cluster, run, centers, sums, counts, empty)
@@ -207,6 +211,7 @@ def run_kmeans(
                 break
             if shift <= tol_scaled:
                 break
+        bar.close()
         loop_seconds = time.perf_counter() - t_loop
         # Final assignment to the final centres (scikit-learn does the same unless labels already converged).
         _, _, inertia, _ = _lloyd_step(cluster, run, centers)

@@ -162,6 +162,21 @@ class ClusterStatistics:
         """Raw / wire bytes of everything sent (1.0 without compression)."""
         return self.raw_bytes_sent / self.bytes_sent if self.bytes_sent else 1.0
 
+    def _repr_html_(self) -> str:
+        """Notebook view: the summary lines and a per-node table."""
+        from html import escape
+
+        head = "<br>".join(escape(line) for line in str(self).splitlines()[:3])
+        cols = ("node", "status", "partitions", "points", "queries", "busy s", "MB sent", "MB received", "host")
+        rows = "".join(
+            f"<tr><td>{n.node_id}</td><td>{n.status}</td><td>{n.partitions}</td><td>{n.points:,}</td>"
+            f"<td>{n.queries_served:,}</td><td>{n.busy_seconds:.2f}</td><td>{n.bytes_sent / 1e6:.1f}</td>"
+            f"<td>{n.bytes_received / 1e6:.1f}</td><td>{escape(n.host)}</td></tr>"
+            for n in self.nodes
+        )
+        return (f"<div><p>{head}</p><table><thead><tr>{''.join(f'<th>{c}</th>' for c in cols)}</tr></thead>"
+                f"<tbody>{rows}</tbody></table></div>")
+
     def __str__(self) -> str:
         lines = [
             f"distspatial cluster: {len(self.nodes)} nodes, {self.n_points:,} points, {self.n_partitions} partitions "
