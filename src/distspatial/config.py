@@ -19,7 +19,11 @@ from typing import Any
 
 from .curves import CURVES
 
-__all__ = ["NodeConfig"]
+__all__ = ["NodeConfig", "DEVICES"]
+
+#: Where node kernels run (``NodeConfig.device``): ``"cpu"``, ``"cuda"`` (fails without a usable GPU) or
+#: ``"auto"`` (cuda when available on the node, else cpu); see :func:`distspatial.backend.get_backend`.
+DEVICES = ("cpu", "cuda", "auto")
 
 
 def _check_int(name: str, value: Any, lo: int, hi: int | None = None) -> None:
@@ -63,6 +67,8 @@ class NodeConfig:
         checkpoint_interval_s: seconds between periodic checkpoints (taken only when the data changed).
         auto_scale: follow the Ray cluster: a Ray node that joins gets a new node (and partitions); one that
             leaves is recovered from as a failure. Checked with every heartbeat.
+        device: where node kernels run: ``"cpu"`` (default), ``"cuda"`` (needs PyTorch with CUDA on every node:
+            ``pip install distspatial[gpu]``) or ``"auto"`` (cuda where a node has a GPU, else cpu).
     """
 
     node_count: int = 4
@@ -84,6 +90,7 @@ class NodeConfig:
     checkpoint_path: str | None = None
     checkpoint_interval_s: float | None = None
     auto_scale: bool = False
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
         _check_int("node_count", self.node_count, 1, 4096)
@@ -117,6 +124,8 @@ class NodeConfig:
                              "for periodic checkpoints, or neither")
         if self.checkpoint_interval_s is not None:
             _check_positive_number("checkpoint_interval_s", self.checkpoint_interval_s)
+        if self.device not in DEVICES:
+            raise ValueError(f"NodeConfig.device must be one of {DEVICES}, got {self.device!r}")
 
     def with_auto_scale(self, enabled: bool = True) -> NodeConfig:
         """Follow Ray nodes joining and leaving the Ray cluster (heartbeats are started for it)."""
@@ -165,6 +174,10 @@ class NodeConfig:
     def with_partitions_per_node(self, n: int) -> NodeConfig:
         """Set how many partitions are cut per node."""
         return self.replace(partitions_per_node=n)
+
+    def with_device(self, device: str) -> NodeConfig:
+        """Run node kernels on ``"cpu"``, ``"cuda"`` or ``"auto"`` (cuda where available, else cpu)."""
+        return self.replace(device=device)
 
     def with_replication_factor(self, r: int) -> NodeConfig:
         """Set the number of copies of each partition."""
