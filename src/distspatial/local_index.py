@@ -21,25 +21,237 @@ __all__ = ["LocalPartition", "merge_topk"]
 MISSING_ID = -1
 
 
-class LocalPartition:
-    """Points of one partition with a KD-tree; every result speaks in global ids."""
+class _Segment:
+    """Points with a KD-tree and a deletion mask (``dead``); rows never move while the segment lives."""
 
-    def __init__(self, points: np.ndarray, ids: np.ndarray, leafsize: int = 16) -> None:
-        self.points = np.ascontiguousarray(points, dtype=np.float64)
-        self.ids = np.ascontiguousarray(ids)
-        if self.points.ndim != 2 or len(self.points) != len(self.ids):
-            raise ValueError("points must be (n, d) and ids (n,)")
+    __slots__ = ("points", "ids", "tree", "dead", "n_dead", "_cum")
+
+    def __init__(self, points: np.ndarray, ids: np.ndarray, leafsize: int = 16, tree: cKDTree | None = None) -> None:
+        self.points = points
+        self.ids = ids
         # balanced_tree=False (sliding midpoint) builds about 2x faster than median splits and queries as fast.
-        self.tree = cKDTree(self.points, leafsize=leafsize, balanced_tree=False, compact_nodes=False)
+        self.tree = tree if tree is not None else (
+            cKDTree(points, leafsize=leafsize, balanced_tree=False, compact_nodes=False) if len(points) else None)
+        self.dead: np.ndarray | None = None
+        self.n_dead = 0
+        self._cum: np.ndarray | None = None  # dead rows before each row (for live positions)
 
     @property
-    def size(self) -> int:
+    def n(self) -> int:
         return len(self.points)
 
     @property
-    def nbytes(self) -> int:
-        return int(self.points.nbytes + self.ids.nbytes)
+    def n_live(self) -> int:
+        return len(self.points) - self.n_dead
 
+    def kill(self, ids: np.ndarray) -> int:
+        """Mark the rows holding ``ids`` dead; returns how many live rows died."""
+        if self.n_live == 0 or len(ids) == 0:
+            return 0
+        hit = np.isin(self.ids, ids)
+        if self.dead is not None:
+            hit &= ~self.dead
+        n = int(np.count_nonzero(hit))
+        if n:
+            self.dead = hit if self.dead is None else (self.dead | hit)
+            self.n_dead += n
+            self._cum = None
+        return n
+
+    def live_rows(self, rows: np.ndarray) -> np.ndarray:
+        """Keep live ``rows`` and turn them into positions among the live rows."""
+        if self.dead is None:
+            return rows
+        rows = rows[~self.dead[rows]]
+        if self._cum is None:
+            self._cum = np.cumsum(self.dead) - self.dead
+        return rows - self._cum[rows]
+
+    def live(self) -> tuple[np.ndarray, np.ndarray]:
+        if self.dead is None:
+            return self.points, self.ids
+        keep = ~self.dead
+        return self.points[keep], self.ids[keep]
+
+    def knn(self, queries: np.ndarray, k: int, ub: np.ndarray | None, workers: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(dist (m, k), ids (m, k))`` over the live rows, ``inf`` / ``MISSING_ID`` where there are fewer."""
+        m = len(queries)
+        if m == 0 or self.n_live == 0:
+            return np.full((m, k), np.inf), np.full((m, k), MISSING_ID, dtype=np.int64)
+        kk = min(k + self.n_dead, self.n)  # dead rows can take slots: ask for that many more
+        if ub is None:
+            dist, idx = self.tree.query(queries, k=kk, workers=workers)
+        else:
+            # cKDTree takes one scalar bound: use the largest and filter each query by its own afterwards.
+            dist, idx = self.tree.query(queries, k=kk, workers=workers, distance_upper_bound=float(ub.max()))
+        dist = np.asarray(dist, dtype=np.float64).reshape(m, kk)
+        idx = np.asarray(idx).reshape(m, kk)
+        valid = idx < self.n
+        if ub is not None:
+            valid &= dist <= ub[:, None]
+        if self.dead is not None:
+            valid &= ~self.dead[np.minimum(idx, self.n - 1)]
+        ids = np.where(valid, self.ids[np.minimum(idx, self.n - 1)], MISSING_ID).astype(np.int64, copy=False)
+        dist = np.where(valid, dist, np.inf)
+        if self.n_dead:  # move the live answers to the front (stable: distance order is kept)
+            order = np.argsort(~valid, axis=1, kind="stable")[:, :k]
+            dist, ids = np.take_along_axis(dist, order, axis=1), np.take_along_axis(ids, order, axis=1)
+        if dist.shape[1] < k:
+            dist = np.concatenate([dist, np.full((m, k - dist.shape[1]), np.inf)], axis=1)
+            ids = np.concatenate([ids, np.full((m, k - ids.shape[1]), MISSING_ID, dtype=np.int64)], axis=1)
+        return dist[:, :k], ids[:, :k]
+
+    def radius(self, centers: np.ndarray, radius: np.ndarray, workers: int) -> list[np.ndarray]:
+        if self.n_live == 0:
+            return [np.empty(0, dtype=np.int64) for _ in range(len(centers))]
+        hits = self.tree.query_ball_point(centers, radius, workers=workers, return_sorted=False)
+        return [self.live_rows(np.asarray(h, dtype=np.int64)) for h in hits]
+
+    def box(self, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+        if self.n_live == 0:
+            return np.empty(0, dtype=np.int64)
+        center = (lo + hi) / 2.0
+        half = (hi - lo) / 2.0
+        # Chebyshev ball around the box centre = the box; filter exactly afterwards against rounding.
+        cand = np.asarray(
+            self.tree.query_ball_point(center, float(half.max()) * (1 + 1e-12) + 1e-300, p=np.inf), dtype=np.int64
+        )
+        if len(cand):
+            pts = self.points[cand]
+            cand = cand[np.all((pts >= lo) & (pts <= hi), axis=1)]
+        return self.live_rows(cand)
+
+
+class LocalPartition:
+    """Points of one partition, searchable while points are appended and deleted; results speak global ids.
+
+    The points live in a *base* segment (a KD-tree) and a small *delta* segment that takes appended points;
+    both are searched, and deleted points are masked in either. When the delta passes
+    ``max(min_delta, delta_fraction * base)`` points, a merged base is built in a background thread from a
+    snapshot and swapped in on a later call (appends and deletes made meanwhile are carried over), so every
+    call sees every point appended before it and none deleted before it. ``points`` / ``ids`` are the live
+    points (cached until the next change); row positions returned by :meth:`radius` and :meth:`box` index them.
+    """
+
+    #: merge the delta into the base when it holds more than max(MIN_DELTA, DELTA_FRACTION * base) points
+    MIN_DELTA = 65_536
+    DELTA_FRACTION = 0.25
+
+    def __init__(self, points: np.ndarray, ids: np.ndarray, leafsize: int = 16) -> None:
+        points = np.ascontiguousarray(points, dtype=np.float64)
+        ids = np.ascontiguousarray(ids)
+        if points.ndim != 2 or len(points) != len(ids):
+            raise ValueError("points must be (n, d) and ids (n,)")
+        self.leafsize = leafsize
+        self.dim = points.shape[1]
+        self._base = _Segment(points, ids, leafsize)
+        self._delta = _Segment(np.empty((0, self.dim)), np.empty(0, dtype=ids.dtype), leafsize)
+        self._live: tuple[np.ndarray, np.ndarray] | None = (points, ids)
+        self._merge: dict | None = None  # a background merge in progress
+        self.merges = 0
+
+    # -- state ----------------------------------------------------------------------------------------------
+    @property
+    def points(self) -> np.ndarray:
+        return self._live_arrays()[0]
+
+    @property
+    def ids(self) -> np.ndarray:
+        return self._live_arrays()[1]
+
+    @property
+    def tree(self) -> cKDTree | None:
+        """The base segment's KD-tree (the delta has its own)."""
+        return self._base.tree
+
+    def _live_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        self._swap_if_merged()
+        if self._live is None:
+            (bp, bi), (dp, di) = self._base.live(), self._delta.live()
+            self._live = (np.concatenate([bp, dp]), np.concatenate([bi, di])) if len(dp) else (bp, bi)
+        return self._live
+
+    @property
+    def size(self) -> int:
+        return self._base.n_live + self._delta.n_live
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.size * (self.dim * 8 + 8))
+
+    @property
+    def delta_size(self) -> int:
+        return self._delta.n_live
+
+    # -- changes --------------------------------------------------------------------------------------------
+    def append(self, points: np.ndarray, ids: np.ndarray) -> None:
+        """Add points (searchable on return)."""
+        if len(points) == 0:
+            return
+        self._swap_if_merged()
+        d = self._delta
+        pts = np.concatenate([d.points, np.asarray(points, dtype=np.float64).reshape(-1, self.dim)])
+        new = _Segment(pts, np.concatenate([d.ids, np.asarray(ids).astype(d.ids.dtype, copy=False)]), self.leafsize)
+        if d.dead is not None:
+            new.dead = np.concatenate([d.dead, np.zeros(len(points), dtype=bool)])
+            new.n_dead = d.n_dead
+        self._delta = new
+        self._live = None
+        if self._merge is None and self._delta.n > max(self.MIN_DELTA, self.DELTA_FRACTION * self._base.n_live):
+            self._start_merge()
+
+    def delete(self, ids: np.ndarray) -> int:
+        """Remove the points with these ids; returns how many were here."""
+        self._swap_if_merged()
+        n = self._base.kill(ids) + self._delta.kill(ids)
+        if n:
+            self._live = None
+            if self._merge is not None:
+                self._merge["deleted"].append(np.asarray(ids))
+        return n
+
+    def _start_merge(self) -> None:
+        import threading
+
+        bp, bi = self._base.live()
+        dp, di = self._delta.live()
+        snap_pts, snap_ids = np.concatenate([bp, dp]), np.concatenate([bi, di])
+        job: dict = {"pts": snap_pts, "ids": snap_ids, "delta_rows": self._delta.n, "deleted": [], "tree": None}
+
+        def build() -> None:
+            job["tree"] = cKDTree(snap_pts, leafsize=self.leafsize, balanced_tree=False, compact_nodes=False)
+
+        job["thread"] = threading.Thread(target=build, daemon=True, name="distspatial-merge")
+        job["thread"].start()
+        self._merge = job
+
+    def _swap_if_merged(self, wait: bool = False) -> None:
+        job = self._merge
+        if job is None or (not wait and job["thread"].is_alive()):
+            return
+        job["thread"].join()
+        self._merge = None
+        base = _Segment(job["pts"], job["ids"], self.leafsize, tree=job["tree"])
+        d = self._delta
+        rest = slice(job["delta_rows"], d.n)  # appended while the merge ran
+        delta = _Segment(d.points[rest], d.ids[rest], self.leafsize)
+        if d.dead is not None:
+            delta.dead = d.dead[rest].copy()
+            delta.n_dead = int(delta.dead.sum())
+        if job["deleted"]:
+            base.kill(np.concatenate(job["deleted"]))
+        self._base, self._delta = base, delta
+        self._live = None
+        self.merges += 1
+
+    def flush(self) -> None:
+        """Merge the delta into the base now (waits for a merge in progress)."""
+        self._swap_if_merged(wait=True)
+        if self._delta.n or self._base.n_dead:
+            self._start_merge()
+            self._swap_if_merged(wait=True)
+
+    # -- queries --------------------------------------------------------------------------------------------
     def knn(
         self, queries: np.ndarray, k: int, bound: np.ndarray | None = None, workers: int = 1
     ) -> tuple[np.ndarray, np.ndarray]:
@@ -48,54 +260,30 @@ class LocalPartition:
         With ``bound`` (per query), only neighbours with distance <= bound are returned; other slots hold
         ``inf`` and ``MISSING_ID``. Fewer than ``k`` points also leave ``inf``/``MISSING_ID`` slots.
         """
-        m = len(queries)
-        if m == 0 or self.size == 0:
-            return np.full((m, k), np.inf), np.full((m, k), MISSING_ID, dtype=np.int64)
-        kk = min(k, self.size)
-        if bound is None:
-            dist, idx = self.tree.query(queries, k=kk, workers=workers)
-        else:
-            # cKDTree takes one scalar bound; group queries so each call uses its group's largest bound and
-            # filter afterwards. Nudging the bound up keeps points exactly at the bound (ties).
-            ub = np.nextafter(bound, np.inf)
-            dist, idx = self.tree.query(queries, k=kk, workers=workers, distance_upper_bound=float(ub.max()))
-            dist = dist.reshape(m, kk)
-            idx = idx.reshape(m, kk)
-            outside = dist > ub[:, None]
-            if outside.any():
-                dist[outside] = np.inf
-                idx[outside] = self.size
-        dist = np.asarray(dist, dtype=np.float64).reshape(m, kk)
-        idx = np.asarray(idx).reshape(m, kk)
-        valid = idx < self.size
-        ids = np.where(valid, self.ids[np.minimum(idx, self.size - 1)], MISSING_ID).astype(np.int64, copy=False)
-        if kk < k:
-            dist = np.concatenate([dist, np.full((m, k - kk), np.inf)], axis=1)
-            ids = np.concatenate([ids, np.full((m, k - kk), MISSING_ID, dtype=np.int64)], axis=1)
+        self._swap_if_merged()
+        ub = None if bound is None else np.nextafter(bound, np.inf)  # keep points exactly at the bound (ties)
+        dist, ids = self._base.knn(queries, k, ub, workers)
+        if self._delta.n_live:
+            d2, i2 = self._delta.knn(queries, k, ub, workers)
+            dist, ids = merge_topk(dist, ids, d2, i2, k)
         return dist, ids
 
     def radius(self, centers: np.ndarray, radius: np.ndarray, workers: int = 1) -> list[np.ndarray]:
-        """Row positions (into this partition) of points within ``radius[i]`` of ``centers[i]`` (inclusive)."""
-        if self.size == 0:
-            return [np.empty(0, dtype=np.int64) for _ in range(len(centers))]
-        hits = self.tree.query_ball_point(centers, radius, workers=workers, return_sorted=False)
-        return [np.asarray(h, dtype=np.int64) for h in hits]
+        """Positions in :attr:`points` of the points within ``radius[i]`` of ``centers[i]`` (inclusive)."""
+        self._swap_if_merged()
+        hits = self._base.radius(centers, radius, workers)
+        if self._delta.n_live:
+            off = self._base.n_live
+            hits = [np.concatenate([a, b + off]) for a, b in zip(hits, self._delta.radius(centers, radius, workers))]
+        return hits
 
     def box(self, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
-        """Row positions of points with ``lo <= p <= hi`` in every dimension."""
-        if self.size == 0:
-            return np.empty(0, dtype=np.int64)
-        center = (lo + hi) / 2.0
-        half = (hi - lo) / 2.0
-        # Chebyshev ball around the box centre = the box; filter exactly afterwards against rounding.
-        cand = np.asarray(
-            self.tree.query_ball_point(center, float(half.max()) * (1 + 1e-12) + 1e-300, p=np.inf), dtype=np.int64
-        )
-        if len(cand) == 0:
-            return cand
-        pts = self.points[cand]
-        keep = np.all((pts >= lo) & (pts <= hi), axis=1)
-        return cand[keep]
+        """Positions in :attr:`points` of the points with ``lo <= p <= hi`` in every dimension."""
+        self._swap_if_merged()
+        rows = self._base.box(lo, hi)
+        if self._delta.n_live:
+            rows = np.concatenate([rows, self._delta.box(lo, hi) + self._base.n_live])
+        return rows
 
 
 def merge_topk(
