@@ -27,6 +27,7 @@ import ray
 
 from . import hierarchical as _hierarchical
 from . import join as _join
+from . import ingest as _ingest
 from . import kmeans as _kmeans
 from .compression import decode_all, encode, encode_all, message_bytes, wire_and_raw
 from .balancing import LoadBalancer, LoadMetrics, RebalancePlan, Strategy, TuningPolicy
@@ -101,6 +102,11 @@ class DistributedSpatialCluster:
         self._id_sorted: np.ndarray | None = None  # user ids, sorted (None: ids are row numbers)
         self._id_rows: np.ndarray | None = None  # row of each sorted id
         self._mean_variance = 0.0
+        self._modified = False  # points were ingested or deleted since distribute_data / restore
+        self._next_id = 0  # next automatic id for ingested points
+        self._has_user_ids = False  # distribute_data was given ids: ingest needs them too
+        self._batch_counter = 0  # ingest batch ids (replays are no-ops on the nodes)
+        self._live_ids: tuple[int, np.ndarray] | None = None  # (metadata version, sorted live ids)
         self.comm = CommunicationCounters()
         self.latency = LatencyRecorder()
         self._run_counter = 0
@@ -320,6 +326,8 @@ class DistributedSpatialCluster:
                 dim=d, lo=plan.lo, hi=plan.hi, curve=cfg.curve, bits=plan.bits, partitions=parts, version=version,
                 dataset_id=dataset,
             )
+            self._modified, self._next_id, self._live_ids = False, n if id_arr is None else int(id_arr.max()) + 1, None
+            self._has_user_ids = id_arr is not None
             if id_arr is None:
                 self._id_sorted = self._id_rows = None
             else:
@@ -343,10 +351,73 @@ class DistributedSpatialCluster:
         return decode_all(res)
 
     def _rows_of_ids(self, ids: np.ndarray) -> np.ndarray:
-        """Input row of each global id."""
+        """Row of each global id in algorithm results: its input row, or after live updates its position in
+        :meth:`point_ids`."""
+        if self._modified:
+            return np.searchsorted(self._sorted_live_ids(), ids)
         if self._id_sorted is None:
             return ids
         return self._id_rows[np.searchsorted(self._id_sorted, ids)]
+
+    def _sorted_live_ids(self) -> np.ndarray:
+        meta = self._require_data()
+        cached = self._live_ids
+        if cached is None or cached[0] != meta.version:
+            chunks = [ids for _, parts in self._partitions_call("partition_ids") for _, ids in parts]
+            cached = self._live_ids = (meta.version, np.sort(np.concatenate(chunks)) if chunks else np.empty(0, np.int64))
+        return cached[1]
+
+    def _set_meta(self, meta: GlobalIndexMetadata) -> None:
+        """Switch to a new metadata version (and its routing table) in one step."""
+        self._meta, self._routing = meta, RoutingTable(meta)
+
+    def point_ids(self) -> np.ndarray:
+        """Ids of the points in the order algorithm labels use: the rows given to ``distribute_data`` (their
+        ids), or after :meth:`ingest` / :meth:`delete` / :meth:`update` all live ids in ascending order."""
+        meta = self._require_data()
+        if self._modified:
+            return self._sorted_live_ids().copy()
+        if self._id_sorted is None:
+            return np.arange(meta.n_points, dtype=np.int64)
+        out = np.empty_like(self._id_sorted)
+        out[self._id_rows] = self._id_sorted
+        return out
+
+    # -- live updates ---------------------------------------------------------------------------------------
+    def ingest(self, points: Any, ids: Any = None, timestamps: Any = None) -> np.ndarray:
+        """Append points to the running index; returns their ids (new automatic ids when ``ids`` is None).
+
+        Each point goes to the partition owning its curve-key range (points outside the original bounds are
+        accepted); the call returns once every replica holds the batch, and every query started afterwards
+        sees it, exactly. ``ids`` must be new (use :meth:`update` to move existing points); a data set
+        distributed with user ids needs them. See :mod:`distspatial.ingest`.
+
+        >>> new_ids = cluster.ingest(np.random.random((1000, 2)))  # doctest: +SKIP
+        """
+        if np.asarray(points).size == 0:
+            return np.empty(0, dtype=np.int64)
+        return _ingest.ingest(self, points, ids, timestamps)[0]
+
+    def delete(self, ids: Any) -> int:
+        """Delete points by id (every replica); returns how many were found and deleted."""
+        return _ingest.delete(self, ids)
+
+    def update(self, ids: Any, points: Any, timestamps: Any = None) -> int:
+        """Move existing points to new positions (delete + ingest under one lock); returns how many existed."""
+        return _ingest.update(self, ids, points, timestamps)
+
+    def _split_grown_partitions(self) -> None:
+        """Split partitions that ingest made too large (``tuning_policy``), a bounded number per call."""
+        meta = self._meta
+        pol = self.tuning_policy
+        mean = meta.n_points / max(1, meta.n_partitions)
+        big = sorted((p for p in meta.partitions if p.size > pol.split_size_factor * mean
+                      and p.size >= pol.min_split_points), key=lambda p: -p.size)
+        for p in big[: pol.max_actions]:
+            try:
+                self.split_partition(p.partition_id)
+            except (ValueError, NodeFailureError) as exc:
+                log.warning("distspatial: split of grown partition %d skipped: %s", p.partition_id, exc)
 
     # -- queries --------------------------------------------------------------------------------------------
     def _run_assignment(
@@ -1096,8 +1167,11 @@ class DistributedSpatialCluster:
                 for p in meta.partitions
             ],
             "user_ids": None,
+            "modified": self._modified,  # ingest/delete since distribute: labels follow sorted ids
+            "next_id": self._next_id,
+            "has_user_ids": self._has_user_ids,
         }
-        if self._id_sorted is not None:
+        if self._id_sorted is not None and not self._modified:
             data, raw, digest = ck.encode_arrays(sorted=self._id_sorted, rows=self._id_rows)
             ck.write_bytes(fs, ck.join(ckpt, "ids.dsz"), data)
             manifest["user_ids"] = {"file": "ids.dsz", "raw_bytes": raw, "sha256": digest}
@@ -1181,6 +1255,9 @@ class DistributedSpatialCluster:
         else:
             self._id_sorted = self._id_rows = None
         self._mean_variance = man["mean_variance"]
+        self._modified = bool(man.get("modified", False))
+        self._next_id = int(man.get("next_id", meta.n_points))
+        self._has_user_ids = bool(man.get("has_user_ids", self._id_sorted is not None))
         self._meta, self._routing = meta, RoutingTable(meta)
         self._checkpoint = (dataset, ckpt_uri, man)
 

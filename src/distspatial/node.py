@@ -77,6 +77,8 @@ class SpatialNode:
         self.dataset_id = -1
         self._kmeans: dict[tuple[int, int], Any] = {}
         self._mind2: dict[tuple[int, int], np.ndarray] = {}
+        self._snapshots: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}  # (run, pid) -> data seen
+        self._applied: dict[int, set[int]] = {}  # partition -> ingest batches applied (replays are no-ops)
         self.started = time.time()
         self.part_queries: dict[int, int] = {}  # queries served per partition (for query-aware balancing)
         self.counters = {
@@ -215,7 +217,52 @@ class SpatialNode:
             del self._kmeans[key]
         for key in [k for k in self._mind2 if k[1] == pid]:
             del self._mind2[key]
+        for key in [k for k in self._snapshots if k[1] == pid]:
+            del self._snapshots[key]
         return halves[0], halves[1]
+
+    # -- live updates ---------------------------------------------------------------------------------------
+    @data_message()
+    def append(
+        self, batch: int, points: np.ndarray, ids: np.ndarray, segments: list[Segment],
+        centers: np.ndarray | None = None,
+    ) -> tuple[list[tuple[int, int, np.ndarray, np.ndarray]], Any]:
+        """Append ``points[start:stop]`` (ids alike) to each segment's partition, once per ``batch`` id (a
+        replayed batch changes nothing). Returns ``[(pid, size after, new points' box lo, box hi)]`` and, with
+        ``centers``, the per-cluster ``(sums, counts)`` of the new points (streaming k-means)."""
+        out = []
+        for pid, a, b in segments:
+            part = self._part(pid)
+            done = self._applied.setdefault(pid, set())
+            if batch not in done:
+                part.append(points[a:b], ids[a:b])
+                done.add(batch)
+            new = points[a:b]
+            out.append((pid, part.size, new.min(axis=0), new.max(axis=0)))
+        stats = None
+        if centers is not None:
+            labels, _ = squared_distances_min(points, centers)
+            k = len(centers)
+            counts = np.bincount(labels, minlength=k)
+            sums = np.stack([np.bincount(labels, weights=points[:, j], minlength=k) for j in range(points.shape[1])],
+                            axis=1)
+            stats = (sums, counts)
+        return out, stats
+
+    @data_message()
+    def delete(self, ids: np.ndarray) -> list[tuple[int, int, int]]:
+        """Delete these ids from every partition held here: ``[(pid, deleted, size after)]`` where any went."""
+        out = []
+        for pid, part in self.partitions.items():
+            n = part.delete(ids)
+            if n:
+                out.append((pid, n, part.size))
+        return out
+
+    @data_message()
+    def partition_ids(self, partition_ids: list[int]) -> list[tuple[int, np.ndarray]]:
+        """``[(pid, ids)]``: the ids each partition holds now."""
+        return [(pid, self._part(pid).ids) for pid in partition_ids]
 
     def drop_partitions(self, partition_ids: list[int]) -> None:
         for pid in partition_ids:
@@ -226,6 +273,8 @@ class SpatialNode:
         self.partitions.clear()
         self._kmeans.clear()
         self._mind2.clear()
+        self._snapshots.clear()
+        self._applied.clear()
         self.dataset_id = -1
 
     def _part(self, pid: int) -> LocalPartition:
@@ -313,7 +362,7 @@ class SpatialNode:
         for pid in partition_ids:
             state = self._kmeans.get((run, pid))
             if state is None:
-                state = self._kmeans[(run, pid)] = new_lloyd_state(self._part(pid).points)
+                state = self._kmeans[(run, pid)] = new_lloyd_state(self._run_data(run, pid)[0])
             s, c, i, ch = state.step(centers)
             sums += s
             counts += c
@@ -329,7 +378,7 @@ class SpatialNode:
             state = self._kmeans[(run, pid)]
             rows, dd = state.farthest_indices(m)
             dists.append(dd)
-            pts.append(self._part(pid).points[rows])
+            pts.append(self._run_data(run, pid)[0][rows])
             labs.append(state.labels[rows])
         dist = np.concatenate(dists)
         order = np.argsort(-dist, kind="stable")[:m]
@@ -338,7 +387,7 @@ class SpatialNode:
     @data_message()
     def kmeans_labels(self, run: int, partition_ids: list[int]) -> list[tuple[int, np.ndarray, np.ndarray]]:
         """``(partition_id, ids, labels)`` for each partition of the finished run."""
-        return [(pid, self._part(pid).ids, self._kmeans[(run, pid)].labels) for pid in partition_ids]
+        return [(pid, self._run_data(run, pid)[1], self._kmeans[(run, pid)].labels) for pid in partition_ids]
 
     def kmeans_end(self, run: int) -> None:
         """Free the state of run ``run``."""
@@ -346,13 +395,24 @@ class SpatialNode:
             del self._kmeans[key]
         for key in [k for k in self._mind2 if k[0] == run]:
             del self._mind2[key]
+        for key in [k for k in self._snapshots if k[0] == run]:
+            del self._snapshots[key]
+
+    def _run_data(self, run: int, pid: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(points, ids)`` of a partition as an algorithm run first saw it: points ingested or deleted while
+        the run goes on do not change the rows its per-point state refers to."""
+        snap = self._snapshots.get((run, pid))
+        if snap is None:
+            part = self._part(pid)
+            snap = self._snapshots[(run, pid)] = (part.points, part.ids)
+        return snap
 
     @data_message()
     def kmeanspar_update(self, run: int, new_centers: np.ndarray, partition_ids: list[int]) -> float:
         """k-means|| bookkeeping: fold ``new_centers`` into each point's min squared distance; return the cost."""
         cost = 0.0
         for pid in partition_ids:
-            _, d2 = squared_distances_min(self._part(pid).points, new_centers)
+            _, d2 = squared_distances_min(self._run_data(run, pid)[0], new_centers)
             prev = self._mind2.get((run, pid))
             if prev is not None:
                 np.minimum(prev, d2, out=d2)
@@ -372,7 +432,7 @@ class SpatialNode:
             d2 = self._mind2[(run, pid)]
             rng = np.random.default_rng([seed, pid])
             keep = rng.random(len(d2)) < factor * d2
-            out.append(self._part(pid).points[keep])
+            out.append(self._run_data(run, pid)[0][keep])
         d = next(iter(self.partitions.values())).points.shape[1] if self.partitions else 0
         return np.concatenate(out) if out else np.empty((0, d))
 
