@@ -119,6 +119,42 @@ def test_node_killed_during_queries_and_kmeans(ray_cluster):
         assert any(a[0] == "Restart" and a[1] == dead for r in h["recoveries"] for a in r["actions"])
 
 
+def test_node_killed_during_ingest_loses_and_duplicates_nothing(ray_cluster):
+    c, workers = ray_cluster
+    pts = skewed_points(20_000, 2, n_hotspots=6, seed=35)
+    batches = [skewed_points(3_000, 2, n_hotspots=6, seed=35, sample_seed=20 + b) for b in range(16)]
+    with DistributedSpatialCluster(_config()) as cluster:
+        cluster.distribute_data(pts)
+        victim, dead = _victim(cluster, workers)
+        acked, errors = [], []
+
+        def writer():
+            for b in batches:  # a live feed: a batch every 0.1 s
+                try:
+                    acked.append((cluster.ingest(b), time.monotonic()))
+                except Exception as exc:
+                    errors.append(exc)
+                time.sleep(0.1)
+
+        t = threading.Thread(target=writer)
+        t.start()
+        time.sleep(0.5)
+        killed_at = time.monotonic()
+        c.remove_node(victim, allow_graceful=False)
+        t.join(timeout=240)
+        assert not errors, f"an ingest failed although every partition kept a replica: {errors}"
+        assert len(acked) == len(batches)
+        assert sum(at > killed_at for _, at in acked) >= 5, "batches were ingested after the kill"
+        _wait_redundant(cluster)
+        allp = np.concatenate([pts] + batches)
+        ids = _all_ids(cluster, allp)
+        assert np.array_equal(ids, np.arange(len(allp))), "every acknowledged point exactly once"
+        assert cluster.metadata.n_points == len(allp)
+        q = allp[::500] + 1e-3
+        dist, i = cluster.distributed_knn_search(q, 5)
+        assert_knn_exact(allp, q, dist, i, 5)
+
+
 def test_all_replicas_lost_raises_naming_partitions(ray_cluster):
     c, workers = ray_cluster
     pts = skewed_points(10_000, 2, seed=32)
