@@ -398,6 +398,37 @@ class DistributedSpatialCluster:
             return np.empty(0, dtype=np.int64)
         return _ingest.ingest(self, points, ids, timestamps)[0]
 
+    def _ingest_batch(self, points, ids, timestamps, centers):
+        return _ingest.ingest(self, points, ids, timestamps, centers)
+
+    def stream(
+        self,
+        source: Any,
+        *operators: Any,
+        kmeans: Any = None,
+        update: bool = False,
+        max_in_flight: int = 2,
+        on_event: Any = None,
+        background: bool = False,
+    ) -> Any:
+        """Consume a stream of batches into the live index and run streaming analytics on it.
+
+        ``source``: an iterable or async iterator of ``(points, timestamps[, ids])`` batches (or dicts with
+        those keys). ``operators``: :class:`~distspatial.windows.WindowedAggregator`,
+        :class:`~distspatial.continuous.GeofenceMonitor`, :class:`~distspatial.continuous.KnnWatch`;
+        ``kmeans``: a :class:`~distspatial.streaming.StreamingKMeans` updated on the nodes. ``update=True``:
+        batches carry ids of moving objects, which are moved rather than added. At most ``max_in_flight``
+        batches wait in memory (backpressure). Events go to ``on_event`` and to the returned
+        :class:`~distspatial.streaming.StreamHandle` (``handle.events()``); ``background=True`` returns at
+        once while the stream runs in a thread.
+
+        >>> agg = WindowedAggregator(WindowSpec.tumbling(60), GridCounts([0, 0], [1, 1], (32, 32)))  # doctest: +SKIP
+        >>> handle = cluster.stream(feed, agg, kmeans=StreamingKMeans(8))  # doctest: +SKIP
+        """
+        from .streaming import run_stream
+
+        return run_stream(self, source, list(operators), kmeans, update, max_in_flight, on_event, background)
+
     def delete(self, ids: Any) -> int:
         """Delete points by id (every replica); returns how many were found and deleted."""
         return _ingest.delete(self, ids)

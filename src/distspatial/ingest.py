@@ -92,6 +92,10 @@ def ingest(
             for o in meta.partitions[p].owners:
                 if o not in failed:
                     by_node.setdefault(o, []).append(p)
+        stat_node = {}  # streaming k-means: each partition's new points are counted by one replica
+        for node, pids in by_node.items():
+            for p in pids:
+                stat_node.setdefault(p, node)
         calls = []
         for node, pids in by_node.items():
             # one message per node: the rows of its partitions, re-packed so segments index the message
@@ -99,7 +103,8 @@ def ingest(
             lens = np.cumsum([0] + [seg_of[p][1] - seg_of[p][0] for p in pids])
             segments = [(p, int(lens[j]), int(lens[j + 1])) for j, p in enumerate(pids)]
             sub_pts = np.take(pts_s, rows, axis=0)
-            ref = cluster._send(node, "append", batch, sub_pts, ids_s[rows], segments, centers)
+            mine = [p for p in pids if stat_node[p] == node] if centers is not None else None
+            ref = cluster._send(node, "append", batch, sub_pts, ids_s[rows], segments, centers, mine)
             calls.append((node, pids, ref, len(rows)))
         applied: dict[int, tuple[int, np.ndarray, np.ndarray]] = {}
         stats = None

@@ -225,11 +225,12 @@ class SpatialNode:
     @data_message()
     def append(
         self, batch: int, points: np.ndarray, ids: np.ndarray, segments: list[Segment],
-        centers: np.ndarray | None = None,
+        centers: np.ndarray | None = None, stat_partitions: list[int] | None = None,
     ) -> tuple[list[tuple[int, int, np.ndarray, np.ndarray]], Any]:
         """Append ``points[start:stop]`` (ids alike) to each segment's partition, once per ``batch`` id (a
         replayed batch changes nothing). Returns ``[(pid, size after, new points' box lo, box hi)]`` and, with
-        ``centers``, the per-cluster ``(sums, counts)`` of the new points (streaming k-means)."""
+        ``centers``, the per-cluster ``(sums, counts)`` of the new points of ``stat_partitions`` (streaming
+        k-means; each partition is counted by one replica only)."""
         out = []
         for pid, a, b in segments:
             part = self._part(pid)
@@ -241,6 +242,8 @@ class SpatialNode:
             out.append((pid, part.size, new.min(axis=0), new.max(axis=0)))
         stats = None
         if centers is not None:
+            rows = [np.arange(a, b) for pid, a, b in segments if pid in set(stat_partitions or ())]
+            points = np.take(points, np.concatenate(rows), axis=0) if rows else points[:0]
             labels, _ = squared_distances_min(points, centers)
             k = len(centers)
             counts = np.bincount(labels, minlength=k)
