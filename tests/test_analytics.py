@@ -157,3 +157,73 @@ def test_notebook_html_and_progress_bars(cluster, capsys):
     bar.set_postfix(inertia="1.5")
     bar.close()
     assert "k-means" in buf.getvalue() and "inertia" in buf.getvalue()
+
+
+def _dbscan_data(kind, d, seed):
+    rng = np.random.default_rng(seed)
+    if kind == "blobs":
+        X, _ = make_blobs(6_000, n_features=d, centers=5, cluster_std=0.5, random_state=seed, center_box=(-8, 8))
+        return np.concatenate([X, rng.uniform(-10, 10, (600, d))])
+    if kind == "uniform":
+        return rng.random((5_000, d))
+    base = rng.random((800, d)).round(2)  # duplicate-heavy: many points on few grid values
+    return base[rng.integers(0, len(base), 5_000)]
+
+
+@pytest.mark.parametrize("kind,d,eps,ms", [
+    ("blobs", 2, 0.3, 8), ("blobs", 3, 0.6, 10), ("blobs", 5, 1.2, 6),
+    ("uniform", 2, 0.02, 5), ("uniform", 3, 0.08, 6), ("duplicates", 2, 0.015, 12), ("duplicates", 3, 0.05, 20),
+])
+def test_dbscan_matches_sklearn(cluster, kind, d, eps, ms):
+    from sklearn.cluster import DBSCAN
+
+    X = _dbscan_data(kind, d, seed=d)
+    cluster.distribute_data(X)
+    res = cluster.distributed_dbscan(eps, ms)
+    ref = DBSCAN(eps=eps, min_samples=ms).fit(X)
+    assert np.array_equal(res.core_sample_indices, ref.core_sample_indices_), "same core points"
+    assert np.array_equal(res.labels == -1, ref.labels_ == -1), "same noise"
+    core = ref.core_sample_indices_
+    assert np.array_equal(res.labels[core], ref.labels_[core]), "same clusters, numbered as sklearn"
+    assert res.n_clusters == ref.labels_.max() + 1
+    # a border point joins a cluster of some core point within eps
+    border = np.setdiff1d(np.flatnonzero(res.labels >= 0), core)
+    for b in border[:200]:
+        near = core[np.sqrt(((X[core] - X[b]) ** 2).sum(1)) <= eps]
+        assert res.labels[b] in set(res.labels[near].tolist())
+    if kind != "uniform":
+        assert res.halo_points > 0
+
+
+def test_dbscan_edge_cases_and_errors(cluster):
+    from sklearn.cluster import DBSCAN
+
+    X = _dbscan_data("blobs", 2, seed=3)
+    cluster.distribute_data(X)
+    tiny = cluster.distributed_dbscan(1e-9, 2)
+    assert np.all(tiny.labels == -1) and len(tiny.core_sample_indices) == 0, "eps so small everything is noise"
+    huge = cluster.distributed_dbscan(100.0, 5)
+    assert np.all(huge.labels == 0) and huge.n_clusters == 1, "eps so large everything is one cluster"
+    one = cluster.distributed_dbscan(0.2, 1)
+    ref = DBSCAN(eps=0.2, min_samples=1).fit(X)
+    assert len(one.core_sample_indices) == len(X) and np.array_equal(one.labels, ref.labels_)
+    with pytest.raises(ValueError, match="eps must be"):
+        cluster.distributed_dbscan(0, 3)
+    with pytest.raises(ValueError, match="min_samples"):
+        cluster.distributed_dbscan(0.1, 0)
+
+
+def test_dbscan_with_user_ids_after_ingest(cluster):
+    from sklearn.cluster import DBSCAN
+
+    X = _dbscan_data("blobs", 2, seed=11)
+    ids = np.arange(len(X))[::-1] * 5 + 7
+    cluster.distribute_data(X[:5_000], ids=ids[:5_000])
+    cluster.ingest(X[5_000:], ids=ids[5_000:])  # the rest arrives live
+    res = cluster.distributed_dbscan(0.3, 8)
+    order = cluster.point_ids()  # labels follow ascending ids after an ingest
+    rows = np.argsort(ids)
+    assert np.array_equal(order, ids[rows])
+    ref = DBSCAN(eps=0.3, min_samples=8).fit(X[rows])
+    assert np.array_equal(res.core_sample_indices, ref.core_sample_indices_)
+    assert np.array_equal(res.labels[ref.core_sample_indices_], ref.labels_[ref.core_sample_indices_])

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import ray
 
+from . import dbscan as _dbscan
 from . import hierarchical as _hierarchical
 from . import join as _join
 from . import ingest as _ingest
@@ -670,6 +671,19 @@ class DistributedSpatialCluster:
         """
         return _hierarchical.run_hierarchical(self, n_clusters, distance_threshold, linkage, int(n_micro_clusters),
                                               (self.config.seed or 0) if seed is None else seed)
+
+    def distributed_dbscan(self, eps: float, min_samples: int = 5) -> Any:
+        """Exact DBSCAN: the same core points, noise and clusters as ``sklearn.cluster.DBSCAN(eps,
+        min_samples)`` (border points may join either adjacent cluster, as in sklearn).
+
+        Partitions are extended by halos of width ``eps`` that move node to node; local clusters are merged
+        on the coordinator through shared core points. Returns a :class:`~distspatial.dbscan.DBSCANResult`
+        (``labels`` in the order of :meth:`point_ids`, ``-1`` for noise; ``core_sample_indices``).
+
+        >>> res = cluster.distributed_dbscan(eps=0.01, min_samples=10)  # doctest: +SKIP
+        >>> res.n_clusters, res.n_noise  # doctest: +SKIP
+        """
+        return _dbscan.run_dbscan(self, eps, min_samples)
 
     def knn_join(
         self,

@@ -67,6 +67,19 @@ class Dispatcher:
                 self.failed_nodes.add(node)
                 self.failures.append((time.time(), node, reason))
 
+    def mark_failed_if_dead(self, actors: dict[int, Any], timeout_s: float | None = None) -> list[int]:
+        """Ping every node not yet failed; mark those that do not answer. Returns the newly failed ones."""
+        live = {n: a for n, a in actors.items() if n not in self.failed_nodes}
+        refs = {n: a.ping.remote() for n, a in live.items()}
+        newly = []
+        for n, ref in refs.items():
+            try:
+                ray.get(ref, timeout=timeout_s or self.timeout_s)
+            except Exception as exc:
+                self.mark_failed(n, f"no answer to a ping: {type(exc).__name__}")
+                newly.append(n)
+        return newly
+
     def assign(
         self,
         partitions: list[int],

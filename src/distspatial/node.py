@@ -78,6 +78,7 @@ class SpatialNode:
         self._kmeans: dict[tuple[int, int], Any] = {}
         self._mind2: dict[tuple[int, int], np.ndarray] = {}
         self._snapshots: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}  # (run, pid) -> data seen
+        self._dbscan: dict[tuple, Any] = {}  # (run, kind, partition) -> DBSCAN state
         self._applied: dict[int, set[int]] = {}  # partition -> ingest batches applied (replays are no-ops)
         self.started = time.time()
         self.part_queries: dict[int, int] = {}  # queries served per partition (for query-aware balancing)
@@ -445,6 +446,78 @@ class SpatialNode:
         from scipy.spatial.distance import cdist
 
         return cdist(a, b)
+
+    # -- DBSCAN (see distspatial.dbscan) -----------------------------------------------------------------
+    @data_message()
+    def dbscan_halo(self, run: int, requests: list[tuple[int, np.ndarray, np.ndarray, list[int]]]) -> Any:
+        """Halo pieces: for each ``(target, lo, hi, sources)``, ``(ids, points)`` of the points of the
+        ``sources`` partitions inside ``[lo, hi]``. One result per request (Ray ``num_returns``)."""
+        out = []
+        for target, lo, hi, sources in requests:
+            sel, ids, pts = [], [], []
+            for q in sources:
+                data = self._run_data(run, q)
+                inside = np.all((data[0] >= lo) & (data[0] <= hi), axis=1)
+                rows = np.flatnonzero(inside)
+                sel.append((q, rows))
+                ids.append(data[1][rows])
+                pts.append(np.take(data[0], rows, axis=0))
+            self._dbscan[(run, "sel", target)] = sel
+            d = pts[0].shape[1] if pts else 0
+            out.append((np.concatenate(ids) if ids else np.empty(0, np.int64),
+                        np.concatenate(pts) if pts else np.empty((0, d))))
+        return out[0] if len(out) == 1 else tuple(out)
+
+    @data_message()
+    def dbscan_core(self, run: int, eps: float, min_samples: int, layout: list[tuple[int, int]], *pieces: Any) -> int:
+        """Core flags of each partition in ``layout`` (``(pid, number of halo pieces)``) over its points and
+        halo; kept for :meth:`dbscan_local`. Returns the number of halo points received."""
+        from .dbscan_kernels import core_flags
+
+        received, j = 0, 0
+        for pid, n_pieces in layout:
+            got = pieces[j:j + n_pieces]
+            j += n_pieces
+            pts, ids = self._run_data(run, pid)
+            d = pts.shape[1]
+            h_ids = np.concatenate([g[0] for g in got]) if got else np.empty(0, np.int64)
+            h_pts = np.concatenate([g[1] for g in got]) if got else np.empty((0, d))
+            received += len(h_ids)
+            core = core_flags(pts, h_pts, eps, min_samples, workers=self.threads)
+            self._dbscan[(run, "part", pid)] = (h_ids, h_pts, core)
+        return received
+
+    @data_message()
+    def dbscan_halo_core(self, run: int, targets: list[int]) -> Any:
+        """Core flags of the halo pieces this node cut for ``targets`` (same rows, same order)."""
+        out = []
+        for target in targets:
+            flags = [self._dbscan[(run, "part", q)][2][rows] for q, rows in self._dbscan[(run, "sel", target)]]
+            out.append(np.concatenate(flags) if flags else np.empty(0, bool))
+        return out[0] if len(out) == 1 else tuple(out)
+
+    @data_message()
+    def dbscan_local(self, run: int, eps: float, layout: list[tuple[int, int]], *flag_pieces: np.ndarray) -> list:
+        """Local clusters of each partition: ``[(pid, ids, labels, link_comp, link_ids, core)]``."""
+        from .dbscan_kernels import local_clusters
+
+        out, j = [], 0
+        for pid, n_pieces in layout:
+            got = flag_pieces[j:j + n_pieces]
+            j += n_pieces
+            pts, ids = self._run_data(run, pid)
+            h_ids, h_pts, core = self._dbscan[(run, "part", pid)]
+            h_core = np.concatenate(got) if got else np.empty(0, bool)
+            labels, link_comp, rows = local_clusters(pts, core, h_pts, h_core, eps, workers=self.threads)
+            out.append((pid, ids, labels, link_comp, h_ids[rows], core))
+        return out
+
+    def dbscan_end(self, run: int) -> None:
+        """Free the state of DBSCAN run ``run``."""
+        for key in [k for k in self._dbscan if k[0] == run]:
+            del self._dbscan[key]
+        for key in [k for k in self._snapshots if k[0] == run]:
+            del self._snapshots[key]
 
     # -- hierarchical clustering (level 1) ------------------------------------------------------------------
     @data_message()
