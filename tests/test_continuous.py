@@ -29,14 +29,16 @@ def in_triangle(p, a, b, c):
 
 # (fence id, how to register it, independent predicate on a 2-D point)
 FENCES = [
-    ("disc", lambda m: m.add_range("disc", [1.0, 1.0], 0.8), lambda p: math.hypot(p[0] - 1.0, p[1] - 1.0) <= 0.8),
+    ("disc", lambda m: m.add_range("disc", [1.0, 1.0], 0.8),
+     lambda p: math.hypot(p[0] - 1.0, p[1] - 1.0) <= 0.8),
     ("box", lambda m: m.add_box("box", [2.0, 0.5], [3.5, 2.0]), lambda p: in_box(p, [2.0, 0.5], [3.5, 2.0])),
     # concave L: [0,3]x[2.5,3] union [0,0.5]x[2.5,4.5]
     ("L", lambda m: m.add_polygon("L", [[0, 2.5], [3, 2.5], [3, 3], [0.5, 3], [0.5, 4.5], [0, 4.5]]),
      lambda p: in_box(p, [0, 2.5], [3, 3]) or in_box(p, [0, 2.5], [0.5, 4.5])),
     # self-intersecting bowtie (even-odd): two triangles touching at (3.5, 3.5)
     (7, lambda m: m.add_polygon(7, [[2.5, 2.5], [4.5, 4.5], [4.5, 2.5], [2.5, 4.5]]),
-     lambda p: in_triangle(p, (2.5, 2.5), (2.5, 4.5), (3.5, 3.5)) or in_triangle(p, (4.5, 2.5), (4.5, 4.5), (3.5, 3.5))),
+     lambda p: (in_triangle(p, (2.5, 2.5), (2.5, 4.5), (3.5, 3.5))
+                or in_triangle(p, (4.5, 2.5), (4.5, 4.5), (3.5, 3.5)))),
 ]
 
 
@@ -267,6 +269,10 @@ def test_knn_watch_check_only():
         w.add_query("c", [0, 0, 0], 1)
 
 
+def pick(rng, items, n):
+    return [int(x) for x in rng.choice(items, size=min(len(items), n), replace=False)] if items else []
+
+
 def test_knn_watch_incremental_matches_brute_force():
     rng = np.random.default_rng(5)
     changes = []
@@ -285,9 +291,9 @@ def test_knn_watch_incremental_matches_brute_force():
         new_ids = list(range(next_id, next_id + n_new))
         next_id += n_new
         existing = list(data)
-        moved = [int(x) for x in rng.choice(existing, size=min(len(existing), int(rng.integers(0, 4))), replace=False)] if existing else []
+        moved = pick(rng, existing, int(rng.integers(0, 4)))
         rest = [x for x in existing if x not in moved]
-        deleted = [int(x) for x in rng.choice(rest, size=min(len(rest), int(rng.integers(0, 4))), replace=False)] if rest else []
+        deleted = pick(rng, rest, int(rng.integers(0, 4)))
         ins_ids = np.array(new_ids + moved, dtype=np.int64)
         ins_pts = rng.uniform(0, 1, (ins_ids.size, 2))
         for x in deleted:

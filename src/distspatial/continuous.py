@@ -208,7 +208,8 @@ class GeofenceMonitor:
             raise ValueError(f"box fence needs hi >= lo, got {lo!r}, {hi!r}")
         self._register(Geofence(fence_id, "box", {"lo": lo_a, "hi": hi_a}, _dims(dims, lo_a.size)))
 
-    def add_polygon(self, fence_id: Hashable, vertices: Sequence[Sequence[float]], dims: Sequence[int] = (0, 1)) -> None:
+    def add_polygon(self, fence_id: Hashable, vertices: Sequence[Sequence[float]],
+                    dims: Sequence[int] = (0, 1)) -> None:
         """Simple or self-intersecting polygon (even-odd rule) of ``(V, 2)`` vertices over point columns ``dims``."""
         v = np.asarray(vertices, dtype=np.float64)
         if v.ndim != 2 or v.shape[1] != 2 or v.shape[0] < 3 or not np.isfinite(v).all():
@@ -308,9 +309,10 @@ class GeofenceMonitor:
         order = np.lexsort((f, ev, T[ev]))
         ev, f = ev[order], f[order]
         fence_ids = [fc.fence_id for fc in self._fences]
+        cols = zip(ev.tolist(), f.tolist(), I[ev].tolist(), inside[ev, f].tolist(), T[ev].tolist())
         events = [
             GeofenceEvent(fence_ids[j], oid, "enter" if inn else "leave", t, P[e].copy())
-            for e, j, oid, inn, t in zip(ev.tolist(), f.tolist(), I[ev].tolist(), inside[ev, f].tolist(), T[ev].tolist())
+            for e, j, oid, inn, t in cols
         ]
 
         # latest position per object: the last of its run in (object, time, arrival) order
@@ -346,13 +348,15 @@ class GeofenceMonitor:
             return []
         r, f = np.nonzero(self._inside[rows])
         fence_ids = [fc.fence_id for fc in self._fences]
+        at = rows[r]
         events = [
             GeofenceEvent(fence_ids[j], oid, "leave", float(timestamp) if timestamp is not None else t, p.copy())
-            for oid, j, t, p in zip(self._ids[rows[r]].tolist(), f.tolist(), self._ts[rows[r]].tolist(), self._pos[rows[r]])
+            for oid, j, t, p in zip(self._ids[at].tolist(), f.tolist(), self._ts[at].tolist(), self._pos[at])
         ]
         keep = np.ones(self._ids.size, dtype=bool)
         keep[rows] = False
-        self._ids, self._pos, self._ts, self._inside = self._ids[keep], self._pos[keep], self._ts[keep], self._inside[keep]
+        self._ids, self._pos, self._ts = self._ids[keep], self._pos[keep], self._ts[keep]
+        self._inside = self._inside[keep]
         if self.on_event is not None:
             for e in events:
                 self.on_event(e)

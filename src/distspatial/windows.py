@@ -239,7 +239,8 @@ class WindowSpec:
     def windows_of(self, timestamp: float) -> list[tuple[float, float]]:
         """The ``(start, end)`` of every window holding ``timestamp``."""
         first, last = self.window_range(np.array([timestamp]))
-        return [(float(self.window_start(i)), float(self.window_end(i))) for i in range(int(first[0]), int(last[0]) + 1)]
+        idx = range(int(first[0]), int(last[0]) + 1)
+        return [(float(self.window_start(i)), float(self.window_end(i))) for i in idx]
 
 
 @dataclass(frozen=True)
@@ -316,6 +317,11 @@ class Aggregation:
       ``points`` is ``(m, d)`` float64, ``ids`` int64, ``timestamps`` float64) to it,
     * ``result(state) -> Any`` is what appears in :attr:`WindowResult.aggregates` under ``name``.
 
+    Optional fast path, for work per event that does not depend on the window (with sliding windows an event
+    goes to ``size / slide`` windows): ``prepare(points, ids, timestamps)`` is called once per batch and returns
+    per-event data (or None: then ``update`` is used), and ``update_prepared(state, prepared, rows)`` adds the
+    batch rows ``rows`` (int array) to a window.
+
     States should stay bounded (counters, samples), not hold the raw points.
     """
 
@@ -324,7 +330,14 @@ class Aggregation:
     def new_state(self, window: WindowKey) -> Any:  # pragma: no cover - interface
         raise NotImplementedError
 
-    def update(self, state: Any, points: np.ndarray, ids: np.ndarray, timestamps: np.ndarray) -> None:  # pragma: no cover
+    def update(self, state: Any, points: np.ndarray, ids: np.ndarray,
+               timestamps: np.ndarray) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def prepare(self, points: np.ndarray, ids: np.ndarray, timestamps: np.ndarray) -> Any:
+        return None
+
+    def update_prepared(self, state: Any, prepared: Any, rows: np.ndarray) -> None:  # pragma: no cover
         raise NotImplementedError
 
     def result(self, state: Any) -> Any:  # pragma: no cover - interface
@@ -357,7 +370,8 @@ class GridCountsResult:
         return _cell_bounds(self.lo, self.hi, self.counts.shape, index)
 
 
-def _cell_bounds(lo: np.ndarray, hi: np.ndarray, shape: tuple[int, ...], index: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+def _cell_bounds(lo: np.ndarray, hi: np.ndarray, shape: tuple[int, ...],
+                 index: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
     idx = np.asarray(index, dtype=np.float64)
     width = (hi - lo) / np.asarray(shape, dtype=np.float64)
     return lo + idx * width, lo + (idx + 1) * width
@@ -439,8 +453,18 @@ class GridCounts(Aggregation):
     def update(self, state: _Counts, points: np.ndarray, ids: Any = None, timestamps: Any = None) -> None:
         if len(points) == 0:
             return
+        self.update_prepared(state, self.prepare(points), None)
+
+    def prepare(self, points: np.ndarray, ids: Any = None, timestamps: Any = None) -> np.ndarray:
+        """Flat cell index per point, -1 outside the grid."""
         flat, inside = self.cell_index(points)
-        state.counts += np.bincount(flat[inside], minlength=self._ncells)
+        flat[~inside] = -1
+        return flat
+
+    def update_prepared(self, state: _Counts, prepared: np.ndarray, rows: np.ndarray | None) -> None:
+        cells = prepared if rows is None else prepared[rows]
+        inside = cells >= 0
+        state.counts += np.bincount(cells[inside], minlength=self._ncells)
         state.overflow += int(inside.size - np.count_nonzero(inside))
 
     def result(self, state: _Counts) -> GridCountsResult:
@@ -518,6 +542,12 @@ class HotSpots(Aggregation):
     def update(self, state: _Counts, points: np.ndarray, ids: Any = None, timestamps: Any = None) -> None:
         self.grid.update(state, points)
 
+    def prepare(self, points: np.ndarray, ids: Any = None, timestamps: Any = None) -> np.ndarray:
+        return self.grid.prepare(points)
+
+    def update_prepared(self, state: _Counts, prepared: np.ndarray, rows: np.ndarray | None) -> None:
+        self.grid.update_prepared(state, prepared, rows)
+
     def result(self, state: _Counts) -> list[HotSpot]:
         return find_hot_spots(self.grid.result(state), self.threshold, self.top_n)
 
@@ -587,8 +617,22 @@ class CurveCellCounts(Aggregation):
     def update(self, state: _SparseCounts, points: np.ndarray, ids: Any = None, timestamps: Any = None) -> None:
         if len(points) == 0:
             return
+        self.update_prepared(state, self.prepare(points), None)
+
+    def prepare(self, points: np.ndarray, ids: Any = None, timestamps: Any = None) -> tuple[np.ndarray, np.ndarray]:
+        """``(key per point (0 outside), inside mask)``."""
         keys, inside = self.keys(points)
+        full = np.zeros(inside.size, dtype=np.uint64)
+        full[inside] = keys
+        return full, inside
+
+    def update_prepared(self, state: _SparseCounts, prepared: tuple[np.ndarray, np.ndarray],
+                        rows: np.ndarray | None) -> None:
+        full, inside = prepared
+        if rows is not None:
+            full, inside = full[rows], inside[rows]
         state.overflow += int(inside.size - np.count_nonzero(inside))
+        keys = full[inside]
         if keys.size == 0:
             return
         u, c = np.unique(keys, return_counts=True)
@@ -713,7 +757,8 @@ class WindowKMeans(Aggregation):
             raise ValueError(f"max_iter must be >= 1, got {max_iter}")
         if int(seed) < 0:
             raise ValueError(f"seed must be >= 0, got {seed}")
-        self.k, self.seed, self.max_iter, self.max_points, self.tol = int(k), int(seed), int(max_iter), int(max_points), float(tol)
+        self.k, self.seed, self.max_iter = int(k), int(seed), int(max_iter)
+        self.max_points, self.tol = int(max_points), float(tol)
         self.dims = None if dims is None else tuple(int(x) for x in np.atleast_1d(dims))
         self.name = str(name)
 
@@ -878,15 +923,21 @@ class WindowedAggregator:
         rep, win, passed = rep[order], win[order], passed[order]
         uwin, starts = np.unique(win, return_index=True)
         stops = np.append(starts[1:], win.size)
+        prepared = [a.prepare(P, I, T) for a in self.aggregations] if uwin.size else []
         for w, s, e in zip(uwin.tolist(), starts.tolist(), stops.tolist()):
             ow = self._open.get(w)
             if ow is None:
                 key = WindowKey(w, float(spec.window_start(w)), float(spec.window_end(w)))
                 ow = self._open[w] = _OpenWindow(key, [a.new_state(key) for a in self.aggregations])
             sel = rep[s:e]
-            p, i, t = P[sel], I[sel], T[sel]
-            for a, st in zip(self.aggregations, ow.states):
-                a.update(st, p, i, t)
+            raw = None
+            for a, st, prep in zip(self.aggregations, ow.states, prepared):
+                if prep is not None:
+                    a.update_prepared(st, prep, sel)
+                else:
+                    if raw is None:
+                        raw = P[sel], I[sel], T[sel]
+                    a.update(st, *raw)
             ow.count += e - s
             ow.late_accepted += int(np.count_nonzero(passed[s:e]))
 
