@@ -121,7 +121,7 @@ class Geofence:
         return points_in_polygon(x, self.params["vertices"])
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class GeofenceEvent:
     """Object ``object_id`` entered or left fence ``fence_id`` at ``timestamp``, at ``point``."""
 
