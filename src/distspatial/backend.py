@@ -411,6 +411,8 @@ if HAVE_NUMBA:
             lo = np.empty(d)
             hi = np.empty(d)
             cand = np.empty(k, dtype=np.int64)
+            CTc = np.empty((d, k))
+            dist = np.empty(k)
             inertia = 0.0
             multi = 0
             guess = 0  # the previous block's centre: curve-ordered blocks mostly share it
@@ -437,10 +439,13 @@ if HAVE_NUMBA:
                     counts[j] += i1 - i0
                     labels[i0:i1] = j
                     continue
-                # straddling block: sub-blocks with their own (smaller) boxes, then point by point
-                for u0 in range(i0, i1, _KM_SUB):
-                    u1 = min(u0 + _KM_SUB, i1)
-                    nc = _block_candidates(X, u0, u1, C, lo, hi, cand)
+                # straddling block: sub-blocks with their own (smaller) boxes, then point by point; a block that
+                # keeps most centres (points not in curve order) goes point by point at once
+                sub = _KM_SUB if 2 * nc <= k else block
+                for u0 in range(i0, i1, sub):
+                    u1 = min(u0 + sub, i1)
+                    if sub != block:
+                        nc = _block_candidates(X, u0, u1, C, lo, hi, cand)
                     if nc == 1:
                         j = cand[0]
                         guess = j
@@ -449,18 +454,24 @@ if HAVE_NUMBA:
                         labels[u0:u1] = j
                         continue
                     multi += u1 - u0
+                    for q in range(nc):  # candidate centres, column-major: the scan below vectorizes
+                        for t in range(d):
+                            CTc[t, q] = C[cand[q], t]
                     for i in range(u0, u1):
-                        best = np.inf
-                        bj = 0
-                        for q in range(nc):  # ascending centre index: strict < keeps the lowest on ties
-                            j = cand[q]
-                            s = 0.0
-                            for t in range(d):
-                                diff = np.float64(X[i, t]) - C[j, t]
-                                s += diff * diff
-                            if s < best:
-                                best = s
-                                bj = j
+                        for q in range(nc):
+                            dist[q] = 0.0
+                        for t in range(d):  # dimension order, as the exact form
+                            xt = np.float64(X[i, t])
+                            for q in range(nc):
+                                diff = xt - CTc[t, q]
+                                dist[q] += diff * diff
+                        best = dist[0]
+                        bq = 0
+                        for q in range(1, nc):  # ascending centre index: strict < keeps the lowest on ties
+                            if dist[q] < best:
+                                best = dist[q]
+                                bq = q
+                        bj = cand[bq]
                         labels[i] = bj
                         guess = bj
                         counts[bj] += 1
