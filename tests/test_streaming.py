@@ -129,3 +129,39 @@ def test_stream_errors_are_reported(cluster):
         cluster.stream(bad())
     with pytest.raises(TypeError, match="stream batch"):
         cluster.stream(["not a batch"])
+
+
+def test_geofences_and_knn_watches_on_a_live_stream(cluster):
+    from distspatial.continuous import GeofenceMonitor, KnnWatch
+
+    rng = np.random.default_rng(9)
+    base = rng.random((3_000, 2))
+    cluster.distribute_data(base)
+    objects = np.arange(50_000, 50_200)
+    fences = GeofenceMonitor()
+    fences.add_box("centre", [0.4, 0.4], [0.6, 0.6])
+    watch = KnnWatch()
+    qpts = rng.random((5, 2))
+    for j, p in enumerate(qpts):
+        watch.add_query(j, p, 3)
+    feed, inside_prev, expected = [], np.zeros(len(objects), bool), []
+    for b in range(10):
+        pos = rng.random((len(objects), 2))
+        feed.append({"points": pos, "timestamps": np.full(len(objects), float(b)), "ids": objects})
+        inside = ((pos >= 0.4) & (pos <= 0.6)).all(1)
+        expected += [("enter", int(o)) for o in objects[inside & ~inside_prev]]
+        expected += [("leave", int(o)) for o in objects[~inside & inside_prev]]
+        inside_prev = inside
+    events = []
+    cluster.stream(feed, fences, watch, update=True, on_event=events.append)
+    geo = sorted((e.kind, int(e.object_id)) for e in events if hasattr(e, "fence_id"))
+    assert geo == sorted(expected)
+    changes = [e for e in events if hasattr(e, "new_ids")]
+    assert len(changes) >= 5, "every query reported its first answer, and some changed"
+    current = np.concatenate([base, feed[-1]["points"]])
+    current_ids = np.concatenate([np.arange(3_000), objects])
+    for j, p in enumerate(qpts):
+        d = np.sqrt(((current - p) ** 2).sum(1))
+        want = set(current_ids[np.argsort(d)[:3]].tolist())
+        last = [e for e in changes if e.query_id == j][-1]
+        assert set(np.asarray(last.new_ids).tolist()) == want, "the last reported answer is the exact current one"

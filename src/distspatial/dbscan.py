@@ -4,8 +4,10 @@ Each partition is extended by a *halo*: the points of other partitions inside it
 holds every eps-neighbour of its points. Halo points travel node to node (Ray object references; the driver
 never holds them):
 
-0. every node serving a source partition cuts, for each partition whose grown box meets it, the piece of its
-   points inside that box (``SpatialNode.dbscan_halo``, one object per target);
+0. the node serving each partition lists the eps-grid cells its points occupy (``dbscan_cells``); every node
+   serving a source partition cuts, for each partition whose grown box meets it, the piece of its points in a
+   cell next to one of the target's cells (``dbscan_halo``, one object per target): a superset of the points
+   within eps of the target's points, much smaller than the grown box on skewed data;
 1. the node serving each partition counts neighbours over its points + halo and keeps the core flags
    (``dbscan_core``; :func:`~distspatial.dbscan_kernels.core_flags`, exact, bounded memory);
 2. the source nodes send the core flags of the halo pieces they cut (``dbscan_halo_core``), and each partition
@@ -87,23 +89,30 @@ def _run_once(cluster: DistributedSpatialCluster, eps: float, min_samples: int, 
     n_parts = meta.n_partitions
     serve = {p: routing.node_for(p, exclude=failed) for p in range(n_parts)}
     meets, glo, ghi = _pieces(meta, eps)
-    # round 0: halo pieces, cut by the nodes serving the source partitions, one object per target
-    requests: dict[int, list[tuple[int, np.ndarray, np.ndarray, list[int]]]] = {}
+    origin = meta.lo - eps
+    targets: dict[int, list[int]] = {}
+    for p in range(n_parts):
+        targets.setdefault(serve[p], []).append(p)
+    # round 0: the cells each partition occupies, then halo pieces cut by the nodes serving the source
+    # partitions (points in a cell next to an occupied cell of the target), one object per target
+    cell_ref = {}
+    for node, pids in targets.items():
+        for p, ref in zip(pids, _call_multi(cluster, node, "dbscan_cells", len(pids), run, float(eps), origin, pids)):
+            cell_ref[p] = ref
+    requests: dict[int, list[tuple[int, np.ndarray, np.ndarray, list[int], int]]] = {}
     for p in range(n_parts):
         by_node: dict[int, list[int]] = {}
         for q in np.flatnonzero(meets[p]):
             by_node.setdefault(serve[int(q)], []).append(int(q))
         for node, qs in by_node.items():
-            requests.setdefault(node, []).append((p, glo[p], ghi[p], qs))
+            requests.setdefault(node, []).append((p, glo[p], ghi[p], qs, len(requests.get(node, []))))
     halo_refs: dict[int, list] = {p: [] for p in range(n_parts)}
     for node, reqs in requests.items():
-        refs = _call_multi(cluster, node, "dbscan_halo", len(reqs), run, reqs)
-        for (p, _, _, _), ref in zip(reqs, refs):
-            halo_refs[p].append((node, ref))
+        refs = _call_multi(cluster, node, "dbscan_halo", len(reqs), run, float(eps), origin, reqs,
+                           *[cell_ref[r[0]] for r in reqs])
+        for r, ref in zip(reqs, refs):
+            halo_refs[r[0]].append((node, ref))
     # round 1: core flags on the node serving each partition
-    targets: dict[int, list[int]] = {}
-    for p in range(n_parts):
-        targets.setdefault(serve[p], []).append(p)
     calls = []
     for node, pids in targets.items():
         layout = [(p, len(halo_refs[p])) for p in pids]
@@ -116,8 +125,8 @@ def _run_once(cluster: DistributedSpatialCluster, eps: float, min_samples: int, 
     flag_refs: dict[int, list] = {p: [] for p in range(n_parts)}
     for node, reqs in requests.items():
         refs = _call_multi(cluster, node, "dbscan_halo_core", len(reqs), run, [r[0] for r in reqs])
-        for (p, _, _, _), ref in zip(reqs, refs):
-            flag_refs[p].append(ref)
+        for r, ref in zip(reqs, refs):
+            flag_refs[r[0]].append(ref)
     calls = []
     for node, pids in targets.items():
         layout = [(p, len(flag_refs[p])) for p in pids]

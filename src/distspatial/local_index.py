@@ -24,17 +24,32 @@ MISSING_ID = -1
 class _Segment:
     """Points with a KD-tree and a deletion mask (``dead``); rows never move while the segment lives."""
 
-    __slots__ = ("points", "ids", "tree", "dead", "n_dead", "_cum")
+    __slots__ = ("points", "ids", "_tree", "leafsize", "dead", "n_dead", "_cum")
 
-    def __init__(self, points: np.ndarray, ids: np.ndarray, leafsize: int = 16, tree: cKDTree | None = None) -> None:
+    def __init__(self, points: np.ndarray, ids: np.ndarray, leafsize: int = 16, tree: cKDTree | None = None,
+                 lazy: bool = False) -> None:
         self.points = points
         self.ids = ids
-        # balanced_tree=False (sliding midpoint) builds about 2x faster than median splits and queries as fast.
-        self.tree = tree if tree is not None else (
-            cKDTree(points, leafsize=leafsize, balanced_tree=False, compact_nodes=False) if len(points) else None)
+        self.leafsize = leafsize
+        self._tree = tree
+        if tree is None and not lazy:
+            self._tree = self._build()
         self.dead: np.ndarray | None = None
         self.n_dead = 0
         self._cum: np.ndarray | None = None  # dead rows before each row (for live positions)
+
+    def _build(self) -> cKDTree | None:
+        # balanced_tree=False (sliding midpoint) builds about 2x faster than median splits and queries as fast.
+        if not len(self.points):
+            return None
+        return cKDTree(self.points, leafsize=self.leafsize, balanced_tree=False, compact_nodes=False)
+
+    @property
+    def tree(self) -> cKDTree | None:
+        """The KD-tree (a delta segment builds it on first use, so appends stay cheap)."""
+        if self._tree is None and len(self.points):
+            self._tree = self._build()
+        return self._tree
 
     @property
     def n(self) -> int:
@@ -191,7 +206,8 @@ class LocalPartition:
         self._swap_if_merged()
         d = self._delta
         pts = np.concatenate([d.points, np.asarray(points, dtype=np.float64).reshape(-1, self.dim)])
-        new = _Segment(pts, np.concatenate([d.ids, np.asarray(ids).astype(d.ids.dtype, copy=False)]), self.leafsize)
+        new = _Segment(pts, np.concatenate([d.ids, np.asarray(ids).astype(d.ids.dtype, copy=False)]), self.leafsize,
+                       lazy=True)
         if d.dead is not None:
             new.dead = np.concatenate([d.dead, np.zeros(len(points), dtype=bool)])
             new.n_dead = d.n_dead
@@ -234,7 +250,7 @@ class LocalPartition:
         base = _Segment(job["pts"], job["ids"], self.leafsize, tree=job["tree"])
         d = self._delta
         rest = slice(job["delta_rows"], d.n)  # appended while the merge ran
-        delta = _Segment(d.points[rest], d.ids[rest], self.leafsize)
+        delta = _Segment(d.points[rest], d.ids[rest], self.leafsize, lazy=True)
         if d.dead is not None:
             delta.dead = d.dead[rest].copy()
             delta.n_dead = int(delta.dead.sum())

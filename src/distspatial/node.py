@@ -449,16 +449,26 @@ class SpatialNode:
 
     # -- DBSCAN (see distspatial.dbscan) -----------------------------------------------------------------
     @data_message()
-    def dbscan_halo(self, run: int, requests: list[tuple[int, np.ndarray, np.ndarray, list[int]]]) -> Any:
-        """Halo pieces: for each ``(target, lo, hi, sources)``, ``(ids, points)`` of the points of the
-        ``sources`` partitions inside ``[lo, hi]``. One result per request (Ray ``num_returns``)."""
+    def dbscan_cells(self, run: int, eps: float, origin: np.ndarray, partition_ids: list[int]) -> Any:
+        """For each partition, the sorted hashes of the eps-grid cells its points occupy (one result each)."""
+        out = [np.unique(_cell_hash(_cells(self._run_data(run, p)[0], origin, eps))) for p in partition_ids]
+        return out[0] if len(out) == 1 else tuple(out)
+
+    @data_message()
+    def dbscan_halo(self, run: int, eps: float, origin: np.ndarray,
+                    requests: list[tuple[int, np.ndarray, np.ndarray, list[int], int]], *cell_sets: np.ndarray) -> Any:
+        """Halo pieces: for each ``(target, lo, hi, sources, c)``, ``(ids, points)`` of the points of the
+        ``sources`` partitions inside ``[lo, hi]`` whose eps-grid cell is next to a cell of ``cell_sets[c]``
+        (the target's occupied cells): a superset of the points within eps of the target's points. One result
+        per request (Ray ``num_returns``)."""
         out = []
-        for target, lo, hi, sources in requests:
+        for target, lo, hi, sources, c in requests:
             sel, ids, pts = [], [], []
             for q in sources:
                 data = self._run_data(run, q)
-                inside = np.all((data[0] >= lo) & (data[0] <= hi), axis=1)
-                rows = np.flatnonzero(inside)
+                rows = np.flatnonzero(np.all((data[0] >= lo) & (data[0] <= hi), axis=1))
+                if len(rows):
+                    rows = rows[_near_cells(_cells(np.take(data[0], rows, axis=0), origin, eps), cell_sets[c])]
                 sel.append((q, rows))
                 ids.append(data[1][rows])
                 pts.append(np.take(data[0], rows, axis=0))
@@ -541,6 +551,44 @@ class SpatialNode:
             counts += np.bincount(labels, minlength=len(centers))
         return counts
 
+
+
+_HASH = np.array([0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9, 0xD6E8FEB86659FD93,
+                  0xFF51AFD7ED558CCD, 0xC4CEB9FE1A85EC53, 0x94D049BB133111EB, 0xBF58476D1CE4E5B9], dtype=np.uint64)
+
+
+def _cells(points: np.ndarray, origin: np.ndarray, eps: float) -> np.ndarray:
+    """Integer eps-grid cell of each point: ``floor((x - origin) / eps)``."""
+    return np.floor((points - origin) / eps).astype(np.int64)
+
+
+def _cell_hash(cells: np.ndarray) -> np.ndarray:
+    """A linear hash of cell coordinates (wrapping uint64), so ``hash(c + o) = hash(c) + hash(o)``.
+    Collisions only add points to a halo, never drop one."""
+    d = cells.shape[1]
+    mult = np.resize(_HASH, d) + np.arange(d, dtype=np.uint64) * np.uint64(2)
+    h = np.zeros(len(cells), dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for j in range(d):
+            h += cells[:, j].astype(np.uint64) * mult[j]
+    return h
+
+
+def _near_cells(cells: np.ndarray, occupied: np.ndarray) -> np.ndarray:
+    """Mask of the cells having an occupied cell among their 3^d neighbours (themselves included)."""
+    import itertools
+
+    base = _cell_hash(cells)
+    keep = np.zeros(len(cells), dtype=bool)
+    if len(occupied) == 0:
+        return keep
+    d = cells.shape[1]
+    for off in itertools.product((-1, 0, 1), repeat=d):
+        with np.errstate(over="ignore"):
+            h = base + _cell_hash(np.array([off], dtype=np.int64))[0]
+        pos = np.minimum(np.searchsorted(occupied, h), len(occupied) - 1)
+        keep |= occupied[pos] == h
+    return keep
 
 
 def _pack_hits(

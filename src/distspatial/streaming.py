@@ -262,8 +262,10 @@ def run_stream(
                 st.batches += 1
                 st.points += n
                 st.seconds = time.perf_counter() - t0
-            for op in operators:  # end of stream: close what is still open
-                if hasattr(op, "flush"):
+            from .windows import WindowedAggregator
+
+            for op in operators:  # end of stream: close the windows still open
+                if isinstance(op, WindowedAggregator):
                     emit(op.flush())
         except BaseException as exc:
             st.errors.append(exc)
@@ -284,7 +286,20 @@ def run_stream(
 
 def _apply(op: Any, cluster: DistributedSpatialCluster, pts: np.ndarray, ids: np.ndarray, ts: np.ndarray):
     """Feed one batch to an operator; returns its events."""
-    if hasattr(op, "on_batch"):  # operators that query the cluster (kNN watches)
+    from .continuous import KnnWatch
+
+    if isinstance(op, KnnWatch):
+        # answers the watch can prove from the batch alone are updated there; the others are re-run exactly on
+        # the cluster (which already holds the batch)
+        now = float(ts.max())
+        events = list(op.observe(pts, ids, timestamp=now))
+        stale = op.needs_refresh()
+        if stale and cluster.metadata.n_points:
+            k = min(op.max_k, cluster.metadata.n_points)
+            d, nn = cluster.distributed_knn_search(op.points(stale), k)
+            events += op.check(nn, d, timestamp=now, query_ids=stale)
+        return events
+    if hasattr(op, "on_batch"):  # user operators that query the cluster
         return op.on_batch(cluster, pts, ids, ts)
     if hasattr(op, "add"):  # windowed aggregators
         return op.add(pts, ids, ts)
