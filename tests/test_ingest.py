@@ -143,3 +143,34 @@ def test_hot_region_ingest_splits_grown_partitions_and_checkpoints(ray_local, tm
         np.testing.assert_allclose(d2, d, rtol=0, atol=1e-12)
         new_ids = r.ingest(rng.random((10, 2)))
         assert new_ids.min() == len(allp), "automatic ids continue after a restore"
+
+
+def test_distribute_chunks_from_a_file_never_holding_it_whole(ray_local, tmp_path):
+    from distspatial.io import write_results
+
+    pts = skewed_points(60_000, 3, seed=44)
+    path = tmp_path / "pts.parquet"
+    write_results(str(path), {"x": pts[:, 0], "y": pts[:, 1], "z": pts[:, 2], "label": np.arange(len(pts)) % 7})
+    with DistributedSpatialCluster(_cfg()) as c:
+        meta = c.distribute_chunks(str(path), columns="x,y,z", chunk_rows=7_000, sample_size=5_000)
+        assert meta.n_points == len(pts) and c.metadata.n_points == len(pts)
+        sizes = [p.size for p in c.metadata.partitions]
+        assert max(sizes) <= 3.5 * np.mean(sizes), f"sample-cut partitions stay balanced: {sizes}"
+        q = skewed_points(300, 3, seed=44, sample_seed=8)
+        d, i = c.distributed_knn_search(q, 5)
+        np.testing.assert_allclose(d, brute_knn(pts, q, 5), rtol=0, atol=1e-12)
+        own = np.sqrt(((pts[i] - q[:, None]) ** 2).sum(-1))
+        np.testing.assert_allclose(own, d, rtol=0, atol=1e-12), "ids are the file's row numbers"
+        res = c.distributed_kmeans(3, 10, init=pts[:3], tol=0)
+        assert float(((pts - res.centroids[res.labels]) ** 2).sum()) == pytest.approx(res.inertia, rel=1e-9)
+        # a callable source of (points, ids) chunks
+        ids = np.arange(len(pts)) * 2 + 1
+        c.distribute_chunks(lambda: ((pts[a:a + 10_000], ids[a:a + 10_000]) for a in range(0, len(pts), 10_000)))
+        d2, i2 = c.distributed_knn_search(q, 5)
+        np.testing.assert_allclose(d2, d, rtol=0, atol=1e-12)
+        assert np.all(i2 % 2 == 1)
+        res = c.distributed_kmeans(3, 10, init=pts[:3], tol=0)
+        assert np.array_equal(c.point_ids(), ids) and res.labels.shape == (len(pts),)
+        assert float(((pts - res.centroids[res.labels]) ** 2).sum()) == pytest.approx(res.inertia, rel=1e-9)
+        with pytest.raises(TypeError, match="read twice"):
+            c.distribute_chunks(iter([pts]))

@@ -339,6 +339,21 @@ class DistributedSpatialCluster:
         log.info("distributed %d points in %d partitions over %d nodes in %.2f s", n, n_parts, cfg.node_count, t.seconds)
         return meta
 
+    def distribute_chunks(
+        self, source: Any, columns: Any = None, id_column: str | None = None, chunk_rows: int = 1 << 20,
+        sample_size: int = 200_000,
+    ) -> GlobalIndexMetadata:
+        """Distribute a data set too large for the driver's memory, chunk by chunk.
+
+        ``source``: a point file (``.npy``, CSV, Parquet, LAS; ``columns`` and ``id_column`` as in
+        :func:`distspatial.io.open_points`) or a callable returning a fresh iterator of ``(n, d)`` chunks (or
+        ``(points, ids)`` pairs): it is read twice, once for the bounds and a key sample that cut the
+        partitions, once to ingest. Ids are the source's row numbers unless ``id_column`` / ids are given.
+
+        >>> cluster.distribute_chunks("lidar.laz", chunk_rows=2_000_000)  # doctest: +SKIP
+        """
+        return _ingest.distribute_chunks(self, source, columns, id_column, chunk_rows, sample_size)
+
     def _send(self, node: int, method: str, *args: Any, **kwargs: Any) -> Any:
         """Call ``node.method(*args, **kwargs)`` and count the message (object references count 0 bytes here:
         their bytes are counted by the node that produced them)."""

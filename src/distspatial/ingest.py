@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ingest", "delete", "update"]
+__all__ = ["ingest", "delete", "update", "distribute_chunks"]
 
 
 def _check_timestamps(timestamps: Any, n: int) -> np.ndarray | None:
@@ -177,3 +177,105 @@ def update(cluster: DistributedSpatialCluster, ids: Any, points: Any, timestamps
         existed = delete(cluster, arr)
         ingest(cluster, pts, arr, timestamps)
     return existed
+
+
+def _chunk_source(source: Any, columns: Any, id_column: str | None, chunk_rows: int):
+    """A function returning a fresh iterator of ``(points, ids or None)`` chunks (the source is read twice)."""
+    import os
+
+    if isinstance(source, (str, os.PathLike)):
+        from .io import iter_point_chunks
+
+        def from_file():
+            it = iter_point_chunks(source, columns, chunk_rows, id_column)
+            return ((c, None) if id_column is None else c for c in it)
+        return from_file
+    if callable(source):
+        def from_callable():
+            for c in source():
+                yield (c, None) if not isinstance(c, tuple) else c
+        return from_callable
+    raise TypeError("source must be a file path or a callable returning an iterator of (n, d) chunks (or "
+                    "(points, ids) pairs); a plain iterator cannot be read twice")
+
+
+def distribute_chunks(
+    cluster: DistributedSpatialCluster, source: Any, columns: Any = None, id_column: str | None = None,
+    chunk_rows: int = 1 << 20, sample_size: int = 200_000, seed: int = 0,
+):
+    """Distribute a data set too large for the driver, one chunk at a time (two passes over the source).
+
+    Pass 1 reads every chunk once for the global bounds, the variance and a uniform sample of ``sample_size``
+    points; the partitions' curve-key ranges are cut at the sample's key quantiles and created empty on the
+    nodes. Pass 2 ingests chunk by chunk (each acknowledged by every replica). The driver holds one chunk and
+    the sample at a time.
+    """
+    import numpy as np
+
+    from .curves import default_bits
+    from .metadata import GlobalIndexMetadata, PartitionInfo
+    from .placement import place_partitions
+
+    chunks = _chunk_source(source, columns, id_column, chunk_rows)
+    rng = np.random.default_rng(seed)
+    lo = hi = None
+    n, s1, s2 = 0, 0.0, 0.0
+    sample, prio = None, None
+    for pts, _ in chunks():
+        pts = check_points(pts)
+        clo, chi = pts.min(axis=0), pts.max(axis=0)
+        lo = clo if lo is None else np.minimum(lo, clo)
+        hi = chi if hi is None else np.maximum(hi, chi)
+        n += len(pts)
+        s1 = s1 + pts.sum(axis=0)
+        s2 = s2 + (pts * pts).sum(axis=0)
+        pr = rng.random(len(pts))  # a uniform sample: the smallest random priorities seen
+        sample = pts if sample is None else np.concatenate([sample, pts])
+        prio = pr if prio is None else np.concatenate([prio, pr])
+        if len(prio) > sample_size:
+            keep = np.argpartition(prio, sample_size)[:sample_size]
+            sample, prio = sample[keep], prio[keep]
+    if n == 0:
+        raise ValueError("the source holds no points")
+    d = len(lo)
+    cfg = cluster.config
+    bits = default_bits(d)
+    keys = np.sort(curve_keys(sample, lo, hi, cfg.curve, bits))
+    n_parts = max(1, min(cfg.partition_count, n))
+    bounds = keys[(np.arange(1, n_parts) * len(keys)) // n_parts] if n_parts > 1 else np.empty(0, np.uint64)
+    key_lo = np.concatenate([[0], bounds]).astype(np.uint64)
+    key_hi = np.concatenate([bounds.astype(np.int64) - 1, [np.iinfo(np.int64).max]])
+    with cluster._meta_lock:
+        live = cluster.live_node_ids
+        owners = place_partitions(n_parts, live, min(cfg.replication_factor, len(live)), cluster._machines())
+        cluster._dataset_counter += 1
+        dataset = cluster._dataset_counter
+        empty_pts, empty_ids = np.empty((0, d)), np.empty(0, np.int64)
+        loads = []
+        for node in live:
+            pids = [p for p in range(n_parts) if node in owners[p]]
+            loads.append((node, cluster._send(node, "load_partitions", dataset, pids,
+                                              *[a for _ in pids for a in (empty_pts, empty_ids)])))
+        for node, ref in loads:
+            cluster._recv(node, ref)
+        parts = tuple(PartitionInfo(p, int(key_lo[p]), int(max(key_lo[p], key_hi[p])), np.full(d, np.inf),
+                                    np.full(d, -np.inf), 0, 0, owners[p]) for p in range(n_parts))
+        version = (cluster._meta.version + 1) if cluster._meta else 1
+        cluster._set_meta(GlobalIndexMetadata(dim=d, lo=lo, hi=hi, curve=cfg.curve, bits=bits, partitions=parts,
+                                              version=version, dataset_id=dataset))
+        cluster._id_sorted = cluster._id_rows = None
+        cluster._has_user_ids = id_column is not None
+        cluster._next_id, cluster._live_ids = 0, None
+        cluster._mean_variance = float(np.mean(s2 / n - (s1 / n) ** 2))
+        row, user_ids = 0, False
+        for pts, ids in chunks():
+            m = len(pts)
+            user_ids |= ids is not None
+            ingest(cluster, pts, np.arange(row, row + m, dtype=np.int64) if ids is None else ids)
+            row += m
+        # without user ids the ids are the rows of the source, exactly as distribute_data would number them;
+        # with them, algorithm labels follow point_ids() (ascending ids), as after any ingest
+        cluster._has_user_ids = cluster._modified = user_ids
+        if not user_ids:
+            cluster._next_id = row
+    return cluster._meta
