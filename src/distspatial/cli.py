@@ -1,7 +1,8 @@
 """Command line: ``distspatial <command>``.
 
-Commands: ``demo`` (the README's main job), ``knn``, ``range``, ``kmeans``, ``stats`` (on a point file: ``.npy``,
-``.csv``, ``.parquet``, ``.las``/``.laz``) and ``bench`` (kNN against scipy's cKDTree on generated data).
+Commands: ``demo`` (the README's main job), ``knn``, ``range``, ``kmeans``, ``stats``, ``serve`` (an HTTP query
+service and status page, :mod:`distspatial.service`) (on a point file: ``.npy``, ``.csv``, ``.parquet``,
+``.las``/``.laz``) and ``bench`` (kNN against scipy's cKDTree on generated data).
 ``distspatial <command> --help`` lists the options.
 
 Exit status: 0 success; 1 failure (a runtime error, or a check that did not hold); 2 bad usage or bad input
@@ -172,6 +173,22 @@ def _output_path(text: str) -> str:
     except DataFileError as exc:
         raise argparse.ArgumentTypeError(f"{exc.problem} in {text!r}: {exc.fix}") from None
     return text
+
+
+def _plot_path(text: str) -> str:
+    """``--plot`` target: an image name matplotlib writes; matplotlib must be installed."""
+    import importlib.util
+
+    if os.path.splitext(text)[1].lower() not in (".png", ".svg", ".pdf", ".jpg", ".jpeg"):
+        raise argparse.ArgumentTypeError(f"{text!r}: plots are written as .png, .svg, .pdf or .jpg; name the file so")
+    if importlib.util.find_spec("matplotlib") is None:
+        raise argparse.ArgumentTypeError("--plot needs matplotlib: pip install 'distspatial[plots]'")
+    return text
+
+
+def _save_plot(s: Session, fig: Any) -> None:
+    fig.savefig(s.args.plot, dpi=120)
+    s.say(f"wrote the plot to {s.args.plot}")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -379,6 +396,8 @@ def _range(s: Session) -> int:
                 arg("--init", choices=["k-means||", "random"], default="k-means||"),
                 arg("--seed", type=_nonneg_int, default=None, help="random seed (default: nondeterministic)"),
                 arg("--centroids", type=_output_path, metavar="PATH", help="also write the centroids here"),
+                arg("--plot", type=_plot_path, metavar="PNG", help="also draw the clusters into this image "
+                    "(.png/.svg/.pdf; needs distspatial[plots])"),
             ])
 def _kmeans(s: Session) -> int:
     from .io import centroids_table, labels_table, write_results
@@ -397,11 +416,17 @@ def _kmeans(s: Session) -> int:
         s.say("centroids:")
         s.say(_preview(cent, 50))
     s.emit(labels_table(res.labels, s.row_ids()), "labels")
+    if a.plot:
+        from .plots import plot_clusters
+
+        _save_plot(s, plot_clusters(s.points, res.labels, res.centroids))
     return EXIT_OK
 
 
 @subcommand("stats", "distribute the input and print the cluster's statistics",
-            output="one row per node: the statistics' per-node fields")
+            output="one row per node: the statistics' per-node fields",
+            arguments=[arg("--plot", type=_plot_path, metavar="PNG", help="also draw the partitions, their nodes and "
+                           "the curve order into this image (.png/.svg/.pdf; needs distspatial[plots])")])
 def _stats(s: Session) -> int:
     st = s.cluster.statistics()
     lo, hi = s.points.min(axis=0), s.points.max(axis=0)
@@ -411,6 +436,46 @@ def _stats(s: Session) -> int:
     if s.args.output:
         rows = [dataclasses.asdict(n) for n in st.nodes]
         s.emit({k: np.array([r[k] for r in rows]) for k in rows[0]}, "node statistics")
+    if s.args.plot:
+        from .plots import plot_partitions
+
+        _save_plot(s, plot_partitions(s.cluster, points=s.points))
+    return EXIT_OK
+
+
+def _port(text: str) -> int:
+    v = _nonneg_int(text)
+    if v > 65535:
+        raise argparse.ArgumentTypeError(f"a TCP port is 0..65535, got {v}")
+    return v
+
+
+def _prepare_serve(s: Session) -> None:
+    """Fail before Ray starts: the service's packages are there and the port is free (the socket is kept)."""
+    try:
+        from .service import listen
+    except ImportError as exc:
+        raise RuntimeError(str(exc)) from None
+    s.extra["socket"] = listen(s.args.host, s.args.port)
+
+
+@subcommand("serve", "serve HTTP queries (kNN, range, box, ingest) and a live status page over the input "
+            "(needs distspatial[serve])", prepare=_prepare_serve,
+            arguments=[
+                arg("--host", default="127.0.0.1", help="address to listen on (127.0.0.1; 0.0.0.0: every interface)"),
+                arg("--port", type=_port, default=8000, help="TCP port (8000; 0: a free one, printed at start)"),
+                arg("--workers", type=_positive_int, default=8, help="threads running cluster calls (8)"),
+                arg("--max-body-mb", type=_positive_float, default=64.0, help="largest request body in MiB (64)"),
+            ])
+def _serve(s: Session) -> int:
+    from .service import run_server
+
+    a = s.args
+    run_server(s.cluster, a.host, a.port, sock=s.extra["socket"], workers=a.workers,
+               max_body_bytes=int(a.max_body_mb * 2**20),
+               on_ready=lambda url: s.say(f"serving on {url} (status page {url}/, API docs {url}/docs); "
+                                          f"Ctrl-C stops"))
+    s.say("stopped serving")
     return EXIT_OK
 
 

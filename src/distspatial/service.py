@@ -74,7 +74,7 @@ from .errors import DistSpatialError, NotDistributedError
 
 __all__ = [
     "create_app", "run_server", "BackgroundServer", "RequestError", "ServiceMetrics", "StatusCollector",
-    "coordinate_names", "ARROW_STREAM", "NODE_COLORS",
+    "coordinate_names", "listen", "ARROW_STREAM", "NODE_COLORS",
 ]
 
 ARROW_STREAM = "application/vnd.apache.arrow.stream"
@@ -925,7 +925,7 @@ def _version() -> str:
 
 
 # -- running it ----------------------------------------------------------------------------------------------------
-def _bind(host: str, port: int) -> socket.socket:
+def listen(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
     """A listening socket (``port`` 0: a free one); connections made before uvicorn accepts wait in the backlog."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -960,13 +960,15 @@ def run_server(
     log_level: str = "warning",
     access_log: bool = False,
     on_ready: Callable[[str], None] | None = None,
+    sock: socket.socket | None = None,
     **app_options: Any,
 ) -> None:
     """Serve ``cluster`` on ``host:port`` until SIGINT or SIGTERM (then return normally, after a graceful
-    shutdown). ``port=0`` takes a free port; ``on_ready(url)`` is called once the socket listens.
+    shutdown). ``port=0`` takes a free port; ``on_ready(url)`` is called once the socket listens. ``sock``: a
+    socket from :func:`listen` to serve on instead (bound early, so a busy port fails before any work).
     ``app_options`` go to :func:`create_app`."""
     app = create_app(cluster, **app_options)
-    sock = _bind(host, port)
+    sock = sock if sock is not None else listen(host, port)
     server = _server(app, log_level, access_log)
     stops: list[int] = []
     main = threading.current_thread() is threading.main_thread()
@@ -998,7 +1000,7 @@ class BackgroundServer:
         self._sock: socket.socket | None = None
 
     def start(self, timeout_s: float = 30.0) -> BackgroundServer:
-        self._sock = _bind(self.host, self.port)
+        self._sock = listen(self.host, self.port)
         self.url = _url(self.host, self._sock)
         self._server = _server(self.app, self.log_level, False)
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._sock]},
