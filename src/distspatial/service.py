@@ -721,11 +721,14 @@ def create_app(
     async def read(request: Request, example: str, fields: tuple[str, ...]) -> tuple[str, dict, Any]:
         body = await _read_body(request, max_body_bytes)
         kind = _body_kind(request)
+        parse = functools.partial(_parse_json, body, example) if kind == "json" else functools.partial(_arrow_table,
+                                                                                                        body)
+        # large bodies are decoded in the pool, so the event loop keeps serving other clients meanwhile
+        parsed = parse() if len(body) < 256 * 1024 else await asyncio.get_running_loop().run_in_executor(pool, parse)
         if kind == "json":
-            obj = _parse_json(body, example)
-            _check_fields(obj, fields)
-            return kind, obj, None
-        return kind, {}, _arrow_table(body)
+            _check_fields(parsed, fields)
+            return kind, parsed, None
+        return kind, {}, parsed
 
     # -- kNN ------------------------------------------------------------------------------------------------------
     @app.post("/knn", summary="k nearest neighbours of each point", **_KNN_DOC)
@@ -751,7 +754,8 @@ def create_app(
                 return _arrow_response(knn_table(dist, ids)), len(q)
             if single:
                 dist, ids = dist[0], ids[0]
-            return _json_response({"distances": _jsonable(dist), "ids": ids.tolist()}), len(q)
+            dist_out = dist.tolist() if np.isfinite(dist).all() else _jsonable(dist)
+            return _json_response({"distances": dist_out, "ids": ids.tolist()}), len(q)
 
         return await handle(request, "knn", work)
 
