@@ -133,29 +133,35 @@ def _error_response(status: int, message: str) -> Response:
 
 # -- service metrics ----------------------------------------------------------------------------------------------
 class ServiceMetrics:
-    """Requests, queries and errors per endpoint, and their rates over the last ``window_s`` seconds."""
+    """Requests, queries and errors per endpoint, and their rates over the last ``window_s`` seconds (kept in
+    one-second buckets, so the cost does not grow with the request rate)."""
 
     def __init__(self, window_s: float = 60.0) -> None:
         self.window_s = window_s
         self.started = time.time()
         self._lock = threading.Lock()
         self._totals: dict[str, dict[str, float]] = {}
-        self._recent: deque[tuple[float, str, int, float, bool]] = deque()
+        self._buckets: deque[tuple[int, dict[str, list[int]]]] = deque()  # (second, {endpoint: [requests, queries]})
 
     def record(self, endpoint: str, queries: int, seconds: float, ok: bool) -> None:
         now = time.time()
+        sec = int(now)
         with self._lock:
             t = self._totals.setdefault(endpoint, {"requests": 0, "queries": 0, "errors": 0, "seconds": 0.0})
             t["requests"] += 1
             t["queries"] += queries if ok else 0
             t["errors"] += 0 if ok else 1
             t["seconds"] += seconds
-            self._recent.append((now, endpoint, queries if ok else 0, seconds, ok))
+            if not self._buckets or self._buckets[-1][0] != sec:
+                self._buckets.append((sec, {}))
+            b = self._buckets[-1][1].setdefault(endpoint, [0, 0])
+            b[0] += 1
+            b[1] += queries if ok else 0
             self._trim(now)
 
     def _trim(self, now: float) -> None:
-        while self._recent and self._recent[0][0] < now - self.window_s:
-            self._recent.popleft()
+        while self._buckets and self._buckets[0][0] < now - self.window_s - 1:
+            self._buckets.popleft()
 
     def snapshot(self, rate_window_s: float = 10.0) -> dict[str, Any]:
         """Totals per endpoint, requests/s and queries/s over the last ``rate_window_s`` seconds, and the queries
@@ -163,28 +169,35 @@ class ServiceMetrics:
         now = time.time()
         with self._lock:
             self._trim(now)
-            recent = list(self._recent)
+            buckets = [(sec, {k: list(v) for k, v in b.items()}) for sec, b in self._buckets]
             totals = {k: dict(v) for k, v in self._totals.items()}
         window = min(rate_window_s, max(1e-9, now - self.started))
+        recent: dict[str, list[int]] = {}
+        for sec, b in buckets:
+            if sec + 1 > now - rate_window_s:
+                for name, (req, q) in b.items():
+                    acc = recent.setdefault(name, [0, 0])
+                    acc[0] += req
+                    acc[1] += q
         endpoints = []
         for name in sorted(totals):
             t = totals[name]
-            rec = [r for r in recent if r[1] == name and r[0] >= now - rate_window_s]
+            req, q = recent.get(name, (0, 0))
             endpoints.append({
                 "endpoint": name,
                 "requests": int(t["requests"]),
                 "queries": int(t["queries"]),
                 "errors": int(t["errors"]),
                 "mean_ms": 1e3 * t["seconds"] / max(1, t["requests"]),
-                "requests_per_s": len(rec) / window,
-                "queries_per_s": sum(r[2] for r in rec) / window,
+                "requests_per_s": req / window,
+                "queries_per_s": q / window,
             })
         n = int(self.window_s)
         timeline = [0.0] * n
-        for t, _, q, _, _ in recent:
-            age = int(now - t)
+        for sec, b in buckets:
+            age = int(now) - sec
             if 0 <= age < n:
-                timeline[n - 1 - age] += q
+                timeline[n - 1 - age] += sum(v[1] for v in b.values())
         return {
             "uptime_s": now - self.started,
             "endpoints": endpoints,
