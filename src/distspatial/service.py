@@ -64,7 +64,7 @@ try:
     import uvicorn
     from fastapi import FastAPI, Query, Request
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import HTMLResponse, JSONResponse, Response
+    from fastapi.responses import HTMLResponse, Response
 except ImportError as _exc:  # pragma: no cover - depends on the environment
     raise ImportError(
         f"the HTTP service needs FastAPI and uvicorn ({_exc}); install them with: pip install 'distspatial[serve]'"
@@ -208,6 +208,14 @@ class ServiceMetrics:
         }
 
 
+def _current_meta(cluster: Any) -> tuple[Any, str]:
+    """``(metadata, "")``, or ``(None, why not)`` before ``distribute_data`` or after ``shutdown``."""
+    try:
+        return cluster.metadata, ""
+    except (NotDistributedError, RuntimeError) as exc:
+        return None, " ".join(str(exc).split())
+
+
 # -- status snapshot ------------------------------------------------------------------------------------------------
 class StatusCollector:
     """Builds what ``/status.json`` returns, at most once per ``min_interval_s`` (viewers share a snapshot).
@@ -241,7 +249,7 @@ class StatusCollector:
             health = c.health()
         except Exception:  # a closed cluster, a detector hiccup: the page still shows the statistics
             health = {"nodes": {}, "failed_nodes": [], "under_replicated": [], "recoveries": []}
-        meta = getattr(c, "_meta", None)
+        meta, _ = _current_meta(c)
         prev = self._prev
         dt = now - prev[0] if prev else 0.0
         per_node = {n.node_id: (n.queries_served, n.busy_seconds) for n in st.nodes}
@@ -898,14 +906,14 @@ def create_app(
              responses={503: {"description": "no data distributed, the cluster is shut down, or partitions lost"}})
     async def health(request: Request) -> Response:
         async def work(req: Request):
-            if getattr(cluster, "_closed", False):
-                return _json_response({"status": "unavailable", "reason": "the cluster has been shut down"}, 503), 0
+            meta_, why = _current_meta(cluster)
+            if meta_ is None and "shut down" in why:
+                return _json_response({"status": "unavailable", "reason": why}, 503), 0
             h = await blocking(cluster.health)
-            meta_ = getattr(cluster, "_meta", None)
             failed = set(h.get("failed_nodes", []))
             lost = [p.partition_id for p in meta_.partitions if all(o in failed for o in p.owners)] if meta_ else []
             if meta_ is None:
-                state, reason = "unavailable", "no data has been distributed yet"
+                state, reason = "unavailable", why
             elif lost:
                 state, reason = "unavailable", f"every replica of partitions {lost} is lost"
             elif failed or h.get("under_replicated"):
