@@ -238,3 +238,17 @@ def test_communication_totals_add_up(ray_local, compress):
             assert sum(n.raw_bytes_sent for n in st.nodes) > sum(n.bytes_sent for n in st.nodes)
         else:
             assert st.raw_bytes_sent == st.bytes_sent
+
+
+def test_device_auto_runs_on_cpu_and_cuda_without_gpu_says_how_to_fix(ray_local):
+    import ray as _ray
+
+    pts = np.random.default_rng(4).random((5_000, 2))
+    cfg = NodeConfig().with_node_count(2).with_device("auto").replace(cpus_per_node=0.2)
+    with DistributedSpatialCluster(cfg) as c:
+        c.distribute_data(pts)
+        d, _ = c.distributed_knn_search(pts[:20] + 1e-3, 3)
+        np.testing.assert_allclose(d, cKDTree(pts).query(pts[:20] + 1e-3, 3)[0], rtol=0, atol=1e-12)
+    if _ray.cluster_resources().get("GPU", 0) == 0:
+        with pytest.raises(RuntimeError, match="with_device\\('auto'\\)"):
+            DistributedSpatialCluster(NodeConfig().with_node_count(2).with_device("cuda"))

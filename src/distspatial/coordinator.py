@@ -60,7 +60,8 @@ def threads_for(cfg: NodeConfig, total_cpus: float) -> int:
     return cfg.threads_per_node or max(1, int(total_cpus // cfg.node_count))
 
 
-def _new_actor(node_id: int, cpus: float, threads: int, ray_node: str | None = None, compress: bool = False) -> Any:
+def _new_actor(node_id: int, cpus: float, threads: int, ray_node: str | None = None, compress: bool = False,
+               device: str = "cpu", gpus: float = 0.0) -> Any:
     """Start one node actor, placed with Ray's SPREAD strategy or pinned to the Ray node ``ray_node``."""
     strategy: Any = "SPREAD"
     if ray_node is not None:
@@ -69,9 +70,23 @@ def _new_actor(node_id: int, cpus: float, threads: int, ray_node: str | None = N
         strategy = NodeAffinitySchedulingStrategy(node_id=ray_node, soft=False)
     return (
         ray.remote(SpatialNode)
-        .options(num_cpus=cpus, scheduling_strategy=strategy, max_concurrency=1)
-        .remote(node_id, threads, compress)
+        .options(num_cpus=cpus, num_gpus=gpus, scheduling_strategy=strategy, max_concurrency=1)
+        .remote(node_id, threads, compress, device)
     )
+
+
+def _gpus_per_node(cfg: NodeConfig) -> float:
+    """GPU share each node actor asks Ray for: with device "cuda" (or "auto" on a cluster with GPUs) the nodes
+    share the cluster's GPUs evenly (fractions are fine: Ray packs several actors on one GPU)."""
+    if cfg.device == "cpu":
+        return 0.0
+    total = float(ray.cluster_resources().get("GPU", 0.0))
+    if total <= 0:
+        if cfg.device.startswith("cuda"):
+            raise RuntimeError("NodeConfig.device='cuda' but the Ray cluster has no GPUs; use with_device('auto') "
+                               "to fall back to the CPU, or start Ray on machines with GPUs")
+        return 0.0
+    return min(1.0, total / cfg.node_count)
 
 
 def _free_cpus(wanted: float, wait_s: float = 10.0) -> float:
@@ -156,7 +171,9 @@ class DistributedSpatialCluster:
                 f"runtime (another cluster may hold them); set NodeConfig.cpus_per_node lower or shut the other down"
             )
         self._cpus_per_node = cpus
-        actors = {i: _new_actor(i, cpus, threads, compress=cfg.compression) for i in range(cfg.node_count)}
+        gpus = _gpus_per_node(cfg)
+        actors = {i: _new_actor(i, cpus, threads, compress=cfg.compression, device=cfg.device, gpus=gpus)
+                  for i in range(cfg.node_count)}
         refs = {i: a.ping.remote() for i, a in actors.items()}
         ready, missing = ray.wait(list(refs.values()), num_returns=len(refs), timeout=max(60.0, cfg.communication_timeout_ms / 1000))
         if missing:
@@ -835,7 +852,8 @@ class DistributedSpatialCluster:
             log.warning("distspatial: no room for a replacement node (%.2f CPUs needed)", cpus)
             return None
         node = max(self._actors) + 1
-        actor = _new_actor(node, cpus, self._threads, ray_node, self.config.compression)
+        actor = _new_actor(node, cpus, self._threads, ray_node, self.config.compression, self.config.device,
+                           _gpus_per_node(self.config))
         try:
             info = ray.get(actor.ping.remote(), timeout=max(30.0, self.config.communication_timeout_ms / 1000))
         except Exception as exc:

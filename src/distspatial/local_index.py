@@ -164,6 +164,7 @@ class LocalPartition:
         self._live: tuple[np.ndarray, np.ndarray] | None = (points, ids)
         self._merge: dict | None = None  # a background merge in progress
         self.merges = 0
+        self.version = 0  # bumped whenever the live points change
 
     # -- state ----------------------------------------------------------------------------------------------
     @property
@@ -213,6 +214,7 @@ class LocalPartition:
             new.n_dead = d.n_dead
         self._delta = new
         self._live = None
+        self.version += 1
         if self._merge is None and self._delta.n > max(self.MIN_DELTA, self.DELTA_FRACTION * self._base.n_live):
             self._start_merge()
 
@@ -222,6 +224,7 @@ class LocalPartition:
         n = self._base.kill(ids) + self._delta.kill(ids)
         if n:
             self._live = None
+            self.version += 1
             if self._merge is not None:
                 self._merge["deleted"].append(np.asarray(ids))
         return n

@@ -23,7 +23,6 @@ import numpy as np
 
 from .compression import decode_all, encode, encode_all, message_bytes
 from .errors import PartitionMovedError
-from .kmeans_compiled import new_lloyd_state
 from .kmeans_kernels import squared_distances_min
 from .local_index import LocalPartition
 
@@ -69,9 +68,16 @@ def data_message(compress_result: bool = False) -> Callable[[F], F]:
 class SpatialNode:
     """State and kernels of one logical node (see module docstring)."""
 
-    def __init__(self, node_id: int, threads: int = 1, compress: bool = False) -> None:
+    def __init__(self, node_id: int, threads: int = 1, compress: bool = False, device: str = "cpu") -> None:
+        from .backend import CpuBackend, get_backend
+
         self.node_id = node_id
         self.threads = max(1, int(threads))
+        # kernel backend (NodeConfig.device): on the CPU the partitions' KD-trees answer queries; on a GPU the
+        # backend answers them over each partition's live points, prepared once per partition version
+        self.backend = get_backend(device, threads=self.threads)
+        self.on_gpu = not isinstance(self.backend, CpuBackend)
+        self._prepared: dict[int, tuple[int, Any]] = {}
         self.compress = bool(compress)  # compress large query results (NodeConfig.compression)
         self.partitions: dict[int, LocalPartition] = {}
         self.dataset_id = -1
@@ -281,6 +287,14 @@ class SpatialNode:
         self._applied.clear()
         self.dataset_id = -1
 
+    def _prep(self, pid: int) -> Any:
+        """The backend's prepared form of a partition's live points (rebuilt when the partition changed)."""
+        part = self._part(pid)
+        got = self._prepared.get(pid)
+        if got is None or got[0] != part.version:
+            got = self._prepared[pid] = (part.version, self.backend.prepare(part.points))
+        return got[1]
+
     def _part(self, pid: int) -> LocalPartition:
         try:
             return self.partitions[pid]
@@ -302,7 +316,12 @@ class SpatialNode:
         ids = np.empty((m, k), dtype=np.int64)
         for pid, a, b in segments:
             bnd = None if bounds is None else bounds[a:b]
-            dist[a:b], ids[a:b] = self._part(pid).knn(queries[a:b], k, bnd, workers=self.threads)
+            part = self._part(pid)
+            if self.on_gpu:
+                dd, rows = self.backend.knn(self._prep(pid), queries[a:b], k, bnd)
+                dist[a:b], ids[a:b] = dd, np.where(rows >= 0, part.ids[np.maximum(rows, 0)], -1)
+            else:
+                dist[a:b], ids[a:b] = part.knn(queries[a:b], k, bnd, workers=self.threads)
             self._count(pid, b - a)
         return dist, ids
 
@@ -320,7 +339,12 @@ class SpatialNode:
         id_chunks, pt_chunks = [], []
         for pid, a, b in segments:
             part = self._part(pid)
-            hits = part.radius(centers[a:b], radii[a:b], workers=self.threads)
+            if self.on_gpu:
+                from .backend import csr_to_lists
+
+                hits = csr_to_lists(*self.backend.radius(self._prep(pid), centers[a:b], radii[a:b]))
+            else:
+                hits = part.radius(centers[a:b], radii[a:b], workers=self.threads)
             self._count(pid, b - a)
             counts[a:b] = [len(h) for h in hits]
             rows = np.concatenate(hits) if hits else np.empty(0, dtype=np.int64)
@@ -340,8 +364,12 @@ class SpatialNode:
         for pid, a, b in segments:
             part = self._part(pid)
             self._count(pid, b - a)
+            if self.on_gpu:
+                from .backend import csr_to_lists
+
+                per_box = csr_to_lists(*self.backend.box(self._prep(pid), lo[a:b], hi[a:b]))
             for i in range(a, b):  # one KD-tree call per box; batches of boxes are short
-                rows = part.box(lo[i], hi[i])
+                rows = per_box[i - a] if self.on_gpu else part.box(lo[i], hi[i])
                 counts[i] = len(rows)
                 id_chunks.append(part.ids[rows])
                 if return_points:
@@ -366,7 +394,7 @@ class SpatialNode:
         for pid in partition_ids:
             state = self._kmeans.get((run, pid))
             if state is None:
-                state = self._kmeans[(run, pid)] = new_lloyd_state(self._run_data(run, pid)[0])
+                state = self._kmeans[(run, pid)] = self.backend.lloyd_state(self._run_data(run, pid)[0])
             s, c, i, ch = state.step(centers)
             sums += s
             counts += c
@@ -416,7 +444,7 @@ class SpatialNode:
         """k-means|| bookkeeping: fold ``new_centers`` into each point's min squared distance; return the cost."""
         cost = 0.0
         for pid in partition_ids:
-            _, d2 = squared_distances_min(self._run_data(run, pid)[0], new_centers)
+            _, d2 = self.backend.nearest_center(self._run_data(run, pid)[0], new_centers)
             prev = self._mind2.get((run, pid))
             if prev is not None:
                 np.minimum(prev, d2, out=d2)
@@ -443,9 +471,7 @@ class SpatialNode:
     @data_message(compress_result=True)
     def distance_tile(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         """Euclidean distances between the rows of ``a`` and ``b`` (one tile of a distance matrix)."""
-        from scipy.spatial.distance import cdist
-
-        return cdist(a, b)
+        return np.sqrt(self.backend.distance_tile(a, b))
 
     # -- DBSCAN (see distspatial.dbscan) -----------------------------------------------------------------
     @data_message()
@@ -547,7 +573,7 @@ class SpatialNode:
         """How many points of ``partition_ids`` have each of ``centers`` as their nearest."""
         counts = np.zeros(len(centers), dtype=np.int64)
         for pid in partition_ids:
-            labels, _ = squared_distances_min(self._part(pid).points, centers)
+            labels, _ = self.backend.nearest_center(self._part(pid).points, centers)
             counts += np.bincount(labels, minlength=len(centers))
         return counts
 
