@@ -155,6 +155,44 @@ def test_node_killed_during_ingest_loses_and_duplicates_nothing(ray_cluster):
         assert_knn_exact(allp, q, dist, i, 5)
 
 
+def test_node_killed_during_dbscan_still_equals_sklearn(ray_cluster):
+    from sklearn.cluster import DBSCAN
+
+    c, workers = ray_cluster
+    pts = skewed_points(30_000, 2, n_hotspots=8, seed=36)
+    ref = DBSCAN(eps=0.004, min_samples=10).fit(pts)
+    with DistributedSpatialCluster(_config()) as cluster:
+        cluster.distribute_data(pts)
+        victim, dead = _victim(cluster, workers)
+        results, errors, stop = [], [], threading.Event()
+
+        def run():
+            while not stop.is_set():
+                try:
+                    results.append((bool(cluster._dispatch.failed_nodes), cluster.distributed_dbscan(0.004, 10)))
+                except Exception as exc:
+                    errors.append(exc)
+                    return
+
+        t = threading.Thread(target=run)
+        t.start()
+        time.sleep(1.0)
+        c.remove_node(victim, allow_graceful=False)
+        deadline = time.monotonic() + 60
+        while not cluster._dispatch.failed_nodes and time.monotonic() < deadline:
+            time.sleep(0.1)
+        n_before = len(results)
+        while len(results) < n_before + 2 and time.monotonic() < deadline and not errors:
+            time.sleep(0.1)
+        stop.set()
+        t.join(timeout=120)
+        assert not errors, errors
+        assert any(failed for failed, _ in results), "runs finished after the failure was seen"
+        for _, res in results:
+            assert np.array_equal(res.core_sample_indices, ref.core_sample_indices_)
+            assert np.array_equal(res.labels, ref.labels_)
+
+
 def test_all_replicas_lost_raises_naming_partitions(ray_cluster):
     c, workers = ray_cluster
     pts = skewed_points(10_000, 2, seed=32)
