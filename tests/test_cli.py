@@ -136,6 +136,49 @@ def test_range_in_process(ray_local, data, capsys):
     np.testing.assert_allclose(t["distance"], dist, rtol=0, atol=1e-12)
 
 
+def test_dbscan_and_hierarchical_in_process(ray_local, data, capsys):
+    from sklearn.cluster import DBSCAN, AgglomerativeClustering
+    from sklearn.metrics import adjusted_rand_score
+
+    d = data["dir"]
+    rc = main(["dbscan", str(d / "pts.parquet"), "--columns", "x,y", "--id-column", "id", "--eps", "0.3",
+               "--min-samples", "8", "--nodes", "2", "-o", str(d / "db.csv")])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    t = pv.read_csv(d / "db.csv").to_pydict()
+    np.testing.assert_array_equal(t["id"], data["ids"])  # input order, reported in the id column
+    ref = DBSCAN(eps=0.3, min_samples=8).fit(data["pts"])
+    np.testing.assert_array_equal(t["label"], ref.labels_)
+    assert f"{ref.labels_.max() + 1} clusters" in out.out
+    rc = main(["hierarchical", str(d / "pts.npy"), "--n-clusters", "3", "--nodes", "2", "-o", str(d / "h.csv"),
+               "--linkage-output", str(d / "Z.csv")])
+    assert rc == 0, capsys.readouterr().err
+    lab = pv.read_csv(d / "h.csv").to_pydict()["label"]
+    agg = AgglomerativeClustering(3, linkage="ward").fit(data["pts"])
+    assert adjusted_rand_score(agg.labels_, lab) > 0.95
+    assert set(pv.read_csv(d / "Z.csv").to_pydict()) == {"idx1", "idx2", "distance", "count"}
+    assert main(["hierarchical", str(d / "pts.npy"), "--nodes", "2"]) == 2
+    assert "exactly one of --n-clusters" in capsys.readouterr().err
+
+
+def test_out_of_core_reads_the_file_in_chunks(ray_local, data, capsys):
+    d = data["dir"]
+    rc = main(["knn", str(d / "pts.parquet"), "--columns", "x,y", "--out-of-core", "--chunk-rows", "500",
+               "--queries", str(d / "queries.csv"), "--query-columns", "x,y", "-k", "3", "--nodes", "2",
+               "-o", str(d / "knn_ooc.parquet")])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    assert "out of core" in out.out and "distribute_chunks" in out.out
+    t = pq.read_table(d / "knn_ooc.parquet").to_pydict()
+    ref_d, _ = cKDTree(data["pts"]).query(data["q"], 3)
+    np.testing.assert_allclose(np.reshape(t["distance"], (40, 3)), ref_d, rtol=0, atol=1e-12)
+    rc = main(["kmeans", str(d / "pts.npy"), "--out-of-core", "-k", "3", "--seed", "1", "--nodes", "2",
+               "-o", str(d / "km_ooc.csv")])
+    assert rc == 0, capsys.readouterr().err
+    lab = pv.read_csv(d / "km_ooc.csv").to_pydict()
+    np.testing.assert_array_equal(lab["id"], np.arange(3000))
+
+
 def test_bench_in_process(ray_local, capsys):
     rc = main(["bench", "--points", "5000", "--queries", "500", "-k", "4", "--nodes", "2"])
     out = capsys.readouterr().out

@@ -1,6 +1,7 @@
 """Command line: ``distspatial <command>``.
 
-Commands: ``demo`` (the README's main job), ``knn``, ``range``, ``kmeans``, ``stats``, ``serve`` (an HTTP query
+Commands: ``demo`` (the README's main job), ``knn``, ``range``, ``kmeans``, ``dbscan``, ``hierarchical``,
+``stats``, ``serve`` (an HTTP query
 service and status page, :mod:`distspatial.service`) (on a point file: ``.npy``, ``.csv``, ``.parquet``,
 ``.las``/``.laz``) and ``bench`` (kNN against scipy's cKDTree on generated data).
 ``distspatial <command> --help`` lists the options.
@@ -247,6 +248,8 @@ class Session:
     points: np.ndarray | None = None
     ids: np.ndarray | None = None
     columns: list[str] = field(default_factory=list)
+    n_points: int | None = None  # known before distribution unless out of core on a CSV
+    dim: int = 0
     cluster: Any = None
     extra: dict = field(default_factory=dict)  # whatever ``prepare`` read (queries, ...)
 
@@ -261,8 +264,18 @@ class Session:
         return _Timed(self, label)
 
     def row_ids(self) -> np.ndarray:
-        """The ids results speak in: the id column's values, else the input row numbers."""
+        """The ids results speak in (in the order of algorithm labels): the id column's values, else the input
+        row numbers; out of core, the cluster's ``point_ids()``."""
+        if self.points is None:
+            return self.cluster.point_ids()
         return self.ids if self.ids is not None else np.arange(len(self.points), dtype=np.int64)
+
+    def sample(self, n: int = 200_000) -> tuple[np.ndarray, np.ndarray]:
+        """``(rows into row_ids(), points)`` of at most ``n`` points, for plots (from the cluster out of core)."""
+        if self.points is not None:
+            return np.arange(len(self.points)), self.points
+        ids, pts = self.cluster.sample_points(n, seed=0)
+        return self.cluster._rows_of_ids(ids), pts
 
     def read(self, path: str, columns: Any = None, id_column: str | None = None, what: str = "input"):
         """``(points, ids, source)`` of a point file, read in chunks with a progress bar."""
@@ -330,19 +343,19 @@ def _read_queries(s: Session) -> None:
         probe = open_points(a.queries, None, a.query_id_column)
         cols = s.columns if all(c in probe.available for c in s.columns) else None
     q, qids, src = s.read(a.queries, cols, a.query_id_column, "queries")
-    if q.shape[1] != s.points.shape[1]:
+    if q.shape[1] != s.dim:
         from .io import DataFileError
 
         raise DataFileError(a.queries, f"the queries have {q.shape[1]} coordinate column(s) ({', '.join(src.columns)})"
-                            f" but the input has {s.points.shape[1]} ({', '.join(s.columns)})",
+                            f" but the input has {s.dim} ({', '.join(s.columns)})",
                             "choose matching columns with --query-columns")
     s.extra["queries"], s.extra["query_ids"] = q, qids
 
 
 def _check_k(s: Session) -> None:
-    if s.args.k > len(s.points):
-        raise ValueError(f"-k {s.args.k} is larger than the number of input points ({len(s.points)}); "
-                         f"use -k <= {len(s.points)}")
+    if s.n_points is not None and s.args.k > s.n_points:
+        raise ValueError(f"-k {s.args.k} is larger than the number of input points ({s.n_points}); "
+                         f"use -k <= {s.n_points}")
 
 
 def _prepare_knn(s: Session) -> None:
@@ -419,7 +432,65 @@ def _kmeans(s: Session) -> int:
     if a.plot:
         from .plots import plot_clusters
 
-        _save_plot(s, plot_clusters(s.points, res.labels, res.centroids))
+        rows, pts = s.sample()
+        _save_plot(s, plot_clusters(pts, res.labels[rows], res.centroids))
+    return EXIT_OK
+
+
+@subcommand("dbscan", "exact DBSCAN (the same clusters as scikit-learn's), labels per point",
+            output="id, label: one row per input point (-1 = noise)",
+            arguments=[
+                arg("--eps", type=_positive_float, required=True, help="neighbourhood radius"),
+                arg("--min-samples", type=_positive_int, default=5, help="points within eps that make a core point"
+                    " (5, the point itself included)"),
+                arg("--plot", type=_plot_path, metavar="PNG", help="also draw the clusters into this image"),
+            ])
+def _dbscan(s: Session) -> int:
+    from .io import labels_table
+
+    a = s.args
+    with s.timed(f"dbscan: eps={a.eps}, min_samples={a.min_samples}"):
+        res = s.cluster.distributed_dbscan(a.eps, a.min_samples)
+    s.say(f"{res.n_clusters} clusters, {len(res.core_sample_indices):,} core points, {res.n_noise:,} noise points")
+    s.emit(labels_table(res.labels, s.row_ids()), "labels")
+    if a.plot:
+        from .plots import plot_clusters
+
+        rows, pts = s.sample()
+        _save_plot(s, plot_clusters(pts, res.labels[rows]))
+    return EXIT_OK
+
+
+@subcommand("hierarchical", "multi-level Ward clustering (micro-clusters on the nodes, Ward on the coordinator)",
+            output="id, label: one row per input point",
+            arguments=[
+                arg("--n-clusters", type=_positive_int, default=None, help="clusters to cut the tree into"),
+                arg("--distance-threshold", type=_nonneg_float, default=None, help="or: cut at this Ward height"),
+                arg("--micro-clusters", type=_positive_int, default=2000, help="leaves of the tree (2000)"),
+                arg("--linkage-output", type=_output_path, metavar="PATH",
+                    help="also write the linkage matrix (idx1, idx2, distance, count) here"),
+                arg("--plot", type=_plot_path, metavar="PNG", help="also draw the clusters into this image"),
+            ])
+def _hierarchical(s: Session) -> int:
+    from .io import labels_table, write_results
+
+    a = s.args
+    if (a.n_clusters is None) == (a.distance_threshold is None):
+        raise ValueError("give exactly one of --n-clusters and --distance-threshold")
+    with s.timed("hierarchical (ward)"):
+        res = s.cluster.distributed_hierarchical(a.n_clusters, a.distance_threshold,
+                                                 n_micro_clusters=a.micro_clusters)
+    s.say(f"{res.n_clusters} clusters from {len(res.micro_counts):,} micro-clusters")
+    if a.linkage_output:
+        Z = res.linkage
+        write_results(a.linkage_output, {"idx1": Z[:, 0].astype(np.int64), "idx2": Z[:, 1].astype(np.int64),
+                                         "distance": Z[:, 2], "count": Z[:, 3].astype(np.int64)})
+    s.emit(labels_table(res.labels, s.row_ids()), "labels")
+    if a.plot:
+        from .plots import plot_clusters
+
+        rows, pts = s.sample()
+        _save_plot(s, plot_clusters(pts, res.labels[rows]))
     return EXIT_OK
 
 
@@ -429,8 +500,9 @@ def _kmeans(s: Session) -> int:
                            "the curve order into this image (.png/.svg/.pdf; needs distspatial[plots])")])
 def _stats(s: Session) -> int:
     st = s.cluster.statistics()
-    lo, hi = s.points.min(axis=0), s.points.max(axis=0)
-    s.say(f"input: {len(s.points):,} points, {s.points.shape[1]} dimensions ({', '.join(s.columns)}); "
+    meta = s.cluster.metadata
+    lo, hi = meta.lo, meta.hi
+    s.say(f"input: {meta.n_points:,} points, {meta.dim} dimensions ({', '.join(s.columns)}); "
           f"bounds {np.array2string(lo, precision=6)} .. {np.array2string(hi, precision=6)}")
     s.say(str(st))
     if s.args.output:
@@ -439,7 +511,7 @@ def _stats(s: Session) -> int:
     if s.args.plot:
         from .plots import plot_partitions
 
-        _save_plot(s, plot_partitions(s.cluster, points=s.points))
+        _save_plot(s, plot_partitions(s.cluster, points=s.sample()[1]))
     return EXIT_OK
 
 
@@ -551,6 +623,9 @@ def _input_options() -> argparse.ArgumentParser:
                    help="integer id column; results report these ids (default: the input row number)")
     g.add_argument("--chunk-rows", type=_positive_int, default=None, metavar="N",
                    help="rows read per chunk (default 1,048,576)")
+    g.add_argument("--out-of-core", action="store_true",
+                   help="never hold the whole input on this machine: read it twice, chunk by chunk, and ingest "
+                        "the chunks into the cluster (automatic when the file is larger than half the free memory)")
     return p
 
 
@@ -605,21 +680,44 @@ def _run(cmd: Subcommand, args: argparse.Namespace, out) -> int:
 
     s = Session(args, out)
     cfg = _config(args)  # bad cluster options fail before any file is read
+    out_of_core = False
     if cmd.data:
+        out_of_core = _out_of_core(args)
+    if cmd.data and out_of_core:
+        from .io import open_points
+
+        src = open_points(args.input, args.columns, args.id_column)
+        s.columns, s.dim, s.n_points = src.columns, src.dim, src.n_rows
+        s.say(f"out of core: {args.input} is read twice in chunks and ingested into the cluster")
+    elif cmd.data:
         s.points, s.ids, src = s.read(args.input, args.columns, args.id_column)
-        s.columns = src.columns
+        s.columns, s.dim, s.n_points = src.columns, s.points.shape[1], len(s.points)
         s.say(f"read {len(s.points):,} points of {s.points.shape[1]} dimensions ({', '.join(s.columns)}) "
               f"from {args.input}")
     if cmd.prepare is not None:
         cmd.prepare(s)
     with DistributedSpatialCluster(cfg) as cluster:  # stops the runtime at the end if it started one
         s.cluster = cluster
-        if cmd.data:
-            # TODO(distribute_chunks): hand the chunk iterator (open_points(...).chunks()) to the coordinator
-            # once it can distribute a stream; until then the chunks are concatenated on the driver.
+        if cmd.data and out_of_core:
+            with s.timed(f"distribute_chunks over {cfg.node_count} nodes"):
+                cluster.distribute_chunks(args.input, args.columns, args.id_column, args.chunk_rows or (1 << 20))
+            s.n_points = cluster.metadata.n_points
+        elif cmd.data:
             with s.timed(f"distribute_data over {cfg.node_count} nodes"):
                 cluster.distribute_data(s.points, s.ids)
         return cmd.run(s)
+
+
+def _out_of_core(args: argparse.Namespace) -> bool:
+    """``--out-of-core``, or the input file is larger than half the memory available here."""
+    if getattr(args, "out_of_core", False):
+        return True
+    try:
+        import psutil
+
+        return os.path.getsize(args.input) > psutil.virtual_memory().available // 2
+    except OSError:
+        return False
 
 
 def _one_line(exc: BaseException) -> str:

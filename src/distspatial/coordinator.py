@@ -404,6 +404,27 @@ class DistributedSpatialCluster:
         """Switch to a new metadata version (and its routing table) in one step."""
         self._meta, self._routing = meta, RoutingTable(meta)
 
+    def sample_points(self, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """``(ids, points)`` of a uniform random sample of at most ``n`` points, drawn on the nodes (each
+        partition in proportion to its size); for plots and previews of data sets too large to fetch."""
+        meta = self._require_data()
+        frac = min(1.0, n / max(1, meta.n_points))
+        ids, pts = [], []
+        for _, parts in self._partitions_call("sample_fraction", float(frac), int(seed)):
+            for i, p in parts:
+                ids.append(i)
+                pts.append(p)
+        if not ids:
+            return np.empty(0, np.int64), np.empty((0, meta.dim))
+        return np.concatenate(ids), np.concatenate(pts)
+
+    def plot_partitions(self, **kwargs: Any) -> Any:
+        """Draw the partitions, their nodes and the curve order (see :func:`distspatial.plots.plot_partitions`;
+        needs ``distspatial[plots]``)."""
+        from .plots import plot_partitions
+
+        return plot_partitions(self, **kwargs)
+
     def point_ids(self) -> np.ndarray:
         """Ids of the points in the order algorithm labels use: the rows given to ``distribute_data`` (their
         ids), or after :meth:`ingest` / :meth:`delete` / :meth:`update` all live ids in ascending order."""

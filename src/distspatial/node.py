@@ -377,6 +377,16 @@ class SpatialNode:
         return _pack_hits(counts, id_chunks, pt_chunks, return_points, lo)
 
     @data_message()
+    def sample_fraction(self, fraction: float, seed: int, partition_ids: list[int]) -> list:
+        """``[(ids, points)]``: each point of each partition kept with probability ``fraction``."""
+        out = []
+        for pid in partition_ids:
+            part = self._part(pid)
+            keep = np.random.default_rng([seed, pid]).random(part.size) < fraction
+            out.append((part.ids[keep], part.points[keep]))
+        return out
+
+    @data_message()
     def sample(self, pid: int, rows: np.ndarray) -> np.ndarray:
         """Points at ``rows`` of partition ``pid``."""
         return self._part(pid).points[rows]
