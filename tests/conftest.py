@@ -32,8 +32,13 @@ def ray_local():
 
 def brute_knn(points: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
     """Sorted k smallest Euclidean distances per query, by brute force with numpy."""
-    d2 = ((queries[:, None, :] - points[None, :, :]) ** 2).sum(axis=2)
-    return np.sqrt(np.sort(d2, axis=1)[:, :k])
+    out = np.empty((len(queries), k))
+    step = max(1, 20_000_000 // max(1, points.size))  # bounded memory: a few hundred MB per block at most
+    for a in range(0, len(queries), step):
+        q = queries[a:a + step]
+        d2 = ((q[:, None, :] - points[None, :, :]) ** 2).sum(axis=2)
+        out[a:a + step] = np.sqrt(np.sort(np.partition(d2, k - 1, axis=1)[:, :k], axis=1))
+    return out
 
 
 def assert_knn_exact(points, queries, dist, ids, k, ids_map=None):

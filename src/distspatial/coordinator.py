@@ -1104,7 +1104,7 @@ class DistributedSpatialCluster:
     def load_metrics(self) -> dict[int, LoadMetrics]:
         """Measured load of every live node (rates since the previous call)."""
         now = time.monotonic()
-        refs = {n: self._actors[n].stats.remote() for n in self.live_node_ids}
+        refs = {n: self._actors[n].stats.remote(True) for n in self.live_node_ids}
         out, prev = {}, self._last_load
         for n, ref in refs.items():
             try:

@@ -87,6 +87,7 @@ class SpatialNode:
         self._dbscan: dict[tuple, Any] = {}  # (run, kind, partition) -> DBSCAN state
         self._applied: dict[int, set[int]] = {}  # partition -> ingest batches applied (replays are no-ops)
         self.started = time.time()
+        self.started_mono = time.monotonic()
         self.part_queries: dict[int, int] = {}  # queries served per partition (for query-aware balancing)
         self.counters = {
             "calls": 0,
@@ -132,15 +133,22 @@ class SpatialNode:
             "time": time.time(),
         }
 
-    def stats(self) -> dict[str, Any]:
-        """Counters of work served since start, per-partition query counts, and the process's CPU use."""
+    def stats(self, new_window: bool = False) -> dict[str, Any]:
+        """Counters of work served since start, per-partition query counts, and the process's CPU use (percent
+        of one core) since the start of the current measuring window; ``new_window=True`` (load metrics)
+        starts a new one, so other readers (statistics, a status page) do not shorten the balancer's window."""
         info = self.ping()
         info.update(self.counters)
         info["part_queries"] = dict(self.part_queries)
         try:
             import psutil
 
-            info["cpu_percent"] = psutil.Process().cpu_percent(None)  # since the previous call
+            t = psutil.Process().cpu_times()
+            now, used = time.monotonic(), t.user + t.system
+            w0, u0 = getattr(self, "_cpu_window", (self.started_mono, 0.0))
+            info["cpu_percent"] = 100.0 * (used - u0) / max(1e-9, now - w0)
+            if new_window:
+                self._cpu_window = (now, used)
         except Exception:  # pragma: no cover
             info["cpu_percent"] = 0.0
         return info
