@@ -408,7 +408,8 @@ class DistributedSpatialCluster:
         """``(ids, points)`` of a uniform random sample of at most ``n`` points, drawn on the nodes (each
         partition in proportion to its size); for plots and previews of data sets too large to fetch."""
         meta = self._require_data()
-        frac = min(1.0, n / max(1, meta.n_points))
+        # draw a little more on the nodes (Bernoulli), then exactly min(n, points) here
+        frac = 1.0 if n >= meta.n_points else min(1.0, 1.1 * n / max(1, meta.n_points) + 64 / max(1, meta.n_points))
         ids, pts = [], []
         for _, parts in self._partitions_call("sample_fraction", float(frac), int(seed)):
             for i, p in parts:
@@ -416,7 +417,11 @@ class DistributedSpatialCluster:
                 pts.append(p)
         if not ids:
             return np.empty(0, np.int64), np.empty((0, meta.dim))
-        return np.concatenate(ids), np.concatenate(pts)
+        ids, pts = np.concatenate(ids), np.concatenate(pts)
+        if len(ids) > n:
+            keep = np.sort(np.random.default_rng(seed).choice(len(ids), n, replace=False))
+            ids, pts = ids[keep], np.take(pts, keep, axis=0)
+        return ids, pts
 
     def plot_partitions(self, **kwargs: Any) -> Any:
         """Draw the partitions, their nodes and the curve order (see :func:`distspatial.plots.plot_partitions`;
