@@ -52,7 +52,7 @@ from scipy.spatial import cKDTree
 from .config import DEVICES
 from .curves import curve_keys
 from .kmeans_compiled import HAVE_NUMBA, new_lloyd_state
-from .kmeans_kernels import squared_distances_min
+from .kmeans_kernels import squared_distances_min, check_centers, top_farthest
 
 __all__ = [
     "DEVICES",
@@ -200,11 +200,7 @@ class AssignLloydState:
         return self.prepared.points
 
     def step(self, centers: np.ndarray) -> tuple[np.ndarray, np.ndarray, float, int]:
-        C = np.ascontiguousarray(centers, dtype=np.float64)
-        if C.ndim != 2 or C.shape[1] != self.d or C.shape[0] < 1:
-            raise ValueError(f"centers must have shape (k, {self.d}) with k >= 1, got {C.shape}")
-        if not np.isfinite(C).all():
-            raise ValueError("centers must be finite")
+        C = check_centers(centers, self.d)
         labels, sums, counts, inertia = self.backend.kmeans_assign_sums(self.prepared, C)
         if self._C is None or self._C.shape[0] != C.shape[0]:
             changed = self.n
@@ -226,14 +222,7 @@ class AssignLloydState:
         D = diff[:, 0].copy()
         for t in range(1, self.d):
             D += diff[:, t]
-        if m < self.n:
-            thr = np.partition(D, self.n - m)[self.n - m]
-            top = np.flatnonzero(D >= thr)
-        else:
-            top = np.arange(self.n)
-        order = np.lexsort((top, -D[top]))[:m]
-        rows = top[order].astype(np.int64)
-        return rows, D[rows].copy()
+        return top_farthest(D, m)
 
     def farthest(self, m: int) -> tuple[np.ndarray, np.ndarray]:
         rows, d2 = self.farthest_indices(m)

@@ -1203,7 +1203,7 @@ class DistributedSpatialCluster:
         >>> print(cluster.rebalance(dry_run=True))  # doctest: +SKIP
         RebalancePlan(AdaptiveLoad): imbalance 2.800 -> 1.000, 6 migrations, 48.0 MB
         """
-        meta = self._require_data()
+        self._require_data()
         strat = Strategy(strategy) if isinstance(strategy, str) else (strategy or Strategy.ADAPTIVE_LOAD)
         self.load_metrics()  # refresh per-partition query counts
         part_q: dict[int, int] = {}

@@ -550,8 +550,7 @@ class _CoreGraph:
             self.uf.union(cs[i[ok]], cs[j[ok]])
 
     def _dense_links(self, D: np.ndarray, sparse_rows: np.ndarray) -> None:
-        P, cell, start, count = self.P, self.cell, self.start, self.count
-        d = P.shape[1]
+        P, cell, start = self.P, self.cell, self.start
         lo = np.minimum.reduceat(P, start, axis=0)
         hi = np.maximum.reduceat(P, start, axis=0)
         centre = 0.5 * (lo + hi)

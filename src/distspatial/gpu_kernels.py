@@ -51,6 +51,8 @@ from typing import Any
 
 import numpy as np
 
+from .kmeans_kernels import check_centers
+
 try:
     import torch
 
@@ -412,11 +414,7 @@ class TorchLloydState(AssignLloydState):
         self._labels_host = value
 
     def step(self, centers: np.ndarray) -> tuple[np.ndarray, np.ndarray, float, int]:
-        C = np.ascontiguousarray(centers, dtype=np.float64)
-        if C.ndim != 2 or C.shape[1] != self.d or C.shape[0] < 1:
-            raise ValueError(f"centers must have shape (k, {self.d}) with k >= 1, got {C.shape}")
-        if not np.isfinite(C).all():
-            raise ValueError("centers must be finite")
+        C = check_centers(centers, self.d)
         backend: TorchBackend = self.backend  # type: ignore[assignment]
         lab, sums, counts, inertia = backend.assign_device(self.prepared, C)
         if self._lab_dev is None or self._C is None or self._C.shape[0] != C.shape[0]:

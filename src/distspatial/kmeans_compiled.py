@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .kmeans_kernels import LloydState as NumpyLloydState
+from .kmeans_kernels import LloydState as NumpyLloydState, check_centers, top_farthest
 
 try:  # Numba is a dependency, but keep a working fallback on platforms without a wheel
     from numba import njit
@@ -199,11 +199,7 @@ class CompiledLloydState:
 
     def step(self, centers: np.ndarray) -> tuple[np.ndarray, np.ndarray, float, int]:
         """Assign every point to its nearest centre: ``(sums (k, d), counts (k,), inertia, n_changed)``."""
-        C = np.ascontiguousarray(centers, dtype=np.float64)
-        if C.ndim != 2 or C.shape[1] != self.d or C.shape[0] < 1:
-            raise ValueError(f"centers must have shape (k, {self.d}) with k >= 1, got {C.shape}")
-        if not np.isfinite(C).all():
-            raise ValueError("centers must be finite")
+        C = check_centers(centers, self.d)
         k = C.shape[0]
         if self.n == 0:
             self._C = C.copy()
@@ -226,14 +222,7 @@ class CompiledLloydState:
         if m == 0:
             return np.empty(0, dtype=np.int64), np.empty(0)
         D = self._d2
-        if m < self.n:
-            thr = np.partition(D, self.n - m)[self.n - m]
-            top = np.flatnonzero(D >= thr)
-        else:
-            top = np.arange(self.n)
-        order = np.lexsort((top, -D[top]))[:m]
-        rows = top[order].astype(np.int64)
-        return rows, D[rows].copy()
+        return top_farthest(D, m)
 
     def farthest(self, m: int) -> tuple[np.ndarray, np.ndarray]:
         """``(points, squared distances)`` of the ``m`` points farthest from their centre."""

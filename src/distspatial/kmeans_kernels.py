@@ -1162,3 +1162,26 @@ class LloydState:
             for i in range(d):
                 sums[:, i] += np.bincount(self._o_lab, weights=self._o_cols[i], minlength=k)
         return sums, counts
+
+
+def check_centers(centers: np.ndarray, d: int) -> np.ndarray:
+    """``centers`` as a C-contiguous float64 ``(k, d)`` array with ``k >= 1`` and finite values, or ValueError."""
+    C = np.ascontiguousarray(centers, dtype=np.float64)
+    if C.ndim != 2 or C.shape[1] != d or C.shape[0] < 1:
+        raise ValueError(f"centers must have shape (k, {d}) with k >= 1, got {C.shape}")
+    if not np.isfinite(C).all():
+        raise ValueError("centers must be finite")
+    return C
+
+
+def top_farthest(D: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of the ``m`` largest values of ``D`` (ties: lower row first) and those values."""
+    n = len(D)
+    if m < n:
+        thr = np.partition(D, n - m)[n - m]
+        top = np.flatnonzero(D >= thr)
+    else:
+        top = np.arange(n)
+    order = np.lexsort((top, -D[top]))[:m]
+    rows = top[order].astype(np.int64)
+    return rows, D[rows].copy()
