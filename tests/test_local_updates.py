@@ -39,6 +39,7 @@ def _check(part, pts, ids, rng, k=5):
 @pytest.mark.parametrize("d", [2, 3])
 def test_appends_and_deletes_stay_exact_through_merges(d, monkeypatch):
     monkeypatch.setattr(LocalPartition, "MIN_DELTA", 300)  # force background merges in a small test
+    monkeypatch.setattr(LocalPartition, "MAX_SEGMENTS", 3)
     rng = np.random.default_rng(d)
     pts = rng.random((2_000, d))
     ids = np.arange(2_000)

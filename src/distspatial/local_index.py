@@ -140,17 +140,21 @@ class _Segment:
 class LocalPartition:
     """Points of one partition, searchable while points are appended and deleted; results speak global ids.
 
-    The points live in a *base* segment (a KD-tree) and a small *delta* segment that takes appended points;
-    both are searched, and deleted points are masked in either. When the delta passes
-    ``max(min_delta, delta_fraction * base)`` points, a merged base is built in a background thread from a
-    snapshot and swapped in on a later call (appends and deletes made meanwhile are carried over), so every
-    call sees every point appended before it and none deleted before it. ``points`` / ``ids`` are the live
-    points (cached until the next change); row positions returned by :meth:`radius` and :meth:`box` index them.
+    The points live in a *base* segment (a KD-tree) and a list of small *delta* segments, one per append, each
+    with its own KD-tree built at append time (so a query after an append pays nothing extra); all segments are
+    searched, and deleted points are masked in any of them. Merges run in a background thread from a snapshot
+    and are swapped in on a later call (appends and deletes made meanwhile are carried over): when the deltas
+    hold more than ``max(MIN_DELTA, DELTA_FRACTION * base)`` points they merge into a new base; when there are
+    more than ``MAX_SEGMENTS`` of them, they merge into one delta. Every call sees every point appended before it
+    and none deleted before it. ``points`` / ``ids`` are the live points in a fixed order (base, then deltas in
+    append order; cached until the next change); row positions from :meth:`radius` and :meth:`box` index them.
     """
 
-    #: merge the delta into the base when it holds more than max(MIN_DELTA, DELTA_FRACTION * base) points
+    #: merge the deltas into the base when they hold more than max(MIN_DELTA, DELTA_FRACTION * base) points
     MIN_DELTA = 65_536
     DELTA_FRACTION = 0.25
+    #: merge the delta segments into one when there are more than this many
+    MAX_SEGMENTS = 8
 
     def __init__(self, points: np.ndarray, ids: np.ndarray, leafsize: int = 16) -> None:
         points = np.ascontiguousarray(points, dtype=np.float64)
@@ -159,8 +163,9 @@ class LocalPartition:
             raise ValueError("points must be (n, d) and ids (n,)")
         self.leafsize = leafsize
         self.dim = points.shape[1]
+        self._id_dtype = ids.dtype
         self._base = _Segment(points, ids, leafsize)
-        self._delta = _Segment(np.empty((0, self.dim)), np.empty(0, dtype=ids.dtype), leafsize)
+        self._deltas: list[_Segment] = []
         self._live: tuple[np.ndarray, np.ndarray] | None = (points, ids)
         self._merge: dict | None = None  # a background merge in progress
         self.merges = 0
@@ -177,19 +182,22 @@ class LocalPartition:
 
     @property
     def tree(self) -> cKDTree | None:
-        """The base segment's KD-tree (the delta has its own)."""
+        """The base segment's KD-tree (each delta has its own)."""
         return self._base.tree
+
+    def _segments(self) -> list[_Segment]:
+        return [self._base, *self._deltas]
 
     def _live_arrays(self) -> tuple[np.ndarray, np.ndarray]:
         self._swap_if_merged()
         if self._live is None:
-            (bp, bi), (dp, di) = self._base.live(), self._delta.live()
-            self._live = (np.concatenate([bp, dp]), np.concatenate([bi, di])) if len(dp) else (bp, bi)
+            parts = [seg.live() for seg in self._segments()]
+            self._live = (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
         return self._live
 
     @property
     def size(self) -> int:
-        return self._base.n_live + self._delta.n_live
+        return sum(seg.n_live for seg in self._segments())
 
     @property
     def nbytes(self) -> int:
@@ -197,7 +205,7 @@ class LocalPartition:
 
     @property
     def delta_size(self) -> int:
-        return self._delta.n_live
+        return sum(seg.n_live for seg in self._deltas)
 
     # -- changes --------------------------------------------------------------------------------------------
     def append(self, points: np.ndarray, ids: np.ndarray) -> None:
@@ -205,23 +213,21 @@ class LocalPartition:
         if len(points) == 0:
             return
         self._swap_if_merged()
-        d = self._delta
-        pts = np.concatenate([d.points, np.asarray(points, dtype=np.float64).reshape(-1, self.dim)])
-        new = _Segment(pts, np.concatenate([d.ids, np.asarray(ids).astype(d.ids.dtype, copy=False)]), self.leafsize,
-                       lazy=True)
-        if d.dead is not None:
-            new.dead = np.concatenate([d.dead, np.zeros(len(points), dtype=bool)])
-            new.n_dead = d.n_dead
-        self._delta = new
+        pts = np.ascontiguousarray(points, dtype=np.float64).reshape(-1, self.dim)
+        self._deltas.append(_Segment(pts, np.asarray(ids).astype(self._id_dtype, copy=False), self.leafsize))
         self._live = None
         self.version += 1
-        if self._merge is None and self._delta.n > max(self.MIN_DELTA, self.DELTA_FRACTION * self._base.n_live):
-            self._start_merge()
+        if self._merge is None:
+            n_delta = sum(seg.n for seg in self._deltas)
+            if n_delta > max(self.MIN_DELTA, self.DELTA_FRACTION * self._base.n_live):
+                self._start_merge(full=True)
+            elif len(self._deltas) > self.MAX_SEGMENTS:
+                self._start_merge(full=False)
 
     def delete(self, ids: np.ndarray) -> int:
         """Remove the points with these ids; returns how many were here."""
         self._swap_if_merged()
-        n = self._base.kill(ids) + self._delta.kill(ids)
+        n = sum(seg.kill(ids) for seg in self._segments())
         if n:
             self._live = None
             self.version += 1
@@ -229,13 +235,15 @@ class LocalPartition:
                 self._merge["deleted"].append(np.asarray(ids))
         return n
 
-    def _start_merge(self) -> None:
+    def _start_merge(self, full: bool) -> None:
         import threading
 
-        bp, bi = self._base.live()
-        dp, di = self._delta.live()
-        snap_pts, snap_ids = np.concatenate([bp, dp]), np.concatenate([bi, di])
-        job: dict = {"pts": snap_pts, "ids": snap_ids, "delta_rows": self._delta.n, "deleted": [], "tree": None}
+        segs = self._segments() if full else list(self._deltas)
+        parts = [seg.live() for seg in segs]
+        snap_pts = np.concatenate([p[0] for p in parts])
+        snap_ids = np.concatenate([p[1] for p in parts])
+        job: dict = {"pts": snap_pts, "ids": snap_ids, "n_deltas": len(self._deltas), "full": full,
+                     "deleted": [], "tree": None}
 
         def build() -> None:
             job["tree"] = cKDTree(snap_pts, leafsize=self.leafsize, balanced_tree=False, compact_nodes=False)
@@ -250,24 +258,22 @@ class LocalPartition:
             return
         job["thread"].join()
         self._merge = None
-        base = _Segment(job["pts"], job["ids"], self.leafsize, tree=job["tree"])
-        d = self._delta
-        rest = slice(job["delta_rows"], d.n)  # appended while the merge ran
-        delta = _Segment(d.points[rest], d.ids[rest], self.leafsize, lazy=True)
-        if d.dead is not None:
-            delta.dead = d.dead[rest].copy()
-            delta.n_dead = int(delta.dead.sum())
-        if job["deleted"]:
-            base.kill(np.concatenate(job["deleted"]))
-        self._base, self._delta = base, delta
+        merged = _Segment(job["pts"], job["ids"], self.leafsize, tree=job["tree"])
+        if job["deleted"]:  # deleted while the merge ran: the snapshot still holds them
+            merged.kill(np.concatenate(job["deleted"]))
+        rest = self._deltas[job["n_deltas"]:]  # appended while the merge ran
+        if job["full"]:
+            self._base, self._deltas = merged, rest
+        else:
+            self._deltas = [merged, *rest]
         self._live = None
         self.merges += 1
 
     def flush(self) -> None:
-        """Merge the delta into the base now (waits for a merge in progress)."""
+        """Merge everything into the base now (waits for a merge in progress)."""
         self._swap_if_merged(wait=True)
-        if self._delta.n or self._base.n_dead:
-            self._start_merge()
+        if self._deltas or self._base.n_dead:
+            self._start_merge(full=True)
             self._swap_if_merged(wait=True)
 
     # -- queries --------------------------------------------------------------------------------------------
@@ -282,27 +288,33 @@ class LocalPartition:
         self._swap_if_merged()
         ub = None if bound is None else np.nextafter(bound, np.inf)  # keep points exactly at the bound (ties)
         dist, ids = self._base.knn(queries, k, ub, workers)
-        if self._delta.n_live:
-            d2, i2 = self._delta.knn(queries, k, ub, workers)
-            dist, ids = merge_topk(dist, ids, d2, i2, k)
+        for seg in self._deltas:
+            if seg.n_live:
+                d2, i2 = seg.knn(queries, k, ub, workers)
+                dist, ids = merge_topk(dist, ids, d2, i2, k)
         return dist, ids
 
     def radius(self, centers: np.ndarray, radius: np.ndarray, workers: int = 1) -> list[np.ndarray]:
         """Positions in :attr:`points` of the points within ``radius[i]`` of ``centers[i]`` (inclusive)."""
         self._swap_if_merged()
         hits = self._base.radius(centers, radius, workers)
-        if self._delta.n_live:
-            off = self._base.n_live
-            hits = [np.concatenate([a, b + off]) for a, b in zip(hits, self._delta.radius(centers, radius, workers))]
+        off = self._base.n_live
+        for seg in self._deltas:
+            if seg.n_live:
+                hits = [np.concatenate([a, b + off]) for a, b in zip(hits, seg.radius(centers, radius, workers))]
+            off += seg.n_live
         return hits
 
     def box(self, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
         """Positions in :attr:`points` of the points with ``lo <= p <= hi`` in every dimension."""
         self._swap_if_merged()
-        rows = self._base.box(lo, hi)
-        if self._delta.n_live:
-            rows = np.concatenate([rows, self._delta.box(lo, hi) + self._base.n_live])
-        return rows
+        rows = [self._base.box(lo, hi)]
+        off = self._base.n_live
+        for seg in self._deltas:
+            if seg.n_live:
+                rows.append(seg.box(lo, hi) + off)
+            off += seg.n_live
+        return np.concatenate(rows) if len(rows) > 1 else rows[0]
 
 
 def merge_topk(
