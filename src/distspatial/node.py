@@ -75,7 +75,7 @@ class SpatialNode:
         self.threads = max(1, int(threads))
         # kernel backend (NodeConfig.device): on the CPU the partitions' KD-trees answer queries; on a GPU the
         # backend answers them over each partition's live points, prepared once per partition version
-        self.backend = get_backend(device, threads=self.threads)
+        self.backend = get_backend(device, threads=self.threads, **({"hamerly": False} if device == "cpu" else {}))
         self.on_gpu = not isinstance(self.backend, CpuBackend)
         self._prepared: dict[int, tuple[int, Any]] = {}
         self.compress = bool(compress)  # compress large query results (NodeConfig.compression)
