@@ -69,7 +69,9 @@ def _new_actor(node_id: int, cpus: float, threads: int, ray_node: str | None = N
 
         strategy = NodeAffinitySchedulingStrategy(node_id=ray_node, soft=False)
     return (
-        ray.remote(SpatialNode)
+        # queries (knn/ball/box) run in their own thread (group "reads"), so they never wait behind an append or
+        # an algorithm step; everything else runs one call at a time in the default group
+        ray.remote(concurrency_groups={"reads": 1})(SpatialNode)
         .options(num_cpus=cpus, num_gpus=gpus, scheduling_strategy=strategy, max_concurrency=1)
         .remote(node_id, threads, compress, device)
     )
@@ -526,7 +528,8 @@ class DistributedSpatialCluster:
             bounds = np.cumsum([0] + [len(r) for r in row_parts])
             segments = [(p, int(bounds[i]), int(bounds[i + 1])) for i, p in enumerate(pids)]
             args = encode_all(row_args(rows), self.config.compression)
-            ref = getattr(self._actors[node], method).remote(*args, segments, **options)
+            ref = getattr(self._actors[node], method).options(concurrency_group="reads").remote(
+                *args, segments, **options)
             return ref, rows, message_bytes(args, segments, options)
 
         return self._run_partitions(list(groups), build, missing)

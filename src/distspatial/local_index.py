@@ -137,6 +137,16 @@ class _Segment:
         return self.live_rows(cand)
 
 
+def _locked(name: str):
+    def method(self, *args, **kwargs):
+        with self._lock:
+            return getattr(self, name)(*args, **kwargs)
+
+    method.__name__ = name.strip("_").replace("_unlocked", "")
+    method.__doc__ = None
+    return method
+
+
 class LocalPartition:
     """Points of one partition, searchable while points are appended and deleted; results speak global ids.
 
@@ -170,6 +180,11 @@ class LocalPartition:
         self._merge: dict | None = None  # a background merge in progress
         self.merges = 0
         self.version = 0  # bumped whenever the live points change
+        import threading
+
+        # queries and changes may come from two threads of a node (queries have their own concurrency group):
+        # every public method holds this lock; an append builds its segment's KD-tree before taking it
+        self._lock = threading.RLock()
 
     # -- state ----------------------------------------------------------------------------------------------
     @property
@@ -188,7 +203,7 @@ class LocalPartition:
     def _segments(self) -> list[_Segment]:
         return [self._base, *self._deltas]
 
-    def _live_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+    def _live_arrays_unlocked(self) -> tuple[np.ndarray, np.ndarray]:
         self._swap_if_merged()
         if self._live is None:
             parts = [seg.live() for seg in self._segments()]
@@ -208,13 +223,9 @@ class LocalPartition:
         return sum(seg.n_live for seg in self._deltas)
 
     # -- changes --------------------------------------------------------------------------------------------
-    def append(self, points: np.ndarray, ids: np.ndarray) -> None:
-        """Add points (searchable on return)."""
-        if len(points) == 0:
-            return
+    def _append_unlocked(self, seg: _Segment) -> None:
         self._swap_if_merged()
-        pts = np.ascontiguousarray(points, dtype=np.float64).reshape(-1, self.dim)
-        self._deltas.append(_Segment(pts, np.asarray(ids).astype(self._id_dtype, copy=False), self.leafsize))
+        self._deltas.append(seg)
         self._live = None
         self.version += 1
         if self._merge is None:
@@ -224,7 +235,7 @@ class LocalPartition:
             elif len(self._deltas) > self.MAX_SEGMENTS:
                 self._start_merge(full=False)
 
-    def delete(self, ids: np.ndarray) -> int:
+    def _delete_unlocked(self, ids: np.ndarray) -> int:
         """Remove the points with these ids; returns how many were here."""
         self._swap_if_merged()
         n = sum(seg.kill(ids) for seg in self._segments())
@@ -269,7 +280,7 @@ class LocalPartition:
         self._live = None
         self.merges += 1
 
-    def flush(self) -> None:
+    def _flush_unlocked(self) -> None:
         """Merge everything into the base now (waits for a merge in progress)."""
         self._swap_if_merged(wait=True)
         if self._deltas or self._base.n_dead:
@@ -277,7 +288,7 @@ class LocalPartition:
             self._swap_if_merged(wait=True)
 
     # -- queries --------------------------------------------------------------------------------------------
-    def knn(
+    def _knn_unlocked(
         self, queries: np.ndarray, k: int, bound: np.ndarray | None = None, workers: int = 1
     ) -> tuple[np.ndarray, np.ndarray]:
         """k nearest neighbours of each query: ``(distances (m, k), ids (m, k))``, sorted by distance.
@@ -294,7 +305,7 @@ class LocalPartition:
                 dist, ids = merge_topk(dist, ids, d2, i2, k)
         return dist, ids
 
-    def radius(self, centers: np.ndarray, radius: np.ndarray, workers: int = 1) -> list[np.ndarray]:
+    def _radius_unlocked(self, centers: np.ndarray, radius: np.ndarray, workers: int = 1) -> list[np.ndarray]:
         """Positions in :attr:`points` of the points within ``radius[i]`` of ``centers[i]`` (inclusive)."""
         self._swap_if_merged()
         hits = self._base.radius(centers, radius, workers)
@@ -305,7 +316,7 @@ class LocalPartition:
             off += seg.n_live
         return hits
 
-    def box(self, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    def _box_unlocked(self, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
         """Positions in :attr:`points` of the points with ``lo <= p <= hi`` in every dimension."""
         self._swap_if_merged()
         rows = [self._base.box(lo, hi)]
@@ -315,6 +326,24 @@ class LocalPartition:
                 rows.append(seg.box(lo, hi) + off)
             off += seg.n_live
         return np.concatenate(rows) if len(rows) > 1 else rows[0]
+
+
+    # every public entry point holds the partition's lock (see __init__)
+    knn = _locked("_knn_unlocked")
+    radius = _locked("_radius_unlocked")
+    box = _locked("_box_unlocked")
+    delete = _locked("_delete_unlocked")
+    flush = _locked("_flush_unlocked")
+    _live_arrays = _locked("_live_arrays_unlocked")
+
+    def append(self, points: np.ndarray, ids: np.ndarray) -> None:
+        """Add points (searchable on return). The new segment's KD-tree is built before taking the lock."""
+        if len(points) == 0:
+            return
+        pts = np.ascontiguousarray(points, dtype=np.float64).reshape(-1, self.dim)
+        seg = _Segment(pts, np.asarray(ids).astype(self._id_dtype, copy=False), self.leafsize)
+        with self._lock:
+            self._append_unlocked(seg)
 
 
 def merge_topk(

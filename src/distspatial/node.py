@@ -52,12 +52,14 @@ def data_message(compress_result: bool = False) -> Callable[[F], F]:
             result = fn(self, *decode_all(args), **kwargs)
             if compress_result and self.compress:
                 result = encode_all(result)
-            c = self.counters
-            c["calls"] += 1
-            c["busy_s"] += time.perf_counter() - t0
-            c["bytes_in"] += received
-            c["bytes_out"] += message_bytes(result)
-            c["raw_bytes_out"] += message_bytes(result, raw=True)
+            out, raw = message_bytes(result), message_bytes(result, raw=True)
+            with self._lock:  # queries run in their own thread (concurrency group "reads")
+                c = self.counters
+                c["calls"] += 1
+                c["busy_s"] += time.perf_counter() - t0
+                c["bytes_in"] += received
+                c["bytes_out"] += out
+                c["raw_bytes_out"] += raw
             return result
 
         return method  # type: ignore[return-value]
@@ -86,6 +88,9 @@ class SpatialNode:
         self._snapshots: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}  # (run, pid) -> data seen
         self._dbscan: dict[tuple, Any] = {}  # (run, kind, partition) -> DBSCAN state
         self._applied: dict[int, set[int]] = {}  # partition -> ingest batches applied (replays are no-ops)
+        import threading
+
+        self._lock = threading.Lock()  # counters: updated by the query thread and the default thread
         self.started = time.time()
         self.started_mono = time.monotonic()
         self.part_queries: dict[int, int] = {}  # queries served per partition (for query-aware balancing)
@@ -138,8 +143,9 @@ class SpatialNode:
         of one core) since the start of the current measuring window; ``new_window=True`` (load metrics)
         starts a new one, so other readers (statistics, a status page) do not shorten the balancer's window."""
         info = self.ping()
-        info.update(self.counters)
-        info["part_queries"] = dict(self.part_queries)
+        with self._lock:
+            info.update(self.counters)
+            info["part_queries"] = dict(self.part_queries)
         try:
             import psutil
 
@@ -154,8 +160,9 @@ class SpatialNode:
         return info
 
     def _count(self, pid: int, n: int) -> None:
-        self.part_queries[pid] = self.part_queries.get(pid, 0) + n
-        self.counters["queries"] += n
+        with self._lock:
+            self.part_queries[pid] = self.part_queries.get(pid, 0) + n
+            self.counters["queries"] += n
 
     # -- data placement -------------------------------------------------------------------------------------
     @data_message()
