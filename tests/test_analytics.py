@@ -227,3 +227,20 @@ def test_dbscan_with_user_ids_after_ingest(cluster):
     ref = DBSCAN(eps=0.3, min_samples=8).fit(X[rows])
     assert np.array_equal(res.core_sample_indices, ref.core_sample_indices_)
     assert np.array_equal(res.labels[ref.core_sample_indices_], ref.labels_[ref.core_sample_indices_])
+
+
+@pytest.mark.parametrize("kind,d", [("blobs", 2), ("uniform", 3), ("duplicates", 2), ("blobs", 5), ("duplicates", 3)])
+def test_knn_join_and_self_join_on_varied_data(cluster, kind, d):
+    from scipy.spatial import cKDTree
+
+    X = _dbscan_data(kind, d, seed=d + 20)
+    cluster.distribute_data(X)
+    other = _dbscan_data(kind, d, seed=d + 21)[:2_000] + 1e-3
+    tree = cKDTree(X)
+    dist, ids = cluster.knn_join(other, 4)
+    np.testing.assert_allclose(dist, tree.query(other, 4)[0], rtol=0, atol=1e-12)
+    np.testing.assert_allclose(np.sqrt(((X[ids] - other[:, None]) ** 2).sum(-1)), dist, rtol=0, atol=1e-12)
+    sd, si = cluster.knn_join(k=2, self_join=True)
+    rd, _ = tree.query(X, 3)
+    np.testing.assert_allclose(sd, rd[:, 1:], rtol=0, atol=1e-12)  # duplicates: distance 0 to a twin
+    assert not np.any(si == np.arange(len(X))[:, None])

@@ -267,12 +267,16 @@ def distribute_chunks(
         cluster._has_user_ids = id_column is not None
         cluster._next_id, cluster._live_ids = 0, None
         cluster._mean_variance = float(np.mean(s2 / n - (s1 / n) ** 2))
+        from .progress import progress_bar
+
         row, user_ids = 0, False
-        for pts, ids in chunks():
-            m = len(pts)
-            user_ids |= ids is not None
-            ingest(cluster, pts, np.arange(row, row + m, dtype=np.int64) if ids is None else ids)
-            row += m
+        with progress_bar(n, "ingest", cluster.progress, unit="pts") as bar:
+            for pts, ids in chunks():
+                m = len(pts)
+                user_ids |= ids is not None
+                ingest(cluster, pts, np.arange(row, row + m, dtype=np.int64) if ids is None else ids)
+                row += m
+                bar.update(m)
         # without user ids the ids are the rows of the source, exactly as distribute_data would number them;
         # with them, algorithm labels follow point_ids() (ascending ids), as after any ingest
         cluster._has_user_ids = cluster._modified = user_ids

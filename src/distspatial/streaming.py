@@ -224,8 +224,11 @@ def run_stream(
                 on_event(ev)
 
     def process() -> None:
+        from .progress import make_bar
+
         t0 = time.perf_counter()
         st = handle.stats
+        bar = make_bar(None, "stream", cluster.progress, unit="pts")
         try:
             reader.start()
             while not handle._stop.is_set():
@@ -262,6 +265,8 @@ def run_stream(
                 st.batches += 1
                 st.points += n
                 st.seconds = time.perf_counter() - t0
+                bar.update(n)
+                bar.set_postfix(batches=st.batches, events=st.events)
             from .windows import WindowedAggregator
 
             for op in operators:  # end of stream: close the windows still open
@@ -270,6 +275,7 @@ def run_stream(
         except BaseException as exc:
             st.errors.append(exc)
         finally:
+            bar.close()
             handle._stop.set()
             st.seconds = time.perf_counter() - t0
             handle._done.set()
