@@ -34,7 +34,7 @@ from .compression import decode_all, encode, encode_all, message_bytes, wire_and
 from .balancing import LoadBalancer, LoadMetrics, RebalancePlan, Strategy, TuningPolicy
 from .config import NodeConfig
 from .curves import curve_keys
-from .dispatch import Dispatcher
+from .dispatch import Dispatcher, ping_ref
 from .hierarchical import HierarchicalResult
 from .errors import NodeFailureError, NotDistributedError, PartitionLostError
 from .fault import FailureType, FaultDetector, RecoveryPlan, RecoveryStrategy
@@ -70,8 +70,9 @@ def _new_actor(node_id: int, cpus: float, threads: int, ray_node: str | None = N
         strategy = NodeAffinitySchedulingStrategy(node_id=ray_node, soft=False)
     return (
         # queries (knn/ball/box) run in their own thread (group "reads"), so they never wait behind an append or
-        # an algorithm step; everything else runs one call at a time in the default group
-        ray.remote(concurrency_groups={"reads": 1})(SpatialNode)
+        # an algorithm step; liveness pings in "control" (a busy node still answers); everything else runs one
+        # call at a time in the default group
+        ray.remote(concurrency_groups={"reads": 1, "control": 1})(SpatialNode)
         .options(num_cpus=cpus, num_gpus=gpus, scheduling_strategy=strategy, max_concurrency=1)
         .remote(node_id, threads, compress, device)
     )
@@ -176,7 +177,7 @@ class DistributedSpatialCluster:
         gpus = _gpus_per_node(cfg)
         actors = {i: _new_actor(i, cpus, threads, compress=cfg.compression, device=cfg.device, gpus=gpus)
                   for i in range(cfg.node_count)}
-        refs = {i: a.ping.remote() for i, a in actors.items()}
+        refs = {i: ping_ref(a) for i, a in actors.items()}
         ready, missing = ray.wait(list(refs.values()), num_returns=len(refs), timeout=max(60.0, cfg.communication_timeout_ms / 1000))
         if missing:
             for a in actors.values():
@@ -884,7 +885,7 @@ class DistributedSpatialCluster:
         actor = _new_actor(node, cpus, self._threads, ray_node, self.config.compression, self.config.device,
                            _gpus_per_node(self.config))
         try:
-            info = ray.get(actor.ping.remote(), timeout=max(30.0, self.config.communication_timeout_ms / 1000))
+            info = ray.get(ping_ref(actor), timeout=max(30.0, self.config.communication_timeout_ms / 1000))
         except Exception as exc:
             log.warning("distspatial: replacement node %d did not start: %s", node, exc)
             ray.kill(actor)

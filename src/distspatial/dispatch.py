@@ -35,6 +35,12 @@ __all__ = ["Dispatcher", "NODE_FAILURES"]
 #: exceptions that mean "this node is gone or unreachable", as opposed to an error in the work itself.
 NODE_FAILURES = (RayActorError, ActorUnavailableError, GetTimeoutError, ObjectLostError)
 
+def ping_ref(actor: Any) -> Any:
+    """A liveness ping in the node's ``control`` concurrency group: answered even while the node is busy with a
+    long call (which then counts as slow, not dead)."""
+    return actor.ping.options(concurrency_group="control").remote()
+
+
 #: ``build(node_id, partition_ids) -> (object_ref, context, payload_bytes)``
 BuildCall = Callable[[int, list[int]], tuple[Any, Any, int]]
 
@@ -58,6 +64,20 @@ class Dispatcher:
         self.failures: list[tuple[float, int, str]] = []
         self.inflight: dict[int, int] = {}  # calls sent and not yet answered, per node (read balancing)
         self._lock = threading.Lock()
+        #: how long a call may run on a node that still answers pings (busy, e.g. compiling or a huge step)
+        self.busy_limit_s = max(10 * timeout_s, 120.0)
+
+    def _alive(self, nodes: set[int]) -> set[int]:
+        """The nodes among ``nodes`` that answer a control-group ping within a short timeout."""
+        refs = {n: ping_ref(self.actors[n]) for n in nodes if n in self.actors}
+        alive = set()
+        for n, ref in refs.items():
+            try:
+                ray.get(ref, timeout=min(5.0, self.timeout_s))
+                alive.add(n)
+            except Exception:
+                pass
+        return alive
 
     def mark_failed(self, node: int, reason: str) -> None:
         with self._lock:
@@ -69,7 +89,7 @@ class Dispatcher:
     def mark_failed_if_dead(self, actors: dict[int, Any], timeout_s: float | None = None) -> list[int]:
         """Ping every node not yet failed; mark those that do not answer. Returns the newly failed ones."""
         live = {n: a for n, a in actors.items() if n not in self.failed_nodes}
-        refs = {n: a.ping.remote() for n, a in live.items()}
+        refs = {n: ping_ref(a) for n, a in live.items()}
         newly = []
         for n, ref in refs.items():
             try:
@@ -146,6 +166,16 @@ class Dispatcher:
                 calls.append((ref, node, pids, ctx))
             refs = [c[0] for c in calls]
             ready, _ = ray.wait(refs, num_returns=len(refs), timeout=self.timeout_s)
+            waited = self.timeout_s
+            # no answer yet: a node that still answers a ping is busy, not gone -- wait on (bounded)
+            while len(ready) < len(refs) and waited < self.busy_limit_s:
+                got = set(ready)
+                slow = [c for c in calls if c[0] not in got]
+                if not {c[1] for c in slow} <= self._alive({c[1] for c in slow}):
+                    break
+                more, _ = ray.wait([c[0] for c in slow], num_returns=len(slow), timeout=self.timeout_s)
+                ready = list(ready) + list(more)
+                waited += self.timeout_s
             ready_set = set(ready)
             with self._lock:
                 for _, node, _, _ in calls:
@@ -154,7 +184,7 @@ class Dispatcher:
             moved = False
             for ref, node, pids, ctx in calls:
                 if ref not in ready_set:
-                    self.mark_failed(node, f"no answer within {self.timeout_s:.1f} s")
+                    self.mark_failed(node, f"no answer within {waited:.1f} s")
                     exclude.add(node)
                     retry.extend(pids)
                     continue

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import ray
 
-from .dispatch import NODE_FAILURES
+from .dispatch import NODE_FAILURES, ping_ref
 
 if TYPE_CHECKING:
     from .coordinator import DistributedSpatialCluster
@@ -174,7 +174,7 @@ class FaultDetector:
                 actions.append(RecoveryAction(RecoveryStrategy.RESTART, node, h.failure, "its Ray node is dead"))
             if h.status in ("failed", "isolated"):
                 continue
-            sent[node] = (actor.ping.remote(), time.perf_counter())
+            sent[node] = (ping_ref(actor), time.perf_counter())
         refs = [r for r, _ in sent.values()]
         ready, _ = ray.wait(refs, num_returns=len(refs), timeout=self.timeout_s) if refs else ([], [])
         ready = set(ready)
