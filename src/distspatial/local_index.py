@@ -137,6 +137,17 @@ class _Segment:
         return self.live_rows(cand)
 
 
+def _lower_thread_priority() -> None:
+    """Lowest CPU priority for the calling thread (Linux: a thread's nice value is its own); no-op elsewhere."""
+    import os
+    import threading
+
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except (AttributeError, OSError):
+        pass
+
+
 def _locked(name: str):
     def method(self, *args, **kwargs):
         with self._lock:
@@ -257,6 +268,7 @@ class LocalPartition:
                      "deleted": [], "tree": None}
 
         def build() -> None:
+            _lower_thread_priority()  # queries on this node come first; the merge uses what CPU is left
             job["tree"] = cKDTree(snap_pts, leafsize=self.leafsize, balanced_tree=False, compact_nodes=False)
 
         job["thread"] = threading.Thread(target=build, daemon=True, name="distspatial-merge")
