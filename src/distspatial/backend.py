@@ -320,30 +320,40 @@ if HAVE_NUMBA:
             inertia += p * p + q * q
         return a0, b0, a1, b1, s0, s1, inertia
 
+    @njit(cache=True, nogil=True, inline="always")
+    def _box_min2(C, j, lo, hi):  # pragma: no cover - compiled
+        """Squared distance from centre j to the nearest point of the box [lo, hi]."""
+        mn = 0.0
+        for t in range(C.shape[1]):
+            g = lo[t] - C[j, t]
+            g2 = C[j, t] - hi[t]
+            if g2 > g:
+                g = g2
+            if g > 0.0:
+                mn += g * g
+        return mn
+
+    @njit(cache=True, nogil=True, inline="always")
+    def _box_max2(C, j, lo, hi):  # pragma: no cover - compiled
+        """Squared distance from centre j to the farthest corner of the box [lo, hi]."""
+        mx = 0.0
+        for t in range(C.shape[1]):
+            a = abs(lo[t] - C[j, t])
+            b = abs(hi[t] - C[j, t])
+            m = a if a > b else b
+            mx += m * m
+        return mx
+
     @njit(cache=True, nogil=True)
     def _only_candidate(C, g, lo, hi):  # pragma: no cover - compiled
         """True when centre g is provably the nearest centre of every point in the box [lo, hi]: every other
         centre's distance to the box exceeds g's largest distance to it (both with a relative slack)."""
         k, d = C.shape
-        mx = 0.0
-        for t in range(d):
-            a = abs(lo[t] - C[g, t])
-            b = abs(hi[t] - C[g, t])
-            m = a if a > b else b
-            mx += m * m
-        thr = mx * (1.0 + _SLACK)
+        thr = _box_max2(C, g, lo, hi) * (1.0 + _SLACK)
         for j in range(k):
             if j == g:
                 continue
-            mn = 0.0
-            for t in range(d):
-                gap = lo[t] - C[j, t]
-                g2 = C[j, t] - hi[t]
-                if g2 > gap:
-                    gap = g2
-                if gap > 0.0:
-                    mn += gap * gap
-            if mn * (1.0 - _SLACK) <= thr:
+            if _box_min2(C, j, lo, hi) * (1.0 - _SLACK) <= thr:
                 return False
         return True
 
@@ -359,26 +369,13 @@ if HAVE_NUMBA:
         k, d = C.shape
         thr = np.inf
         for j in range(k):
-            mx = 0.0
-            for t in range(d):
-                a = abs(lo[t] - C[j, t])
-                b = abs(hi[t] - C[j, t])
-                m = a if a > b else b
-                mx += m * m
+            mx = _box_max2(C, j, lo, hi)
             if mx < thr:
                 thr = mx
         thr *= 1.0 + _SLACK
         nc = 0
         for j in range(k):
-            mn = 0.0
-            for t in range(d):
-                g = lo[t] - C[j, t]
-                g2 = C[j, t] - hi[t]
-                if g2 > g:
-                    g = g2
-                if g > 0.0:
-                    mn += g * g
-            if mn * (1.0 - _SLACK) <= thr:
+            if _box_min2(C, j, lo, hi) * (1.0 - _SLACK) <= thr:
                 cand[nc] = j
                 nc += 1
         return nc
