@@ -12,6 +12,8 @@ These are the node-level query kernels. They import no Ray, so they can be teste
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 from scipy.spatial import cKDTree
 
@@ -21,35 +23,26 @@ __all__ = ["LocalPartition", "merge_topk"]
 MISSING_ID = -1
 
 
+def _kdtree(points: np.ndarray, leafsize: int) -> cKDTree | None:
+    """The KD-tree of ``points`` (None when there are none)."""
+    if not len(points):
+        return None
+    # balanced_tree=False (sliding midpoint) builds about 2x faster than median splits and queries as fast.
+    return cKDTree(points, leafsize=leafsize, balanced_tree=False, compact_nodes=False)
+
+
 class _Segment:
     """Points with a KD-tree and a deletion mask (``dead``); rows never move while the segment lives."""
 
-    __slots__ = ("points", "ids", "_tree", "leafsize", "dead", "n_dead", "_cum")
+    __slots__ = ("points", "ids", "tree", "dead", "n_dead", "_cum")
 
-    def __init__(self, points: np.ndarray, ids: np.ndarray, leafsize: int = 16, tree: cKDTree | None = None,
-                 lazy: bool = False) -> None:
+    def __init__(self, points: np.ndarray, ids: np.ndarray, leafsize: int = 16, tree: cKDTree | None = None) -> None:
         self.points = points
         self.ids = ids
-        self.leafsize = leafsize
-        self._tree = tree
-        if tree is None and not lazy:
-            self._tree = self._build()
+        self.tree = tree if tree is not None else _kdtree(points, leafsize)
         self.dead: np.ndarray | None = None
         self.n_dead = 0
         self._cum: np.ndarray | None = None  # dead rows before each row (for live positions)
-
-    def _build(self) -> cKDTree | None:
-        # balanced_tree=False (sliding midpoint) builds about 2x faster than median splits and queries as fast.
-        if not len(self.points):
-            return None
-        return cKDTree(self.points, leafsize=self.leafsize, balanced_tree=False, compact_nodes=False)
-
-    @property
-    def tree(self) -> cKDTree | None:
-        """The KD-tree (a delta segment builds it on first use, so appends stay cheap)."""
-        if self._tree is None and len(self.points):
-            self._tree = self._build()
-        return self._tree
 
     @property
     def n(self) -> int:
@@ -148,13 +141,13 @@ def _lower_thread_priority() -> None:
         pass
 
 
-def _locked(name: str):
+def _locked(fn):
+    """Run the method holding the partition's lock (see ``LocalPartition.__init__``)."""
+    @functools.wraps(fn)
     def method(self, *args, **kwargs):
         with self._lock:
-            return getattr(self, name)(*args, **kwargs)
+            return fn(self, *args, **kwargs)
 
-    method.__name__ = name.strip("_").replace("_unlocked", "")
-    method.__doc__ = None
     return method
 
 
@@ -214,7 +207,8 @@ class LocalPartition:
     def _segments(self) -> list[_Segment]:
         return [self._base, *self._deltas]
 
-    def _live_arrays_unlocked(self) -> tuple[np.ndarray, np.ndarray]:
+    @_locked
+    def _live_arrays(self) -> tuple[np.ndarray, np.ndarray]:
         self._swap_if_merged()
         if self._live is None:
             parts = [seg.live() for seg in self._segments()]
@@ -234,7 +228,16 @@ class LocalPartition:
         return sum(seg.n_live for seg in self._deltas)
 
     # -- changes --------------------------------------------------------------------------------------------
-    def _append_unlocked(self, seg: _Segment) -> None:
+    def append(self, points: np.ndarray, ids: np.ndarray) -> None:
+        """Add points (searchable on return). The new segment's KD-tree is built before taking the lock."""
+        if len(points) == 0:
+            return
+        pts = np.ascontiguousarray(points, dtype=np.float64).reshape(-1, self.dim)
+        seg = _Segment(pts, np.asarray(ids).astype(self._id_dtype, copy=False), self.leafsize)
+        with self._lock:
+            self._add_segment(seg)
+
+    def _add_segment(self, seg: _Segment) -> None:
         self._swap_if_merged()
         self._deltas.append(seg)
         self._live = None
@@ -246,7 +249,8 @@ class LocalPartition:
             elif len(self._deltas) > self.MAX_SEGMENTS:
                 self._start_merge(full=False)
 
-    def _delete_unlocked(self, ids: np.ndarray) -> int:
+    @_locked
+    def delete(self, ids: np.ndarray) -> int:
         """Remove the points with these ids; returns how many were here."""
         self._swap_if_merged()
         n = sum(seg.kill(ids) for seg in self._segments())
@@ -269,7 +273,7 @@ class LocalPartition:
 
         def build() -> None:
             _lower_thread_priority()  # queries on this node come first; the merge uses what CPU is left
-            job["tree"] = cKDTree(snap_pts, leafsize=self.leafsize, balanced_tree=False, compact_nodes=False)
+            job["tree"] = _kdtree(snap_pts, self.leafsize)
 
         job["thread"] = threading.Thread(target=build, daemon=True, name="distspatial-merge")
         job["thread"].start()
@@ -292,7 +296,8 @@ class LocalPartition:
         self._live = None
         self.merges += 1
 
-    def _flush_unlocked(self) -> None:
+    @_locked
+    def flush(self) -> None:
         """Merge everything into the base now (waits for a merge in progress)."""
         self._swap_if_merged(wait=True)
         if self._deltas or self._base.n_dead:
@@ -300,7 +305,8 @@ class LocalPartition:
             self._swap_if_merged(wait=True)
 
     # -- queries --------------------------------------------------------------------------------------------
-    def _knn_unlocked(
+    @_locked
+    def knn(
         self, queries: np.ndarray, k: int, bound: np.ndarray | None = None, workers: int = 1
     ) -> tuple[np.ndarray, np.ndarray]:
         """k nearest neighbours of each query: ``(distances (m, k), ids (m, k))``, sorted by distance.
@@ -317,7 +323,8 @@ class LocalPartition:
                 dist, ids = merge_topk(dist, ids, d2, i2, k)
         return dist, ids
 
-    def _radius_unlocked(self, centers: np.ndarray, radius: np.ndarray, workers: int = 1) -> list[np.ndarray]:
+    @_locked
+    def radius(self, centers: np.ndarray, radius: np.ndarray, workers: int = 1) -> list[np.ndarray]:
         """Positions in :attr:`points` of the points within ``radius[i]`` of ``centers[i]`` (inclusive)."""
         self._swap_if_merged()
         hits = self._base.radius(centers, radius, workers)
@@ -328,7 +335,8 @@ class LocalPartition:
             off += seg.n_live
         return hits
 
-    def _box_unlocked(self, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    @_locked
+    def box(self, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
         """Positions in :attr:`points` of the points with ``lo <= p <= hi`` in every dimension."""
         self._swap_if_merged()
         rows = [self._base.box(lo, hi)]
@@ -338,24 +346,6 @@ class LocalPartition:
                 rows.append(seg.box(lo, hi) + off)
             off += seg.n_live
         return np.concatenate(rows) if len(rows) > 1 else rows[0]
-
-
-    # every public entry point holds the partition's lock (see __init__)
-    knn = _locked("_knn_unlocked")
-    radius = _locked("_radius_unlocked")
-    box = _locked("_box_unlocked")
-    delete = _locked("_delete_unlocked")
-    flush = _locked("_flush_unlocked")
-    _live_arrays = _locked("_live_arrays_unlocked")
-
-    def append(self, points: np.ndarray, ids: np.ndarray) -> None:
-        """Add points (searchable on return). The new segment's KD-tree is built before taking the lock."""
-        if len(points) == 0:
-            return
-        pts = np.ascontiguousarray(points, dtype=np.float64).reshape(-1, self.dim)
-        seg = _Segment(pts, np.asarray(ids).astype(self._id_dtype, copy=False), self.leafsize)
-        with self._lock:
-            self._append_unlocked(seg)
 
 
 def merge_topk(
