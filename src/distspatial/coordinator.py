@@ -380,6 +380,13 @@ class DistributedSpatialCluster:
         self.comm.sent(node, message_bytes(args, kwargs))
         return getattr(self._actors[node], method).remote(*args, **kwargs)
 
+    def _send_multi(self, node: int, method: str, n_out: int, *args: Any) -> list:
+        """Like :meth:`_send` for a method with ``n_out`` results (Ray ``num_returns``): a list of references,
+        which can travel on to other nodes without passing through the driver."""
+        self.comm.sent(node, message_bytes(args))
+        ref = getattr(self._actors[node], method).options(num_returns=n_out).remote(*args)
+        return [ref] if n_out == 1 else list(ref)
+
     def _recv(self, node: int, ref: Any, timeout: float | None = None) -> Any:
         """``ray.get`` a data message's result from ``node``, counting and decoding it."""
         res = ray.get(ref, timeout=timeout)
@@ -460,9 +467,6 @@ class DistributedSpatialCluster:
             return np.empty(0, dtype=np.int64)
         return _ingest.ingest(self, points, ids, timestamps)[0]
 
-    def _ingest_batch(self, points, ids, timestamps, centers):
-        return _ingest.ingest(self, points, ids, timestamps, centers)
-
     def stream(
         self,
         source: Any,
@@ -497,20 +501,18 @@ class DistributedSpatialCluster:
 
     def update(self, ids: Any, points: Any, timestamps: Any = None) -> int:
         """Move existing points to new positions (delete + ingest under one lock); returns how many existed."""
-        return _ingest.update(self, ids, points, timestamps)
+        return _ingest.update(self, ids, points, timestamps)[0]
 
     def _split_grown_partitions(self) -> None:
         """Split partitions that ingest made too large (``tuning_policy``), a bounded number per call."""
-        meta = self._meta
-        pol = self.tuning_policy
-        mean = meta.n_points / max(1, meta.n_partitions)
-        big = sorted((p for p in meta.partitions if p.size > pol.split_size_factor * mean
-                      and p.size >= pol.min_split_points), key=lambda p: -p.size)
-        for p in big[: pol.max_actions]:
+        # the size rule of the balancer's tuning policy (no query counts: only "too large" splits come out)
+        actions = LoadBalancer.tune(self._meta, {}, len(self.live_node_ids), self.config.replication_factor,
+                                    self.tuning_policy)
+        for a in actions:
             try:
-                self.split_partition(p.partition_id)
+                self.split_partition(a.partition)
             except (ValueError, NodeFailureError) as exc:
-                log.warning("distspatial: split of grown partition %d skipped: %s", p.partition_id, exc)
+                log.warning("distspatial: split of grown partition %d skipped: %s", a.partition, exc)
 
     # -- queries --------------------------------------------------------------------------------------------
     def _run_assignment(
@@ -1001,9 +1003,7 @@ class DistributedSpatialCluster:
             if src is None:
                 continue
             # the partition travels node to node; each node counts the bytes it sends or receives
-            self.comm.sent(src, message_bytes(pid, self.config.compression))
-            pts_ref, ids_ref = self._actors[src].export_partition.options(num_returns=2).remote(
-                pid, self.config.compression)
+            pts_ref, ids_ref = self._send_multi(src, "export_partition", 2, pid, self.config.compression)
             loads.append((pid, target, self._send(target, "load_partitions", meta.dataset_id, [pid], pts_ref, ids_ref)))
         for pid, target, ref in loads:
             try:

@@ -60,25 +60,14 @@ class DBSCANResult:
         return int(np.count_nonzero(self.labels == -1))
 
 
-def _pieces(meta, eps: float):
+def _pieces(meta, routing, eps: float):
     """For each target partition p, the source partitions q != p whose box meets p's box grown by eps."""
-    lo = np.array([p.lo for p in meta.partitions])
-    hi = np.array([p.hi for p in meta.partitions])
-    glo, ghi = lo - eps, hi + eps
-    meets = np.all((lo[None, :, :] <= ghi[:, None, :]) & (hi[None, :, :] >= glo[:, None, :]), axis=2)
+    glo, ghi = routing.box_lo - eps, routing.box_hi + eps
+    meets = routing.boxes_meet(glo, ghi)
     np.fill_diagonal(meets, False)
     empty = np.array([p.size == 0 for p in meta.partitions])
     meets[:, empty] = False
     return meets, glo, ghi
-
-
-def _call_multi(cluster, node: int, method: str, n_out: int, *args):
-    """Call a node method with ``n_out`` returns (a list of references), counting the message."""
-    from .compression import message_bytes
-
-    cluster.comm.sent(node, message_bytes(args))
-    ref = getattr(cluster._actors[node], method).options(num_returns=n_out).remote(*args)
-    return [ref] if n_out == 1 else list(ref)
 
 
 def _run_once(cluster: DistributedSpatialCluster, eps: float, min_samples: int, run: int) -> DBSCANResult:
@@ -88,7 +77,7 @@ def _run_once(cluster: DistributedSpatialCluster, eps: float, min_samples: int, 
     failed = cluster._dispatch.failed_nodes
     n_parts = meta.n_partitions
     serve = {p: routing.node_for(p, exclude=failed) for p in range(n_parts)}
-    meets, glo, ghi = _pieces(meta, eps)
+    meets, glo, ghi = _pieces(meta, routing, eps)
     origin = meta.lo - eps
     targets: dict[int, list[int]] = {}
     for p in range(n_parts):
@@ -97,7 +86,7 @@ def _run_once(cluster: DistributedSpatialCluster, eps: float, min_samples: int, 
     # partitions (points in a cell next to an occupied cell of the target), one object per target
     cell_ref = {}
     for node, pids in targets.items():
-        for p, ref in zip(pids, _call_multi(cluster, node, "dbscan_cells", len(pids), run, float(eps), origin, pids)):
+        for p, ref in zip(pids, cluster._send_multi(node, "dbscan_cells", len(pids), run, float(eps), origin, pids)):
             cell_ref[p] = ref
     requests: dict[int, list[tuple[int, np.ndarray, np.ndarray, list[int], int]]] = {}
     for p in range(n_parts):
@@ -108,7 +97,7 @@ def _run_once(cluster: DistributedSpatialCluster, eps: float, min_samples: int, 
             requests.setdefault(node, []).append((p, glo[p], ghi[p], qs, len(requests.get(node, []))))
     halo_refs: dict[int, list] = {p: [] for p in range(n_parts)}
     for node, reqs in requests.items():
-        refs = _call_multi(cluster, node, "dbscan_halo", len(reqs), run, float(eps), origin, reqs,
+        refs = cluster._send_multi(node, "dbscan_halo", len(reqs), run, float(eps), origin, reqs,
                            *[cell_ref[r[0]] for r in reqs])
         for r, ref in zip(reqs, refs):
             halo_refs[r[0]].append((node, ref))
@@ -124,7 +113,7 @@ def _run_once(cluster: DistributedSpatialCluster, eps: float, min_samples: int, 
     # round 2: halo core flags from the source nodes, then local clusters
     flag_refs: dict[int, list] = {p: [] for p in range(n_parts)}
     for node, reqs in requests.items():
-        refs = _call_multi(cluster, node, "dbscan_halo_core", len(reqs), run, [r[0] for r in reqs])
+        refs = cluster._send_multi(node, "dbscan_halo_core", len(reqs), run, [r[0] for r in reqs])
         for r, ref in zip(reqs, refs):
             flag_refs[r[0]].append(ref)
     calls = []
@@ -157,7 +146,7 @@ def run_dbscan(cluster: DistributedSpatialCluster, eps: float, min_samples: int)
             return _run_once(cluster, float(eps), int(min_samples), run)
         except NODE_FAILURES as exc:
             # find which nodes are gone, then start over on the replicas that remain
-            cluster._dispatch.mark_failed_if_dead(cluster._actors)
+            cluster._dispatch.mark_failed_if_dead()
             if attempt == attempts - 1:
                 raise NodeFailureError(f"DBSCAN failed on {attempts} attempts: {exc}") from exc
         finally:

@@ -67,13 +67,13 @@ class Dispatcher:
         #: how long a call may run on a node that still answers pings (busy, e.g. compiling or a huge step)
         self.busy_limit_s = max(10 * timeout_s, 120.0)
 
-    def _alive(self, nodes: set[int]) -> set[int]:
-        """The nodes among ``nodes`` that answer a control-group ping within a short timeout."""
+    def _alive(self, nodes: set[int], timeout_s: float | None = None) -> set[int]:
+        """The nodes among ``nodes`` that answer a control-group ping within ``timeout_s`` (default: short)."""
         refs = {n: ping_ref(self.actors[n]) for n in nodes if n in self.actors}
         alive = set()
         for n, ref in refs.items():
             try:
-                ray.get(ref, timeout=min(5.0, self.timeout_s))
+                ray.get(ref, timeout=timeout_s or min(5.0, self.timeout_s))
                 alive.add(n)
             except Exception:
                 pass
@@ -86,17 +86,12 @@ class Dispatcher:
                 self.failed_nodes.add(node)
                 self.failures.append((time.time(), node, reason))
 
-    def mark_failed_if_dead(self, actors: dict[int, Any], timeout_s: float | None = None) -> list[int]:
+    def mark_failed_if_dead(self, timeout_s: float | None = None) -> list[int]:
         """Ping every node not yet failed; mark those that do not answer. Returns the newly failed ones."""
-        live = {n: a for n, a in actors.items() if n not in self.failed_nodes}
-        refs = {n: ping_ref(a) for n, a in live.items()}
-        newly = []
-        for n, ref in refs.items():
-            try:
-                ray.get(ref, timeout=timeout_s or self.timeout_s)
-            except Exception as exc:
-                self.mark_failed(n, f"no answer to a ping: {type(exc).__name__}")
-                newly.append(n)
+        live = {n for n in self.actors if n not in self.failed_nodes}
+        newly = sorted(live - self._alive(live, timeout_s or self.timeout_s))
+        for n in newly:
+            self.mark_failed(n, "no answer to a ping")
         return newly
 
     def assign(

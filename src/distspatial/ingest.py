@@ -167,16 +167,20 @@ def delete(cluster: DistributedSpatialCluster, ids: Any) -> int:
         return int(sum(deleted.values()))
 
 
-def update(cluster: DistributedSpatialCluster, ids: Any, points: Any, timestamps: Any = None) -> int:
-    """Move points: delete ``ids`` and ingest them at ``points``; returns how many of the ids existed."""
+def update(
+    cluster: DistributedSpatialCluster, ids: Any, points: Any, timestamps: Any = None,
+    centers: np.ndarray | None = None,
+) -> tuple[int, np.ndarray, Any]:
+    """Move points: delete ``ids`` and ingest them at ``points`` under one lock; returns ``(how many of the ids
+    existed, ids, streaming k-means stats or None)``."""
     arr = check_ids(ids, len(np.asarray(ids)))
     pts = check_points(points)
     if len(pts) != len(arr):
         raise ValueError(f"update needs one point per id: {len(arr)} ids, {len(pts)} points")
     with cluster._meta_lock:
         existed = delete(cluster, arr)
-        ingest(cluster, pts, arr, timestamps)
-    return existed
+        new_ids, stats = ingest(cluster, pts, arr, timestamps, centers)
+    return existed, new_ids, stats
 
 
 def _chunk_source(source: Any, columns: Any, id_column: str | None, chunk_rows: int):

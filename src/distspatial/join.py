@@ -215,7 +215,7 @@ def _run_tiles(cluster, A, B, tiles, tile, out) -> None:
     inflight: dict[Any, tuple[int, tuple[int, int]]] = {}
     per_node = 2
     while pending or inflight:
-        live = [x for x in cluster.live_node_ids]
+        live = cluster.live_node_ids
         if not live:
             raise RuntimeError("no live node left to compute distance tiles on")
         busy = {}

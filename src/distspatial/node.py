@@ -23,7 +23,6 @@ import numpy as np
 
 from .compression import decode_all, encode, encode_all, message_bytes
 from .errors import PartitionMovedError
-from .kmeans_kernels import squared_distances_min
 from .local_index import LocalPartition
 
 __all__ = ["SpatialNode", "Segment"]
@@ -264,13 +263,10 @@ class SpatialNode:
             out.append((pid, part.size, new.min(axis=0), new.max(axis=0)))
         stats = None
         if centers is not None:
-            rows = [np.arange(a, b) for pid, a, b in segments if pid in set(stat_partitions or ())]
+            mine = set(stat_partitions or ())
+            rows = [np.arange(a, b) for pid, a, b in segments if pid in mine]
             points = np.take(points, np.concatenate(rows), axis=0) if rows else points[:0]
-            labels, _ = squared_distances_min(points, centers)
-            k = len(centers)
-            counts = np.bincount(labels, minlength=k)
-            sums = np.stack([np.bincount(labels, weights=points[:, j], minlength=k) for j in range(points.shape[1])],
-                            axis=1)
+            _, sums, counts, _ = self.backend.kmeans_assign_sums(points, centers)
             stats = (sums, counts)
         return out, stats
 

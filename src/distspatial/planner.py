@@ -218,8 +218,5 @@ def ball_pairs(centers: np.ndarray, radii: np.ndarray, routing: RoutingTable) ->
 
 def box_pairs(lo: np.ndarray, hi: np.ndarray, routing: RoutingTable) -> Assignment:
     """Pairs ``(query box, partition)`` whose boxes intersect."""
-    hit = np.all(
-        (routing.box_lo[None, :, :] <= hi[:, None, :]) & (routing.box_hi[None, :, :] >= lo[:, None, :]), axis=2
-    )
-    rows, parts = np.nonzero(hit)
+    rows, parts = np.nonzero(routing.boxes_meet(lo, hi))
     return Assignment.from_pairs(rows, parts, len(lo))

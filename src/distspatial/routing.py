@@ -70,10 +70,13 @@ class RoutingTable:
         """Squared MINDIST from each query to each partition box, shape ``(m, P)``."""
         return box_mindist2(queries, self.box_lo, self.box_hi)
 
+    def boxes_meet(self, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+        """``(m, P)`` mask: query box ``[lo[i], hi[i]]`` intersects partition ``j``'s box (closed boxes)."""
+        return np.all((self.box_lo[None, :, :] <= hi[:, None, :]) & (self.box_hi[None, :, :] >= lo[:, None, :]), axis=2)
+
     def boxes_intersecting(self, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
         """Indices of partitions whose box intersects the query box ``[lo, hi]``."""
-        ok = np.all((self.box_lo <= hi[None, :]) & (self.box_hi >= lo[None, :]), axis=1)
-        return np.flatnonzero(ok)
+        return np.flatnonzero(self.boxes_meet(lo[None, :], hi[None, :])[0])
 
     def node_for(self, partition: int, load: dict[int, float] | None = None, exclude: set[int] | None = None) -> int:
         """The replica node that serves a read of ``partition``: the least loaded live owner, the primary

@@ -31,6 +31,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from . import ingest as _ingest
+
 if TYPE_CHECKING:
     from .coordinator import DistributedSpatialCluster
 
@@ -250,13 +252,9 @@ def run_stream(
                     centers = kmeans.centroids
                 t1 = time.perf_counter()
                 if update and ids is not None:
-                    with cluster._meta_lock:
-                        from .ingest import delete
-
-                        delete(cluster, ids)
-                        ids_out, km = cluster._ingest_batch(pts, ids, ts, centers)
+                    _, ids_out, km = _ingest.update(cluster, ids, pts, ts, centers)
                 else:
-                    ids_out, km = cluster._ingest_batch(pts, ids, ts, centers)
+                    ids_out, km = _ingest.ingest(cluster, pts, ids, ts, centers)
                 st.ingest_seconds += time.perf_counter() - t1
                 if kmeans is not None and km is not None:
                     kmeans.update(*km)
