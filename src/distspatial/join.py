@@ -34,12 +34,17 @@ __all__ = ["knn_join", "distance_matrix", "DEFAULT_MEMORY_BUDGET"]
 DEFAULT_MEMORY_BUDGET = 2 * 1024**3
 
 
+def _is_array(x: Any) -> bool:
+    """An array (or array-like object), as opposed to a file path or an iterable of chunks."""
+    return not isinstance(x, (str, os.PathLike)) and (isinstance(x, np.ndarray) or hasattr(x, "__array__"))
+
+
 def _chunks(other: Any, chunk_rows: int, columns: Any) -> Iterator[np.ndarray]:
     if isinstance(other, (str, os.PathLike)):
         from .io import iter_point_chunks
 
         yield from iter_point_chunks(other, columns, chunk_rows)
-    elif isinstance(other, np.ndarray) or hasattr(other, "__array__"):
+    elif _is_array(other):
         arr = np.asarray(other)
         for a in range(0, max(1, len(arr)), chunk_rows):
             yield arr[a:a + chunk_rows]
@@ -125,9 +130,7 @@ def knn_join(
             rows = cluster._rows_of_ids(qid)
             dist[rows], ids[rows] = d, i
         return dist, ids
-    if isinstance(other_points, np.ndarray) or (
-        hasattr(other_points, "__array__") and not isinstance(other_points, (str, os.PathLike))
-    ):
+    if _is_array(other_points):
         parts = list(gen)
         if not parts:
             return np.empty((0, k)), np.empty((0, k), dtype=np.int64)
