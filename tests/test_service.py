@@ -451,6 +451,7 @@ def _hex_rgb(h: str) -> tuple[int, int, int]:
 def test_status_page_in_headless_chromium(svc, tmp_path):
     webdriver = pytest.importorskip("selenium.webdriver", reason="selenium missing: pip install 'distspatial[webtest]'")
     from selenium.webdriver.chrome.service import Service
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -471,38 +472,53 @@ def test_status_page_in_headless_chromium(svc, tmp_path):
         drv.set_page_load_timeout(30)
         drv.get(svc.url + "/")
         updates = lambda d: int(d.find_element(By.TAG_NAME, "body").get_attribute("data-updates") or 0)  # noqa: E731
-        WebDriverWait(drv, 30).until(lambda d: updates(d) >= 2)  # the page polled /status.json twice
+        WebDriverWait(drv, 30, ignored_exceptions=(StaleElementReferenceException,)).until(
+            lambda d: updates(d) >= 2)  # the page polled /status.json twice
+
+        def fresh(read):
+            """``read(drv)``, again when the page re-rendered under it (a stale element), at most 10 times."""
+            for attempt in range(10):
+                try:
+                    return read(drv)
+                except StaleElementReferenceException:
+                    if attempt == 9:
+                        raise
+
         meta = svc.cluster.metadata
 
-        rows = drv.find_elements(By.CSS_SELECTOR, "#nodes tr.node-row")
-        assert [r.get_attribute("data-node") for r in rows] == ["0", "1", "2"]
-        assert all(r.get_attribute("data-status") == "alive" for r in rows)
-        points_cells = [int(r.find_element(By.CSS_SELECTOR, "td.points").text.replace(",", "")) for r in rows]
-        assert sum(points_cells) == meta.n_points
-        assert drv.find_element(By.ID, "total-points").text == f"{meta.n_points:,}"
-        assert drv.find_element(By.ID, "total-partitions").text == str(meta.n_partitions)
-        assert drv.find_element(By.ID, "nodes-alive").text == "3 / 3"
-        assert drv.find_element(By.ID, "state").text == "ok"
-        assert drv.find_element(By.ID, "conn").text == "live"
+        def check_page(drv) -> None:  # the page re-renders every second: read it whole, again if it changed
+            rows = drv.find_elements(By.CSS_SELECTOR, "#nodes tr.node-row")
+            assert [r.get_attribute("data-node") for r in rows] == ["0", "1", "2"]
+            assert all(r.get_attribute("data-status") == "alive" for r in rows)
+            points_cells = [int(r.find_element(By.CSS_SELECTOR, "td.points").text.replace(",", "")) for r in rows]
+            assert sum(points_cells) == meta.n_points
+            assert drv.find_element(By.ID, "total-points").text == f"{meta.n_points:,}"
+            assert drv.find_element(By.ID, "total-partitions").text == str(meta.n_partitions)
+            assert drv.find_element(By.ID, "nodes-alive").text == "3 / 3"
+            assert drv.find_element(By.ID, "state").text == "ok"
+            assert drv.find_element(By.ID, "conn").text == "live"
 
-        rects = drv.find_elements(By.CSS_SELECTOR, "#map rect.partition")
-        assert len(rects) == meta.n_partitions
-        by_id = {int(r.get_attribute("data-partition")): r for r in rects}
-        for p in meta.partitions:
-            r = by_id[p.partition_id]
-            assert int(r.get_attribute("data-owner")) == p.owners[0]
-            assert r.get_attribute("fill") == NODE_COLORS[p.owners[0]]
-            assert float(r.get_attribute("width")) > 0 and float(r.get_attribute("height")) > 0
-        curve = drv.find_element(By.CSS_SELECTOR, "#map polyline.curve-order").get_attribute("points").split()
-        assert len(curve) == meta.n_partitions
-        assert len(drv.find_elements(By.CSS_SELECTOR, "#nodes .load-bar")) == 3
-        assert drv.find_element(By.CSS_SELECTOR, "#endpoints tr[data-endpoint='knn']")
+            rects = drv.find_elements(By.CSS_SELECTOR, "#map rect.partition")
+            assert len(rects) == meta.n_partitions
+            by_id = {int(r.get_attribute("data-partition")): r for r in rects}
+            for p in meta.partitions:
+                r = by_id[p.partition_id]
+                assert int(r.get_attribute("data-owner")) == p.owners[0]
+                assert r.get_attribute("fill") == NODE_COLORS[p.owners[0]]
+                assert float(r.get_attribute("width")) > 0 and float(r.get_attribute("height")) > 0
+            curve = drv.find_element(By.CSS_SELECTOR, "#map polyline.curve-order").get_attribute("points").split()
+            assert len(curve) == meta.n_partitions
+            assert len(drv.find_elements(By.CSS_SELECTOR, "#nodes .load-bar")) == 3
+            assert drv.find_element(By.CSS_SELECTOR, "#endpoints tr[data-endpoint='knn']")
+
+        fresh(check_page)
 
         # live: queries made now show up on the page within a few polls
-        before = int(drv.find_element(By.ID, "queries-total").text.replace(",", ""))
+        total = lambda d: int(d.find_element(By.ID, "queries-total").text.replace(",", ""))  # noqa: E731
+        before = fresh(total)
         post(svc, "/knn", json={"points": queries(svc, 250, seed=9).tolist(), "k": 2})
-        WebDriverWait(drv, 15).until(
-            lambda d: int(d.find_element(By.ID, "queries-total").text.replace(",", "")) >= before + 250)
+        WebDriverWait(drv, 15, ignored_exceptions=(StaleElementReferenceException,)).until(
+            lambda d: total(d) >= before + 250)
 
         size = drv.execute_script("return [window.innerWidth, window.innerHeight, window.devicePixelRatio]")
         png = drv.get_screenshot_as_png()
