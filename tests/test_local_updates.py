@@ -38,8 +38,8 @@ def _check(part, pts, ids, rng, k=5):
 
 @pytest.mark.parametrize("d", [2, 3])
 def test_appends_and_deletes_stay_exact_through_merges(d, monkeypatch):
-    monkeypatch.setattr(LocalPartition, "MIN_DELTA", 300)  # force background merges in a small test
-    monkeypatch.setattr(LocalPartition, "MAX_SEGMENTS", 3)
+    monkeypatch.setattr(LocalPartition, "MIN_DELTA", 300)  # force background base rebuilds in a small test
+    monkeypatch.setattr(LocalPartition, "IDLE_S", 0.0)  # ... without waiting for a pause in the appends
     rng = np.random.default_rng(d)
     pts = rng.random((2_000, d))
     ids = np.arange(2_000)
@@ -63,6 +63,7 @@ def test_appends_and_deletes_stay_exact_through_merges(d, monkeypatch):
         keep = ~np.isin(ids, moved)
         pts, ids = np.concatenate([pts[keep], newpos]), np.concatenate([ids[keep], moved])
         _check(part, pts, ids, rng)
+        assert part.n_runs <= 1 + int(np.log(max(2, part.delta_size)) / np.log(LocalPartition.FANOUT)) + 2
     assert part.merges >= 1, "the delta was merged into the base at least once"
     part.flush()
     assert part.delta_size == 0

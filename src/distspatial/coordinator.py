@@ -1402,6 +1402,9 @@ class DistributedSpatialCluster:
                     bytes_received=s["bytes_in"] if alive else 0,
                     raw_bytes_sent=s["raw_bytes_out"] if alive else 0,
                     mean_call_ms=1e3 * s["busy_s"] / max(1, s["calls"]) if alive else 0.0,
+                    delta_points=s.get("delta_points", 0) if alive else 0,
+                    runs=s.get("runs", 0) if alive else 0,
+                    base_rebuilds=s.get("base_rebuilds", 0) if alive else 0,
                 )
             )
         pts = np.array([n.points for n in nodes if n.status == "alive"], dtype=np.float64)

@@ -13,9 +13,14 @@ These are the node-level query kernels. They import no Ray, so they can be teste
 from __future__ import annotations
 
 import functools
+import threading
+import time
+import weakref
 
 import numpy as np
 from scipy.spatial import cKDTree
+
+from .curve_runs import FANOUT, CurveRun, morton_frame
 
 __all__ = ["LocalPartition", "merge_topk"]
 
@@ -32,14 +37,17 @@ def _kdtree(points: np.ndarray, leafsize: int) -> cKDTree | None:
 
 
 class _Segment:
-    """Points with a KD-tree and a deletion mask (``dead``); rows never move while the segment lives."""
+    """Rows of a partition with a deletion mask (``dead``); rows never move while the segment lives.
 
-    __slots__ = ("points", "ids", "tree", "dead", "n_dead", "_cum")
+    Subclasses answer queries over their live rows: :class:`_TreeSegment` (a KD-tree: the base) and
+    :class:`_RunSegment` (a curve run: recent appends). Query results speak live positions (``live_rows``).
+    """
 
-    def __init__(self, points: np.ndarray, ids: np.ndarray, leafsize: int = 16, tree: cKDTree | None = None) -> None:
+    __slots__ = ("points", "ids", "dead", "n_dead", "_cum")
+
+    def __init__(self, points: np.ndarray, ids: np.ndarray) -> None:
         self.points = points
         self.ids = ids
-        self.tree = tree if tree is not None else _kdtree(points, leafsize)
         self.dead: np.ndarray | None = None
         self.n_dead = 0
         self._cum: np.ndarray | None = None  # dead rows before each row (for live positions)
@@ -80,6 +88,16 @@ class _Segment:
             return self.points, self.ids
         keep = ~self.dead
         return self.points[keep], self.ids[keep]
+
+
+class _TreeSegment(_Segment):
+    """A segment searched through its ``cKDTree``."""
+
+    __slots__ = ("tree",)
+
+    def __init__(self, points: np.ndarray, ids: np.ndarray, leafsize: int = 16, tree: cKDTree | None = None) -> None:
+        super().__init__(points, ids)
+        self.tree = tree if tree is not None else _kdtree(points, leafsize)
 
     def knn(self, queries: np.ndarray, k: int, ub: np.ndarray | None, workers: int) -> tuple[np.ndarray, np.ndarray]:
         """``(dist (m, k), ids (m, k))`` over the live rows, ``inf`` / ``MISSING_ID`` where there are fewer."""
@@ -130,10 +148,44 @@ class _Segment:
         return self.live_rows(cand)
 
 
+class _RunSegment(_Segment):
+    """A segment kept as a :class:`~distspatial.curve_runs.CurveRun` (cheap to build and to merge)."""
+
+    __slots__ = ("run",)
+
+    def __init__(self, run: CurveRun) -> None:
+        super().__init__(run.points, run.ids)
+        self.run = run
+
+    def knn(self, queries: np.ndarray, k: int, ub: np.ndarray | None, workers: int) -> tuple[np.ndarray, np.ndarray]:
+        dist, rows = _in_chunks(lambda q, u: self.run.knn(q, k, u, self.dead), queries, ub, workers)
+        return dist, np.where(rows >= 0, self.ids[np.maximum(rows, 0)], MISSING_ID).astype(np.int64, copy=False)
+
+    def radius(self, centers: np.ndarray, radius: np.ndarray, workers: int) -> list[np.ndarray]:
+        off, rows = self.run.radius(centers, radius, self.dead)
+        return [self.live_rows(rows[a:b]) for a, b in zip(off[:-1], off[1:])]
+
+    def box(self, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+        return self.live_rows(self.run.box(lo, hi, self.dead))
+
+
+def _in_chunks(fn, queries: np.ndarray, ub: np.ndarray | None, workers: int):
+    """``fn(queries, ub)`` (a kernel that releases the GIL) over ``workers`` threads for large batches."""
+    m = len(queries)
+    if workers <= 1 or m < 4096:
+        return fn(queries, ub)
+    from concurrent.futures import ThreadPoolExecutor
+
+    cuts = np.linspace(0, m, workers + 1).astype(int)
+    with ThreadPoolExecutor(workers) as pool:
+        parts = list(pool.map(lambda ab: fn(queries[ab[0]:ab[1]], None if ub is None else ub[ab[0]:ab[1]]),
+                              zip(cuts[:-1], cuts[1:])))
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
 def _lower_thread_priority() -> None:
     """Lowest CPU priority for the calling thread (Linux: a thread's nice value is its own); no-op elsewhere."""
     import os
-    import threading
 
     try:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
@@ -145,7 +197,7 @@ def _locked(fn):
     """Run the method holding the partition's lock (see ``LocalPartition.__init__``)."""
     @functools.wraps(fn)
     def method(self, *args, **kwargs):
-        with self._lock:
+        with self.lock:
             return fn(self, *args, **kwargs)
 
     return method
@@ -154,21 +206,32 @@ def _locked(fn):
 class LocalPartition:
     """Points of one partition, searchable while points are appended and deleted; results speak global ids.
 
-    The points live in a *base* segment (a KD-tree) and a list of small *delta* segments, one per append, each
-    with its own KD-tree built at append time (so a query after an append pays nothing extra); all segments are
-    searched, and deleted points are masked in any of them. Merges run in a background thread from a snapshot
-    and are swapped in on a later call (appends and deletes made meanwhile are carried over): when the deltas
-    hold more than ``max(MIN_DELTA, DELTA_FRACTION * base)`` points they merge into a new base; when there are
-    more than ``MAX_SEGMENTS`` of them, they merge into one delta. Every call sees every point appended before it
-    and none deleted before it. ``points`` / ``ids`` are the live points in a fixed order (base, then deltas in
-    append order; cached until the next change); row positions from :meth:`radius` and :meth:`box` index them.
+    The points live in a *base* segment (a KD-tree) and a few *delta* runs
+    (:class:`~distspatial.curve_runs.CurveRun`: points sorted by Morton key with block boxes). An append sorts
+    its points into a new run (about as cheap as a small KD-tree, and searchable on return); runs are then
+    merged like sorted lists (linear time, in the appending thread, outside the lock) so that their sizes
+    shrink by at least ``FANOUT`` from the oldest to the newest -- a log-structured merge that keeps a handful of
+    runs. When the runs hold more than ``max(MIN_DELTA, DELTA_FRACTION * base)`` points and appends have paused
+    for ``IDLE_S`` seconds, a background thread builds a new base KD-tree from a snapshot of everything, swapped
+    in on a later call (appends and deletes made meanwhile are carried over). That rebuild is the one expensive
+    step (a core for ~0.2 s per million points), so it waits for a pause in the feed instead of competing with
+    queries during one; while a feed runs, the runs answer (a kNN search over a run costs ~1.5x one over a
+    KD-tree). All segments are searched, deleted points are masked in any of them. Every call sees every point
+    appended before it and none deleted before it.
+
+    ``points`` / ``ids`` are the live points in a fixed order (base, then runs; cached until the next change,
+    and a run merge reorders them, so :attr:`version` changes). Row positions from :meth:`radius` and
+    :meth:`box` index them: a caller that reads ``points``/``ids`` after one of those holds :attr:`lock`
+    around both (another thread may append meanwhile).
     """
 
-    #: merge the deltas into the base when they hold more than max(MIN_DELTA, DELTA_FRACTION * base) points
+    #: rebuild the base KD-tree when the runs hold more than max(MIN_DELTA, DELTA_FRACTION * base) points
     MIN_DELTA = 65_536
-    DELTA_FRACTION = 0.25
-    #: merge the delta segments into one when there are more than this many
-    MAX_SEGMENTS = 8
+    DELTA_FRACTION = 1.0
+    #: ... once no append came for this many seconds (0: at once)
+    IDLE_S = 1.0
+    #: runs shrink by at least this factor from the oldest to the newest
+    FANOUT = FANOUT
 
     def __init__(self, points: np.ndarray, ids: np.ndarray, leafsize: int = 16) -> None:
         points = np.ascontiguousarray(points, dtype=np.float64)
@@ -178,17 +241,20 @@ class LocalPartition:
         self.leafsize = leafsize
         self.dim = points.shape[1]
         self._id_dtype = ids.dtype
-        self._base = _Segment(points, ids, leafsize)
-        self._deltas: list[_Segment] = []
+        self._base: _Segment = _TreeSegment(points, ids, leafsize)
+        self._deltas: list[_RunSegment] = []
+        # the box the runs' curve keys are computed in (reset to all points' box at each base rebuild)
+        self._frame = morton_frame(points) if len(points) else None
         self._live: tuple[np.ndarray, np.ndarray] | None = (points, ids)
-        self._merge: dict | None = None  # a background merge in progress
+        self._merge: dict | None = None  # a background base rebuild in progress
+        self._frozen = 0  # runs captured by that rebuild (the first ones): run merges leave them alone
+        self._last_append = 0.0
+        self._idle_timer: threading.Timer | None = None  # waits for a pause in appends to start a rebuild
         self.merges = 0
         self.version = 0  # bumped whenever the live points change
-        import threading
-
         # queries and changes may come from two threads of a node (queries have their own concurrency group):
-        # every public method holds this lock; an append builds its segment's KD-tree before taking it
-        self._lock = threading.RLock()
+        # every public method holds this (reentrant) lock; appends build and merge runs before taking it
+        self.lock = threading.RLock()
 
     # -- state ----------------------------------------------------------------------------------------------
     @property
@@ -201,8 +267,12 @@ class LocalPartition:
 
     @property
     def tree(self) -> cKDTree | None:
-        """The base segment's KD-tree (each delta has its own)."""
+        """The base segment's KD-tree (the runs have none)."""
         return self._base.tree
+
+    @property
+    def n_runs(self) -> int:
+        return len(self._deltas)
 
     def _segments(self) -> list[_Segment]:
         return [self._base, *self._deltas]
@@ -229,25 +299,71 @@ class LocalPartition:
 
     # -- changes --------------------------------------------------------------------------------------------
     def append(self, points: np.ndarray, ids: np.ndarray) -> None:
-        """Add points (searchable on return). The new segment's KD-tree is built before taking the lock."""
+        """Add points (searchable on return). The new run is sorted, and runs merged, outside the lock."""
         if len(points) == 0:
             return
         pts = np.ascontiguousarray(points, dtype=np.float64).reshape(-1, self.dim)
-        seg = _Segment(pts, np.asarray(ids).astype(self._id_dtype, copy=False), self.leafsize)
-        with self._lock:
+        frame = self._frame if self._frame is not None else morton_frame(pts)
+        seg = _RunSegment(CurveRun.build(pts, np.asarray(ids).astype(self._id_dtype, copy=False), frame))
+        with self.lock:
+            if self._frame is None:
+                self._frame = frame
             self._add_segment(seg)
+        self._merge_runs()
 
-    def _add_segment(self, seg: _Segment) -> None:
+    def _add_segment(self, seg: _RunSegment) -> None:
         self._swap_if_merged()
         self._deltas.append(seg)
+        self._changed()
+        self._last_append = time.monotonic()
+        self._maybe_rebuild()
+
+    def _maybe_rebuild(self) -> None:
+        """Start the base rebuild when the runs are large enough and appends paused (else arm a timer)."""
+        if self._merge is not None or self.delta_size <= max(self.MIN_DELTA, self.DELTA_FRACTION * self._base.n_live):
+            return
+        wait = self._last_append + self.IDLE_S - time.monotonic()
+        if wait <= 0:
+            self._start_merge()
+        elif self._idle_timer is None:
+            ref = weakref.ref(self)  # a dropped partition is not kept alive (nor rebuilt) by its timer
+
+            def fire() -> None:
+                part = ref()
+                if part is not None:
+                    with part.lock:
+                        part._idle_timer = None
+                        part._maybe_rebuild()
+
+            self._idle_timer = threading.Timer(wait, fire)
+            self._idle_timer.daemon = True
+            self._idle_timer.start()
+
+    def _changed(self) -> None:
         self._live = None
         self.version += 1
-        if self._merge is None:
-            n_delta = sum(seg.n for seg in self._deltas)
-            if n_delta > max(self.MIN_DELTA, self.DELTA_FRACTION * self._base.n_live):
-                self._start_merge(full=True)
-            elif len(self._deltas) > self.MAX_SEGMENTS:
-                self._start_merge(full=False)
+
+    def _merge_runs(self) -> None:
+        """Merge the newest two runs while the older is less than ``FANOUT`` times the newer (the merge itself
+        runs outside the lock; it is redone if a delete or a base rebuild touched either run meanwhile)."""
+        while True:
+            with self.lock:
+                runs = self._deltas[self._frozen:]
+                if len(runs) < 2 or runs[-2].n_live >= self.FANOUT * runs[-1].n_live:
+                    return
+                a, b = runs[-2], runs[-1]
+                state = (a.n_dead, b.n_dead, a.dead, b.dead)
+            rb = b.run if b.run.frame is a.run.frame else CurveRun.build(*b.live(), a.run.frame)
+            merged = _RunSegment(CurveRun.merge(a.run, rb, a.dead, b.dead if rb is b.run else None))
+            with self.lock:
+                tail = self._deltas[self._frozen:]
+                if (a.n_dead, b.n_dead, a.dead, b.dead) != state or not any(x is a for x in tail):
+                    continue  # changed meanwhile: look again
+                i = next(j for j, x in enumerate(self._deltas) if x is a)
+                if i + 1 >= len(self._deltas) or self._deltas[i + 1] is not b:
+                    continue
+                self._deltas[i:i + 2] = [merged]
+                self._changed()
 
     @_locked
     def delete(self, ids: np.ndarray) -> int:
@@ -255,25 +371,24 @@ class LocalPartition:
         self._swap_if_merged()
         n = sum(seg.kill(ids) for seg in self._segments())
         if n:
-            self._live = None
-            self.version += 1
+            self._changed()
             if self._merge is not None:
                 self._merge["deleted"].append(np.asarray(ids))
         return n
 
-    def _start_merge(self, full: bool) -> None:
-        import threading
-
-        segs = self._segments() if full else list(self._deltas)
-        parts = [seg.live() for seg in segs]
-        snap_pts = np.concatenate([p[0] for p in parts])
-        snap_ids = np.concatenate([p[1] for p in parts])
-        job: dict = {"pts": snap_pts, "ids": snap_ids, "n_deltas": len(self._deltas), "full": full,
-                     "deleted": [], "tree": None}
+    def _start_merge(self) -> None:
+        # the snapshot: each segment's rows and deletion mask (arrays that are replaced, never written to),
+        # cut to the live rows and concatenated in the background
+        parts = [(seg.points, seg.ids, seg.dead) for seg in self._segments()]
+        job: dict = {"n_deltas": len(self._deltas), "deleted": [], "tree": None}
+        self._frozen = len(self._deltas)
 
         def build() -> None:
-            _lower_thread_priority()  # queries on this node come first; the merge uses what CPU is left
-            job["tree"] = _kdtree(snap_pts, self.leafsize)
+            _lower_thread_priority()  # queries on this node come first; the rebuild uses what CPU is left
+            live = [(p, i) if dead is None else (p[~dead], i[~dead]) for p, i, dead in parts]
+            job["pts"] = np.concatenate([p for p, _ in live])
+            job["ids"] = np.concatenate([i for _, i in live])
+            job["tree"] = _kdtree(job["pts"], self.leafsize)
 
         job["thread"] = threading.Thread(target=build, daemon=True, name="distspatial-merge")
         job["thread"].start()
@@ -285,14 +400,13 @@ class LocalPartition:
             return
         job["thread"].join()
         self._merge = None
-        merged = _Segment(job["pts"], job["ids"], self.leafsize, tree=job["tree"])
+        merged = _TreeSegment(job["pts"], job["ids"], self.leafsize, tree=job["tree"])
         if job["deleted"]:  # deleted while the merge ran: the snapshot still holds them
             merged.kill(np.concatenate(job["deleted"]))
-        rest = self._deltas[job["n_deltas"]:]  # appended while the merge ran
-        if job["full"]:
-            self._base, self._deltas = merged, rest
-        else:
-            self._deltas = [merged, *rest]
+        # appended while the rebuild ran; the snapshot kept the live order (base, then runs), so positions stay
+        self._base, self._deltas, self._frozen = merged, self._deltas[job["n_deltas"]:], 0
+        if not self._deltas and len(job["pts"]):
+            self._frame = morton_frame(job["pts"])  # the next runs' keys in the box of all points
         self._live = None
         self.merges += 1
 
@@ -301,7 +415,7 @@ class LocalPartition:
         """Merge everything into the base now (waits for a merge in progress)."""
         self._swap_if_merged(wait=True)
         if self._deltas or self._base.n_dead:
-            self._start_merge(full=True)
+            self._start_merge()
             self._swap_if_merged(wait=True)
 
     # -- queries --------------------------------------------------------------------------------------------

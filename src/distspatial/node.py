@@ -90,6 +90,10 @@ class SpatialNode:
         import threading
 
         self._lock = threading.Lock()  # counters: updated by the query thread and the default thread
+        from .curve_runs import warm_up
+
+        # the partitions' delta kernels (Numba): compiled or loaded now, off the path of the first live ingest
+        threading.Thread(target=warm_up, daemon=True, name="distspatial-warm-up").start()
         self.started = time.time()
         self.started_mono = time.monotonic()
         self.part_queries: dict[int, int] = {}  # queries served per partition (for query-aware balancing)
@@ -145,6 +149,10 @@ class SpatialNode:
         with self._lock:
             info.update(self.counters)
             info["part_queries"] = dict(self.part_queries)
+        parts = list(self.partitions.values())
+        info["delta_points"] = sum(p.delta_size for p in parts)
+        info["runs"] = sum(p.n_runs for p in parts)
+        info["base_rebuilds"] = sum(p.merges for p in parts)
         try:
             import psutil
 
@@ -329,8 +337,9 @@ class SpatialNode:
             bnd = None if bounds is None else bounds[a:b]
             part = self._part(pid)
             if self.on_gpu:
-                dd, rows = self.backend.knn(self._prep(pid), queries[a:b], k, bnd)
-                dist[a:b], ids[a:b] = dd, np.where(rows >= 0, part.ids[np.maximum(rows, 0)], -1)
+                with part.lock:
+                    dd, rows = self.backend.knn(self._prep(pid), queries[a:b], k, bnd)
+                    dist[a:b], ids[a:b] = dd, np.where(rows >= 0, part.ids[np.maximum(rows, 0)], -1)
             else:
                 dist[a:b], ids[a:b] = part.knn(queries[a:b], k, bnd, workers=self.threads)
             self._count(pid, b - a)
@@ -350,18 +359,19 @@ class SpatialNode:
         id_chunks, pt_chunks = [], []
         for pid, a, b in segments:
             part = self._part(pid)
-            if self.on_gpu:
-                from .backend import csr_to_lists
+            with part.lock:  # rows index the partition as it is now: no append may reorder it before the lookup
+                if self.on_gpu:
+                    from .backend import csr_to_lists
 
-                hits = csr_to_lists(*self.backend.radius(self._prep(pid), centers[a:b], radii[a:b]))
-            else:
-                hits = part.radius(centers[a:b], radii[a:b], workers=self.threads)
+                    hits = csr_to_lists(*self.backend.radius(self._prep(pid), centers[a:b], radii[a:b]))
+                else:
+                    hits = part.radius(centers[a:b], radii[a:b], workers=self.threads)
+                rows = np.concatenate(hits) if hits else np.empty(0, dtype=np.int64)
+                id_chunks.append(part.ids[rows])
+                if return_points:
+                    pt_chunks.append(part.points[rows])
             self._count(pid, b - a)
             counts[a:b] = [len(h) for h in hits]
-            rows = np.concatenate(hits) if hits else np.empty(0, dtype=np.int64)
-            id_chunks.append(part.ids[rows])
-            if return_points:
-                pt_chunks.append(part.points[rows])
         return _pack_hits(counts, id_chunks, pt_chunks, return_points, centers)
 
     @data_message(compress_result=True)
@@ -375,16 +385,17 @@ class SpatialNode:
         for pid, a, b in segments:
             part = self._part(pid)
             self._count(pid, b - a)
-            if self.on_gpu:
-                from .backend import csr_to_lists
+            with part.lock:  # as in ``ball``
+                if self.on_gpu:
+                    from .backend import csr_to_lists
 
-                per_box = csr_to_lists(*self.backend.box(self._prep(pid), lo[a:b], hi[a:b]))
-            for i in range(a, b):  # one KD-tree call per box; batches of boxes are short
-                rows = per_box[i - a] if self.on_gpu else part.box(lo[i], hi[i])
-                counts[i] = len(rows)
-                id_chunks.append(part.ids[rows])
-                if return_points:
-                    pt_chunks.append(part.points[rows])
+                    per_box = csr_to_lists(*self.backend.box(self._prep(pid), lo[a:b], hi[a:b]))
+                for i in range(a, b):  # one search per box; batches of boxes are short
+                    rows = per_box[i - a] if self.on_gpu else part.box(lo[i], hi[i])
+                    counts[i] = len(rows)
+                    id_chunks.append(part.ids[rows])
+                    if return_points:
+                        pt_chunks.append(part.points[rows])
         return _pack_hits(counts, id_chunks, pt_chunks, return_points, lo)
 
     @data_message()

@@ -107,7 +107,9 @@ class NodeStatistics:
     Message and byte counts are the node's own (counted in the node process, coordinator and node-to-node
     traffic together): ``messages_received`` = data calls served, ``messages_sent`` = their results,
     ``bytes_*`` on the wire (compressed where compressed), ``raw_bytes_sent`` before compression.
-    ``mean_call_ms``: mean service time of a data call on the node.
+    ``mean_call_ms``: mean service time of a data call on the node. ``delta_points`` / ``runs``: points ingested
+    since the partitions' KD-trees were last built and the curve runs holding them; ``base_rebuilds``: KD-tree
+    rebuilds done (see :class:`~distspatial.local_index.LocalPartition`).
     """
 
     node_id: int
@@ -126,6 +128,9 @@ class NodeStatistics:
     bytes_received: int
     raw_bytes_sent: int = 0
     mean_call_ms: float = 0.0
+    delta_points: int = 0
+    runs: int = 0
+    base_rebuilds: int = 0
 
 
 @dataclass
