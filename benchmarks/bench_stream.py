@@ -1,13 +1,15 @@
 """Streaming figures (issue #6): sustained ingest rate with concurrent batched kNN queries, and query latency.
 
-    python benchmarks/bench_stream.py            # 2M base points, 60 batches of 100K, queries of 100 points
+    python benchmarks/bench_stream.py            # 2M base points, 120 batches of 100K, queries of 100 points
     python benchmarks/bench_stream.py --quick
 
 One run, same data:
 1. distspatial: a writer thread ingests batches (every replica holds a batch before the next); a reader thread
    runs kNN (k=10) batches of 100 queries back to back. First half of the batches as fast as the cluster
    acknowledges them, second half offered at ``--rate`` points/s (a live feed). Reported: points/s acknowledged
-   while queries run, query latency p50/p99 during each, and with no ingest.
+   while queries run, query latency p50/p99 during each, with no ingest, and in the seconds after the feed
+   stops, while the nodes rebuild the KD-trees of the partitions that grew (deferred to a pause in the feed,
+   see ``LocalPartition``).
 2. Peer: scipy ``cKDTree`` kept current by rebuilding it after each batch (the single-machine way to keep a
    static KD-tree exact under appends), same batches; ratio of sustained ingest rates.
 """
@@ -33,7 +35,7 @@ def main() -> None:
     from distspatial import DistributedSpatialCluster, NodeConfig
     from distspatial.datasets import skewed_points
 
-    n, n_batches, batch, qb = (500_000, 20, 50_000, 100) if args.quick else (2_000_000, 60, 100_000, 100)
+    n, n_batches, batch, qb = (500_000, 20, 50_000, 100) if args.quick else (2_000_000, 120, 100_000, 100)
     base = skewed_points(n, 2, seed=1)
     batches = [skewed_points(batch, 2, seed=1, sample_seed=10 + b) for b in range(n_batches)]
     queries = [skewed_points(qb, 2, seed=1, sample_seed=1000 + j) for j in range(50)]
@@ -41,10 +43,11 @@ def main() -> None:
     # peer: cKDTree rebuilt after each batch
     pts = base
     t = time.perf_counter()
-    for b in batches[: max(3, n_batches // 6)]:
+    n_peer = max(3, n_batches // 12)
+    for b in batches[:n_peer]:
         pts = np.concatenate([pts, b])
         cKDTree(pts, balanced_tree=False, compact_nodes=False)
-    peer_rate = max(3, n_batches // 6) * batch / (time.perf_counter() - t)
+    peer_rate = n_peer * batch / (time.perf_counter() - t)
 
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR")
     try:
@@ -89,6 +92,15 @@ def main() -> None:
             batches_iter = lambda: batches[half:]  # noqa: E731
             paced_rate, paced_ms = run(args.rate)
             n_batches = n_batches_all
+            # the feed stopped: the nodes now rebuild the grown partitions' KD-trees in the background
+            after = []
+            t_end = time.perf_counter() + 4.0
+            while time.perf_counter() < t_end:
+                t0 = time.perf_counter()
+                c.distributed_knn_search(queries[len(after) % 50], 10)
+                after.append(time.perf_counter() - t0)
+            nodes = c.statistics().nodes
+            rebuilds, in_runs = sum(s.base_rebuilds for s in nodes), sum(s.delta_points for s in nodes)
             # exactness spot check after the run
             allp = np.concatenate([base] + batches)
             d, _ = c.distributed_knn_search(queries[0], 10)
@@ -110,6 +122,10 @@ def main() -> None:
           f"{np.percentile(paced_ms, 99):.1f} ms ({len(paced_ms)} calls) | | |")
     print(f"| kNN latency without ingest, p50 / p99 | {np.percentile(quiet_ms, 50):.1f} / "
           f"{np.percentile(quiet_ms, 99):.1f} ms | | |")
+    after_ms = np.array(after) * 1e3
+    print(f"| kNN latency in the 4 s after the feed stops (deferred KD-tree rebuilds: "
+          f"{rebuilds} done, {in_runs:,} points still in runs), p50 / p99 | {np.percentile(after_ms, 50):.1f} / "
+          f"{np.percentile(after_ms, 99):.1f} ms ({len(after_ms)} calls) | | |")
 
 
 if __name__ == "__main__":

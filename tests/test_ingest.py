@@ -26,6 +26,9 @@ def test_ingest_then_query_is_exact_including_points_outside_the_bounds(ray_loca
         assert np.array_equal(ids, np.arange(30_000, 35_300))
         allp = np.concatenate([pts, new])
         assert c.metadata.n_points == len(allp)
+        # the new points sit in curve runs next to the partitions' KD-trees (replication 2: held twice)
+        nodes = c.statistics().nodes
+        assert sum(n.delta_points for n in nodes) == 2 * len(new) and sum(n.runs for n in nodes) >= 1
         q = np.concatenate([rng.random((300, 2)), rng.random((100, 2)) * 4 - 1.5])
         d, i = c.distributed_knn_search(q, 6)
         np.testing.assert_allclose(d, brute_knn(allp, q, 6), rtol=0, atol=1e-12)

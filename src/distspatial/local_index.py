@@ -183,14 +183,8 @@ def _in_chunks(fn, queries: np.ndarray, ub: np.ndarray | None, workers: int):
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
-def _lower_thread_priority() -> None:
-    """Lowest CPU priority for the calling thread (Linux: a thread's nice value is its own); no-op elsewhere."""
-    import os
-
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-    except (AttributeError, OSError):
-        pass
+#: held by the thread rebuilding a partition's KD-tree (the partitions of a node rebuild one after the other)
+_REBUILD_SLOT = threading.Lock()
 
 
 def _locked(fn):
@@ -384,11 +378,14 @@ class LocalPartition:
         self._frozen = len(self._deltas)
 
         def build() -> None:
-            _lower_thread_priority()  # queries on this node come first; the rebuild uses what CPU is left
-            live = [(p, i) if dead is None else (p[~dead], i[~dead]) for p, i, dead in parts]
-            job["pts"] = np.concatenate([p for p, _ in live])
-            job["ids"] = np.concatenate([i for _, i in live])
-            job["tree"] = _kdtree(job["pts"], self.leafsize)
+            # Normal thread priority: a lowered one lets the OS park this thread while it holds the GIL (it does
+            # for the copies around the tree build), which stalled the node's queries behind it (measured).
+            with _REBUILD_SLOT:  # one rebuild at a time per process: at most one core of a node's machine
+                live = [(p, i) if dead is None else (p[~dead], i[~dead]) for p, i, dead in parts]
+                job["pts"] = np.concatenate([p for p, _ in live])
+                job["ids"] = np.concatenate([i for _, i in live])
+                job["tree"] = _kdtree(job["pts"], self.leafsize)
+                job["frame"] = morton_frame(job["pts"]) if len(job["pts"]) else None
 
         job["thread"] = threading.Thread(target=build, daemon=True, name="distspatial-merge")
         job["thread"].start()
@@ -400,13 +397,16 @@ class LocalPartition:
             return
         job["thread"].join()
         self._merge = None
+        if "frame" not in job:  # the rebuild failed (out of memory?): keep the runs; the next append retries
+            self._frozen = 0
+            return
         merged = _TreeSegment(job["pts"], job["ids"], self.leafsize, tree=job["tree"])
         if job["deleted"]:  # deleted while the merge ran: the snapshot still holds them
             merged.kill(np.concatenate(job["deleted"]))
         # appended while the rebuild ran; the snapshot kept the live order (base, then runs), so positions stay
         self._base, self._deltas, self._frozen = merged, self._deltas[job["n_deltas"]:], 0
-        if not self._deltas and len(job["pts"]):
-            self._frame = morton_frame(job["pts"])  # the next runs' keys in the box of all points
+        if not self._deltas and job["frame"] is not None:
+            self._frame = job["frame"]  # the next runs' keys in the box of all points
         self._live = None
         self.merges += 1
 

@@ -94,6 +94,11 @@ class SpatialNode:
 
         # the partitions' delta kernels (Numba): compiled or loaded now, off the path of the first live ingest
         threading.Thread(target=warm_up, daemon=True, name="distspatial-warm-up").start()
+        import gc
+
+        # Everything imported so far (Ray, NumPy, SciPy, Numba: ~150K objects) never becomes garbage: keep it out
+        # of the cyclic collector's full passes, which otherwise stall a query for tens of milliseconds.
+        gc.freeze()
         self.started = time.time()
         self.started_mono = time.monotonic()
         self.part_queries: dict[int, int] = {}  # queries served per partition (for query-aware balancing)
