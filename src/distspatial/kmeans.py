@@ -216,7 +216,7 @@ def run_kmeans(
         # Final assignment to the final centres (scikit-learn does the same unless labels already converged).
         _, _, inertia, _ = _lloyd_step(cluster, run, centers)
         labels = np.empty(meta.n_points, dtype=np.int32)
-        for _, parts in cluster._partitions_call("kmeans_labels", run):
+        for _, parts in cluster._partitions_call("kmeans_labels", run, centers):
             for _, ids, lab in parts:
                 labels[cluster._rows_of_ids(ids)] = lab
     finally:

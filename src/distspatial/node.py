@@ -454,9 +454,18 @@ class SpatialNode:
         return dist[order], np.concatenate(pts)[order], np.concatenate(labs)[order]
 
     @data_message()
-    def kmeans_labels(self, run: int, partition_ids: list[int]) -> list[tuple[int, np.ndarray, np.ndarray]]:
-        """``(partition_id, ids, labels)`` for each partition of the finished run."""
-        return [(pid, self._run_data(run, pid)[1], self._kmeans[(run, pid)].labels) for pid in partition_ids]
+    def kmeans_labels(
+        self, run: int, centers: np.ndarray, partition_ids: list[int]
+    ) -> list[tuple[int, np.ndarray, np.ndarray]]:
+        """``(partition_id, ids, labels)`` for each partition of the finished run: each point's nearest of the
+        final ``centers`` (lowest index on ties). Computed here rather than read from the run's state, which this
+        replica may lack or hold from an earlier step (steps can go to different replicas of a partition, and
+        a replica can arrive by recovery or migration during the run)."""
+        out = []
+        for pid in partition_ids:
+            points, ids = self._run_data(run, pid)
+            out.append((pid, ids, self.backend.nearest_center(points, centers)[0]))
+        return out
 
     def kmeans_end(self, run: int) -> None:
         """Free the state of run ``run``."""
