@@ -220,10 +220,20 @@ def _box_d2(q, lo, hi, i):  # pragma: no cover - compiled
     return s
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _point_d2(q, pts, i):  # pragma: no cover - compiled
+    """Squared distance from ``q`` to point ``i``, added in dimension order."""
+    s = 0.0
+    for t in range(q.shape[0]):
+        x = pts[i, t] - q[t]
+        s += x * x
+    return s
+
+
 @njit(cache=True, nogil=True)
 def _scan_group(pts, blo, bhi, dead, q, g, ub2, hd, hr):  # pragma: no cover - compiled
     """Scan the blocks of group ``g`` into the sorted top-k ``(hd, hr)``."""
-    n, d = pts.shape
+    n = pts.shape[0]
     k = hd.shape[0]
     nb = blo.shape[0]
     for b in range(g * GROUP, min(nb, (g + 1) * GROUP)):
@@ -233,10 +243,7 @@ def _scan_group(pts, blo, bhi, dead, q, g, ub2, hd, hr):  # pragma: no cover - c
         for i in range(b * BLOCK, min(n, (b + 1) * BLOCK)):
             if dead[i]:
                 continue
-            s = 0.0
-            for t in range(d):
-                x = pts[i, t] - q[t]
-                s += x * x
+            s = _point_d2(q, pts, i)
             if s < hd[k - 1] and s <= ub2:
                 j = k - 1
                 while j > 0 and hd[j - 1] > s:
@@ -284,7 +291,7 @@ def _knn_kernel(pts, blo, bhi, glo, ghi, slo, shi, dead, queries, starts, ub2, o
 
 @njit(cache=True, nogil=True)
 def _radius_kernel(pts, blo, bhi, glo, ghi, slo, shi, dead, centers, r2):  # pragma: no cover - compiled
-    n, d = pts.shape
+    n = pts.shape[0]
     nb = blo.shape[0]
     ng = glo.shape[0]
     ns = slo.shape[0]
@@ -307,10 +314,7 @@ def _radius_kernel(pts, blo, bhi, glo, ghi, slo, shi, dead, centers, r2):  # pra
                     for i in range(b * BLOCK, min(n, (b + 1) * BLOCK)):
                         if dead[i]:
                             continue
-                        s = 0.0
-                        for t in range(d):
-                            x = pts[i, t] - q[t]
-                            s += x * x
+                        s = _point_d2(q, pts, i)
                         if s <= rr:
                             if c == out.shape[0]:
                                 grown = np.empty(2 * c, dtype=np.int64)
