@@ -177,3 +177,67 @@ def test_distribute_chunks_from_a_file_never_holding_it_whole(ray_local, tmp_pat
         assert float(((pts - res.centroids[res.labels]) ** 2).sum()) == pytest.approx(res.inertia, rel=1e-9)
         with pytest.raises(TypeError, match="read twice"):
             c.distribute_chunks(iter([pts]))
+
+
+def test_a_query_planned_before_a_split_is_planned_again(ray_local):
+    """Nodes split a partition before the coordinator publishes the halves: a query planned on the older layout
+    misses the upper half (shown below), so queries that overlap a split are planned and run again."""
+    rng = np.random.default_rng(8)
+    pts = rng.random((12_000, 2))
+    with DistributedSpatialCluster(_cfg(nodes=2)) as c:
+        meta = c.distribute_data(pts)
+        big = max(meta.partitions, key=lambda p: p.size).partition_id
+        q = pts[rng.choice(len(pts), 400, replace=False)] + 1e-6
+        ref = brute_knn(pts, q, 6)
+        stale = c._routing
+        c.split_partition(big)
+        d_stale, _ = c._knn(q, 6, c.metadata, None, stale)  # planned on the layout before the split
+        assert not np.allclose(d_stale, ref, rtol=0, atol=1e-12), "the stale plan misses the upper half"
+
+        attempts = []
+
+        def split_between_plan_and_run():
+            plan = c._routing
+            if not attempts:  # the first time, a split lands after planning, before the nodes are asked
+                c.split_partition(max(c.metadata.partitions, key=lambda p: p.size).partition_id)
+            attempts.append(plan)
+            return c._knn(q, 6, c.metadata, None, plan)
+
+        d, _ = c._stable_layout(split_between_plan_and_run)
+        assert len(attempts) == 2 and attempts[1] is c._routing
+        np.testing.assert_allclose(d, ref, rtol=0, atol=1e-12)
+
+
+def test_queries_stay_exact_while_partitions_split(ray_local):
+    rng = np.random.default_rng(9)
+    pts = rng.random((20_000, 2))
+    with DistributedSpatialCluster(_cfg(nodes=2)) as c:
+        c.distribute_data(pts)
+        q = pts[rng.choice(len(pts), 300, replace=False)] + 1e-6
+        ref = brute_knn(pts, q, 5)
+        tree = cKDTree(pts)
+        lo, hi = np.array([0.2, 0.3]), np.array([0.6, 0.5])
+        in_box = np.flatnonzero(((pts >= lo) & (pts <= hi)).all(1))
+        errors, done, n = [], threading.Event(), [0]
+
+        def reader():
+            while not done.is_set():
+                d, _ = c.distributed_knn_search(q, 5)
+                if not np.allclose(d, ref, rtol=0, atol=1e-12):
+                    errors.append("knn")
+                if not np.array_equal(c.range_search(q[0], 0.05), np.sort(tree.query_ball_point(q[0], 0.05))):
+                    errors.append("range")
+                if not np.array_equal(c.box_search(lo, hi), in_box):
+                    errors.append("box")
+                n[0] += 1
+
+        th = threading.Thread(target=reader)
+        th.start()
+        try:
+            for _ in range(12):
+                c.split_partition(max(c.metadata.partitions, key=lambda p: p.size).partition_id)
+        finally:
+            done.set()
+            th.join()
+        assert c.metadata.n_partitions >= 12 and n[0] >= 1
+        assert not errors, errors[:5]

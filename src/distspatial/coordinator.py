@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import ray
@@ -117,6 +117,8 @@ class DistributedSpatialCluster:
         self._closed = False
         self._meta: GlobalIndexMetadata | None = None
         self._routing: RoutingTable | None = None
+        # splits begun / published: a query planned while one ran is planned again (see _stable_layout)
+        self._splits_begun = self._splits_done = 0
         self._dataset_counter = 0
         self._id_sorted: np.ndarray | None = None  # user ids, sorted (None: ids are row numbers)
         self._id_rows: np.ndarray | None = None  # row of each sorted id
@@ -559,15 +561,33 @@ class DistributedSpatialCluster:
         k = check_k(k, meta.n_points)
         missing: list[int] | None = [] if allow_partial else None
         with Timer() as t:
-            dist, ids = self._knn(q, k, meta, missing)
+            dist, ids = self._stable_layout(lambda: self._knn(q, k, meta, missing), missing)
         self.latency.record(t.seconds, len(q))
         out = (dist[0], ids[0]) if single else (dist, ids)
         return (out, QueryStatus.of(missing)) if allow_partial else out
 
+    def _stable_layout(self, plan_and_run: Callable[[], Any], missing: list[int] | None = None) -> Any:
+        """Run a query that plans on ``self._routing`` and return its answer, planned and run again when a
+        partition split began meanwhile: nodes split before the coordinator publishes the halves, so a plan
+        made on the older layout could miss the upper half. Queries wait for a split in progress to finish."""
+        while True:
+            begun = self._splits_begun
+            if begun != self._splits_done:  # a split is being carried out: wait for its metadata
+                with self._meta_lock:
+                    if self._splits_begun != self._splits_done:  # ... by this thread itself: no waiting
+                        return plan_and_run()
+                continue
+            out = plan_and_run()
+            if self._splits_begun == begun:
+                return out
+            if missing is not None:
+                missing.clear()
+
     def _knn(
-        self, q: np.ndarray, k: int, meta: GlobalIndexMetadata, missing: list[int] | None = None
+        self, q: np.ndarray, k: int, meta: GlobalIndexMetadata, missing: list[int] | None = None,
+        routing: RoutingTable | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        routing = self._routing
+        routing = routing or self._routing
         m = len(q)
         keys = curve_keys(q, meta.lo, meta.hi, meta.curve, meta.bits)
         order = np.argsort(keys, kind="stable")
@@ -628,8 +648,9 @@ class DistributedSpatialCluster:
         c, single = check_queries(center, meta.dim, "center")
         r = check_radius(radius, len(c))
         with Timer() as t:
-            assign = ball_pairs(c, r, self._routing)
-            out = self._collect_hits(assign, "ball", lambda rows: (c[rows], r[rows]), meta.dim, return_points, missing)
+            out = self._stable_layout(lambda: self._collect_hits(
+                ball_pairs(c, r, self._routing), "ball", lambda rows: (c[rows], r[rows]), meta.dim, return_points,
+                missing), missing)
         self.latency.record(t.seconds, len(c))
         out = out[0] if single else out
         return (out, QueryStatus.of(missing)) if allow_partial else out
@@ -651,10 +672,9 @@ class DistributedSpatialCluster:
         if len(bad):
             raise ValueError(f"box {int(bad[0])} has lo > hi in some dimension; each box needs lo <= hi")
         with Timer() as t:
-            assign = box_pairs(lo_a, hi_a, self._routing)
-            out = self._collect_hits(
-                assign, "box", lambda rows: (lo_a[rows], hi_a[rows]), meta.dim, return_points, missing
-            )
+            out = self._stable_layout(lambda: self._collect_hits(
+                box_pairs(lo_a, hi_a, self._routing), "box", lambda rows: (lo_a[rows], hi_a[rows]), meta.dim,
+                return_points, missing), missing)
         self.latency.record(t.seconds, len(lo_a))
         out = out[0] if single else out
         return (out, QueryStatus.of(missing)) if allow_partial else out
@@ -1141,8 +1161,6 @@ class DistributedSpatialCluster:
         All replicas split in place, then the metadata switches to a version with both halves. Use it for a
         partition that grew too large or too hot; :meth:`rebalance` can then move one half elsewhere.
         """
-        import dataclasses
-
         with self._meta_lock:
             meta = self._require_data()
             if not 0 <= partition_id < meta.n_partitions:
@@ -1152,22 +1170,32 @@ class DistributedSpatialCluster:
                 raise ValueError(f"partition {partition_id} has {part.size} point(s); nothing to split")
             new_id = meta.n_partitions
             owners = [o for o in part.owners if o not in self._dispatch.failed_nodes]
-            refs = [self._actors[o].split_partition.remote(partition_id, new_id, meta.lo, meta.hi, meta.curve,
-                                                           meta.bits) for o in owners]
-            results = ray.get(refs)
-            (klo0, khi0, blo0, bhi0, n0), (klo1, khi1, blo1, bhi1, n1) = results[0]
-            assert all(r[0][4] == n0 and r[1][4] == n1 for r in results), "replicas split differently"
-            per_point = part.nbytes // max(1, part.size)
-            first = dataclasses.replace(part, key_lo=klo0, key_hi=khi0, lo=blo0, hi=bhi0, size=n0, nbytes=n0 * per_point,
-                                        owners=tuple(owners))
-            second = PartitionInfo(new_id, klo1, khi1, blo1, bhi1, n1, n1 * per_point, tuple(owners))
-            parts = list(meta.partitions)
-            parts[partition_id] = first
-            parts.append(second)
-            self._meta = dataclasses.replace(meta, partitions=tuple(parts), version=meta.version + 1)
-            self._routing = RoutingTable(self._meta)
-            log.info("distspatial: split partition %d -> %d + %d points (new id %d)", partition_id, n0, n1, new_id)
-            return new_id
+            self._splits_begun += 1  # before any node splits: queries running now will be planned again
+            try:
+                return self._split_on_nodes(meta, part, new_id, owners)
+            finally:
+                self._splits_done = self._splits_begun
+
+    def _split_on_nodes(self, meta: GlobalIndexMetadata, part: PartitionInfo, new_id: int, owners: list[int]) -> int:
+        """Split ``part`` on its live ``owners``, then publish metadata with both halves (under the metadata lock)."""
+        import dataclasses
+
+        pid = part.partition_id
+        refs = [self._actors[o].split_partition.remote(pid, new_id, meta.lo, meta.hi, meta.curve, meta.bits)
+                for o in owners]
+        results = ray.get(refs)
+        (klo0, khi0, blo0, bhi0, n0), (klo1, khi1, blo1, bhi1, n1) = results[0]
+        assert all(r[0][4] == n0 and r[1][4] == n1 for r in results), "replicas split differently"
+        per_point = part.nbytes // max(1, part.size)
+        first = dataclasses.replace(part, key_lo=klo0, key_hi=khi0, lo=blo0, hi=bhi0, size=n0, nbytes=n0 * per_point,
+                                    owners=tuple(owners))
+        second = PartitionInfo(new_id, klo1, khi1, blo1, bhi1, n1, n1 * per_point, tuple(owners))
+        parts = list(meta.partitions)
+        parts[pid] = first
+        parts.append(second)
+        self._set_meta(dataclasses.replace(meta, partitions=tuple(parts), version=meta.version + 1))
+        log.info("distspatial: split partition %d -> %d + %d points (new id %d)", pid, n0, n1, new_id)
+        return new_id
 
     def add_read_replica(self, partition_id: int, node: int | None = None) -> int:
         """Give a query-hot partition one more replica (beyond ``replication_factor``), on ``node`` or on the
