@@ -90,3 +90,24 @@ def test_partial_failure_and_memory_pressure_are_repaired(ray_local):
         assert np.array_equal(c.range_search(np.full(2, 0.5), 2.0), np.arange(len(pts)))
         h = c.health()
         assert all(0.0 < n["health_score"] <= 1.0 for n in h["nodes"].values())
+
+
+def test_a_call_planned_before_remove_node_is_replanned(ray_local):
+    """A round planned on the routing from before ``remove_node`` names the removed node; the dispatcher plans
+    those partitions again on the current routing instead of failing (KeyError seen under query load)."""
+    pts = skewed_points(8_000, 2, seed=52)
+    cfg = NodeConfig().with_node_count(3).with_fault_tolerance(True).replace(cpus_per_node=0.2)
+    with DistributedSpatialCluster(cfg) as c:
+        c.distribute_data(pts)
+        stale = c._routing
+        pids = sorted(p.partition_id for p in c.metadata.partitions)
+        assert any(0 in stale.owners[p] for p in pids)
+        c.remove_node(0)
+
+        def build(node, part_ids):
+            return c._actor(node).partition_ids.remote(part_ids), node, 0
+
+        results = c._dispatch.run(pids, stale, build, lambda: c._routing, balance=False)
+        assert 0 not in {node for node, _ in results}
+        got = np.sort(np.concatenate([ids for _, res in results for _, ids in res]))
+        np.testing.assert_array_equal(got, np.arange(len(pts)))

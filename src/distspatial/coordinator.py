@@ -36,7 +36,7 @@ from .config import NodeConfig
 from .curves import curve_keys
 from .dispatch import Dispatcher, ping_ref
 from .hierarchical import HierarchicalResult
-from .errors import NodeFailureError, NotDistributedError, PartitionLostError
+from .errors import NodeFailureError, NotDistributedError, PartitionLostError, PartitionMovedError
 from .fault import FailureType, FaultDetector, RecoveryPlan, RecoveryStrategy
 from .local_index import merge_topk
 from .metadata import GlobalIndexMetadata, PartitionInfo
@@ -376,6 +376,14 @@ class DistributedSpatialCluster:
         """
         return _ingest.distribute_chunks(self, source, columns, id_column, chunk_rows, sample_size)
 
+    def _actor(self, node: int) -> Any:
+        """The actor of ``node``; :class:`PartitionMovedError` when it was removed (a call planned before
+        ``remove_node`` is then re-planned by the dispatcher)."""
+        try:
+            return self._actors[node]
+        except KeyError:
+            raise PartitionMovedError(f"node {node} was removed after the call was planned") from None
+
     def _send(self, node: int, method: str, *args: Any, **kwargs: Any) -> Any:
         """Call ``node.method(*args, **kwargs)`` and count the message (object references count 0 bytes here:
         their bytes are counted by the node that produced them)."""
@@ -533,7 +541,7 @@ class DistributedSpatialCluster:
             bounds = np.cumsum([0] + [len(r) for r in row_parts])
             segments = [(p, int(bounds[i]), int(bounds[i + 1])) for i, p in enumerate(pids)]
             args = encode_all(row_args(rows), self.config.compression)
-            ref = getattr(self._actors[node], method).options(concurrency_group="reads").remote(
+            ref = getattr(self._actor(node), method).options(concurrency_group="reads").remote(
                 *args, segments, **options)
             return ref, rows, message_bytes(args, segments, options)
 
@@ -822,7 +830,7 @@ class DistributedSpatialCluster:
         pids = list(range(meta.n_partitions)) if partitions is None else partitions
 
         def build(node: int, part_ids: list[int]):
-            ref = getattr(self._actors[node], method).remote(*args, part_ids)
+            ref = getattr(self._actor(node), method).remote(*args, part_ids)
             return ref, part_ids, message_bytes(args, part_ids)
 
         # algorithm steps keep per-partition state on the node: always the same replica (the first live owner)

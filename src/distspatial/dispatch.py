@@ -153,8 +153,13 @@ class Dispatcher:
         attempt = 0
         while pending:
             calls = []
+            gone: list[int] = []
             for node, pids in pending.items():
-                ref, ctx, nbytes = build(node, pids)
+                try:
+                    ref, ctx, nbytes = build(node, pids)
+                except PartitionMovedError:  # the node was removed after this round was planned: re-plan
+                    gone.extend(pids)
+                    continue
                 self.comm.sent(node, nbytes)
                 with self._lock:
                     self.inflight[node] = self.inflight.get(node, 0) + 1
@@ -175,8 +180,8 @@ class Dispatcher:
             with self._lock:
                 for _, node, _, _ in calls:
                     self.inflight[node] -= 1
-            retry: list[int] = []
-            moved = False
+            retry: list[int] = list(gone)
+            moved = bool(gone)
             for ref, node, pids, ctx in calls:
                 if ref not in ready_set:
                     self.mark_failed(node, f"no answer within {waited:.1f} s")
