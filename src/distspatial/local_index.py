@@ -346,12 +346,12 @@ class LocalPartition:
                 if len(runs) < 2 or runs[-2].n_live >= self.FANOUT * runs[-1].n_live:
                     return
                 a, b = runs[-2], runs[-1]
-                state = (a.n_dead, b.n_dead, a.dead, b.dead)
+                state = (a.n_dead, b.n_dead)  # a delete replaces ``dead`` and raises ``n_dead``
             rb = b.run if b.run.frame is a.run.frame else CurveRun.build(*b.live(), a.run.frame)
             merged = _RunSegment(CurveRun.merge(a.run, rb, a.dead, b.dead if rb is b.run else None))
             with self.lock:
                 tail = self._deltas[self._frozen:]
-                if (a.n_dead, b.n_dead, a.dead, b.dead) != state or not any(x is a for x in tail):
+                if (a.n_dead, b.n_dead) != state or not any(x is a for x in tail):
                     continue  # changed meanwhile: look again
                 i = next(j for j, x in enumerate(self._deltas) if x is a)
                 if i + 1 >= len(self._deltas) or self._deltas[i + 1] is not b:
