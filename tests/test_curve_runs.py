@@ -118,18 +118,12 @@ def test_partition_keeps_few_runs_and_rebuilds_rarely():
     np.testing.assert_allclose(part.knn(q, 10)[0], rd, rtol=0, atol=1e-12)
 
 
-def test_queries_during_appends_see_every_acknowledged_point():
-    """A writer thread appends (runs are merged in it, outside the lock) while a reader queries: each answer is
-    exact over the points acknowledged before the query started, at least, and never holds an unknown id."""
-    rng = np.random.default_rng(6)
-    base = rng.random((30_000, 2))
-    batches = [rng.random((2_000, 2)) for _ in range(60)]
-    part = LocalPartition(base, np.arange(30_000))
-    acked = [30_000]
-    errors = []
+def _start_writer(part, batches):
+    """A thread appending ``batches`` with ids after the partition's; ``acked[-1]``: ids below it are appended."""
+    acked = [part.size]
 
     def writer():
-        nid = 30_000
+        nid = acked[0]
         for b in batches:
             part.append(b, np.arange(nid, nid + len(b)))
             nid += len(b)
@@ -137,6 +131,18 @@ def test_queries_during_appends_see_every_acknowledged_point():
 
     th = threading.Thread(target=writer)
     th.start()
+    return th, acked
+
+
+def test_queries_during_appends_see_every_acknowledged_point():
+    """A writer thread appends (runs are merged in it, outside the lock) while a reader queries: each answer is
+    exact over the points acknowledged before the query started, at least, and never holds an unknown id."""
+    rng = np.random.default_rng(6)
+    base = rng.random((30_000, 2))
+    batches = [rng.random((2_000, 2)) for _ in range(60)]
+    part = LocalPartition(base, np.arange(30_000))
+    th, acked = _start_writer(part, batches)
+    errors = []
     allp = np.concatenate([base] + batches)
     q = rng.random((50, 2))
     queries = 0
@@ -190,18 +196,8 @@ def test_deletes_racing_appends_and_run_merges_lose_nothing():
     base = rng.random((5_000, 2))
     batches = [rng.random((700, 2)) for _ in range(80)]
     part = LocalPartition(base, np.arange(5_000))
-    acked = [5_000]
+    th, acked = _start_writer(part, batches)
     deleted: list[np.ndarray] = []
-
-    def writer():
-        nid = 5_000
-        for b in batches:
-            part.append(b, np.arange(nid, nid + len(b)))
-            nid += len(b)
-            acked.append(nid)
-
-    th = threading.Thread(target=writer)
-    th.start()
     drng = np.random.default_rng(9)
     while th.is_alive():
         gone = drng.choice(acked[-1], size=50, replace=False)
