@@ -41,7 +41,7 @@ def main() -> None:
     from sklearn.neighbors import NearestNeighbors
 
     from distspatial import DistributedSpatialCluster, NodeConfig
-    from distspatial.datasets import skewed_points
+    from distspatial.io.datasets import skewed_points
 
     n_db, n_join, m_join, n_h = (100_000, 300_000, 300_000, 200_000) if args.quick else (
         400_000, 2_000_000, 1_000_000, 1_000_000)

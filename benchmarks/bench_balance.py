@@ -25,7 +25,7 @@ def main() -> None:
     import ray
 
     from distspatial import DistributedSpatialCluster, NodeConfig
-    from distspatial.datasets import skewed_points
+    from distspatial.io.datasets import skewed_points
 
     n, m, n_big = (400_000, 20_000, 1_000_000) if args.quick else (4_000_000, 200_000, 10_000_000)
     k, nodes = 10, 4

@@ -40,7 +40,7 @@ def main() -> None:
     from threadpoolctl import threadpool_info
 
     from distspatial import DistributedSpatialCluster, NodeConfig
-    from distspatial.datasets import skewed_points
+    from distspatial.io.datasets import skewed_points
 
     n_index, n_query, n_dist = (400_000, 100_000, 1_000_000) if args.quick else (4_000_000, 1_000_000, 10_000_000)
     k_nn, k_means, iters = 10, 16, 20

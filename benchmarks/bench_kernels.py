@@ -1,7 +1,7 @@
 """Node kernels close to the hardware limit: k-means pass vs the memory-bandwidth floor, batch kNN. No Ray needed.
 
 Runs on the CPU always and on CUDA when asked (``--device cuda``/``auto``). It imports the kernel modules
-(``distspatial.backend``, ``distspatial.gpu_kernels``) without running ``distspatial/__init__.py`` (which
+(``distspatial.kernels.backend``, ``distspatial.kernels.gpu_kernels``) without running ``distspatial/__init__.py`` (which
 imports the coordinator and so Ray): a bare package object pointing at ``src/distspatial`` is registered first.
 
 k-means: ``--n`` 2-D float32 points (skewed: Gaussian hot spots over a uniform background), stored in curve
@@ -37,9 +37,9 @@ if "distspatial" not in sys.modules:  # the kernel modules only, not the package
     _pkg.__path__ = [os.path.abspath(_SRC)]
     sys.modules["distspatial"] = _pkg
 
-from distspatial.backend import CpuBackend, cpu_assign_sums, cuda_available  # noqa: E402
-from distspatial.curves import curve_keys  # noqa: E402
-from distspatial.kmeans_compiled import HAVE_NUMBA, CompiledLloydState  # noqa: E402
+from distspatial.kernels.backend import CpuBackend, cpu_assign_sums, cuda_available  # noqa: E402
+from distspatial.core.curves import curve_keys  # noqa: E402
+from distspatial.kernels.kmeans_compiled import HAVE_NUMBA, CompiledLloydState  # noqa: E402
 
 
 def skewed(n: int, d: int = 2, seed: int = 0, dtype: type = np.float64) -> np.ndarray:
@@ -166,7 +166,7 @@ def bench_cpu_knn(args: argparse.Namespace) -> None:
 def bench_gpu(args: argparse.Namespace) -> None:
     import torch
 
-    from distspatial.gpu_kernels import TorchBackend, torch_knn_bruteforce, triton_status
+    from distspatial.kernels.gpu_kernels import TorchBackend, torch_knn_bruteforce, triton_status
 
     dev = "cuda"
     sync = torch.cuda.synchronize

@@ -37,9 +37,9 @@ from threadpoolctl import threadpool_limits
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 
-from distspatial.curves import curve_keys  # noqa: E402
-from distspatial.kmeans_compiled import HAVE_NUMBA, CompiledLloydState  # noqa: E402
-from distspatial.kmeans_kernels import LloydState, squared_distances_min  # noqa: E402
+from distspatial.core.curves import curve_keys  # noqa: E402
+from distspatial.kernels.kmeans_compiled import HAVE_NUMBA, CompiledLloydState  # noqa: E402
+from distspatial.kernels.kmeans_kernels import LloydState, squared_distances_min  # noqa: E402
 
 
 def make_data(n: int, seed: int = 0) -> np.ndarray:

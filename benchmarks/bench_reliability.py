@@ -29,7 +29,7 @@ def kill_under_load(n_points: int) -> dict:
     from scipy.spatial import cKDTree
 
     from distspatial import DistributedSpatialCluster, NodeConfig
-    from distspatial.datasets import skewed_points
+    from distspatial.io.datasets import skewed_points
 
     mb = 1024**2
     c = Cluster(initialize_head=True, head_node_args={
@@ -100,7 +100,7 @@ def checkpoint_throughput(n_points: int) -> dict:
     import ray
 
     from distspatial import DistributedSpatialCluster, NodeConfig
-    from distspatial.datasets import skewed_points
+    from distspatial.io.datasets import skewed_points
 
     pts = skewed_points(n_points, 2, seed=9)
     raw_mb = pts.nbytes * 1.5 / 1e6  # points + int64 ids

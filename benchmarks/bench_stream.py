@@ -33,7 +33,7 @@ def main() -> None:
     from scipy.spatial import cKDTree
 
     from distspatial import DistributedSpatialCluster, NodeConfig
-    from distspatial.datasets import skewed_points
+    from distspatial.io.datasets import skewed_points
 
     n, n_batches, batch, qb = (500_000, 20, 50_000, 100) if args.quick else (2_000_000, 120, 100_000, 100)
     base = skewed_points(n, 2, seed=1)

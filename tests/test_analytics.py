@@ -55,7 +55,7 @@ def test_knn_join_array_file_stream_and_self_join(cluster, tmp_path):
     import pyarrow.parquet as pq
     from scipy.spatial import cKDTree
 
-    from distspatial.datasets import skewed_points
+    from distspatial.io.datasets import skewed_points
 
     pts = skewed_points(40_000, 3, seed=31)
     pts[:500] = pts[500:1000]  # duplicates: the self-join must drop the point itself, not its twin
@@ -108,7 +108,7 @@ def test_typed_query_api_runs_the_named_methods(cluster):
     from scipy.spatial import cKDTree
 
     from distspatial import QueryParameters, QueryType
-    from distspatial.query import Clustering, DistanceMatrix, NearestNeighbors, RangeSearch
+    from distspatial.algorithms.query import Clustering, DistanceMatrix, NearestNeighbors, RangeSearch
 
     rng = np.random.default_rng(8)
     pts = rng.random((5_000, 2))
@@ -140,7 +140,7 @@ def test_typed_query_api_runs_the_named_methods(cluster):
 def test_notebook_html_and_progress_bars(cluster, capsys):
     import io
 
-    from distspatial import progress
+    from distspatial.core import progress
 
     rng = np.random.default_rng(2)
     cluster.distribute_data(rng.random((3_000, 2)))

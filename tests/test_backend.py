@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from scipy.spatial import cKDTree
 
-from distspatial.backend import (
+from distspatial.kernels.backend import (
     AssignLloydState,
     CpuBackend,
     GpuUnavailableError,
@@ -30,8 +30,8 @@ from distspatial.backend import (
     cuda_available,
     get_backend,
 )
-from distspatial.config import NodeConfig
-from distspatial.curves import curve_keys
+from distspatial.core.config import NodeConfig
+from distspatial.core.curves import curve_keys
 
 try:
     import torch  # noqa: F401
@@ -99,7 +99,7 @@ def curve_sorted(X: np.ndarray) -> np.ndarray:
 def backends() -> list[KernelBackend]:
     out: list[KernelBackend] = [CpuBackend(), CpuBackend(threads=2, presorted_queries=True)]
     if HAVE_TORCH:
-        from distspatial.gpu_kernels import TorchBackend
+        from distspatial.kernels.gpu_kernels import TorchBackend
 
         out.append(TorchBackend(device="cpu"))
         if HAVE_CUDA:
@@ -341,7 +341,7 @@ def test_backend_distance_tile(backend):
 
 @needs_torch
 def test_torch_float32_tolerance():
-    from distspatial.gpu_kernels import TorchBackend
+    from distspatial.kernels.gpu_kernels import TorchBackend
 
     rng = np.random.default_rng(8)
     X = skewed(8_000, 2, seed=8) * 1000.0 + 5e5  # geodata-like offset: float32 mode shifts to the partition
@@ -363,7 +363,7 @@ def test_torch_float32_tolerance():
 @needs_torch
 def test_torch_grid_window_growth_for_sparse_and_dense_regions():
     """Queries far from the data and inside a very dense cluster still get certified exact answers."""
-    from distspatial.gpu_kernels import TorchBackend
+    from distspatial.kernels.gpu_kernels import TorchBackend
 
     rng = np.random.default_rng(12)
     X = np.concatenate([rng.normal(size=(5_000, 2)) * 1e-4, rng.random((300, 2)) * 100.0])
@@ -377,8 +377,8 @@ def test_triton_kmeans_kernel_in_interpreter():
     code = textwrap.dedent(
         """
         import numpy as np
-        from distspatial.backend import CpuBackend
-        from distspatial.gpu_kernels import TorchBackend, triton_status
+        from distspatial.kernels.backend import CpuBackend
+        from distspatial.kernels.gpu_kernels import TorchBackend, triton_status
         assert triton_status() == "interpreter", triton_status()
         rng = np.random.default_rng(0)
         for d, k in [(1, 3), (2, 16), (3, 5), (3, 40)]:
@@ -402,7 +402,7 @@ def test_triton_kmeans_kernel_in_interpreter():
 
 @needs_cuda
 def test_cuda_triton_and_eager_agree():
-    from distspatial.gpu_kernels import TorchBackend, triton_status
+    from distspatial.kernels.gpu_kernels import TorchBackend, triton_status
 
     if triton_status() != "compiled":
         pytest.skip("triton not available on this CUDA machine")

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from distspatial import DistributedSpatialCluster, NodeConfig
-from distspatial.balancing import LoadBalancer, Strategy, TuningPolicy
-from distspatial.datasets import skewed_points
-from distspatial.metadata import GlobalIndexMetadata, PartitionInfo
+from distspatial.control.balancing import LoadBalancer, Strategy, TuningPolicy
+from distspatial.io.datasets import skewed_points
+from distspatial.control.metadata import GlobalIndexMetadata, PartitionInfo
 
 from .conftest import brute_knn
 

@@ -9,8 +9,8 @@ import pytest
 import ray
 
 from distspatial import DistributedSpatialCluster, NodeConfig, PartitionLostError
-from distspatial.checkpoint import CheckpointError
-from distspatial.datasets import skewed_points
+from distspatial.control.checkpoint import CheckpointError
+from distspatial.io.datasets import skewed_points
 
 from .conftest import assert_knn_exact
 

@@ -8,7 +8,7 @@ import pytest
 
 def test_demo_runs_and_checks_itself():
     out = subprocess.run(
-        [sys.executable, "-m", "distspatial.cli", "demo", "--points", "60000", "--queries", "5000", "--nodes", "3"],
+        [sys.executable, "-m", "distspatial.ui.cli", "demo", "--points", "60000", "--queries", "5000", "--nodes", "3"],
         capture_output=True, text=True, timeout=300,
     )
     assert out.returncode == 0, out.stdout + out.stderr
@@ -24,7 +24,7 @@ def test_demo_runs_and_checks_itself():
     (["nonsense"], "invalid choice"),
 ])
 def test_cli_rejects_bad_arguments(args, message):
-    out = subprocess.run([sys.executable, "-m", "distspatial.cli", *args], capture_output=True, text=True, timeout=60)
+    out = subprocess.run([sys.executable, "-m", "distspatial.ui.cli", *args], capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and message in out.stderr
 
 
@@ -39,7 +39,7 @@ import pyarrow.csv as pv  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 from scipy.spatial import cKDTree  # noqa: E402
 
-from distspatial.cli import main  # noqa: E402
+from distspatial.ui.cli import main  # noqa: E402
 
 CLI = os.path.join(os.path.dirname(sys.executable), "distspatial")  # the console script of this venv
 
@@ -88,7 +88,7 @@ def test_knn_console_script(ray_local, data):
 
 def test_stats_disconnects_what_it_joined(ray_local, data):
     d = data["dir"]
-    code = (f"import ray; from distspatial.cli import main; "
+    code = (f"import ray; from distspatial.ui.cli import main; "
             f"rc = main(['stats', {str(d / 'pts.npy')!r}, '--nodes', '2', '--partitions', '2', '--replication', '2', "
             f"'--curve', 'morton', '--address', {_gcs(ray_local)!r}, '-o', {str(d / 'nodes.csv')!r}]); "
             f"print('RESULT', rc, ray.is_initialized())")

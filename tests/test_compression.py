@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from distspatial.compression import EncodedArray, decode, encode, maybe_decode, wire_and_raw
+from distspatial.core.codec import EncodedArray, decode, encode, maybe_decode, wire_and_raw
 
 
 def _same_bits(a, b):
@@ -60,8 +60,8 @@ def test_small_arrays_travel_raw_and_helpers():
 
 
 def test_curve_ordered_partitions_compress():
-    from distspatial.datasets import skewed_points
-    from distspatial.partitioning import partition_points
+    from distspatial.io.datasets import skewed_points
+    from distspatial.kernels.partitioning import partition_points
 
     plan = partition_points(skewed_points(400_000, 2, seed=3), 4)
     pts, ids = plan.part(1)

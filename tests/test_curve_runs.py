@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from scipy.spatial import cKDTree
 
-from distspatial.curve_runs import BLOCK, GROUP, CurveRun, morton_frame
-from distspatial.local_index import LocalPartition
+from distspatial.kernels.curve_runs import BLOCK, GROUP, CurveRun, morton_frame
+from distspatial.kernels.local_index import LocalPartition
 
 
 def _data(n, d, seed, dup=False):

@@ -1,4 +1,4 @@
-"""Tests for distspatial.curves (Hilbert / Morton keys)."""
+"""Tests for distspatial.core.curves (Hilbert / Morton keys)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
-from distspatial import curves
+from distspatial.core import curves
 
 U64 = np.uint64
 

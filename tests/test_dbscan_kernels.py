@@ -1,4 +1,4 @@
-"""Tests of the Ray-free distributed DBSCAN kernels (distspatial.dbscan_kernels).
+"""Tests of the Ray-free distributed DBSCAN kernels (distspatial.kernels.dbscan_kernels).
 
 A pure-numpy harness simulates the distributed protocol: the data are split into partitions (slabs
 along the first coordinate, random boxes, ...), each partition's halo is computed by brute force (the
@@ -19,8 +19,8 @@ import pytest
 from sklearn.cluster import DBSCAN
 from sklearn.neighbors import KDTree
 
-from distspatial import dbscan_kernels as dk
-from distspatial.dbscan_kernels import PartLabels, core_flags, dbscan, local_clusters, merge_labels
+from distspatial.kernels import dbscan_kernels as dk
+from distspatial.kernels.dbscan_kernels import PartLabels, core_flags, dbscan, local_clusters, merge_labels
 
 # --------------------------------------------------------------------------
 # harness

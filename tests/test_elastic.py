@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from distspatial import DistributedSpatialCluster, NodeConfig
-from distspatial.datasets import skewed_points
+from distspatial.io.datasets import skewed_points
 
 from .conftest import brute_knn
 
@@ -59,7 +59,7 @@ def test_add_and_remove_nodes_under_query_load(ray_local):
 def test_partial_failure_and_memory_pressure_are_repaired(ray_local):
     import ray
 
-    from distspatial.fault import FailureType, RecoveryStrategy
+    from distspatial.control.fault import FailureType, RecoveryStrategy
 
     pts = skewed_points(12_000, 2, seed=52)
     q = skewed_points(300, 2, seed=52, sample_seed=3)

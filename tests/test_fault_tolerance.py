@@ -11,7 +11,7 @@ from ray.cluster_utils import Cluster
 from sklearn.cluster import KMeans
 
 from distspatial import DistributedSpatialCluster, NodeConfig, PartitionLostError
-from distspatial.datasets import skewed_points
+from distspatial.io.datasets import skewed_points
 
 from .conftest import assert_knn_exact
 

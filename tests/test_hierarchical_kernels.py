@@ -8,7 +8,7 @@ from scipy.cluster.hierarchy import dendrogram, fcluster, is_valid_linkage, link
 from sklearn.cluster import AgglomerativeClustering
 from sklearn.metrics import adjusted_rand_score
 
-from distspatial.hierarchical_kernels import (
+from distspatial.kernels.hierarchical_kernels import (
     MicroClusters,
     cluster_sse,
     cut_tree,

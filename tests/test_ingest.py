@@ -7,7 +7,7 @@ import pytest
 from scipy.spatial import cKDTree
 
 from distspatial import DistributedSpatialCluster, NodeConfig
-from distspatial.datasets import skewed_points
+from distspatial.io.datasets import skewed_points
 
 from .conftest import brute_knn
 

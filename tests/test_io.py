@@ -1,4 +1,4 @@
-"""distspatial.io (point files in, result tables out) and distspatial.progress, on real files in tmp_path. No Ray."""
+"""distspatial.io (point files in, result tables out) and distspatial.core.progress, on real files in tmp_path. No Ray."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import pyarrow.csv as pv
 import pyarrow.parquet as pq
 import pytest
 
-from distspatial import io as dio
+from distspatial.io import files as dio
 from distspatial.io import DataFileError, iter_point_chunks, open_points, read_points, write_results
-from distspatial.progress import LineBar, NullBar, progress_bar
+from distspatial.core.progress import LineBar, NullBar, progress_bar
 
 RNG = np.random.default_rng(7)
 PTS = RNG.random((50, 3)) * 100 - 50

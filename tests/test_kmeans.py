@@ -5,7 +5,7 @@ import pytest
 from sklearn.cluster import KMeans
 
 from distspatial import DistributedSpatialCluster, NodeConfig
-from distspatial.datasets import skewed_points
+from distspatial.io.datasets import skewed_points
 
 
 @pytest.fixture(scope="module")

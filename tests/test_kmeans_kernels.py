@@ -1,5 +1,5 @@
-"""Tests of the exact Lloyd k-means kernels: the NumPy one (distspatial.kmeans_kernels) and the compiled one
-(distspatial.kmeans_compiled, when Numba is installed). Every test runs against both implementations.
+"""Tests of the exact Lloyd k-means kernels: the NumPy one (distspatial.kernels.kmeans_kernels) and the compiled one
+(distspatial.kernels.kmeans_compiled, when Numba is installed). Every test runs against both implementations.
 
 The reference everywhere is the naive full computation: squared distances
 ``(x_0-c_0)**2 + (x_1-c_1)**2 + ...`` summed sequentially over the dimensions,
@@ -13,9 +13,9 @@ import ast
 import numpy as np
 import pytest
 
-from distspatial import kmeans_compiled as kc
-from distspatial import kmeans_kernels as kk
-from distspatial.kmeans_kernels import LloydState, squared_distances_min
+from distspatial.kernels import kmeans_compiled as kc
+from distspatial.kernels import kmeans_kernels as kk
+from distspatial.kernels.kmeans_kernels import LloydState, squared_distances_min
 
 IMPLEMENTATIONS = [kk.LloydState] + ([kc.CompiledLloydState] if kc.HAVE_NUMBA else [])
 

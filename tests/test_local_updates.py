@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from distspatial.local_index import LocalPartition
+from distspatial.kernels.local_index import LocalPartition
 
 
 def _brute(points, ids, queries, k):

@@ -34,7 +34,7 @@ DRIVER = textwrap.dedent(
     import numpy as np
     from scipy.spatial import cKDTree
     from distspatial import DistributedSpatialCluster, NodeConfig
-    from distspatial.datasets import skewed_points
+    from distspatial.io.datasets import skewed_points
 
     address, workdir, victim_ip = sys.argv[1], sys.argv[2], sys.argv[3]
     pts = skewed_points(30_000, 2, seed=61)

@@ -10,7 +10,7 @@ from scipy.spatial import cKDTree
 from sklearn.cluster import KMeans
 
 from distspatial import DistributedSpatialCluster, NodeConfig
-from distspatial.datasets import skewed_points
+from distspatial.io.datasets import skewed_points
 
 from .conftest import assert_knn_exact
 

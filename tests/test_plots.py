@@ -1,4 +1,4 @@
-"""distspatial.plots (matplotlib, Agg): the figures are valid images of the expected size that show what they
+"""distspatial.ui.plots (matplotlib, Agg): the figures are valid images of the expected size that show what they
 should (node colours on the partition map, cluster colours, a heat map), and the CLI's --plot writes them."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ pytest.importorskip("matplotlib", reason="plots need the 'plots' extra: pip inst
 Image = pytest.importorskip("PIL.Image", reason="pillow comes with matplotlib")
 
 from distspatial import DistributedSpatialCluster, NodeConfig  # noqa: E402
-from distspatial.plots import NODE_COLORS, plot_clusters, plot_heatmap, plot_partitions  # noqa: E402
+from distspatial.ui.plots import NODE_COLORS, plot_clusters, plot_heatmap, plot_partitions  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -62,8 +62,8 @@ def test_plot_partitions_from_the_cluster(cluster, tmp_path):
 
 
 def test_plot_partitions_with_given_points_colours_by_home_partition(cluster, tmp_path):
-    from distspatial.curves import curve_keys
-    from distspatial.routing import RoutingTable
+    from distspatial.core.curves import curve_keys
+    from distspatial.control.routing import RoutingTable
 
     meta = cluster.metadata
     pts = cluster.test_points
@@ -126,7 +126,7 @@ def test_plot_clusters(tmp_path):
 
 
 def test_plot_heatmap_grid_and_window(tmp_path):
-    from distspatial.windows import GridCountsResult, WindowResult
+    from distspatial.live.windows import GridCountsResult, WindowResult
 
     counts = np.zeros((40, 20), dtype=np.int64)
     counts[30:35, 2:5] = 500  # a hot spot at high x, low y
@@ -156,7 +156,7 @@ def test_plot_heatmap_grid_and_window(tmp_path):
 
 
 def test_cli_plot_options(ray_local, cluster, tmp_path, capsys):
-    from distspatial.cli import main
+    from distspatial.ui.cli import main
 
     pts = np.random.default_rng(2).random((2000, 2))
     np.save(tmp_path / "p.npy", pts)

@@ -5,7 +5,7 @@ import pytest
 from scipy.spatial import cKDTree
 
 from distspatial import DistributedSpatialCluster, NodeConfig, NotDistributedError
-from distspatial.datasets import skewed_points
+from distspatial.io.datasets import skewed_points
 
 from .conftest import assert_knn_exact
 

@@ -1,4 +1,4 @@
-"""The HTTP query service (distspatial.service) on a real socket with a real HTTP client, its status page in
+"""The HTTP query service (distspatial.ui.service) on a real socket with a real HTTP client, its status page in
 headless Chromium, and ``distspatial serve`` as a subprocess. Answers are checked against scipy's cKDTree."""
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import pyarrow as pa  # noqa: E402
 from scipy.spatial import cKDTree  # noqa: E402
 
 from distspatial import DistributedSpatialCluster, NodeConfig  # noqa: E402
-from distspatial.service import ARROW_STREAM, NODE_COLORS, BackgroundServer  # noqa: E402
+from distspatial.ui.service import ARROW_STREAM, NODE_COLORS, BackgroundServer  # noqa: E402
 
 MAX_BODY = 2**20  # the test server's body limit (1 MiB)
 TIMEOUT = 30  # seconds per HTTP request: a hung connection fails the test instead of hanging it
@@ -362,7 +362,7 @@ def test_body_too_large_and_other_http_errors(svc):
 
 
 def test_max_results_limit(svc):
-    from distspatial.service import create_app
+    from distspatial.ui.service import create_app
 
     app = create_app(svc.cluster, max_results=100)
     with BackgroundServer(app) as srv:
@@ -542,7 +542,7 @@ def test_cli_serve_subprocess(ray_local, svc, tmp_path):
     pts = np.random.default_rng(21).random((3000, 2))
     np.save(tmp_path / "pts.npy", pts)
     address = ray_local.get_runtime_context().gcs_address
-    cmd = [sys.executable, "-m", "distspatial.cli", "serve", str(tmp_path / "pts.npy"), "--address", address,
+    cmd = [sys.executable, "-m", "distspatial.ui.cli", "serve", str(tmp_path / "pts.npy"), "--address", address,
            "--nodes", "2", "--port", "0", "--no-progress"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -574,7 +574,7 @@ def test_cli_serve_subprocess(ray_local, svc, tmp_path):
 
 
 def test_cli_serve_bad_options_fail_fast(tmp_path, capsys):
-    from distspatial.cli import main
+    from distspatial.ui.cli import main
 
     np.save(tmp_path / "p.npy", np.zeros((10, 2)))
     assert main(["serve", str(tmp_path / "p.npy"), "--port", "70000"]) == 2

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from distspatial import DistributedSpatialCluster, NodeConfig
-from distspatial.streaming import StreamingKMeans
-from distspatial.windows import GridCounts, WindowedAggregator, WindowSpec
+from distspatial.live.streaming import StreamingKMeans
+from distspatial.live.windows import GridCounts, WindowedAggregator, WindowSpec
 
 from .conftest import brute_knn
 
@@ -132,7 +132,7 @@ def test_stream_errors_are_reported(cluster):
 
 
 def test_geofences_and_knn_watches_on_a_live_stream(cluster):
-    from distspatial.continuous import GeofenceMonitor, KnnWatch
+    from distspatial.live.continuous import GeofenceMonitor, KnnWatch
 
     rng = np.random.default_rng(9)
     base = rng.random((3_000, 2))

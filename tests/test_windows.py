@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from distspatial.curves import curve_keys
-from distspatial.windows import (
+from distspatial.core.curves import curve_keys
+from distspatial.live.windows import (
     CurveCellCounts,
     GridCounts,
     HotSpots,
@@ -442,7 +442,7 @@ def test_kmeans_helpers_degenerate_inputs():
 
 
 def test_custom_aggregation_without_prepare():
-    from distspatial.windows import Aggregation
+    from distspatial.live.windows import Aggregation
 
     class BoundingBox(Aggregation):
         name = "bbox"

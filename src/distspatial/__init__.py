@@ -6,14 +6,14 @@
 See ``docs/architecture.md`` for how the pieces fit together.
 """
 
-from .config import NodeConfig
-from .coordinator import DistributedSpatialCluster
-from .errors import DistSpatialError, NodeFailureError, NotDistributedError, PartitionLostError
-from .kmeans import KMeansResult
-from .query import QueryParameters, QueryResults, QueryType
-from .metadata import GlobalIndexMetadata, PartitionInfo
-from .routing import RoutingTable
-from .stats import ClusterStatistics, NodeStatistics, QueryStatus
+from .core.config import NodeConfig
+from .cluster import DistributedSpatialCluster
+from .core.errors import DistSpatialError, NodeFailureError, NotDistributedError, PartitionLostError
+from .algorithms.kmeans import KMeansResult
+from .algorithms.query import QueryParameters, QueryResults, QueryType
+from .control.metadata import GlobalIndexMetadata, PartitionInfo
+from .control.routing import RoutingTable
+from .core.stats import ClusterStatistics, NodeStatistics, QueryStatus
 
 __version__ = "0.1.0"
 

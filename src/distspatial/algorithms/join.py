@@ -1,0 +1,243 @@
+"""kNN join and distance matrices, driven from the coordinator.
+
+**kNN join** (:func:`knn_join`): every row of another point set gets its ``k`` nearest neighbours in the
+distributed set. Rows are processed in chunks through the exact, pruned batch kNN path (each node sees only the
+queries whose k-th-distance ball reaches its partitions, with the current bound; see ``planner.py``), so the
+driver never holds more than one chunk of queries and answers. The other set can be an array, a file
+(``.npy``/CSV/Parquet/LAS, read in chunks by :mod:`distspatial.io`) or any iterable of ``(n, d)`` chunks;
+answers are returned whole, yielded chunk by chunk, or written chunk by chunk to a Parquet/CSV file.
+The self-join (all-kNN of the distributed set, each point excluding itself) reads the set partition by
+partition from the nodes.
+
+**Distance matrix** (:func:`distance_matrix`): tiles of ``cdist(a, b)`` computed on the nodes (round robin,
+bounded tiles in flight, failover to another node), assembled in memory when the matrix fits the memory budget,
+else written tile by tile into an ``.npy`` file (memory-mapped); a clear error when neither is possible.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..core.validation import check_k
+
+if TYPE_CHECKING:
+    from ..cluster import DistributedSpatialCluster
+
+__all__ = ["knn_join", "distance_matrix", "DEFAULT_MEMORY_BUDGET"]
+
+#: default limit for a distance matrix returned in memory
+DEFAULT_MEMORY_BUDGET = 2 * 1024**3
+
+
+def _is_array(x: Any) -> bool:
+    """An array (or array-like object), as opposed to a file path or an iterable of chunks."""
+    return not isinstance(x, (str, os.PathLike)) and (isinstance(x, np.ndarray) or hasattr(x, "__array__"))
+
+
+def _chunks(other: Any, chunk_rows: int, columns: Any) -> Iterator[np.ndarray]:
+    if isinstance(other, (str, os.PathLike)):
+        from ..io.files import iter_point_chunks
+
+        yield from iter_point_chunks(other, columns, chunk_rows)
+    elif _is_array(other):
+        arr = np.asarray(other)
+        for a in range(0, max(1, len(arr)), chunk_rows):
+            yield arr[a:a + chunk_rows]
+    elif isinstance(other, Iterable):
+        yield from other
+    else:
+        raise TypeError(f"other_points must be an array, a file path or an iterable of (n, d) chunks, "
+                        f"got {type(other).__name__}")
+
+
+def _drop_self(dist: np.ndarray, ids: np.ndarray, self_ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """From ``k + 1`` neighbours per row remove the row's own id (or the last one when duplicates crowd it
+    out)."""
+    m = len(ids)
+    hit = ids == self_ids[:, None]
+    pos = np.where(hit.any(axis=1), hit.argmax(axis=1), k)
+    keep = np.arange(k + 1)[None, :] != pos[:, None]
+    return dist[keep].reshape(m, k), ids[keep].reshape(m, k)
+
+
+def _self_chunks(cluster: DistributedSpatialCluster) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """``(points, ids)`` of each partition, read from a live replica."""
+    meta = cluster._require_data()
+    for p in meta.partitions:
+        node = cluster._routing.node_for(p.partition_id, exclude=cluster._dispatch.failed_nodes)
+        pts, ids = cluster._recv(node, cluster._send(node, "export_partition", p.partition_id,
+                                                     cluster.config.compression))
+        yield pts, ids
+
+
+def _join_chunks(cluster, other, k, self_join, chunk_rows, columns):
+    """Yield ``(query ids or None, distances, ids)`` per chunk."""
+    meta = cluster._require_data()
+    if self_join:
+        k = check_k(k, meta.n_points - 1) if meta.n_points > 1 else check_k(k, 0)
+        for pts, pids in _self_chunks(cluster):
+            for a in range(0, len(pts), chunk_rows):
+                q, qid = pts[a:a + chunk_rows], pids[a:a + chunk_rows]
+                d, i = cluster.distributed_knn_search(q, k + 1)
+                d, i = _drop_self(d.reshape(len(q), k + 1), i.reshape(len(q), k + 1), qid, k)
+                yield qid, d, i
+    else:
+        k = check_k(k, meta.n_points)
+        for chunk in _chunks(other, chunk_rows, columns):
+            chunk = np.asarray(chunk, dtype=np.float64)
+            if chunk.ndim != 2 or len(chunk) == 0:
+                if chunk.size == 0:
+                    continue
+                raise ValueError(f"chunks of other_points must be (n, {meta.dim}) arrays, got shape {chunk.shape}")
+            d, i = cluster.distributed_knn_search(chunk, k)
+            yield None, d, i
+
+
+def knn_join(
+    cluster: DistributedSpatialCluster,
+    other_points: Any,
+    k: int,
+    self_join: bool = False,
+    output: str | os.PathLike | None = None,
+    chunk_rows: int = 250_000,
+    columns: Any = None,
+) -> Any:
+    if chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
+    if self_join and other_points is not None:
+        raise ValueError("self_join=True joins the distributed set with itself: pass other_points=None")
+    if not self_join and other_points is None:
+        raise ValueError("pass other_points, or self_join=True for the all-kNN of the distributed set")
+    meta = cluster._require_data()
+    check_k(k, meta.n_points - 1 if self_join else meta.n_points)
+    gen = _join_chunks(cluster, other_points, k, self_join, chunk_rows, columns)
+    if output is not None:
+        return _write_join(gen, str(output))
+    if self_join:
+        meta = cluster._require_data()
+        kk = None
+        dist = ids = None
+        for qid, d, i in gen:
+            if dist is None:
+                kk = d.shape[1]
+                dist = np.empty((meta.n_points, kk))
+                ids = np.empty((meta.n_points, kk), dtype=np.int64)
+            rows = cluster._rows_of_ids(qid)
+            dist[rows], ids[rows] = d, i
+        return dist, ids
+    if _is_array(other_points):
+        parts = list(gen)
+        if not parts:
+            return np.empty((0, k)), np.empty((0, k), dtype=np.int64)
+        return np.concatenate([p[1] for p in parts]), np.concatenate([p[2] for p in parts])
+    return ((d, i) for _, d, i in gen)  # a stream: one (distances, ids) per chunk, nothing collected
+
+
+def _write_join(gen, path: str) -> str:
+    """Write the join as a long table (query row, rank, id, distance), chunk by chunk."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    ext = path.lower().rsplit(".", 1)[-1]
+    if ext not in ("parquet", "csv"):
+        raise ValueError(f"output must end in .parquet or .csv, got {path!r}")
+    writer = None
+    start = 0
+    try:
+        for qid, d, i in gen:
+            m, k = d.shape
+            query = (np.arange(start, start + m) if qid is None else qid).repeat(k)
+            start += m
+            table = pa.table({"query": query, "rank": np.tile(np.arange(k), m), "id": i.reshape(-1),
+                              "distance": d.reshape(-1)})
+            if writer is None:
+                writer = (pq.ParquetWriter(path, table.schema) if ext == "parquet"
+                          else pacsv.CSVWriter(path, table.schema))
+            writer.write_table(table)
+    finally:
+        if writer is not None:
+            writer.close()
+    return path
+
+
+def distance_matrix(
+    cluster: DistributedSpatialCluster,
+    a: Any,
+    b: Any = None,
+    output: str | os.PathLike | None = None,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    tile_rows: int = 4096,
+) -> np.ndarray:
+    from ..core.validation import check_points
+
+    A = check_points(a)
+    B = A if b is None else check_points(b)
+    if A.shape[1] != B.shape[1]:
+        raise ValueError(f"a has {A.shape[1]} columns and b has {B.shape[1]}: both need the same dimension")
+    n, m = len(A), len(B)
+    need = n * m * 8
+    if output is None:
+        if need > memory_budget:
+            raise MemoryError(
+                f"the {n:,} x {m:,} distance matrix needs {need / 1e9:.2f} GB, more than memory_budget="
+                f"{memory_budget / 1e9:.2f} GB; pass output='matrix.npy' to write it tile by tile to a file, or "
+                "raise memory_budget")
+        out = np.empty((n, m))
+    else:
+        path = str(output)
+        if not path.endswith(".npy"):
+            raise ValueError(f"output must be an .npy file (written as a memory-mapped array), got {path!r}")
+        free = shutil.disk_usage(os.path.dirname(os.path.abspath(path)) or ".").free
+        if need + 4096 > free:
+            raise OSError(f"the distance matrix needs {need / 1e9:.2f} GB but only {free / 1e9:.2f} GB are free "
+                          f"where {path!r} would go")
+        out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float64, shape=(n, m))
+    tile = max(1, int(tile_rows))
+    tiles = [(i, j) for i in range(0, n, tile) for j in range(0, m, tile)]
+    _run_tiles(cluster, A, B, tiles, tile, out)
+    if output is not None:
+        out.flush()
+        return out
+    return out
+
+
+def _run_tiles(cluster, A, B, tiles, tile, out) -> None:
+    """Compute ``tiles`` on the live nodes, a bounded number in flight per node; a tile whose node fails is
+    sent to another node."""
+    import ray
+
+    from ..client.dispatch import NODE_FAILURES
+
+    pending = list(reversed(tiles))
+    inflight: dict[Any, tuple[int, tuple[int, int]]] = {}
+    per_node = 2
+    while pending or inflight:
+        live = cluster.live_node_ids
+        if not live:
+            raise RuntimeError("no live node left to compute distance tiles on")
+        busy = {}
+        for node, _ in inflight.values():
+            busy[node] = busy.get(node, 0) + 1
+        for node in live:
+            while pending and busy.get(node, 0) < per_node:
+                i, j = pending.pop()
+                a_blk, b_blk = A[i:i + tile], B[j:j + tile]
+                ref = cluster._send(node, "distance_tile", a_blk, b_blk)
+                inflight[ref] = (node, (i, j))
+                busy[node] = busy.get(node, 0) + 1
+        ready, _ = ray.wait(list(inflight), num_returns=1)
+        for ref in ready:
+            node, (i, j) = inflight.pop(ref)
+            try:
+                blk = cluster._recv(node, ref)
+            except NODE_FAILURES as exc:
+                cluster._dispatch.mark_failed(node, type(exc).__name__)
+                pending.append((i, j))
+                continue
+            out[i:i + blk.shape[0], j:j + blk.shape[1]] = blk

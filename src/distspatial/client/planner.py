@@ -1,0 +1,222 @@
+"""Query planning: which query goes to which partition in which round. Pure NumPy; no Ray.
+
+kNN over a batch runs in two rounds (:func:`knn_home` then :func:`knn_followups`):
+
+1. every query goes to its *home* partition, the one whose curve-key range holds the query's own curve key
+   (queries are sorted by key first, so each partition's queries are one contiguous run, in curve order, which
+   is also the order a KD-tree answers fastest);
+2. with the k-th distance ``r`` found in round 1, a query goes on to every other partition whose bounding box is
+   closer than ``r`` (MINDIST pruning); those partitions return only candidates within ``r``.
+
+Range and box queries need one round (:func:`ball_pairs`, :func:`box_pairs`). The result of planning is always a
+set of ``(query row, partition)`` pairs grouped by partition: :class:`Assignment`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..control.routing import RoutingTable
+
+__all__ = ["Assignment", "knn_home", "knn_followups", "ball_pairs", "box_pairs"]
+
+_CHUNK = 65_536  # queries per block of the (m, P) MINDIST matrix
+
+
+@dataclass
+class Assignment:
+    """Query rows grouped by partition: rows ``rows[starts[j]:starts[j+1]]`` go to ``partitions[j]``."""
+
+    rows: np.ndarray  # int64 query row of each pair, grouped by partition
+    partitions: np.ndarray  # int64 partition ids, one per group
+    starts: np.ndarray  # int64, len(partitions) + 1
+    n_queries: int = 0  # rows of the query batch (some may have no pair)
+
+    @classmethod
+    def from_pairs(cls, rows: np.ndarray, parts: np.ndarray, n_queries: int) -> Assignment:
+        """Group pairs by partition, keeping the rows' order inside each partition."""
+        order = np.argsort(parts, kind="stable")
+        rows, parts = rows[order], parts[order]
+        return cls._from_sorted(rows, parts, n_queries)
+
+    @classmethod
+    def _from_sorted(cls, rows: np.ndarray, parts: np.ndarray, n_queries: int) -> Assignment:
+        if len(parts) == 0:
+            return cls(rows.astype(np.int64), np.empty(0, np.int64), np.zeros(1, np.int64), n_queries)
+        cut = np.flatnonzero(parts[1:] != parts[:-1]) + 1
+        starts = np.concatenate([[0], cut, [len(parts)]]).astype(np.int64)
+        return cls(rows.astype(np.int64, copy=False), parts[starts[:-1]].astype(np.int64), starts, n_queries)
+
+    def groups(self) -> dict[int, np.ndarray]:
+        """``{partition: rows}``."""
+        return {int(p): self.rows[a:b] for p, a, b in zip(self.partitions, self.starts[:-1], self.starts[1:])}
+
+    @property
+    def n_pairs(self) -> int:
+        return len(self.rows)
+
+
+def knn_home(sorted_keys: np.ndarray, routing: RoutingTable) -> Assignment:
+    """Round 1: each query (already sorted by curve key) to its home partition."""
+    home = routing.home_partitions(sorted_keys)
+    return Assignment._from_sorted(np.arange(len(home), dtype=np.int64), home, len(home))
+
+
+#: the cell test enumerates 2**d cells per query; above this dimension only the box test is used.
+_CELL_MAX_DIM = 4
+
+
+def _cell_level(radii: np.ndarray, routing: RoutingTable) -> int:
+    """Grid level whose cells are at least as wide as the typical ball's diameter (0 = no useful level)."""
+    finite = radii[np.isfinite(radii)]
+    ext = routing.hi - routing.lo
+    ext = ext[ext > 0]
+    if len(finite) == 0 or len(ext) == 0:
+        return 0
+    r = float(np.median(finite))
+    if r <= 0:
+        return routing.bits
+    level = int(np.floor(np.log2(ext.min() / (2.0 * r))))
+    return max(0, min(routing.bits, level))
+
+
+def _expand_ranges(rows: np.ndarray, first: np.ndarray, last: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """All pairs ``(row, p)`` with ``first <= p <= last``, vectorized."""
+    cnt = np.maximum(last - first + 1, 0)
+    total = int(cnt.sum())
+    if total == 0:
+        return np.empty(0, np.int64), np.empty(0, np.int64)
+    offs = np.arange(total, dtype=np.int64) - np.repeat(np.cumsum(cnt) - cnt, cnt)
+    return np.repeat(rows, cnt), np.repeat(first, cnt) + offs
+
+
+def _cell_pairs(
+    centers: np.ndarray, radii: np.ndarray, routing: RoutingTable
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Exact space-partition test: the partitions whose curve-key range meets a grid cell the ball touches.
+
+    Data points get their keys from the same quantization, so a point inside a ball lies in one of the cells
+    between the cells of ``center - r`` and ``center + r``, and its key lies in that cell's key range (an
+    aligned cell is one contiguous key range on both curves). Used for balls spanning at most two cells per
+    dimension at a level chosen from the radii; returns ``(rows, partitions, handled_mask)``.
+    """
+    from ..core.curves import hilbert_keys, morton_keys, quantize
+
+    m, d = centers.shape
+    handled = np.zeros(m, dtype=bool)
+    level = _cell_level(radii, routing)
+    if d > _CELL_MAX_DIM or level == 0 or routing.dim != d:
+        return np.empty(0, np.int64), np.empty(0, np.int64), handled
+    bits = routing.bits
+    shift = np.uint64(bits - level)
+    finite = np.isfinite(radii)
+    idx = np.flatnonzero(finite)
+    r = radii[idx, None]
+    g_lo = quantize(centers[idx] - r, routing.lo, routing.hi, bits) >> shift
+    g_hi = quantize(centers[idx] + r, routing.lo, routing.hi, bits) >> shift
+    # Work on columns: reductions along a short last axis are slow in numpy.
+    lo_cols = [np.ascontiguousarray(g_lo[:, j]) for j in range(d)]
+    spans = [g_hi[:, j] - lo_cols[j] for j in range(d)]
+    ok = spans[0] <= 1
+    for j in range(1, d):
+        ok &= spans[j] <= 1
+    sel_ok = np.flatnonzero(ok)
+    idx = idx[sel_ok]
+    lo_cols = [c[sel_ok] for c in lo_cols]
+    wide = [spans[j][sel_ok] == 1 for j in range(d)]  # the ball reaches the next cell in dimension j
+    handled[idx] = True
+    key_shift = np.uint64(d * (bits - level))
+    low_mask = (np.uint64(1) << key_shift) - np.uint64(1) if key_shift < 64 else np.uint64(2**64 - 1)
+    to_keys = hilbert_keys if routing.curve == "hilbert" else morton_keys
+    rows_out, parts_out = [], []
+    for pattern in range(1 << d):  # each corner cell of the (at most 2 x ... x 2) block the ball touches
+        dims = [j for j in range(d) if (pattern >> j) & 1]
+        if dims:
+            fresh = wide[dims[0]].copy()
+            for j in dims[1:]:
+                fresh &= wide[j]
+            sel = np.flatnonzero(fresh)
+        else:
+            sel = np.arange(len(idx))
+        cell = np.empty((len(sel), d), dtype=np.uint64)
+        for j in range(d):
+            cell[:, j] = lo_cols[j][sel] + np.uint64(1 if j in dims else 0)
+        if len(cell) == 0:
+            continue
+        key = to_keys(cell << shift, bits)
+        a = key & ~low_mask
+        first, last = routing.partitions_in_key_range(a, a | low_mask)
+        r_, p_ = _expand_ranges(idx[sel], first, last)
+        rows_out.append(r_)
+        parts_out.append(routing.by_key[p_])
+    if not rows_out:
+        return np.empty(0, np.int64), np.empty(0, np.int64), handled
+    return np.concatenate(rows_out), np.concatenate(parts_out), handled
+
+
+def _pairs_within(
+    queries: np.ndarray, limit2: np.ndarray, routing: RoutingTable, strict: bool, exclude: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs ``(query, partition)`` that can hold a point within ``sqrt(limit2)`` of the query.
+
+    A pair must pass both the cell test (where it applies) and the box (MINDIST) test.
+    """
+    radii = np.sqrt(limit2)
+    cell_rows, cell_parts, handled = _cell_pairs(queries, radii, routing)
+    rows_out, parts_out = [], []
+    rest = np.flatnonzero(~handled)
+    for a in range(0, len(rest), _CHUNK):
+        sel = rest[a : a + _CHUNK]
+        d2 = routing.mindist2(queries[sel])
+        lim = limit2[sel, None]
+        mask = d2 < lim if strict else d2 <= lim
+        if exclude is not None:
+            mask[np.arange(len(sel)), exclude[sel]] = False
+        r, p = np.nonzero(mask)
+        rows_out.append(sel[r])
+        parts_out.append(p)
+    if len(cell_rows):
+        keep = cell_parts != exclude[cell_rows] if exclude is not None else np.ones(len(cell_rows), bool)
+        r, p = cell_rows[keep], cell_parts[keep]
+        if len(r):  # a partition can be reached through several cells of one ball: once is enough
+            code = np.unique(r * routing.n_partitions + p)
+            r, p = code // routing.n_partitions, code % routing.n_partitions
+            d2 = box_mindist2_pairs(queries[r], routing.box_lo[p], routing.box_hi[p])
+            lim = limit2[r]
+            ok = d2 < lim if strict else d2 <= lim
+            rows_out.append(r[ok])
+            parts_out.append(p[ok])
+    if not rows_out:
+        return np.empty(0, np.int64), np.empty(0, np.int64)
+    return np.concatenate(rows_out).astype(np.int64), np.concatenate(parts_out).astype(np.int64)
+
+
+def box_mindist2_pairs(points: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """Squared distance from ``points[i]`` to box ``[lo[i], hi[i]]``, row by row."""
+    gap = np.maximum(lo - points, 0.0) + np.maximum(points - hi, 0.0)
+    return (gap * gap).sum(axis=1)
+
+
+def knn_followups(
+    queries: np.ndarray, kth: np.ndarray, home: np.ndarray, routing: RoutingTable
+) -> Assignment:
+    """Round 2: pairs ``(query, partition)`` whose box is strictly closer than the query's k-th distance.
+
+    A box exactly at the k-th distance can only hold ties, so it is skipped.
+    """
+    rows, parts = _pairs_within(queries, kth * kth, routing, strict=True, exclude=home)
+    return Assignment.from_pairs(rows, parts, len(queries))
+
+
+def ball_pairs(centers: np.ndarray, radii: np.ndarray, routing: RoutingTable) -> Assignment:
+    """Pairs ``(query, partition)`` whose box lies within each query's radius (inclusive)."""
+    rows, parts = _pairs_within(centers, radii * radii, routing, strict=False, exclude=None)
+    return Assignment.from_pairs(rows, parts, len(centers))
+
+
+def box_pairs(lo: np.ndarray, hi: np.ndarray, routing: RoutingTable) -> Assignment:
+    """Pairs ``(query box, partition)`` whose boxes intersect."""
+    rows, parts = np.nonzero(routing.boxes_meet(lo, hi))
+    return Assignment.from_pairs(rows, parts, len(lo))

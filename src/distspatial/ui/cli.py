@@ -1,0 +1,766 @@
+"""Command line: ``distspatial <command>``.
+
+Commands: ``demo`` (the README's main job), ``knn``, ``range``, ``kmeans``, ``dbscan``, ``hierarchical``,
+``stats``, ``serve`` (an HTTP query
+service and status page, :mod:`distspatial.ui.service`) (on a point file: ``.npy``, ``.csv``, ``.parquet``,
+``.las``/``.laz``) and ``bench`` (kNN against scipy's cKDTree on generated data).
+``distspatial <command> --help`` lists the options.
+
+Exit status: 0 success; 1 failure (a runtime error, or a check that did not hold); 2 bad usage or bad input
+(an unknown option, a missing file or column, a non-numeric or non-finite value), reported as one line on stderr;
+130 interrupted. ``--traceback`` shows the full traceback instead of the one-line message.
+
+Adding a command is a function decorated with :func:`subcommand`: it receives a :class:`Session` whose
+``cluster`` holds the distributed input (``points``, ``ids`` and ``columns`` are on the session too) and
+returns the exit status; ``prepare`` (optional) runs after the input is read and before Ray starts, to
+read and check further inputs so that mistakes fail fast. For example::
+
+    @subcommand("dbscan", "density-based clustering", output="id, label",
+                arguments=[arg("--eps", type=_positive_float, required=True), arg("--min-samples", type=int)])
+    def _dbscan(s: Session) -> int:
+        labels = s.cluster.distributed_dbscan(s.args.eps, s.args.min_samples)
+        s.emit(labels_table(labels, s.ids), "labels")
+        return 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+__all__ = ["main", "run_demo", "subcommand", "arg", "Session", "SUBCOMMANDS"]
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+def _brute_knn(points: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
+    """The k smallest distances of each query by brute force (numpy), a few queries at a time."""
+    out = np.empty((len(queries), k))
+    step = max(1, 2_000_000 // max(1, len(points)))
+    for a in range(0, len(queries), step):
+        q = queries[a : a + step]
+        d2 = ((points[None, :, :] - q[:, None, :]) ** 2).sum(axis=2)
+        part = np.partition(d2, k - 1, axis=1)[:, :k]
+        out[a : a + step] = np.sqrt(np.sort(part, axis=1))
+    return out
+
+
+def run_demo(
+    n_points: int = 1_000_000,
+    nodes: int = 4,
+    n_queries: int = 100_000,
+    k: int = 10,
+    clusters: int = 8,
+    curve: str = "hilbert",
+    address: str | None = None,
+    checks: int = 200,
+    seed: int = 0,
+    out=sys.stdout,
+) -> bool:
+    """Generate skewed points, distribute, run k-means and batched kNN, check against brute force; report."""
+    from .. import DistributedSpatialCluster
+    from .. import NodeConfig
+    from ..io.datasets import skewed_points
+
+    def say(msg: str) -> None:
+        print(msg, file=out, flush=True)
+
+    t0 = time.perf_counter()
+    pts = skewed_points(n_points, 2, seed=seed)
+    queries = skewed_points(n_queries, 2, seed=seed, sample_seed=seed + 1)
+    say(f"generated {n_points:,} skewed 2-D points and {n_queries:,} queries in {time.perf_counter() - t0:.2f} s")
+    cfg = NodeConfig().with_node_count(nodes).with_curve(curve).with_address(address)
+    ok = True
+    with DistributedSpatialCluster(cfg) as cluster:
+        say(f"started {cluster!r}")
+        t = time.perf_counter()
+        cluster.distribute_data(pts)
+        say(f"distribute_data: {time.perf_counter() - t:.2f} s -> {cluster!r}")
+
+        t = time.perf_counter()
+        res = cluster.distributed_kmeans(clusters, 50, seed=seed)
+        say(f"distributed_kmeans(k={clusters}): {res.n_iter} iterations in {time.perf_counter() - t:.2f} s "
+            f"(init {res.init_seconds:.2f} s), inertia {res.inertia:.6g}")
+        ref_inertia = float(((pts - res.centroids[res.labels]) ** 2).sum())
+        if not np.isclose(ref_inertia, res.inertia, rtol=1e-6):
+            ok = False
+            say(f"  MISMATCH: inertia recomputed from labels is {ref_inertia:.6g}")
+
+        t = time.perf_counter()
+        dist, ids = cluster.distributed_knn_search(queries, k)
+        dt = time.perf_counter() - t
+        say(f"batched kNN: {n_queries:,} queries, k={k}, in {dt:.2f} s ({n_queries / dt:,.0f} queries/s)")
+        rng = np.random.default_rng(seed)
+        sample = rng.choice(n_queries, size=min(checks, n_queries), replace=False)
+        ref = _brute_knn(pts, queries[sample], k)
+        exact_d = np.allclose(dist[sample], ref, rtol=0, atol=1e-12)
+        own = np.sqrt(((pts[ids[sample]] - queries[sample][:, None, :]) ** 2).sum(axis=2))
+        exact_i = np.allclose(own, dist[sample], rtol=0, atol=1e-12)
+        say(f"  checked {len(sample)} queries against brute force: distances {'exact' if exact_d else 'WRONG'}, "
+            f"ids {'consistent' if exact_i else 'WRONG'}")
+        ok &= exact_d and exact_i
+
+        d1, i1 = cluster.distributed_knn_search(queries[0], k)
+        single_ok = bool(np.allclose(d1, _brute_knn(pts, queries[:1], k)[0], rtol=0, atol=1e-12))
+        say(f"single-point kNN: {'exact' if single_ok else 'WRONG'}")
+        ok &= single_ok
+        r = float(np.median(dist[:, -1]))
+        t = time.perf_counter()
+        got = cluster.range_search(queries[:100], r)
+        dt = time.perf_counter() - t
+        want = [np.flatnonzero(((pts - q) ** 2).sum(axis=1) <= r * r) for q in queries[:100]]
+        range_ok = all(np.array_equal(g, w) for g, w in zip(got, want))
+        say(f"range_search: 100 balls of radius {r:.4g} in {dt * 1e3:.1f} ms, "
+            f"{sum(len(g) for g in got):,} hits, {'exact' if range_ok else 'WRONG'}")
+        ok &= range_ok
+        say("")
+        say(str(cluster.statistics()))
+    say("")
+    say(f"demo {'PASSED' if ok else 'FAILED'}: every checked answer {'equals' if ok else 'does NOT equal'} "
+        f"the brute-force reference; total {time.perf_counter() - t0:.1f} s")
+    return ok
+
+
+
+# -- argument types -------------------------------------------------------------------------------------------
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
+    return v
+
+
+def _nonneg_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not np.isfinite(v) or v < 0:
+        raise argparse.ArgumentTypeError(f"must be finite and >= 0, got {text}")
+    return v
+
+
+def _positive_float(text: str) -> float:
+    v = _nonneg_float(text)
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return v
+
+
+def _output_path(text: str) -> str:
+    from ..io.files import DataFileError, WRITE_FORMATS, detect_format
+
+    try:
+        detect_format(text, WRITE_FORMATS)
+    except DataFileError as exc:
+        raise argparse.ArgumentTypeError(f"{exc.problem} in {text!r}: {exc.fix}") from None
+    return text
+
+
+def _plot_path(text: str) -> str:
+    """``--plot`` target: an image name matplotlib writes; matplotlib must be installed."""
+    import importlib.util
+
+    if os.path.splitext(text)[1].lower() not in (".png", ".svg", ".pdf", ".jpg", ".jpeg"):
+        raise argparse.ArgumentTypeError(f"{text!r}: plots are written as .png, .svg, .pdf or .jpg; name the file so")
+    if importlib.util.find_spec("matplotlib") is None:
+        raise argparse.ArgumentTypeError("--plot needs matplotlib: pip install 'distspatial[plots]'")
+    return text
+
+
+def _save_plot(s: Session, fig: Any) -> None:
+    fig.savefig(s.args.plot, dpi=120)
+    s.say(f"wrote the plot to {s.args.plot}")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error message (exit status 2)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+# -- subcommand registry ----------------------------------------------------------------------------------------
+def arg(*flags: str, **kwargs: Any) -> tuple[tuple[str, ...], dict]:
+    """One ``add_argument`` call for :func:`subcommand`'s ``arguments``."""
+    return flags, kwargs
+
+
+@dataclass
+class Subcommand:
+    name: str
+    help: str
+    run: Callable[[Session], int]
+    arguments: list = field(default_factory=list)
+    data: bool = True  # takes an input point file and distributes it before ``run``
+    output: str = ""  # what --output holds
+    prepare: Callable[[Session], None] | None = None
+
+
+SUBCOMMANDS: dict[str, Subcommand] = {}
+
+
+def subcommand(name: str, help: str, *, arguments: list | None = None, data: bool = True, output: str = "",
+               prepare: Callable[[Session], None] | None = None):
+    """Register ``fn(session) -> exit status`` as ``distspatial NAME``.
+
+    Args:
+        arguments: ``arg(...)`` entries added to the command's parser.
+        data: the command reads an input point file (``INPUT``, ``--columns``, ``--id-column``) and distributes it
+            before ``fn`` runs; ``False`` for commands that make their own data (``bench``).
+        output: what ``--output`` holds (shown in ``--help``).
+        prepare: called after the input is read and before Ray starts (read and check more files).
+    """
+
+    def register(fn: Callable[[Session], int]) -> Callable[[Session], int]:
+        SUBCOMMANDS[name] = Subcommand(name, help, fn, list(arguments or []), data, output, prepare)
+        return fn
+
+    return register
+
+
+@dataclass
+class Session:
+    """What a subcommand works with: parsed ``args``, the input (``points``, ``ids``, ``columns``), the running
+    ``cluster``, and helpers to print (``say``), time steps (``timed``) and write results (``emit``)."""
+
+    args: argparse.Namespace
+    out: Any = None
+    points: np.ndarray | None = None
+    ids: np.ndarray | None = None
+    columns: list[str] = field(default_factory=list)
+    n_points: int | None = None  # known before distribution unless out of core on a CSV
+    dim: int = 0
+    cluster: Any = None
+    extra: dict = field(default_factory=dict)  # whatever ``prepare`` read (queries, ...)
+
+    @property
+    def progress(self) -> bool:
+        return not getattr(self.args, "no_progress", False)
+
+    def say(self, msg: str = "") -> None:
+        print(msg, file=self.out or sys.stdout, flush=True)
+
+    def timed(self, label: str) -> _Timed:
+        return _Timed(self, label)
+
+    def row_ids(self) -> np.ndarray:
+        """The ids results speak in (in the order of algorithm labels): the id column's values, else the input
+        row numbers; out of core, the cluster's ``point_ids()``."""
+        if self.points is None:
+            return self.cluster.point_ids()
+        return self.ids if self.ids is not None else np.arange(len(self.points), dtype=np.int64)
+
+    def sample(self, n: int = 200_000) -> tuple[np.ndarray, np.ndarray]:
+        """``(rows into row_ids(), points)`` of at most ``n`` points, for plots (from the cluster out of core)."""
+        if self.points is not None:
+            return np.arange(len(self.points)), self.points
+        ids, pts = self.cluster.sample_points(n, seed=0)
+        return self.cluster._rows_of_ids(ids), pts
+
+    def read(self, path: str, columns: Any = None, id_column: str | None = None, what: str = "input"):
+        """``(points, ids, source)`` of a point file, read in chunks with a progress bar."""
+        from ..io.files import open_points
+        from ..core.progress import progress_bar
+
+        src = open_points(path, columns, id_column)
+        with progress_bar(src.n_rows, f"reading {os.path.basename(path)}", self.progress, unit="pts") as bar:
+            pts, ids = src.read(getattr(self.args, "chunk_rows", None), bar.update)
+        return pts, ids, src
+
+    def emit(self, table: dict, what: str, preview_rows: int = 10) -> None:
+        """Write ``table`` to ``--output`` if given, else print its first rows."""
+        from ..io.files import write_results
+
+        n = len(next(iter(table.values()))) if table else 0
+        path = getattr(self.args, "output", None)
+        if path:
+            with self.timed(f"wrote {n:,} rows of {what} ({', '.join(table)}) to {path}"):
+                write_results(path, table)
+            return
+        self.say(f"{what}: {n:,} rows; first {min(n, preview_rows)}:")
+        self.say(_preview(table, preview_rows))
+        if n > preview_rows:
+            self.say(f"... (--output FILE.parquet or FILE.csv writes all {n:,} rows)")
+
+
+class _Timed:
+    def __init__(self, session: Session, label: str) -> None:
+        self.session, self.label = session, label
+
+    def __enter__(self) -> _Timed:
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, exc_type, *rest: object) -> None:
+        self.seconds = time.perf_counter() - self.t0
+        if exc_type is None:
+            self.session.say(f"{self.label}: {self.seconds:.2f} s")
+
+
+def _preview(table: dict, rows: int) -> str:
+    names = list(table)
+    cells = [names]
+    n = len(table[names[0]]) if names else 0
+    for r in range(min(n, rows)):
+        row = []
+        for c in names:
+            v = table[c][r]
+            row.append(f"{v:.6g}" if isinstance(v, (float, np.floating)) else str(v))
+        cells.append(row)
+    widths = [max(len(line[j]) for line in cells) for j in range(len(names))]
+    return "\n".join("  ".join(x.rjust(w) for x, w in zip(line, widths)) for line in cells)
+
+
+# -- the commands -----------------------------------------------------------------------------------------------
+def _read_queries(s: Session) -> None:
+    """``--queries FILE``: columns ``--query-columns``, else ``--columns`` when the file has them all, else every
+    column but ``--query-id-column``."""
+    from ..io.files import open_points
+
+    a = s.args
+    cols = a.query_columns
+    if cols is None and a.columns is not None:
+        probe = open_points(a.queries, None, a.query_id_column)
+        cols = s.columns if all(c in probe.available for c in s.columns) else None
+    q, qids, src = s.read(a.queries, cols, a.query_id_column, "queries")
+    if q.shape[1] != s.dim:
+        from ..io.files import DataFileError
+
+        raise DataFileError(a.queries, f"the queries have {q.shape[1]} coordinate column(s) ({', '.join(src.columns)})"
+                            f" but the input has {s.dim} ({', '.join(s.columns)})",
+                            "choose matching columns with --query-columns")
+    s.extra["queries"], s.extra["query_ids"] = q, qids
+
+
+def _check_k(s: Session) -> None:
+    if s.n_points is not None and s.args.k > s.n_points:
+        raise ValueError(f"-k {s.args.k} is larger than the number of input points ({s.n_points}); "
+                         f"use -k <= {s.n_points}")
+
+
+def _prepare_knn(s: Session) -> None:
+    _check_k(s)
+    _read_queries(s)
+
+
+_QUERY_ARGS = [
+    arg("--queries", required=True, metavar="FILE", help="query points (same formats as INPUT)"),
+    arg("--query-columns", metavar="A,B", help="coordinate columns of the query file (default: --columns if the "
+        "file has them, else all but --query-id-column)"),
+    arg("--query-id-column", metavar="NAME", help="column labelling each query in the output (default: its row)"),
+]
+
+
+@subcommand("knn", "exact k nearest neighbours of every query point", prepare=_prepare_knn,
+            output="query, rank (1 = nearest), id, distance: one row per neighbour",
+            arguments=[*_QUERY_ARGS, arg("-k", type=_positive_int, default=10, help="neighbours per query (10)")])
+def _knn(s: Session) -> int:
+    from ..io.files import knn_table
+
+    q = s.extra["queries"]
+    with s.timed(f"knn: {len(q):,} queries, k={s.args.k}"):
+        dist, ids = s.cluster.distributed_knn_search(q, s.args.k)
+    s.emit(knn_table(dist, ids, s.extra["query_ids"]), "neighbours")
+    return EXIT_OK
+
+
+@subcommand("range", "every point within a radius of each query point", prepare=_read_queries,
+            output="query, id, distance: one row per point found, sorted by query then id",
+            arguments=[*_QUERY_ARGS, arg("--radius", type=_nonneg_float, required=True, help="ball radius")])
+def _range(s: Session) -> int:
+    from ..io.files import range_table
+
+    q = s.extra["queries"]
+    with s.timed(f"range: {len(q):,} balls of radius {s.args.radius:g}"):
+        found = s.cluster.range_search(q, s.args.radius, return_points=True)
+    hits = [ids for ids, _ in found]
+    dists = [np.sqrt(((pts - q[i]) ** 2).sum(axis=1)) for i, (_, pts) in enumerate(found)]
+    s.say(f"points found: {sum(len(h) for h in hits):,} in total")
+    s.emit(range_table(hits, dists, s.extra["query_ids"]), "points found")
+    return EXIT_OK
+
+
+@subcommand("kmeans", "distributed k-means (k-means|| init, Lloyd iterations)", prepare=_check_k,
+            output="id, label: one row per input point",
+            arguments=[
+                arg("-k", type=_positive_int, default=8, help="clusters (8)"),
+                arg("--max-iter", type=_positive_int, default=300, help="Lloyd iterations at most (300)"),
+                arg("--tol", type=_nonneg_float, default=1e-4, help="relative tolerance, 0 = until labels settle"),
+                arg("--init", choices=["k-means||", "random"], default="k-means||"),
+                arg("--seed", type=_nonneg_int, default=None, help="random seed (default: nondeterministic)"),
+                arg("--centroids", type=_output_path, metavar="PATH", help="also write the centroids here"),
+                arg("--plot", type=_plot_path, metavar="PNG", help="also draw the clusters into this image "
+                    "(.png/.svg/.pdf; needs distspatial[plots])"),
+            ])
+def _kmeans(s: Session) -> int:
+    from ..io.files import centroids_table, labels_table, write_results
+
+    a = s.args
+    with s.timed(f"kmeans: k={a.k}"):
+        res = s.cluster.distributed_kmeans(a.k, a.max_iter, tol=a.tol, init=a.init, seed=a.seed)
+    sizes = np.bincount(res.labels, minlength=a.k)
+    s.say(f"{res.n_iter} iterations, inertia {res.inertia:.6g}; cluster sizes min {sizes.min():,} "
+          f"max {sizes.max():,}")
+    cent = centroids_table(res.centroids, s.columns)
+    if a.centroids:
+        write_results(a.centroids, cent)
+        s.say(f"wrote {len(res.centroids)} centroids to {a.centroids}")
+    else:
+        s.say("centroids:")
+        s.say(_preview(cent, 50))
+    s.emit(labels_table(res.labels, s.row_ids()), "labels")
+    if a.plot:
+        from .plots import plot_clusters
+
+        rows, pts = s.sample()
+        _save_plot(s, plot_clusters(pts, res.labels[rows], res.centroids))
+    return EXIT_OK
+
+
+@subcommand("dbscan", "exact DBSCAN (the same clusters as scikit-learn's), labels per point",
+            output="id, label: one row per input point (-1 = noise)",
+            arguments=[
+                arg("--eps", type=_positive_float, required=True, help="neighbourhood radius"),
+                arg("--min-samples", type=_positive_int, default=5, help="points within eps that make a core point"
+                    " (5, the point itself included)"),
+                arg("--plot", type=_plot_path, metavar="PNG", help="also draw the clusters into this image"),
+            ])
+def _dbscan(s: Session) -> int:
+    from ..io.files import labels_table
+
+    a = s.args
+    with s.timed(f"dbscan: eps={a.eps}, min_samples={a.min_samples}"):
+        res = s.cluster.distributed_dbscan(a.eps, a.min_samples)
+    s.say(f"{res.n_clusters} clusters, {len(res.core_sample_indices):,} core points, {res.n_noise:,} noise points")
+    s.emit(labels_table(res.labels, s.row_ids()), "labels")
+    if a.plot:
+        from .plots import plot_clusters
+
+        rows, pts = s.sample()
+        _save_plot(s, plot_clusters(pts, res.labels[rows]))
+    return EXIT_OK
+
+
+@subcommand("hierarchical", "multi-level Ward clustering (micro-clusters on the nodes, Ward on the coordinator)",
+            output="id, label: one row per input point",
+            arguments=[
+                arg("--n-clusters", type=_positive_int, default=None, help="clusters to cut the tree into"),
+                arg("--distance-threshold", type=_nonneg_float, default=None, help="or: cut at this Ward height"),
+                arg("--micro-clusters", type=_positive_int, default=2000, help="leaves of the tree (2000)"),
+                arg("--linkage-output", type=_output_path, metavar="PATH",
+                    help="also write the linkage matrix (idx1, idx2, distance, count) here"),
+                arg("--plot", type=_plot_path, metavar="PNG", help="also draw the clusters into this image"),
+            ])
+def _hierarchical(s: Session) -> int:
+    from ..io.files import labels_table, write_results
+
+    a = s.args
+    if (a.n_clusters is None) == (a.distance_threshold is None):
+        raise ValueError("give exactly one of --n-clusters and --distance-threshold")
+    with s.timed("hierarchical (ward)"):
+        res = s.cluster.distributed_hierarchical(a.n_clusters, a.distance_threshold,
+                                                 n_micro_clusters=a.micro_clusters)
+    s.say(f"{res.n_clusters} clusters from {len(res.micro_counts):,} micro-clusters")
+    if a.linkage_output:
+        Z = res.linkage
+        write_results(a.linkage_output, {"idx1": Z[:, 0].astype(np.int64), "idx2": Z[:, 1].astype(np.int64),
+                                         "distance": Z[:, 2], "count": Z[:, 3].astype(np.int64)})
+    s.emit(labels_table(res.labels, s.row_ids()), "labels")
+    if a.plot:
+        from .plots import plot_clusters
+
+        rows, pts = s.sample()
+        _save_plot(s, plot_clusters(pts, res.labels[rows]))
+    return EXIT_OK
+
+
+@subcommand("stats", "distribute the input and print the cluster's statistics",
+            output="one row per node: the statistics' per-node fields",
+            arguments=[arg("--plot", type=_plot_path, metavar="PNG", help="also draw the partitions, their nodes and "
+                           "the curve order into this image (.png/.svg/.pdf; needs distspatial[plots])")])
+def _stats(s: Session) -> int:
+    st = s.cluster.statistics()
+    meta = s.cluster.metadata
+    lo, hi = meta.lo, meta.hi
+    s.say(f"input: {meta.n_points:,} points, {meta.dim} dimensions ({', '.join(s.columns)}); "
+          f"bounds {np.array2string(lo, precision=6)} .. {np.array2string(hi, precision=6)}")
+    s.say(str(st))
+    if s.args.output:
+        rows = [dataclasses.asdict(n) for n in st.nodes]
+        s.emit({k: np.array([r[k] for r in rows]) for k in rows[0]}, "node statistics")
+    if s.args.plot:
+        from .plots import plot_partitions
+
+        _save_plot(s, plot_partitions(s.cluster, points=s.sample()[1]))
+    return EXIT_OK
+
+
+def _port(text: str) -> int:
+    v = _nonneg_int(text)
+    if v > 65535:
+        raise argparse.ArgumentTypeError(f"a TCP port is 0..65535, got {v}")
+    return v
+
+
+def _prepare_serve(s: Session) -> None:
+    """Fail before Ray starts: the service's packages are there and the port is free (the socket is kept)."""
+    try:
+        from .service import listen
+    except ImportError as exc:
+        raise RuntimeError(str(exc)) from None
+    s.extra["socket"] = listen(s.args.host, s.args.port)
+
+
+@subcommand("serve", "serve HTTP queries (kNN, range, box, ingest) and a live status page over the input "
+            "(needs distspatial[serve])", prepare=_prepare_serve,
+            arguments=[
+                arg("--host", default="127.0.0.1", help="address to listen on (127.0.0.1; 0.0.0.0: every interface)"),
+                arg("--port", type=_port, default=8000, help="TCP port (8000; 0: a free one, printed at start)"),
+                arg("--workers", type=_positive_int, default=8, help="threads running cluster calls (8)"),
+                arg("--max-body-mb", type=_positive_float, default=64.0, help="largest request body in MiB (64)"),
+            ])
+def _serve(s: Session) -> int:
+    from .service import run_server
+
+    a = s.args
+    run_server(s.cluster, a.host, a.port, sock=s.extra["socket"], workers=a.workers,
+               max_body_bytes=int(a.max_body_mb * 2**20),
+               on_ready=lambda url: s.say(f"serving on {url} (status page {url}/, API docs {url}/docs); "
+                                          f"Ctrl-C stops"))
+    s.say("stopped serving")
+    return EXIT_OK
+
+
+@subcommand("bench", "quick benchmark: batched kNN against scipy's cKDTree on generated data", data=False,
+            output="one row per measurement: name, seconds",
+            arguments=[
+                arg("--points", type=_positive_int, default=200_000, help="points to generate (200,000)"),
+                arg("--queries", type=_positive_int, default=20_000, help="queries (20,000)"),
+                arg("-k", type=_positive_int, default=10, help="neighbours per query (10)"),
+                arg("--dim", type=_positive_int, default=2, help="dimensions (2)"),
+                arg("--seed", type=_nonneg_int, default=0),
+            ])
+def _bench(s: Session) -> int:
+    from scipy.spatial import cKDTree
+
+    from ..io.datasets import skewed_points
+
+    a = s.args
+    if a.k > a.points:
+        raise ValueError(f"-k {a.k} is larger than --points {a.points}")
+    pts = skewed_points(a.points, a.dim, seed=a.seed)
+    q = skewed_points(a.queries, a.dim, seed=a.seed, sample_seed=a.seed + 1)
+    s.say(f"bench: {a.points:,} skewed {a.dim}-D points, {a.queries:,} queries, k={a.k}")
+    with s.timed("cKDTree build") as t_build:
+        tree = cKDTree(pts)
+    with s.timed("cKDTree query (workers=-1)") as t_ref:
+        ref_d, _ = tree.query(q, a.k, workers=-1)
+    with s.timed("distribute_data") as t_dist:
+        s.cluster.distribute_data(pts)
+    s.cluster.distributed_knn_search(q[: min(100, len(q))], a.k)  # warm up (first call compiles/caches)
+    with s.timed("distributed_knn_search") as t_knn:
+        dist, _ = s.cluster.distributed_knn_search(q, a.k)
+    exact = bool(np.allclose(dist.reshape(ref_d.shape), ref_d, rtol=0, atol=1e-12))
+    ratio = t_knn.seconds / t_ref.seconds if t_ref.seconds > 0 else float("inf")
+    s.say(f"query time ratio distributed / cKDTree: {ratio:.2f} "
+          f"({a.queries / t_knn.seconds:,.0f} vs {a.queries / t_ref.seconds:,.0f} queries/s); "
+          f"answers {'exact' if exact else 'WRONG'}")
+    if s.args.output:
+        s.emit({"name": np.array(["ckdtree_build", "ckdtree_query", "distribute", "distributed_query", "ratio"]),
+                "seconds": np.array([t_build.seconds, t_ref.seconds, t_dist.seconds, t_knn.seconds, ratio])},
+               "timings")
+    return EXIT_OK if exact else EXIT_FAILED
+
+
+# -- parser and driver ------------------------------------------------------------------------------------------
+def _cluster_options() -> argparse.ArgumentParser:
+    p = _Parser(add_help=False)
+    g = p.add_argument_group("cluster")
+    g.add_argument("--nodes", type=_positive_int, default=None, metavar="N", help="logical nodes (default 4)")
+    g.add_argument("--address", default=None, help="join an existing Ray cluster ('auto', 'ray://host:port'); "
+                   "default: start an embedded local runtime (stopped at the end)")
+    g.add_argument("--curve", choices=["hilbert", "morton"], default="hilbert", help="space-filling curve")
+    g.add_argument("--partitions", type=_positive_int, default=None, metavar="N",
+                   help="partitions cut per node (default 4)")
+    g.add_argument("--replication", type=_positive_int, default=None, metavar="R",
+                   help="copies of each partition on distinct nodes (default 1; <= --nodes)")
+    o = p.add_argument_group("output")
+    o.add_argument("--output", "-o", type=_output_path, default=None, metavar="PATH",
+                   help="write the results to PATH (.parquet or .csv)")
+    o.add_argument("--no-progress", action="store_true", help="no progress bars (they show only on a terminal)")
+    o.add_argument("--traceback", action="store_true", help="show full tracebacks of errors")
+    return p
+
+
+def _input_options() -> argparse.ArgumentParser:
+    p = _Parser(add_help=False)
+    g = p.add_argument_group("input")
+    g.add_argument("input", metavar="INPUT", help="point file: .npy, .csv/.tsv, .parquet, .las/.laz")
+    g.add_argument("--columns", metavar="X,Y[,Z]", default=None,
+                   help="coordinate columns (default: all but --id-column; LAS/LAZ: x,y,z; plain .npy and "
+                        "headerless CSV columns are named 0,1,...)")
+    g.add_argument("--id-column", metavar="NAME", default=None,
+                   help="integer id column; results report these ids (default: the input row number)")
+    g.add_argument("--chunk-rows", type=_positive_int, default=None, metavar="N",
+                   help="rows read per chunk (default 1,048,576)")
+    g.add_argument("--out-of-core", action="store_true",
+                   help="never hold the whole input on this machine: read it twice, chunk by chunk, and ingest "
+                        "the chunks into the cluster (automatic when the file is larger than half the free memory)")
+    return p
+
+
+def _add_demo(sub) -> argparse.ArgumentParser:
+    demo = sub.add_parser("demo", help="distribute a skewed 1M-point set, run k-means and kNN, check and report")
+    demo.add_argument("--points", type=int, default=1_000_000, help="points to generate (default 1,000,000)")
+    demo.add_argument("--nodes", type=int, default=4, help="logical nodes (default 4)")
+    demo.add_argument("--queries", type=int, default=100_000, help="batched kNN queries (default 100,000)")
+    demo.add_argument("-k", type=int, default=10, help="neighbours per query (default 10)")
+    demo.add_argument("--clusters", type=int, default=8, help="k-means clusters (default 8)")
+    demo.add_argument("--curve", choices=["hilbert", "morton"], default="hilbert")
+    demo.add_argument("--address", default=None, help="join an existing Ray cluster ('auto', 'ray://host:port')")
+    demo.add_argument("--seed", type=int, default=0)
+    return demo
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="distspatial", description="Distributed spatial index on Ray",
+                     epilog="exit status: 0 ok, 1 failed, 2 bad usage or input, 130 interrupted")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.subcommand_parsers = {"demo": _add_demo(sub)}
+    cluster = _cluster_options()
+    inputs = _input_options()
+    for cmd in SUBCOMMANDS.values():
+        parents = [inputs, cluster] if cmd.data else [cluster]
+        epilog = f"--output holds: {cmd.output}" if cmd.output else None
+        p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help, parents=parents, epilog=epilog)
+        for flags, kwargs in cmd.arguments:
+            p.add_argument(*flags, **kwargs)
+        parser.subcommand_parsers[cmd.name] = p
+    return parser
+
+
+def _config(args: argparse.Namespace):
+    from .. import NodeConfig
+
+    cfg = NodeConfig()
+    if args.nodes is not None:
+        cfg = cfg.with_node_count(args.nodes)
+    if args.partitions is not None:
+        cfg = cfg.with_partitions_per_node(args.partitions)
+    if args.replication is not None:
+        if args.replication > cfg.node_count:
+            raise ValueError(f"--replication {args.replication} needs at least that many nodes; "
+                             f"--nodes is {cfg.node_count}")
+        cfg = cfg.with_replication_factor(args.replication)
+    return cfg.with_curve(args.curve).with_address(args.address)
+
+
+def _run(cmd: Subcommand, args: argparse.Namespace, out) -> int:
+    from .. import DistributedSpatialCluster
+
+    s = Session(args, out)
+    cfg = _config(args)  # bad cluster options fail before any file is read
+    out_of_core = False
+    if cmd.data:
+        out_of_core = _out_of_core(args)
+    if cmd.data and out_of_core:
+        from ..io.files import open_points
+
+        src = open_points(args.input, args.columns, args.id_column)
+        s.columns, s.dim, s.n_points = src.columns, src.dim, src.n_rows
+        s.say(f"out of core: {args.input} is read twice in chunks and ingested into the cluster")
+    elif cmd.data:
+        s.points, s.ids, src = s.read(args.input, args.columns, args.id_column)
+        s.columns, s.dim, s.n_points = src.columns, s.points.shape[1], len(s.points)
+        s.say(f"read {len(s.points):,} points of {s.points.shape[1]} dimensions ({', '.join(s.columns)}) "
+              f"from {args.input}")
+    if cmd.prepare is not None:
+        cmd.prepare(s)
+    with DistributedSpatialCluster(cfg) as cluster:  # stops the runtime at the end if it started one
+        s.cluster = cluster
+        if cmd.data and out_of_core:
+            with s.timed(f"distribute_chunks over {cfg.node_count} nodes"):
+                cluster.distribute_chunks(args.input, args.columns, args.id_column, args.chunk_rows or (1 << 20))
+            s.n_points = cluster.metadata.n_points
+        elif cmd.data:
+            with s.timed(f"distribute_data over {cfg.node_count} nodes"):
+                cluster.distribute_data(s.points, s.ids)
+        return cmd.run(s)
+
+
+def _out_of_core(args: argparse.Namespace) -> bool:
+    """``--out-of-core``, or the input file is larger than half the memory available here."""
+    if getattr(args, "out_of_core", False):
+        return True
+    try:
+        import psutil
+
+        return os.path.getsize(args.input) > psutil.virtual_memory().available // 2
+    except OSError:
+        return False
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if isinstance(exc, ValueError) else f"{type(exc).__name__}: {text}"
+
+
+def main(argv: list[str] | None = None, out=None) -> int:
+    """Run ``distspatial`` with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
+    parser = build_parser()
+    try:
+        args, unknown = parser.parse_known_args(argv)
+        if unknown:  # reported by the subcommand's parser, whose --help lists the options
+            parser.subcommand_parsers[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
+    except SystemExit as exc:  # --help (0) and usage errors (2): argparse has printed the message
+        return int(exc.code or 0) if not isinstance(exc.code, str) else EXIT_USAGE
+    if args.command == "demo":
+        if args.points < 1 or args.queries < 1 or args.k < 1 or args.k > args.points or args.clusters < 1:
+            try:
+                parser.error("--points, --queries, -k and --clusters must be >= 1 and -k <= --points")
+            except SystemExit:
+                return EXIT_USAGE
+        ok = run_demo(args.points, args.nodes, args.queries, args.k, args.clusters, args.curve, args.address,
+                      seed=args.seed, out=out or sys.stdout)
+        return EXIT_OK if ok else EXIT_FAILED
+    prog = f"distspatial {args.command}"
+    try:
+        return _run(SUBCOMMANDS[args.command], args, out)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except ValueError as exc:  # bad input: DataFileError (files, columns, values) is a ValueError
+        if args.traceback:
+            raise
+        print(f"{prog}: error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as exc:
+        if args.traceback:
+            raise
+        print(f"{prog}: error: {_one_line(exc)} (--traceback shows where)", file=sys.stderr)
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,1055 @@
+"""HTTP query service and live status page over a running :class:`~distspatial.DistributedSpatialCluster`.
+
+Built on FastAPI and uvicorn (``pip install 'distspatial[serve]'``). ``distspatial serve INPUT`` distributes a
+point file and serves it; in Python::
+
+    >>> from distspatial.ui.service import create_app, run_server, BackgroundServer
+    >>> app = create_app(cluster)              # an ASGI app: mount it, or run it with any ASGI server  # doctest: +SKIP
+    >>> run_server(cluster, "0.0.0.0", 8000)   # blocks until Ctrl-C / SIGTERM                           # doctest: +SKIP
+    >>> with BackgroundServer(cluster) as srv:   # uvicorn in a thread on a free port (notebooks, tests)  # doctest: +SKIP
+    ...     print(srv.url)
+
+Endpoints (the OpenAPI spec is at ``/openapi.json``, an interactive page at ``/docs``):
+
+==========================  ==========================================================================
+``POST /knn``               ``{"points": [[x, y], ...], "k": 5}`` -> ``{"distances": [[...]], "ids": [[...]]}``
+``POST /range``             ``{"points": [[x, y], ...], "radius": r}`` (or one radius per point) ->
+                            ``{"ids": [[...]], "distances": [[...]]}``, hits sorted by id
+``POST /box``               ``{"lo": [x0, y0], "hi": [x1, y1]}`` (or lists of boxes) -> ``{"ids": [...]}``
+``POST /ingest``            ``{"points": [[x, y], ...], "ids": [...]}`` (ids optional) -> ``{"ids": [...]}``
+``POST /delete``            ``{"ids": [...]}`` -> ``{"deleted": n}``
+``GET /stats``              the cluster's :class:`~distspatial.core.stats.ClusterStatistics` as JSON
+``GET /health``             node health; 200 when queries can be answered, 503 when not
+``GET /status.json``        what the status page shows (nodes, partitions, load, query rates)
+``GET /``                   the live status page (HTML; polls ``/status.json`` every second)
+==========================  ==========================================================================
+
+A single point (``"points": [x, y]``) gets a single answer (``"ids": [...]``); a list of points gets a list of
+answers, in order. Batches can also travel as Arrow IPC streams (``Content-Type:
+application/vnd.apache.arrow.stream``): a table with columns ``x, y[, z]`` (``x0, x1, ...`` above 3
+dimensions; ``?columns=lon,lat`` picks others), parameters in the query string (``/knn?k=5``,
+``/range?radius=0.1`` or a ``radius`` column, ``/box``: columns ``lo_x, lo_y, hi_x, hi_y``, ``/ingest``: optional
+``id`` and ``timestamp`` columns). The answer is then an Arrow stream too, in long format as the command line
+writes it: ``query, rank, id, distance`` for kNN, ``query, id, distance`` for range, ``query, id`` for box.
+``Accept: application/json`` or ``Accept: application/vnd.apache.arrow.stream`` chooses the answer's format
+for either kind of request.
+
+Bad requests get a 4xx answer ``{"detail": "what is wrong and how to fix it"}``: 400 malformed JSON or Arrow,
+413 body larger than ``max_body_bytes``, 415 unsupported content type, 422 a well-formed request that cannot
+be answered (wrong shape or dimension, non-finite coordinates, ``k`` larger than the number of points, unknown
+fields); 503 while no data is distributed or partitions are lost. The cluster's methods block, so they run in a
+thread pool (``workers`` threads): concurrent clients are served concurrently, the event loop never waits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import functools
+import json
+import math
+import signal
+import socket
+import threading
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from importlib import resources
+from typing import Any, Callable
+
+import numpy as np
+
+try:
+    import uvicorn
+    from fastapi import FastAPI, Query, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import HTMLResponse, Response
+except ImportError as _exc:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        f"the HTTP service needs FastAPI and uvicorn ({_exc}); install them with: pip install 'distspatial[serve]'"
+    ) from _exc
+
+from ..core.errors import DistSpatialError, NotDistributedError
+
+__all__ = [
+    "create_app", "run_server", "BackgroundServer", "RequestError", "ServiceMetrics", "StatusCollector",
+    "coordinate_names", "listen", "ARROW_STREAM", "NODE_COLORS",
+]
+
+ARROW_STREAM = "application/vnd.apache.arrow.stream"
+JSON_TYPE = "application/json"
+DEFAULT_MAX_BODY_BYTES = 64 * 2**20
+DEFAULT_MAX_RESULTS = 20_000_000  # neighbours (m * k) one kNN answer may hold
+#: node colours of the status page and :mod:`distspatial.ui.plots` (matplotlib's tab10), node id modulo 10.
+NODE_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd",
+               "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
+
+
+class RequestError(Exception):
+    """A request the service refuses: ``status`` (4xx/503) and a message saying what is wrong."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def coordinate_names(dim: int) -> list[str]:
+    """Arrow column names of the coordinates: ``x, y, z`` up to 3 dimensions, else ``x0, x1, ...``."""
+    return ["x", "y", "z"][:dim] if dim <= 3 else [f"x{j}" for j in range(dim)]
+
+
+def _jsonable(obj: Any) -> Any:
+    """Plain JSON types: numpy scalars and arrays, tuples, dataclasses, int keys; NaN and infinities -> None."""
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _jsonable(obj.tolist())
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return _jsonable(dataclasses.asdict(obj))
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        f = float(obj)
+        return f if math.isfinite(f) else None
+    if isinstance(obj, (np.bool_,)):
+        return bool(obj)
+    if obj is None or isinstance(obj, (str, int, bool)):
+        return obj
+    return str(obj)
+
+
+def _json_response(obj: Any, status: int = 200) -> Response:
+    body = json.dumps(obj, separators=(",", ":"), allow_nan=False)
+    return Response(body, status_code=status, media_type=JSON_TYPE)
+
+
+def _error_response(status: int, message: str) -> Response:
+    return _json_response({"detail": message}, status)
+
+
+# -- service metrics ----------------------------------------------------------------------------------------------
+class ServiceMetrics:
+    """Requests, queries and errors per endpoint, and their rates over the last ``window_s`` seconds (kept in
+    one-second buckets, so the cost does not grow with the request rate)."""
+
+    def __init__(self, window_s: float = 60.0) -> None:
+        self.window_s = window_s
+        self.started = time.time()
+        self._lock = threading.Lock()
+        self._totals: dict[str, dict[str, float]] = {}
+        self._buckets: deque[tuple[int, dict[str, list[int]]]] = deque()  # (second, {endpoint: [requests, queries]})
+
+    def record(self, endpoint: str, queries: int, seconds: float, ok: bool) -> None:
+        now = time.time()
+        sec = int(now)
+        with self._lock:
+            t = self._totals.setdefault(endpoint, {"requests": 0, "queries": 0, "errors": 0, "seconds": 0.0})
+            t["requests"] += 1
+            t["queries"] += queries if ok else 0
+            t["errors"] += 0 if ok else 1
+            t["seconds"] += seconds
+            if not self._buckets or self._buckets[-1][0] != sec:
+                self._buckets.append((sec, {}))
+            b = self._buckets[-1][1].setdefault(endpoint, [0, 0])
+            b[0] += 1
+            b[1] += queries if ok else 0
+            self._trim(now)
+
+    def _trim(self, now: float) -> None:
+        while self._buckets and self._buckets[0][0] < now - self.window_s - 1:
+            self._buckets.popleft()
+
+    def snapshot(self, rate_window_s: float = 10.0) -> dict[str, Any]:
+        """Totals per endpoint, requests/s and queries/s over the last ``rate_window_s`` seconds, and the queries
+        answered in each of the last ``window_s`` seconds (oldest first)."""
+        now = time.time()
+        with self._lock:
+            self._trim(now)
+            buckets = [(sec, {k: list(v) for k, v in b.items()}) for sec, b in self._buckets]
+            totals = {k: dict(v) for k, v in self._totals.items()}
+        window = min(rate_window_s, max(1e-9, now - self.started))
+        recent: dict[str, list[int]] = {}
+        for sec, b in buckets:
+            if sec + 1 > now - rate_window_s:
+                for name, (req, q) in b.items():
+                    acc = recent.setdefault(name, [0, 0])
+                    acc[0] += req
+                    acc[1] += q
+        endpoints = []
+        for name in sorted(totals):
+            t = totals[name]
+            req, q = recent.get(name, (0, 0))
+            endpoints.append({
+                "endpoint": name,
+                "requests": int(t["requests"]),
+                "queries": int(t["queries"]),
+                "errors": int(t["errors"]),
+                "mean_ms": 1e3 * t["seconds"] / max(1, t["requests"]),
+                "requests_per_s": req / window,
+                "queries_per_s": q / window,
+            })
+        n = int(self.window_s)
+        timeline = [0.0] * n
+        for sec, b in buckets:
+            age = int(now) - sec
+            if 0 <= age < n:
+                timeline[n - 1 - age] += sum(v[1] for v in b.values())
+        return {
+            "uptime_s": now - self.started,
+            "endpoints": endpoints,
+            "requests": sum(int(t["requests"]) for t in totals.values()),
+            "errors": sum(int(t["errors"]) for t in totals.values()),
+            "queries_per_s": sum(e["queries_per_s"] for e in endpoints),
+            "timeline_queries_per_s": timeline,
+        }
+
+
+def _current_meta(cluster: Any) -> tuple[Any, str]:
+    """``(metadata, "")``, or ``(None, why not)`` before ``distribute_data`` or after ``shutdown``."""
+    try:
+        return cluster.metadata, ""
+    except (NotDistributedError, RuntimeError) as exc:
+        return None, " ".join(str(exc).split())
+
+
+# -- status snapshot ------------------------------------------------------------------------------------------------
+class StatusCollector:
+    """Builds what ``/status.json`` returns, at most once per ``min_interval_s`` (viewers share a snapshot).
+
+    Reads ``cluster.statistics()`` (one ``stats`` call per node), ``cluster.health()`` and the metadata; node
+    rates (queries/s, busy fraction) are differences between consecutive snapshots. It does not call
+    ``cluster.load_metrics()``, whose rates belong to the load balancer.
+    """
+
+    def __init__(self, cluster: Any, metrics: ServiceMetrics, min_interval_s: float = 0.5) -> None:
+        self.cluster = cluster
+        self.metrics = metrics
+        self.min_interval_s = min_interval_s
+        self._lock = threading.Lock()
+        self._cached: tuple[float, dict] | None = None
+        self._prev: tuple[float, dict[int, tuple[int, float]], int] | None = None
+
+    def get(self) -> dict[str, Any]:
+        with self._lock:
+            now = time.monotonic()
+            if self._cached is not None and now - self._cached[0] < self.min_interval_s:
+                return self._cached[1]
+            snap = self._collect(now)
+            self._cached = (now, snap)
+            return snap
+
+    def _collect(self, now: float) -> dict[str, Any]:
+        c = self.cluster
+        st = c.statistics()
+        try:
+            health = c.health()
+        except Exception:  # a closed cluster, a detector hiccup: the page still shows the statistics
+            health = {"nodes": {}, "failed_nodes": [], "under_replicated": [], "recoveries": []}
+        meta, _ = _current_meta(c)
+        prev = self._prev
+        dt = now - prev[0] if prev else 0.0
+        per_node = {n.node_id: (n.queries_served, n.busy_seconds) for n in st.nodes}
+        nodes = []
+        total_points = max(1, sum(n.points for n in st.nodes))
+        for n in st.nodes:
+            h = health.get("nodes", {}).get(n.node_id, {})
+            q0, b0 = prev[1].get(n.node_id, (n.queries_served, n.busy_seconds)) if prev else (n.queries_served,
+                                                                                             n.busy_seconds)
+            qps = (n.queries_served - q0) / dt if dt > 0 else 0.0
+            busy = min(1.0, max(0.0, (n.busy_seconds - b0) / dt)) if dt > 0 else 0.0
+            status = n.status
+            if status == "alive" and h.get("status") not in (None, "alive"):
+                status = str(h.get("status"))
+            nodes.append({
+                "node_id": n.node_id, "status": status, "host": n.host,
+                "health_score": h.get("health_score"), "memory_fraction": h.get("memory_fraction"),
+                "median_response_ms": h.get("median_response_ms"),
+                "partitions": n.partitions, "points": n.points, "points_share": n.points / total_points,
+                "bytes_held": n.bytes_held, "queries_served": n.queries_served, "calls_served": n.calls_served,
+                "queries_per_s": max(0.0, qps), "busy_fraction": busy, "mean_call_ms": n.mean_call_ms,
+                "color": NODE_COLORS[n.node_id % len(NODE_COLORS)],
+            })
+        cluster_qps = (st.queries - prev[2]) / dt if prev and dt > 0 else 0.0
+        self._prev = (now, per_node, st.queries)
+        partitions, bounds = [], None
+        if meta is not None:
+            order = np.argsort([p.key_lo for p in meta.partitions], kind="stable")
+            rank = np.empty(len(order), dtype=np.int64)
+            rank[order] = np.arange(len(order))
+            failed = set(health.get("failed_nodes", []))
+            for p in meta.partitions:
+                live = [o for o in p.owners if o not in failed]
+                partitions.append({
+                    "id": p.partition_id, "lo": [float(v) for v in p.lo], "hi": [float(v) for v in p.hi],
+                    "size": int(p.size), "owners": [int(o) for o in p.owners],
+                    "serving": int(live[0]) if live else None, "curve_rank": int(rank[p.partition_id]),
+                })
+            bounds = {"lo": [float(v) for v in meta.lo], "hi": [float(v) for v in meta.hi]}
+        failed_nodes = list(health.get("failed_nodes", []))
+        lost = [p["id"] for p in partitions if p["serving"] is None]
+        state = "unavailable" if lost or meta is None else ("degraded" if failed_nodes or
+                                                            health.get("under_replicated") else "ok")
+        return _jsonable({
+            "time": time.time(),
+            "state": state,
+            "cluster": {
+                "description": repr(c), "nodes": len(st.nodes),
+                "alive_nodes": sum(1 for n in nodes if n["status"] == "alive"),
+                "points": st.n_points, "partitions": st.n_partitions, "metadata_version": st.metadata_version,
+                "dim": meta.dim if meta is not None else None, "curve": c.config.curve,
+                "replication": c.config.replication_factor, "bounds": bounds,
+                "load_balance_score": st.load_balance_score,
+            },
+            "queries": {
+                "total": st.queries, "per_s": max(0.0, cluster_qps), "latency_mean_ms": st.latency_mean_s * 1e3,
+                "latency_p50_ms": st.latency_p50_s * 1e3, "latency_p99_ms": st.latency_p99_s * 1e3,
+            },
+            "nodes": nodes,
+            "partitions": partitions,
+            "lost_partitions": lost,
+            "failed_nodes": failed_nodes,
+            "under_replicated": health.get("under_replicated", []),
+            "service": self.metrics.snapshot(),
+        })
+
+
+# -- request parsing -----------------------------------------------------------------------------------------------
+def _media_type(value: str | None) -> str:
+    return (value or "").split(";")[0].strip().lower()
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, or 413 when it is larger than ``limit`` (the rest is drained a little, so the client reads the
+    answer instead of a reset connection)."""
+    declared = request.headers.get("content-length")
+    too_big = None
+    if declared is not None:
+        try:
+            n = int(declared)
+        except ValueError:
+            raise RequestError(400, f"Content-Length {declared!r} is not an integer") from None
+        if n > limit:
+            too_big = n
+    chunks, total = [], 0
+    drain_limit = limit + 16 * 2**20
+    async for chunk in request.stream():
+        total += len(chunk)
+        if too_big is None and total > limit:
+            too_big = total
+        if too_big is not None:
+            if total > drain_limit:
+                break
+            continue
+        chunks.append(chunk)
+    if too_big is not None:
+        raise RequestError(413, f"the request body is {'at least ' if declared is None else ''}{too_big:,} bytes, "
+                                f"more than this service's limit of {limit:,} bytes; send the batch in smaller parts "
+                                f"(or start the service with a larger --max-body-mb)")
+    return b"".join(chunks)
+
+
+def _body_kind(request: Request) -> str:
+    ctype = _media_type(request.headers.get("content-type"))
+    if ctype in ("", JSON_TYPE) or ctype.endswith("+json"):
+        return "json"
+    if ctype == ARROW_STREAM:
+        return "arrow"
+    raise RequestError(415, f"unsupported Content-Type {ctype!r}: send {JSON_TYPE} (a JSON object) or {ARROW_STREAM} "
+                            f"(an Arrow IPC stream)")
+
+
+def _wants_arrow(request: Request, body_kind: str) -> bool:
+    accept = (request.headers.get("accept") or "").lower()
+    a, j = accept.find(ARROW_STREAM), accept.find(JSON_TYPE)
+    if a >= 0 and (j < 0 or a < j):
+        return True
+    if j >= 0:
+        return False
+    return body_kind == "arrow"
+
+
+def _parse_json(body: bytes, example: str) -> dict[str, Any]:
+    if not body.strip():
+        raise RequestError(400, f"the request body is empty; send a JSON object such as {example}")
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RequestError(400, f"the request body is not UTF-8 text ({exc}); send a JSON object such as "
+                                f"{example}") from None
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise RequestError(400, f"malformed JSON: {exc.msg} at line {exc.lineno} column {exc.colno}; send a JSON "
+                                f"object such as {example}") from None
+    except RecursionError:
+        raise RequestError(400, "malformed JSON: nested too deeply") from None
+    if not isinstance(obj, dict):
+        raise RequestError(422, f"the JSON body must be an object such as {example}, got a "
+                                f"{type(obj).__name__}")
+    return obj
+
+
+def _check_fields(obj: dict, allowed: tuple[str, ...]) -> None:
+    unknown = [k for k in obj if k not in allowed]
+    if unknown:
+        raise RequestError(422, f"unknown field(s) {', '.join(map(repr, unknown))}; this endpoint takes "
+                                f"{', '.join(map(repr, allowed))}")
+
+
+def _check_finite(arr: np.ndarray, name: str) -> None:
+    bad = ~np.isfinite(arr)
+    if bad.any():
+        row = int(np.flatnonzero(bad.reshape(len(arr), -1).any(axis=1))[0])
+        n_bad = int(bad.reshape(len(arr), -1).any(axis=1).sum())
+        raise RequestError(422, f"{name}: row {row} holds a non-finite value ({arr[row].tolist()}); coordinates must "
+                                f"be finite numbers ({n_bad} row(s) are not)")
+
+
+def _json_coords(obj: dict, name: str, dim: int) -> tuple[np.ndarray, bool]:
+    """``(array (m, dim), single)`` from a JSON field holding a point or a list of points."""
+    if name not in obj or obj[name] is None:
+        raise RequestError(422, f"missing field {name!r}: a point [{', '.join(['x', 'y', 'z'][:dim] or ['x'])}] or a "
+                                f"list of points")
+    value = obj[name]
+    shape_hint = f"a point with {dim} coordinates or a list of such points, e.g. [[{', '.join(['0.5'] * dim)}]]"
+    if not isinstance(value, list):
+        raise RequestError(422, f"{name} must be {shape_hint}; got a {type(value).__name__}")
+    try:
+        arr = np.array(value)
+    except (ValueError, OverflowError, TypeError):
+        raise RequestError(422, f"{name} is ragged or not numeric: it must be {shape_hint}, every point with the same "
+                                f"number of coordinates") from None
+    if arr.dtype.kind not in "iuf" or arr.dtype == bool:
+        what = "strings" if arr.dtype.kind in "US" else ("booleans" if arr.dtype == bool else "nested lists of "
+                                                                                           "different lengths or non-numbers")
+        raise RequestError(422, f"{name} must hold numbers only, got {what}; it must be {shape_hint}")
+    if arr.size == 0:
+        raise RequestError(422, f"{name} is empty; it must be {shape_hint}")
+    single = arr.ndim == 1
+    if single:
+        arr = arr.reshape(1, -1)
+    if arr.ndim != 2:
+        raise RequestError(422, f"{name} has shape {list(arr.shape)} (nested {arr.ndim} deep); it must be {shape_hint}")
+    if arr.shape[1] != dim:
+        raise RequestError(422, f"{name}: each point needs {dim} coordinates (the index holds {dim}-D points), got "
+                                f"{arr.shape[1]}" + (" (a single point)" if single else f" (shape {list(arr.shape)})"))
+    arr = np.ascontiguousarray(arr, dtype=np.float64)
+    _check_finite(arr, name)
+    return arr, single
+
+
+def _param(obj: dict, request: Request, name: str) -> Any:
+    """A parameter from the JSON body, else from the query string (``None`` when absent)."""
+    if name in obj:
+        return obj[name]
+    return request.query_params.get(name)
+
+
+def _as_k(value: Any, n_points: int) -> int:
+    if value is None:
+        raise RequestError(422, "missing k: the number of neighbours per point (JSON field \"k\" or ?k=)")
+    if isinstance(value, str):
+        try:
+            value = int(value.strip())
+        except ValueError:
+            raise RequestError(422, f"k must be a positive integer, got {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (isinstance(value, float)
+                                                                          and not value.is_integer()):
+        raise RequestError(422, f"k must be a positive integer, got {json.dumps(value)}")
+    k = int(value)
+    if k < 1:
+        raise RequestError(422, f"k must be >= 1, got {k}")
+    if k > n_points:
+        raise RequestError(422, f"k={k} is larger than the number of points in the index ({n_points:,}); use "
+                                f"k <= {n_points:,}")
+    return k
+
+
+def _as_radius(value: Any, m: int) -> np.ndarray:
+    if value is None:
+        raise RequestError(422, "missing radius: a number >= 0, or one per point (JSON field \"radius\" or ?radius=)")
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            raise RequestError(422, f"radius must be a number >= 0, got {value!r}") from None
+    if isinstance(value, bool):
+        raise RequestError(422, "radius must be a number >= 0, got a boolean")
+    try:
+        r = np.asarray(value, dtype=np.float64)
+    except (ValueError, TypeError):
+        raise RequestError(422, f"radius must be a number >= 0 or a list of one per point, got "
+                                f"{json.dumps(value)[:80]}") from None
+    if r.ndim == 0:
+        r = np.full(m, float(r))
+    if r.shape != (m,):
+        raise RequestError(422, f"radius must be one number or one per point ({m}), got shape {list(r.shape)}")
+    if not np.isfinite(r).all() or (r < 0).any():
+        raise RequestError(422, f"radius must be finite and >= 0, got {r[~(np.isfinite(r) & (r >= 0))][0]}")
+    return r
+
+
+def _as_ids(value: Any, n: int, name: str = "ids") -> np.ndarray:
+    if not isinstance(value, list):
+        raise RequestError(422, f"{name} must be a list of integers, got a {type(value).__name__}")
+    if any(isinstance(v, bool) or not isinstance(v, int) for v in value):
+        raise RequestError(422, f"{name} must hold integers only")
+    try:
+        ids = np.array(value, dtype=np.int64).reshape(-1)
+    except OverflowError:
+        raise RequestError(422, f"{name} must fit in 64-bit signed integers") from None
+    if n >= 0 and len(ids) != n:
+        raise RequestError(422, f"{name} needs one id per point ({n}), got {len(ids)}")
+    return ids
+
+
+def _as_numbers(value: Any, n: int, name: str) -> np.ndarray:
+    if not isinstance(value, list) or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in value):
+        raise RequestError(422, f"{name} must be a list of numbers, one per point")
+    arr = np.array(value, dtype=np.float64).reshape(-1)
+    if len(arr) != n:
+        raise RequestError(422, f"{name} needs one value per point ({n}), got {len(arr)}")
+    if not np.isfinite(arr).all():
+        raise RequestError(422, f"{name} must be finite numbers")
+    return arr
+
+
+# -- Arrow --------------------------------------------------------------------------------------------------------
+def _arrow_table(body: bytes) -> Any:
+    import pyarrow as pa
+
+    if not body:
+        raise RequestError(400, "the request body is empty; send an Arrow IPC stream (pyarrow.ipc.new_stream)")
+    try:
+        with pa.ipc.open_stream(pa.BufferReader(body)) as reader:
+            return reader.read_all()
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise RequestError(400, f"the body is not a valid Arrow IPC stream ({' '.join(str(exc).split())[:200]}); write "
+                                f"the table with pyarrow.ipc.new_stream") from None
+
+
+def _arrow_column(table: Any, name: str, kind: str = "number") -> np.ndarray:
+    import pyarrow as pa
+
+    col = table.column(name)
+    t = col.type
+    ok = pa.types.is_integer(t) or (kind == "number" and pa.types.is_floating(t))
+    if not ok:
+        raise RequestError(422, f"Arrow column {name!r} has type {t}; it must hold "
+                                f"{'numbers' if kind == 'number' else 'integers'}")
+    if col.null_count:
+        rows = np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))
+        raise RequestError(422, f"Arrow column {name!r} holds {col.null_count} null value(s) (first in row "
+                                f"{int(rows[0])}); every row needs a value")
+    return col.to_numpy()
+
+
+def _arrow_coords(table: Any, names: list[str], what: str = "points") -> np.ndarray:
+    missing = [n for n in names if n not in table.column_names]
+    if missing:
+        raise RequestError(422, f"the Arrow table needs columns {', '.join(names)} ({len(names)}-D {what}); missing "
+                                f"{', '.join(missing)}; it has {', '.join(table.column_names) or 'no columns'} "
+                                f"(?columns=a,b picks other coordinate columns)")
+    if table.num_rows == 0:
+        raise RequestError(422, f"the Arrow table has no rows; send at least one of the {what}")
+    arr = np.column_stack([_arrow_column(table, n).astype(np.float64) for n in names])
+    _check_finite(arr, what)
+    return np.ascontiguousarray(arr)
+
+
+def _column_names(request: Request, dim: int) -> list[str]:
+    given = request.query_params.get("columns")
+    if not given:
+        return coordinate_names(dim)
+    names = [c.strip() for c in given.split(",") if c.strip()]
+    if len(names) != dim:
+        raise RequestError(422, f"?columns= names {len(names)} column(s) ({', '.join(names)}) but the index holds "
+                                f"{dim}-D points; name {dim}")
+    return names
+
+
+def _arrow_response(columns: dict[str, np.ndarray]) -> Response:
+    import pyarrow as pa
+
+    table = pa.table({k: pa.array(v) for k, v in columns.items()})
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return Response(sink.getvalue().to_pybytes(), media_type=ARROW_STREAM)
+
+
+# -- OpenAPI descriptions ------------------------------------------------------------------------------------------
+_POINTS_SCHEMA = {
+    "description": "a point [x, y, ...] or a list of points [[x, y, ...], ...]; finite numbers",
+    "oneOf": [{"type": "array", "items": {"type": "number"}},
+              {"type": "array", "items": {"type": "array", "items": {"type": "number"}}}],
+}
+_ARROW_BODY = {"schema": {"type": "string", "format": "binary",
+                          "description": "an Arrow IPC stream: a table with columns x, y[, z] (x0, x1, ... above 3-D; "
+                                         "?columns= names others)"}}
+_ERRORS = {
+    400: {"description": "malformed JSON or Arrow body", "content": {JSON_TYPE: {"example": {"detail": "malformed "
+                                                                                                      "JSON: ..."}}}},
+    413: {"description": "body larger than the service's limit"},
+    415: {"description": "unsupported Content-Type"},
+    422: {"description": "wrong shape, dimension or values; the detail says which"},
+    503: {"description": "no data distributed yet, or partitions lost"},
+}
+
+
+def _doc(json_schema: dict, json_out: dict, arrow_out: str) -> dict:
+    return {
+        "openapi_extra": {"requestBody": {"required": True, "content": {JSON_TYPE: {"schema": json_schema},
+                                                                        ARROW_STREAM: _ARROW_BODY}}},
+        "responses": {200: {"description": "the answer", "content": {
+            JSON_TYPE: {"schema": json_out},
+            ARROW_STREAM: {"schema": {"type": "string", "format": "binary", "description": arrow_out}}}},
+            **_ERRORS},
+    }
+
+
+_KNN_DOC = _doc(
+    {"type": "object", "required": ["points", "k"], "properties": {
+        "points": _POINTS_SCHEMA, "k": {"type": "integer", "minimum": 1, "description": "neighbours per point"}},
+     "example": {"points": [[0.5, 0.5], [0.1, 0.2]], "k": 5}},
+    {"type": "object", "properties": {"distances": {"type": "array"}, "ids": {"type": "array"}}},
+    "columns query, rank (1 = nearest), id, distance",
+)
+_RANGE_DOC = _doc(
+    {"type": "object", "required": ["points", "radius"], "properties": {
+        "points": _POINTS_SCHEMA,
+        "radius": {"oneOf": [{"type": "number", "minimum": 0}, {"type": "array", "items": {"type": "number"}}]}},
+     "example": {"points": [[0.5, 0.5]], "radius": 0.05}},
+    {"type": "object", "properties": {"ids": {"type": "array"}, "distances": {"type": "array"}}},
+    "columns query, id, distance",
+)
+_BOX_DOC = _doc(
+    {"type": "object", "required": ["lo", "hi"], "properties": {"lo": _POINTS_SCHEMA, "hi": _POINTS_SCHEMA},
+     "example": {"lo": [0.1, 0.1], "hi": [0.2, 0.3]}},
+    {"type": "object", "properties": {"ids": {"type": "array"}}},
+    "columns query, id (request columns lo_x, lo_y, hi_x, hi_y)",
+)
+_INGEST_DOC = _doc(
+    {"type": "object", "required": ["points"], "properties": {
+        "points": _POINTS_SCHEMA, "ids": {"type": "array", "items": {"type": "integer"}},
+        "timestamps": {"type": "array", "items": {"type": "number"}}},
+     "example": {"points": [[0.5, 0.5]], "ids": [1000001]}},
+    {"type": "object", "properties": {"ids": {"type": "array", "items": {"type": "integer"}},
+                                      "n_points": {"type": "integer"}}},
+    "column id (request: optional id and timestamp columns)",
+)
+
+
+# -- the app -------------------------------------------------------------------------------------------------------
+def _status_page() -> str:
+    return resources.files("distspatial").joinpath("ui/static/status.html").read_text(encoding="utf-8")
+
+
+def create_app(
+    cluster: Any,
+    *,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    workers: int = 8,
+    max_results: int = DEFAULT_MAX_RESULTS,
+    status_interval_s: float = 0.5,
+) -> FastAPI:
+    """The ASGI app serving ``cluster`` (see the module docstring for the endpoints).
+
+    Args:
+        cluster: a running :class:`~distspatial.DistributedSpatialCluster` (data may be distributed later).
+        max_body_bytes: larger request bodies get 413.
+        workers: threads running the cluster's (blocking) calls; more concurrent requests wait for one.
+        max_results: most neighbours (points x k) one kNN request may ask for (422 above).
+        status_interval_s: ``/status.json`` is recomputed at most this often, however many viewers poll it.
+
+    The app's ``state`` holds ``cluster``, ``metrics`` (:class:`ServiceMetrics`) and ``pool`` (the executor).
+    """
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="distspatial-http")
+    metrics = ServiceMetrics()
+    status = StatusCollector(cluster, metrics, status_interval_s)
+    page = _status_page()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        pool.shutdown(wait=False, cancel_futures=True)
+
+    app = FastAPI(
+        title="distspatial query service",
+        version=_version(),
+        description="Exact kNN, range and box queries, live ingest, statistics and health of a distributed spatial "
+                    "index. JSON or Arrow IPC stream bodies (Content-Type application/vnd.apache.arrow.stream).",
+        lifespan=lifespan,
+    )
+    app.state.cluster, app.state.metrics, app.state.pool, app.state.status = cluster, metrics, pool, status
+
+    @app.exception_handler(RequestError)
+    async def _request_error(request: Request, exc: RequestError) -> Response:
+        return _error_response(exc.status, exc.message)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
+        parts = []
+        for e in exc.errors():
+            loc = " ".join(str(x) for x in e.get("loc", ()) if x not in ("query", "body"))
+            parts.append(f"{e.get('loc', ['?'])[0]} parameter {loc}: {e.get('msg', 'invalid')}")
+        return _error_response(422, "; ".join(parts) or "invalid request")
+
+    async def blocking(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(pool, functools.partial(fn, *args, **kwargs))
+        except RequestError:
+            raise
+        except NotDistributedError as exc:
+            raise RequestError(503, f"{exc}") from None
+        except ValueError as exc:
+            raise RequestError(422, " ".join(str(exc).split())) from None
+        except DistSpatialError as exc:
+            raise RequestError(503, f"{type(exc).__name__}: {' '.join(str(exc).split())}") from None
+        except RuntimeError as exc:
+            if "shut down" in str(exc):
+                raise RequestError(503, str(exc)) from None
+            raise
+
+    def meta() -> Any:
+        try:
+            return cluster.metadata
+        except NotDistributedError as exc:
+            raise RequestError(503, str(exc)) from None
+        except RuntimeError as exc:
+            raise RequestError(503, str(exc)) from None
+
+    async def handle(request: Request, endpoint: str, work: Callable[[Request], Any]) -> Response:
+        """Run ``work`` (a coroutine function returning ``(response, n_queries)``), count and time it; errors
+        become their JSON answers."""
+        t0 = time.perf_counter()
+        try:
+            response, n = await work(request)
+        except RequestError as exc:
+            metrics.record(endpoint, 0, time.perf_counter() - t0, False)
+            return _error_response(exc.status, exc.message)
+        except Exception as exc:  # a bug: say what, never hang the client
+            metrics.record(endpoint, 0, time.perf_counter() - t0, False)
+            return _error_response(500, f"internal error: {type(exc).__name__}: {' '.join(str(exc).split())[:500]}")
+        metrics.record(endpoint, n, time.perf_counter() - t0, True)
+        return response
+
+    async def read(request: Request, example: str, fields: tuple[str, ...]) -> tuple[str, dict, Any]:
+        body = await _read_body(request, max_body_bytes)
+        kind = _body_kind(request)
+        parse = functools.partial(_parse_json, body, example) if kind == "json" else functools.partial(_arrow_table,
+                                                                                                        body)
+        # large bodies are decoded in the pool, so the event loop keeps serving other clients meanwhile
+        parsed = parse() if len(body) < 256 * 1024 else await asyncio.get_running_loop().run_in_executor(pool, parse)
+        if kind == "json":
+            _check_fields(parsed, fields)
+            return kind, parsed, None
+        return kind, {}, parsed
+
+    # -- kNN ------------------------------------------------------------------------------------------------------
+    @app.post("/knn", summary="k nearest neighbours of each point", **_KNN_DOC)
+    async def knn(request: Request,
+                  k: int | None = Query(None, description="neighbours per point (Arrow bodies; JSON: field k)"),
+                  columns: str | None = Query(None, description="coordinate columns of an Arrow body")) -> Response:
+        async def work(req: Request):
+            kind, obj, table = await read(req, '{"points": [[0.5, 0.5]], "k": 5}', ("points", "k"))
+            m = meta()
+            if kind == "json":
+                q, single = _json_coords(obj, "points", m.dim)
+            else:
+                q, single = _arrow_coords(table, _column_names(req, m.dim)), False
+            kk = _as_k(_param(obj, req, "k"), m.n_points)
+            if len(q) * kk > max_results:
+                raise RequestError(422, f"the answer would hold {len(q):,} x {kk} = {len(q) * kk:,} neighbours, more "
+                                        f"than this service's limit of {max_results:,} per request; send fewer points "
+                                        f"per request or a smaller k")
+            dist, ids = await blocking(cluster.distributed_knn_search, q, kk)
+            if _wants_arrow(req, kind):
+                from ..io.files import knn_table
+
+                return _arrow_response(knn_table(dist, ids)), len(q)
+            if single:
+                dist, ids = dist[0], ids[0]
+            dist_out = dist.tolist() if np.isfinite(dist).all() else _jsonable(dist)
+            return _json_response({"distances": dist_out, "ids": ids.tolist()}), len(q)
+
+        return await handle(request, "knn", work)
+
+    # -- range ----------------------------------------------------------------------------------------------------
+    @app.post("/range", summary="every point within a radius of each point", **_RANGE_DOC)
+    async def range_(request: Request,
+                     radius: float | None = Query(None, description="ball radius (Arrow bodies; JSON: field radius)"),
+                     columns: str | None = Query(None)) -> Response:
+        async def work(req: Request):
+            kind, obj, table = await read(req, '{"points": [[0.5, 0.5]], "radius": 0.05}', ("points", "radius"))
+            m = meta()
+            if kind == "json":
+                q, single = _json_coords(obj, "points", m.dim)
+                r = _as_radius(_param(obj, req, "radius"), len(q))
+            else:
+                q, single = _arrow_coords(table, _column_names(req, m.dim)), False
+                r = _as_radius(_arrow_column(table, "radius").astype(np.float64) if "radius" in table.column_names
+                               else req.query_params.get("radius"), len(q))
+            found = await blocking(cluster.range_search, q, r, return_points=True)
+            ids = [f[0] for f in found]
+            dists = [np.sqrt(((f[1] - q[i]) ** 2).sum(axis=1)) for i, f in enumerate(found)]
+            if _wants_arrow(req, kind):
+                from ..io.files import range_table
+
+                return _arrow_response(range_table(ids, dists)), len(q)
+            out_i = [a.tolist() for a in ids]
+            out_d = [a.tolist() for a in dists]
+            if single:
+                out_i, out_d = out_i[0], out_d[0]
+            return _json_response({"ids": out_i, "distances": out_d}), len(q)
+
+        return await handle(request, "range", work)
+
+    # -- box ------------------------------------------------------------------------------------------------------
+    @app.post("/box", summary="every point inside each box lo <= p <= hi", **_BOX_DOC)
+    async def box(request: Request, columns: str | None = Query(None, description="coordinate names x,y[,z]: the "
+                                                                               "Arrow body has lo_<name> and hi_<name>")
+                  ) -> Response:
+        async def work(req: Request):
+            kind, obj, table = await read(req, '{"lo": [0.1, 0.1], "hi": [0.2, 0.3]}', ("lo", "hi"))
+            m = meta()
+            if kind == "json":
+                lo, single = _json_coords(obj, "lo", m.dim)
+                hi, single_hi = _json_coords(obj, "hi", m.dim)
+                if lo.shape != hi.shape or single != single_hi:
+                    raise RequestError(422, f"lo and hi must have the same shape; got {len(lo)} and {len(hi)} "
+                                            f"corner(s)")
+            else:
+                names = _column_names(req, m.dim)
+                lo = _arrow_coords(table, [f"lo_{n}" for n in names], "box corners")
+                hi = _arrow_coords(table, [f"hi_{n}" for n in names], "box corners")
+                single = False
+            bad = np.flatnonzero((lo > hi).any(axis=1))
+            if len(bad):
+                raise RequestError(422, f"box {int(bad[0])} has lo > hi in some dimension (lo {lo[bad[0]].tolist()}, "
+                                        f"hi {hi[bad[0]].tolist()}); each box needs lo <= hi")
+            found = await blocking(cluster.box_search, lo, hi)
+            if _wants_arrow(req, kind):
+                from ..io.files import range_table
+
+                return _arrow_response(range_table(found)), len(lo)
+            out = [a.tolist() for a in found]
+            return _json_response({"ids": out[0] if single else out}), len(lo)
+
+        return await handle(request, "box", work)
+
+    # -- ingest / delete ------------------------------------------------------------------------------------------
+    @app.post("/ingest", summary="add points to the live index", **_INGEST_DOC)
+    async def ingest(request: Request, columns: str | None = Query(None)) -> Response:
+        async def work(req: Request):
+            kind, obj, table = await read(req, '{"points": [[0.5, 0.5]], "ids": [1000001]}',
+                                          ("points", "ids", "timestamps"))
+            m = meta()
+            ts = None
+            if kind == "json":
+                pts, _ = _json_coords(obj, "points", m.dim)
+                ids = _as_ids(obj["ids"], len(pts)) if obj.get("ids") is not None else None
+                if obj.get("timestamps") is not None:
+                    ts = _as_numbers(obj["timestamps"], len(pts), "timestamps")
+            else:
+                pts = _arrow_coords(table, _column_names(req, m.dim))
+                ids = _arrow_column(table, "id", "integer").astype(np.int64) if "id" in table.column_names else None
+                ts = _arrow_column(table, "timestamp").astype(np.float64) if "timestamp" in table.column_names else None
+            new_ids = await blocking(cluster.ingest, pts, ids, ts)
+            if _wants_arrow(req, kind):
+                return _arrow_response({"id": np.asarray(new_ids, dtype=np.int64)}), len(pts)
+            return _json_response({"ids": np.asarray(new_ids).tolist(), "n_points": int(cluster.n_points)}), len(pts)
+
+        return await handle(request, "ingest", work)
+
+    @app.post("/delete", summary="delete points by id",
+              openapi_extra={"requestBody": {"required": True, "content": {JSON_TYPE: {"schema": {
+                  "type": "object", "required": ["ids"], "properties": {"ids": {"type": "array", "items": {
+                      "type": "integer"}}}, "example": {"ids": [3, 7]}}}}}},
+              responses={200: {"description": "how many of the ids existed and were deleted"}, **_ERRORS})
+    async def delete(request: Request) -> Response:
+        async def work(req: Request):
+            kind, obj, table = await read(req, '{"ids": [3, 7]}', ("ids",))
+            meta()
+            if kind == "json":
+                if obj.get("ids") is None:
+                    raise RequestError(422, "missing field 'ids': a list of integer ids")
+                ids = _as_ids(obj["ids"], -1)
+            else:
+                if "id" not in table.column_names:
+                    raise RequestError(422, f"the Arrow table needs an integer column 'id'; it has "
+                                            f"{', '.join(table.column_names) or 'no columns'}")
+                ids = _arrow_column(table, "id", "integer").astype(np.int64)
+            n = await blocking(cluster.delete, ids)
+            return _json_response({"deleted": int(n), "n_points": int(cluster.n_points)}), len(ids)
+
+        return await handle(request, "delete", work)
+
+    # -- read-only endpoints --------------------------------------------------------------------------------------
+    @app.get("/stats", summary="cluster statistics (per node and totals)")
+    async def stats(request: Request) -> Response:
+        async def work(req: Request):
+            st = await blocking(cluster.statistics)
+            out = _jsonable(st)
+            out["compression_ratio"] = _jsonable(st.compression_ratio)
+            out["service"] = metrics.snapshot()
+            return _json_response(out), 0
+
+        return await handle(request, "stats", work)
+
+    @app.get("/health", summary="node health: 200 when queries can be answered, else 503",
+             responses={503: {"description": "no data distributed, the cluster is shut down, or partitions lost"}})
+    async def health(request: Request) -> Response:
+        async def work(req: Request):
+            meta_, why = _current_meta(cluster)
+            if meta_ is None and "shut down" in why:
+                return _json_response({"status": "unavailable", "reason": why}, 503), 0
+            h = await blocking(cluster.health)
+            failed = set(h.get("failed_nodes", []))
+            lost = [p.partition_id for p in meta_.partitions if all(o in failed for o in p.owners)] if meta_ else []
+            if meta_ is None:
+                state, reason = "unavailable", why
+            elif lost:
+                state, reason = "unavailable", f"every replica of partitions {lost} is lost"
+            elif failed or h.get("under_replicated"):
+                state, reason = "degraded", "some nodes failed or partitions are under-replicated; queries work"
+            else:
+                state, reason = "ok", "every node answers"
+            out = {"status": state, "reason": reason, "points": int(cluster.n_points),
+                   "lost_partitions": lost, **_jsonable(h)}
+            return _json_response(out, 503 if state == "unavailable" else 200), 0
+
+        return await handle(request, "health", work)
+
+    @app.get("/status.json", summary="what the status page shows: nodes, partitions, load, query rates")
+    async def status_json(request: Request) -> Response:
+        async def work(req: Request):
+            return _json_response(await blocking(status.get)), 0
+
+        return await handle(request, "status", work)
+
+    @app.get("/", response_class=HTMLResponse, summary="live status page", include_in_schema=True)
+    async def index() -> HTMLResponse:
+        return HTMLResponse(page, headers={"Cache-Control": "no-store"})
+
+    return app
+
+
+def _version() -> str:
+    try:
+        from .. import __version__
+
+        return __version__
+    except Exception:  # pragma: no cover
+        return "0"
+
+
+# -- running it ----------------------------------------------------------------------------------------------------
+def listen(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
+    """A listening socket (``port`` 0: a free one); connections made before uvicorn accepts wait in the backlog."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise OSError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def _url(host: str, sock: socket.socket) -> str:
+    port = sock.getsockname()[1]
+    shown = {"0.0.0.0": "127.0.0.1", "::": "[::1]", "": "127.0.0.1"}.get(host, f"[{host}]" if ":" in host else host)
+    return f"http://{shown}:{port}"
+
+
+def _server(app: Any, log_level: str, access_log: bool) -> Any:
+    config = uvicorn.Config(app, log_level=log_level, access_log=access_log, timeout_graceful_shutdown=5,
+                            lifespan="on")
+    return uvicorn.Server(config)
+
+
+def run_server(
+    cluster: Any,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    *,
+    log_level: str = "warning",
+    access_log: bool = False,
+    on_ready: Callable[[str], None] | None = None,
+    sock: socket.socket | None = None,
+    **app_options: Any,
+) -> None:
+    """Serve ``cluster`` on ``host:port`` until SIGINT or SIGTERM (then return normally, after a graceful
+    shutdown). ``port=0`` takes a free port; ``on_ready(url)`` is called once the socket listens. ``sock``: a
+    socket from :func:`listen` to serve on instead (bound early, so a busy port fails before any work).
+    ``app_options`` go to :func:`create_app`."""
+    app = create_app(cluster, **app_options)
+    sock = sock if sock is not None else listen(host, port)
+    server = _server(app, log_level, access_log)
+    stops: list[int] = []
+    main = threading.current_thread() is threading.main_thread()
+    # uvicorn handles SIGINT/SIGTERM while serving and raises them again afterwards; swallow that second one so
+    # the caller (the CLI) returns normally and shuts the cluster down.
+    previous = {s: signal.signal(s, lambda sig, frame: stops.append(sig)) for s in (signal.SIGINT, signal.SIGTERM)} \
+        if main else {}
+    try:
+        if on_ready is not None:
+            on_ready(_url(host, sock))
+        server.run(sockets=[sock])
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+        sock.close()
+
+
+class BackgroundServer:
+    """uvicorn serving ``cluster`` (or a ready app) in a daemon thread: ``with BackgroundServer(c) as s: s.url``."""
+
+    def __init__(self, cluster_or_app: Any, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning",
+                 **app_options: Any) -> None:
+        self.app = cluster_or_app if isinstance(cluster_or_app, FastAPI) else create_app(cluster_or_app,
+                                                                                       **app_options)
+        self.host, self.port, self.log_level = host, port, log_level
+        self.url = ""
+        self._server: Any = None
+        self._thread: threading.Thread | None = None
+        self._sock: socket.socket | None = None
+
+    def start(self, timeout_s: float = 30.0) -> BackgroundServer:
+        self._sock = listen(self.host, self.port)
+        self.url = _url(self.host, self._sock)
+        self._server = _server(self.app, self.log_level, False)
+        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._sock]},
+                                        name="distspatial-http-server", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + timeout_s
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"the HTTP server did not start within {timeout_s:g} s")
+            time.sleep(0.02)
+        return self
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        if self._server is not None:
+            self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+        if self._sock is not None:
+            self._sock.close()
+        self._server = self._thread = self._sock = None
+
+    def __enter__(self) -> BackgroundServer:
+        return self.start() if self._server is None else self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
