@@ -1,6 +1,7 @@
 """Live ingest, delete and update on a real local Ray runtime, checked against brute force / cKDTree."""
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -9,6 +10,7 @@ from scipy.spatial import cKDTree
 from distspatial import DistributedSpatialCluster, NodeConfig
 from distspatial.io.datasets import skewed_points
 
+from ._workers import start, wait_until
 from .conftest import brute_knn
 
 
@@ -88,22 +90,26 @@ def test_queries_during_ingest_see_every_acknowledged_point(ray_local):
     with DistributedSpatialCluster(_cfg(nodes=2)) as c:
         c.distribute_data(pts)
         acked = [0]  # batches acknowledged so far
-        errors = []
+        go = threading.Event()  # set by the reader as it starts a query: the writer's next batch starts then
+        ingest_spans, query_spans = [], []
 
         def writer():
-            try:
-                for b in batches:
-                    c.ingest(b)
-                    acked[0] += 1
-            except Exception as exc:  # pragma: no cover - reported below
-                errors.append(exc)
+            for b in batches:
+                assert go.wait(60), "the reader stopped querying"
+                go.clear()
+                t0 = time.perf_counter()
+                c.ingest(b)
+                ingest_spans.append((t0, time.perf_counter()))
+                acked[0] += 1
 
-        t = threading.Thread(target=writer)
-        t.start()
-        checks = 0
-        while t.is_alive() or checks < 2:
+        t = start(writer)  # an exception in the writer fails the test (t.finish)
+        while True:
+            writing = t.is_alive()
             before = acked[0]
+            go.set()
+            t0 = time.perf_counter()
             d, i = c.distributed_knn_search(q, 4)
+            query_spans.append((t0, time.perf_counter()))
             after = acked[0] + (1 if t.is_alive() else 0)  # a batch in flight may already be visible
             lo_set = np.concatenate([pts] + batches[:before])
             hi_set = np.concatenate([pts] + batches[:min(after, len(batches))])
@@ -113,11 +119,14 @@ def test_queries_during_ingest_see_every_acknowledged_point(ray_local):
             assert np.all(d >= brute_knn(hi_set, q, 4) - 1e-12)
             own = np.sqrt(((hi_set[i] - q[:, None]) ** 2).sum(-1))
             np.testing.assert_allclose(own, d, rtol=0, atol=1e-12)
-            checks += 1
-            if not t.is_alive():
+            if not writing:
                 break
-        t.join()
-        assert not errors
+        t.finish(timeout=120)
+        assert acked[0] == len(batches)
+        # the queries really ran while batches were being ingested (not all before or after the writer)
+        overlapping = sum(any(qa < ib and ia < qb for ia, ib in ingest_spans) for qa, qb in query_spans)
+        print(f"{overlapping} of {len(query_spans)} queries overlapped one of {len(ingest_spans)} ingests")
+        assert overlapping >= len(batches) // 2, (overlapping, len(query_spans))
         allp = np.concatenate([pts] + batches)
         d, _ = c.distributed_knn_search(q, 4)
         np.testing.assert_allclose(d, brute_knn(allp, q, 4), rtol=0, atol=1e-12)
@@ -180,8 +189,10 @@ def test_distribute_chunks_from_a_file_never_holding_it_whole(ray_local, tmp_pat
 
 
 def test_a_query_planned_before_a_split_is_planned_again(ray_local):
-    """Nodes split a partition before the coordinator publishes the halves: a query planned on the older layout
-    misses the upper half (shown below), so queries that overlap a split are planned and run again."""
+    """Nodes split a partition before the controller publishes the halves, and a client may hold the layout
+    from before: its plan would miss the upper half, so the nodes refuse a plan older than the version they were
+    told of, and the client plans again on the new layout (deterministic: the split lands between a client's
+    view and its query)."""
     rng = np.random.default_rng(8)
     pts = rng.random((12_000, 2))
     with DistributedSpatialCluster(_cfg(nodes=2)) as c:
@@ -189,23 +200,20 @@ def test_a_query_planned_before_a_split_is_planned_again(ray_local):
         big = max(meta.partitions, key=lambda p: p.size).partition_id
         q = pts[rng.choice(len(pts), 400, replace=False)] + 1e-6
         ref = brute_knn(pts, q, 6)
-        stale = c._routing
-        c.split_partition(big)
-        d_stale, _ = c._knn(q, 6, c.metadata, None, stale)  # planned on the layout before the split
-        assert not np.allclose(d_stale, ref, rtol=0, atol=1e-12), "the stale plan misses the upper half"
-
-        attempts = []
-
-        def split_between_plan_and_run():
-            plan = c._routing
-            if not attempts:  # the first time, a split lands after planning, before the nodes are asked
-                c.split_partition(max(c.metadata.partitions, key=lambda p: p.size).partition_id)
-            attempts.append(plan)
-            return c._knn(q, 6, c.metadata, None, plan)
-
-        d, _ = c._stable_layout(split_between_plan_and_run)
-        assert len(attempts) == 2 and attempts[1] is c._routing
+        rt = c.runtime
+        stale = rt.view
+        # the split goes straight to the controller: this client's cached view stays the one from before
+        new_id = rt.call_controller("split_partition", big)
+        assert rt.view is stale and stale.meta.n_partitions == new_id, "the client still plans on the old layout"
+        replans = rt.replans
+        d, _ = c.distributed_knn_search(q, 6)
+        assert rt.replans == replans + 1, "a node refused the stale plan and the query was planned again"
+        assert rt.view.meta.n_partitions == new_id + 1
         np.testing.assert_allclose(d, ref, rtol=0, atol=1e-12)
+        # the upper half holds some true neighbours: a plan on the old layout could not have found them
+        upper = set(np.concatenate([ids for _, parts in rt.partitions_call("partition_ids", partitions=[new_id])
+                                    for _, ids in parts]).tolist())
+        assert upper & set(cKDTree(pts).query(q, 6)[1].ravel().tolist())
 
 
 def test_queries_stay_exact_while_partitions_split(ray_local):
@@ -231,13 +239,16 @@ def test_queries_stay_exact_while_partitions_split(ray_local):
                     errors.append("box")
                 n[0] += 1
 
-        th = threading.Thread(target=reader)
-        th.start()
+        th = start(reader)  # a query that raises fails the test (th.finish), not only a wrong answer
         try:
+            wait_until(lambda: n[0] >= 1, 60, "the reader's first round", workers=(th,))
             for _ in range(12):
                 c.split_partition(max(c.metadata.partitions, key=lambda p: p.size).partition_id)
+                seen = n[0]
+                # every layout is queried: the reader finishes a round that began after this split was published
+                wait_until(lambda: n[0] >= seen + 2, 60, "a reader round on the new layout", workers=(th,))
         finally:
             done.set()
-            th.join()
-        assert c.metadata.n_partitions >= 12 and n[0] >= 1
+            th.finish(timeout=60)
+        assert c.metadata.n_partitions >= 12 and n[0] >= 25
         assert not errors, errors[:5]
