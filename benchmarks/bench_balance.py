@@ -49,7 +49,7 @@ def main() -> None:
             meta = c.metadata
             for p in meta.partitions:  # pile 70% of the points onto node 0
                 if p.owners[0] != 0 and p.partition_id % 10 < 6:
-                    c._move_partition(p.partition_id, p.owners[0], 0)
+                    c.move_partition(p.partition_id, p.owners[0], 0)
             share = sum(p.size for p in c.metadata.partitions if 0 in p.owners) / meta.n_points
             t = time.perf_counter()
             plan = c.rebalance(strategy="LeastLoaded", threshold=1.1)

@@ -47,7 +47,7 @@ def kill_under_load(n_points: int) -> dict:
     try:
         with DistributedSpatialCluster(cfg) as cluster:
             cluster.distribute_data(pts)
-            hosts = {info["ray_node_id"]: i for i, info in cluster._node_info.items()}
+            hosts = {info["ray_node_id"]: i for i, info in cluster.node_info.items()}
             victim = next(w for w in workers if w.node_id in hosts)
             stats = {"ok": 0, "wrong": 0, "failed": 0, "lat": []}
             stop = threading.Event()
@@ -71,9 +71,9 @@ def kill_under_load(n_points: int) -> dict:
             c.remove_node(victim, allow_graceful=False)
             t_detect = t_full = None
             while time.perf_counter() - t_kill < 120:
-                if t_detect is None and cluster._dispatch.failed_nodes:
+                if t_detect is None and set(cluster.failed_node_ids):
                     t_detect = time.perf_counter() - t_kill
-                if t_detect is not None and not cluster._under_replicated():
+                if t_detect is not None and not cluster.health()["under_replicated"]:
                     t_full = time.perf_counter() - t_kill
                     break
                 time.sleep(0.01)

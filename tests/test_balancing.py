@@ -3,6 +3,7 @@
 import threading
 
 import numpy as np
+import ray
 import pytest
 
 from distspatial import DistributedSpatialCluster, NodeConfig
@@ -62,7 +63,7 @@ def test_online_rebalance_of_a_hot_node_under_queries(ray_local):
         meta = c.distribute_data(pts)
         for p in meta.partitions:  # pile 70% of the partitions onto node 0
             if p.owners[0] != 0 and p.partition_id % 10 < 7:
-                c._move_partition(p.partition_id, p.owners[0], 0)
+                c.move_partition(p.partition_id, p.owners[0], 0)
         pts_per_node = lambda: [sum(p.size for p in c.metadata.partitions if n in p.owners) for n in c.live_node_ids]
         counts = pts_per_node()
         assert max(counts) / np.mean(counts) > 2.0
@@ -104,10 +105,13 @@ def test_automatic_rebalance_when_load_balancing_is_on(ray_local):
                                                                             heartbeat_interval_ms=100)
     with DistributedSpatialCluster(cfg) as c:
         meta = c.distribute_data(pts)
-        with c._meta_lock:  # pile everything onto node 0 (the heartbeat thread is running)
-            for p in meta.partitions:
-                if p.owners[0] != 0:
-                    c._move_partition(p.partition_id, p.owners[0], 0)
+        c.runtime.call_controller("set_options", rebalance_every=10**9)  # no automatic round while piling up
+        for p in meta.partitions:  # pile everything onto node 0
+            if p.owners[0] != 0:
+                c.move_partition(p.partition_id, p.owners[0], 0)
+        counts = [len(c.metadata.partitions_of(n)) for n in c.live_node_ids]
+        assert max(counts) / np.mean(counts) > c.balance_threshold, counts
+        c.runtime.call_controller("set_options", rebalance_every=1)  # heartbeats rebalance from now on
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:  # equal-size partitions: load is the partition count
             counts = [len(c.metadata.partitions_of(n)) for n in c.live_node_ids]
@@ -168,7 +172,8 @@ def test_extra_read_replica_for_a_hot_partition(ray_local):
             t.join()
         after = {x.node_id: x.queries_served for x in c.statistics().nodes}
         c.load_metrics()
-        served = {n: c._part_queries.get((n, 0), 0) for n in c.metadata.partitions[0].owners}
+        served = {n: ray.get(c.runtime.actors[n].stats.remote())["part_queries"].get(0, 0)
+                  for n in c.metadata.partitions[0].owners}
         assert all(v > 0 for v in served.values()), f"both replicas of the hot partition served reads: {served}"
         d, i = c.distributed_knn_search(q, 3)
         np.testing.assert_allclose(d, brute_knn(pts, q, 3), rtol=0, atol=1e-12)

@@ -70,20 +70,20 @@ def test_partial_failure_and_memory_pressure_are_repaired(ray_local):
     with DistributedSpatialCluster(cfg) as c:
         meta = c.distribute_data(pts)
         pid = meta.partitions_of(1)[0]
-        ray.get(c._actors[1].drop_partitions.remote([pid]))  # node 1 silently loses a partition
-        plan = c._fault.check()
+        ray.get(c.runtime.actors[1].drop_partitions.remote([pid]))  # node 1 silently loses a partition
+        plan = c.check_health()
         assert any(a.failure is FailureType.PARTIAL_FAILURE and a.strategy is RecoveryStrategy.REPLICATE
                    and a.node_id == 1 and pid in a.partitions for a in plan.actions), plan
-        assert pid in ray.get(c._actors[1].ping.remote())["partitions"], "re-replicated onto node 1"
-        assert not c._fault.check(), "healthy again"
+        assert pid in ray.get(c.runtime.actors[1].ping.remote())["partitions"], "re-replicated onto node 1"
+        assert not c.check_health(), "healthy again"
         # memory pressure (threshold below the machine's real reading): each node migrates a partition away
-        c._fault.memory_threshold = 0.0
+        c.runtime.call_controller("set_options", memory_threshold=0.0)
         version = c.metadata.version
-        plan = c._fault.check()
+        plan = c.check_health()
         assert {a.node_id for a in plan.actions if a.failure is FailureType.RESOURCE_EXHAUSTION
                 and a.strategy is RecoveryStrategy.MIGRATE} == {0, 1, 2}
         assert c.metadata.version > version
-        c._fault.memory_threshold = 0.95
+        c.runtime.call_controller("set_options", memory_threshold=0.95)
         d, _ = c.distributed_knn_search(q, 4)
         np.testing.assert_allclose(d, ref, rtol=0, atol=1e-12)
         assert all(len(set(p.owners)) == 2 for p in c.metadata.partitions)
@@ -99,15 +99,15 @@ def test_a_call_planned_before_remove_node_is_replanned(ray_local):
     cfg = NodeConfig().with_node_count(3).with_fault_tolerance(True).replace(cpus_per_node=0.2)
     with DistributedSpatialCluster(cfg) as c:
         c.distribute_data(pts)
-        stale = c._routing
+        stale = c.runtime.routing
         pids = sorted(p.partition_id for p in c.metadata.partitions)
         assert any(0 in stale.owners[p] for p in pids)
         c.remove_node(0)
 
         def build(node, part_ids):
-            return c._actor(node).partition_ids.remote(part_ids), node, 0
+            return c.runtime.actor(node).partition_ids.remote(part_ids), node, 0
 
-        results = c._dispatch.run(pids, stale, build, lambda: c._routing, balance=False)
+        results = c.runtime.dispatch.run(pids, stale, build, lambda: c.runtime.routing, balance=False)
         assert 0 not in {node for node, _ in results}
         got = np.sort(np.concatenate([ids for _, res in results for _, ids in res]))
         np.testing.assert_array_equal(got, np.arange(len(pts)))

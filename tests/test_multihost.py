@@ -45,7 +45,7 @@ DRIVER = textwrap.dedent(
     out = {}
     with DistributedSpatialCluster(cfg) as c:
         c.distribute_data(pts)
-        ips = {i: info["ip"] for i, info in c._node_info.items()}
+        ips = {i: info["ip"] for i, info in c.node_info.items()}
         out["node_ips"] = ips
         victim = [i for i, ip in ips.items() if ip == victim_ip]
         out["victim"] = victim

@@ -32,11 +32,11 @@ def test_nodes_spread_and_exact_on_three_raylets(ray_cluster):
     cfg = NodeConfig().with_node_count(3).with_fault_tolerance(True).replace(cpus_per_node=0.5)
     pts = skewed_points(30_000, 3, n_hotspots=6, seed=21)
     with DistributedSpatialCluster(cfg) as cluster:
-        machines = {info["ray_node_id"] for info in cluster._node_info.values()}
+        machines = {info["ray_node_id"] for info in cluster.node_info.values()}
         assert len(machines) == 3, "one node actor per Ray node (SPREAD)"
         meta = cluster.distribute_data(pts)
         for p in meta.partitions:
-            owner_machines = {cluster._node_info[n]["ray_node_id"] for n in p.owners}
+            owner_machines = {cluster.node_info[n]["ray_node_id"] for n in p.owners}
             assert len(owner_machines) == 2, "replicas on distinct Ray nodes"
         for d_kind in ("batch", "single"):
             q = skewed_points(300, 3, n_hotspots=6, seed=21, sample_seed=5)
@@ -67,7 +67,7 @@ def test_query_survives_killed_raylet(ray_cluster):
     pts = skewed_points(20_000, 2, seed=22)
     with DistributedSpatialCluster(cfg) as cluster:
         meta = cluster.distribute_data(pts)
-        hosts = {info["ray_node_id"]: i for i, info in cluster._node_info.items()}
+        hosts = {info["ray_node_id"]: i for i, info in cluster.node_info.items()}
         victim = next(w for w in workers if w.node_id in hosts)
         dead_node = hosts[victim.node_id]
         assert any(p.owners[0] == dead_node for p in meta.partitions), "the victim is the primary of some partitions"
@@ -75,7 +75,7 @@ def test_query_survives_killed_raylet(ray_cluster):
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:  # wait until the actor is really gone (its raylet is killed)
             try:
-                ray.get(cluster._actors[dead_node].ping.remote(), timeout=5)
+                ray.get(cluster.runtime.actors[dead_node].ping.remote(), timeout=5)
             except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError, ray.exceptions.ActorUnavailableError):
                 break
             time.sleep(0.5)
@@ -84,6 +84,6 @@ def test_query_survives_killed_raylet(ray_cluster):
         q = skewed_points(400, 2, seed=22, sample_seed=3)
         dist, ids = cluster.distributed_knn_search(q, 10)
         assert_knn_exact(pts, q, dist, ids, 10)
-        assert cluster._dispatch.failed_nodes == {dead_node}, "the dead node was detected"
+        assert set(cluster.failed_node_ids) == {dead_node}, "the dead node was detected"
         st = cluster.statistics()
         assert sum(n.status == "failed" for n in st.nodes) == 1

@@ -10,7 +10,7 @@ from .core.config import NodeConfig
 from .cluster import DistributedSpatialCluster
 from .core.errors import DistSpatialError, NodeFailureError, NotDistributedError, PartitionLostError
 from .algorithms.kmeans import KMeansResult
-from .algorithms.query import QueryParameters, QueryResults, QueryType
+from .typed_queries import QueryParameters, QueryResults, QueryType
 from .control.metadata import GlobalIndexMetadata, PartitionInfo
 from .control.routing import RoutingTable
 from .core.stats import ClusterStatistics, NodeStatistics, QueryStatus

@@ -1,9 +1,16 @@
-"""The coordinator: :class:`DistributedSpatialCluster`, living in the driver process.
+"""The public facade: :class:`DistributedSpatialCluster`, a client of one cluster.
 
-It owns the node actors, the versioned :class:`~distspatial.control.metadata.GlobalIndexMetadata` (the one place that
-records partitions and their placement) and the :class:`~distspatial.control.routing.RoutingTable` derived from it.
-Public calls validate their input, plan with :mod:`distspatial.client.planner`, run rounds of per-partition work through
-:class:`~distspatial.client.dispatch.Dispatcher` (one message per node per round, failover to replicas) and merge.
+A cluster is a controller actor (:class:`~distspatial.control.controller.ClusterController`: metadata, writes,
+recovery, balancing, checkpoints) and its node actors (the partitions). This object is a client of it: queries
+are planned on a cached view and sent straight to the nodes (:mod:`distspatial.client.queries`), algorithms run
+through the same runtime interface (:class:`~distspatial.client.runtime.ClusterRuntime`), and writes go to the
+controller, which orders them.
+
+* ``DistributedSpatialCluster(config)`` creates a cluster. Unnamed (the default), it lives and dies with this
+  client, as a plain object would; with ``NodeConfig().with_name("cities")`` it is a named cluster that outlives
+  the process: ``close()`` disconnects and leaves it running, ``shutdown()`` tears it down.
+* ``DistributedSpatialCluster.attach("cities")`` attaches another process to a running named cluster;
+  ``DistributedSpatialCluster.list_clusters()`` lists them.
 
 Example::
 
@@ -18,9 +25,9 @@ Example::
 from __future__ import annotations
 
 import logging
-import threading
+import os
 import time
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import ray
@@ -28,183 +35,223 @@ import ray
 from .algorithms import dbscan as _dbscan
 from .algorithms import hierarchical as _hierarchical
 from .algorithms import join as _join
-from .live import ingest as _ingest
 from .algorithms import kmeans as _kmeans
-from .core.codec import decode_all, encode, encode_all, message_bytes, wire_and_raw
-from .control.balancing import LoadBalancer, LoadMetrics, RebalancePlan, Strategy, TuningPolicy
-from .core.config import NodeConfig
-from .core.curves import curve_keys
-from .client.dispatch import Dispatcher, ping_ref
 from .algorithms.hierarchical import HierarchicalResult
-from .core.errors import NodeFailureError, NotDistributedError, PartitionLostError, PartitionMovedError
-from .control.fault import FailureType, FaultDetector, RecoveryPlan, RecoveryStrategy
-from .kernels.local_index import merge_topk
-from .control.metadata import GlobalIndexMetadata, PartitionInfo
-from .node.spatial_node import SpatialNode
-from .kernels.partitioning import partition_points
-from .control.placement import place_partitions
-from .client.planner import Assignment, ball_pairs, box_pairs, knn_followups, knn_home
-from .control.routing import RoutingTable
-from .control.ray_connect import cluster_cpus, connect, disconnect
-from .core.progress import make_bar, progress_bar
-from .core.stats import ClusterStatistics, CommunicationCounters, LatencyRecorder, NodeStatistics, QueryStatus, Timer
+from .client import queries as _queries
+from .client.runtime import ClusterRuntime
+from .control.balancing import LoadMetrics, RebalancePlan, Strategy, TuningPolicy
+from .control.controller import NAMESPACE, ClusterController, controller_actor_name
+from .control.metadata import GlobalIndexMetadata
+from .control.ray_connect import connect, disconnect, join
+from .control import state_store
+from .core.codec import encode, wire_and_raw
+from .core.config import NodeConfig
+from .core.errors import ClusterExistsError, ClusterGoneError, ClusterNotFoundError
+from .core.progress import make_bar
+from .core.stats import ClusterStatistics, LatencyRecorder, NodeStatistics, QueryStatus, Timer
 from .core.validation import check_ids, check_k, check_points, check_queries, check_radius
+from .kernels.partitioning import partition_points
+from .live import ingest as _ingest
 
 log = logging.getLogger(__name__)
 
 __all__ = ["DistributedSpatialCluster"]
 
 
-def threads_for(cfg: NodeConfig, total_cpus: float) -> int:
-    """Compute threads per node: ``threads_per_node`` or the cluster's CPUs divided by the node count."""
-    return cfg.threads_per_node or max(1, int(total_cpus // cfg.node_count))
+def _controller_options(name: str | None) -> dict[str, Any]:
+    """Ray options of a controller actor: a named one is detached and restarted by Ray (calls retried); an
+    unnamed one belongs to the process that creates it."""
+    common: dict[str, Any] = {"num_cpus": 0, "max_concurrency": 64}
+    if name is None:
+        return {**common, "max_restarts": 0}
+    return {**common, "name": controller_actor_name(name), "namespace": NAMESPACE, "lifetime": "detached",
+            "max_restarts": -1, "max_task_retries": -1}
 
 
-def _new_actor(node_id: int, cpus: float, threads: int, ray_node: str | None = None, compress: bool = False,
-               device: str = "cpu", gpus: float = 0.0) -> Any:
-    """Start one node actor, placed with Ray's SPREAD strategy or pinned to the Ray node ``ray_node``."""
-    strategy: Any = "SPREAD"
-    if ray_node is not None:
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-        strategy = NodeAffinitySchedulingStrategy(node_id=ray_node, soft=False)
-    return (
-        # queries (knn/ball/box) run in their own thread (group "reads"), so they never wait behind an append or
-        # an algorithm step; liveness pings in "control" (a busy node still answers); everything else runs one
-        # call at a time in the default group
-        ray.remote(concurrency_groups={"reads": 1, "control": 1})(SpatialNode)
-        .options(num_cpus=cpus, num_gpus=gpus, scheduling_strategy=strategy, max_concurrency=1)
-        .remote(node_id, threads, compress, device)
-    )
+def _find_controller(name: str) -> Any | None:
+    try:
+        return ray.get_actor(controller_actor_name(name), namespace=NAMESPACE)
+    except ValueError:
+        return None
 
 
-def _gpus_per_node(cfg: NodeConfig) -> float:
-    """GPU share each node actor asks Ray for: with device "cuda" (or "auto" on a cluster with GPUs) the nodes
-    share the cluster's GPUs evenly (fractions are fine: Ray packs several actors on one GPU)."""
-    if cfg.device == "cpu":
-        return 0.0
-    total = float(ray.cluster_resources().get("GPU", 0.0))
-    if total <= 0:
-        if cfg.device.startswith("cuda"):
-            raise RuntimeError("NodeConfig.device='cuda' but the Ray cluster has no GPUs; use with_device('auto') "
-                               "to fall back to the CPU, or start Ray on machines with GPUs")
-        return 0.0
-    return min(1.0, total / cfg.node_count)
-
-
-def _free_cpus(wanted: float, wait_s: float = 10.0) -> float:
-    """CPUs free in the runtime, waiting up to ``wait_s`` for ``wanted`` (actors just killed release theirs late)."""
-    deadline = time.monotonic() + wait_s
-    while True:
-        free = float(ray.available_resources().get("CPU", 0.0))
-        if free + 1e-9 >= wanted or time.monotonic() > deadline:
-            return free
-        time.sleep(0.1)
+def _running_clusters() -> list[str]:
+    names = []
+    for a in ray.util.list_named_actors(all_namespaces=True):
+        if a.get("namespace") == NAMESPACE and a.get("name", "").endswith(":controller"):
+            names.append(a["name"].rsplit(":", 1)[0])
+    return sorted(names)
 
 
 class DistributedSpatialCluster:
-    """A distributed spatial index over Ray actors (see module docstring).
+    """A client of a distributed spatial index on Ray (see module docstring).
 
     Args:
         config: the cluster's :class:`NodeConfig`; ``None`` uses the defaults (4 nodes, embedded runtime).
+        exist_ok: with a named config, attach to a running cluster of that name instead of raising
+            :class:`~distspatial.core.errors.ClusterExistsError` (its own configuration then applies).
     """
 
-    def __init__(self, config: NodeConfig | None = None) -> None:
-        self.config = config if config is not None else NodeConfig()
-        if not isinstance(self.config, NodeConfig):
+    def __init__(self, config: NodeConfig | None = None, *, exist_ok: bool = False) -> None:
+        config = config if config is not None else NodeConfig()
+        if not isinstance(config, NodeConfig):
             raise ValueError(f"config must be a NodeConfig, got {type(config).__name__}")
-        self._started_ray = connect(self.config)
+        self._started_ray = connect(config)
         self._closed = False
-        self._meta: GlobalIndexMetadata | None = None
-        self._routing: RoutingTable | None = None
-        # splits begun / published: a query planned while one ran is planned again (see _stable_layout)
-        self._splits_begun = self._splits_done = 0
-        self._dataset_counter = 0
-        self._id_sorted: np.ndarray | None = None  # user ids, sorted (None: ids are row numbers)
-        self._id_rows: np.ndarray | None = None  # row of each sorted id
-        self._mean_variance = 0.0
-        self._modified = False  # points were ingested or deleted since distribute_data / restore
-        self._next_id = 0  # next automatic id for ingested points
-        self._has_user_ids = False  # distribute_data was given ids: ingest needs them too
-        self._batch_counter = 0  # ingest batch ids (replays are no-ops on the nodes)
-        self._live_ids: tuple[int, np.ndarray] | None = None  # (metadata version, sorted live ids)
-        self.comm = CommunicationCounters()
         self.latency = LatencyRecorder()
-        self._run_counter = 0
-        self._checkpoint: tuple[int, str, dict] | None = None  # (data set id, uri, manifest) of the latest
-        self._autoscale_skip: set[str] = set()  # Ray nodes where a node of ours could not start
-        self._last_load: dict[int, tuple[float, dict]] = {}  # previous stats sample per node (for rates)
-        self._part_queries: dict[tuple[int, int], int] = {}  # (node, partition) -> queries served there
-        self.balance_threshold = 1.25  # max/mean load that triggers an automatic rebalance
-        self.node_capacity: dict[int, float] = {}  # capacity weights for ProportionalLoad (default 1.0)
         self.progress = True  # progress bars for long work (shown only when stderr is a terminal)
-        self.tuning_policy = TuningPolicy()  # when rebalance() splits partitions or adds read replicas
-        self._part_q_tuned: dict[int, int] = {}  # per-partition query counts at the previous rebalance
         try:
-            self._actors, self._node_info = self._start_nodes()
+            controller = self._create_controller(config, exist_ok)
+            view = ray.get(controller.view.remote())
         except BaseException:
             disconnect(self._started_ray)
             raise
-        self._dispatch = Dispatcher(
-            self._actors, self.config.communication_timeout_ms / 1000.0, self.config.max_retries, self.comm
-        )
-        self._meta_lock = threading.RLock()  # serialises metadata changes (distribute, recovery); reads need none
-        self._threads = threads_for(self.config, cluster_cpus())
-        self._fault = FaultDetector(
-            self,
-            interval_s=self.config.heartbeat_interval_ms / 1000.0,
-            timeout_s=min(self.config.communication_timeout_ms, 5 * self.config.heartbeat_interval_ms) / 1000.0,
-        )
-        if self.config.fault_tolerance or self.config.auto_scale or self.config.load_balancing:
-            self._fault.start()
-        self._stop_periodic = threading.Event()
-        if self.config.checkpoint_interval_s is not None:
-            threading.Thread(target=self._periodic_checkpoints, name="distspatial-checkpoint", daemon=True).start()
+        self._rt = ClusterRuntime(controller, view)
+        self.config = view.config
+
+    @staticmethod
+    def _create_controller(config: NodeConfig, exist_ok: bool) -> Any:
+        name = config.name
+        if name is not None:
+            found = _find_controller(name)
+            if found is not None:
+                if exist_ok:
+                    return found
+                raise ClusterExistsError(
+                    f"a cluster named {name!r} is already running; attach to it with "
+                    f"DistributedSpatialCluster.attach({name!r}), pass exist_ok=True, or shut it down first "
+                    f"(distspatial down {name})")
+            state_store.delete_cluster(name)  # state left by a cluster of that name that is gone
+        try:
+            controller = ray.remote(ClusterController).options(**_controller_options(name)).remote(name, config)
+            ray.get(controller.ready.remote())
+        except ValueError as exc:  # created by another process in the meantime
+            if name is not None and "already exists" in str(exc):
+                if exist_ok:
+                    return _find_controller(name)
+                raise ClusterExistsError(f"a cluster named {name!r} is already running") from None
+            raise
+        except ray.exceptions.RayActorError as exc:  # the constructor failed (e.g. nodes did not fit)
+            cause = getattr(exc, "cause", None) or getattr(getattr(exc, "error", None), "cause", None)
+            if name is not None:
+                state_store.delete_cluster(name)
+            if isinstance(cause, Exception):
+                raise cause from None
+            raise RuntimeError(f"the cluster's controller did not start: {exc}") from None
+        return controller
+
+    @classmethod
+    def attach(cls, name: str, address: str | None = None) -> DistributedSpatialCluster:
+        """A client of the running named cluster ``name`` (on the Ray cluster at ``address``: ``None`` or
+        ``"auto"`` the local one, or ``"ray://host:port"`` / ``"host:port"``). Only metadata is fetched.
+
+        Raises :class:`~distspatial.core.errors.ClusterNotFoundError` (listing the running clusters) when no
+        cluster of that name runs.
+
+        >>> cluster = DistributedSpatialCluster.attach("cities")  # doctest: +SKIP
+        """
+        try:
+            started = join(address)
+        except ConnectionError:
+            raise ClusterNotFoundError(f"no cluster named {name!r}: no Ray runtime runs at "
+                                       f"{address or 'this machine (address auto)'}") from None
+        try:
+            controller = _find_controller(name)
+            if controller is None:
+                running = _running_clusters()
+                raise ClusterNotFoundError(
+                    f"no cluster named {name!r} is running; running clusters: {', '.join(running) or 'none'}")
+            try:
+                view = ray.get(controller.view.remote(), timeout=120)
+            except ray.exceptions.RayActorError:
+                raise ClusterNotFoundError(f"cluster {name!r} was just shut down") from None
+        except BaseException:
+            disconnect(started)
+            raise
+        self = cls.__new__(cls)
+        self._started_ray = started
+        self._closed = False
+        self.latency = LatencyRecorder()
+        self.progress = True
+        self._rt = ClusterRuntime(controller, view)
+        self.config = view.config
+        return self
+
+    @staticmethod
+    def list_clusters(address: str | None = None) -> list[dict[str, Any]]:
+        """The named clusters running on the Ray cluster at ``address`` (as in :meth:`attach`): a dict each
+        with ``name``, ``points``, ``partitions``, ``dim``, ``nodes``, ``version``, ``restarts``. Empty when
+        no Ray runtime runs there.
+
+        >>> [c["name"] for c in DistributedSpatialCluster.list_clusters()]  # doctest: +SKIP
+        ['cities']
+        """
+        try:
+            started = join(address)
+        except ConnectionError:
+            return []
+        try:
+            out = []
+            for name in _running_clusters():
+                ctl = _find_controller(name)
+                try:
+                    info = ray.get(ctl.info.remote(), timeout=30) if ctl is not None else None
+                except Exception:
+                    info = None
+                out.append(info or {"name": name, "status": "not answering (restarting?)"})
+            return out
+        finally:
+            disconnect(started)
 
     # -- life cycle -----------------------------------------------------------------------------------------
-    def _start_nodes(self) -> tuple[dict[int, Any], dict[int, dict]]:
-        cfg = self.config
-        total = cluster_cpus()
-        # Node actors are long-lived and idle between calls; by default they share the CPUs still free (at most
-        # one each), so two clusters can live in one runtime. Set cpus_per_node to reserve more.
-        free = _free_cpus(cfg.node_count * (cfg.cpus_per_node or 0.01))
-        cpus = cfg.cpus_per_node or max(0.01, min(1.0, int(free / cfg.node_count * 100) / 100))
-        threads = threads_for(cfg, total)
-        if cfg.address is None and cpus * cfg.node_count > free + 1e-9:
-            raise RuntimeError(
-                f"{cfg.node_count} nodes x {cpus:g} CPUs do not fit in the {free:g} CPUs still free in this Ray "
-                f"runtime (another cluster may hold them); set NodeConfig.cpus_per_node lower or shut the other down"
-            )
-        self._cpus_per_node = cpus
-        gpus = _gpus_per_node(cfg)
-        actors = {i: _new_actor(i, cpus, threads, compress=cfg.compression, device=cfg.device, gpus=gpus)
-                  for i in range(cfg.node_count)}
-        refs = {i: ping_ref(a) for i, a in actors.items()}
-        ready, missing = ray.wait(list(refs.values()), num_returns=len(refs), timeout=max(60.0, cfg.communication_timeout_ms / 1000))
-        if missing:
-            for a in actors.values():
-                ray.kill(a)
-            raise RuntimeError(
-                f"only {len(ready)} of {cfg.node_count} node actors started within the timeout; the Ray cluster has "
-                f"{total:g} CPUs and each node asks for {cpus:g} (set NodeConfig.cpus_per_node lower or add machines)"
-            )
-        info = dict(zip(refs.keys(), ray.get(list(refs.values()))))
-        return actors, info
+    @property
+    def name(self) -> str | None:
+        """The cluster's name (``None``: unnamed, lives with this client)."""
+        return self._rt.name
+
+    @property
+    def comm(self) -> Any:
+        """This client's own message counters (:class:`~distspatial.core.stats.CommunicationCounters`)."""
+        return self._rt.comm
+
+    @property
+    def runtime(self) -> ClusterRuntime:
+        """The runtime interface this client uses (for algorithm and live-update code; see
+        :mod:`distspatial.client.runtime`)."""
+        return self._rt
+
+    def close(self) -> None:
+        """Disconnect this client. A named cluster keeps running (others may attach); an unnamed one lives
+        only with its client and is torn down (as :meth:`shutdown`). Idempotent."""
+        if self._closed:
+            return
+        if self._rt.name is None:
+            self.shutdown()
+            return
+        self._closed = True
+        self._rt.closed = (f"this client is closed; the cluster {self.name!r} still runs: attach again with "
+                           f"DistributedSpatialCluster.attach({self.name!r})")
+        disconnect(self._started_ray)
 
     def shutdown(self) -> None:
-        """Stop the node actors, and the Ray runtime if this cluster started it. Idempotent."""
+        """Tear the cluster down: its nodes, its controller and its stored state (a named cluster too, for
+        every client attached to it), and the Ray runtime if this client started it. Idempotent."""
         if self._closed:
             return
         self._closed = True
-        if getattr(self, "_fault", None) is not None:
-            self._fault.stop()
-        if getattr(self, "_stop_periodic", None) is not None:
-            self._stop_periodic.set()
-        for a in getattr(self, "_actors", {}).values():
+        rt = getattr(self, "_rt", None)
+        if rt is not None:
             try:
-                ray.kill(a)
-            except Exception:  # already gone
+                rt.call_controller("shutdown", timeout_s=60)
+            except (ClusterGoneError, Exception) as exc:  # already gone: nothing left to stop
+                log.debug("distspatial: shutdown: %s", exc)
+            try:
+                ray.kill(rt.controller, no_restart=True)
+            except Exception:
                 pass
+            if rt.name is not None:
+                state_store.delete_cluster(rt.name)
+            rt.closed = "this cluster has been shut down; create a new DistributedSpatialCluster"
         disconnect(self._started_ray)
 
     def __enter__(self) -> DistributedSpatialCluster:
@@ -215,18 +262,19 @@ class DistributedSpatialCluster:
 
     def __del__(self) -> None:  # pragma: no cover - best effort
         try:
-            if not self._closed and self._started_ray:
+            if not self._closed and self._started_ray and self._rt.name is None:
                 self.shutdown()
         except Exception:
             pass
 
     def __repr__(self) -> str:
-        m = self._meta
+        m = self._rt.meta
         pts = m.n_points if m else 0
         parts = m.n_partitions if m else 0
         state = "closed" if self._closed else "running"
+        named = f"name={self.name!r}, " if self.name else ""
         return (
-            f"DistributedSpatialCluster(nodes={self.config.node_count}, points={pts}, partitions={parts}, "
+            f"DistributedSpatialCluster({named}nodes={len(self.node_ids)}, points={pts}, partitions={parts}, "
             f"curve={self.config.curve!r}, replication={self.config.replication_factor}, {state})"
         )
 
@@ -235,8 +283,8 @@ class DistributedSpatialCluster:
         call to the nodes)."""
         from html import escape
 
-        m = self._meta
-        failed = self._dispatch.failed_nodes if hasattr(self, "_dispatch") else set()
+        m = self._rt.meta
+        failed = self._rt.failed_nodes
         rows = []
         for n in self.node_ids:
             parts = m.partitions_of(n) if m else []
@@ -250,37 +298,68 @@ class DistributedSpatialCluster:
     @property
     def metadata(self) -> GlobalIndexMetadata:
         """The current metadata snapshot (raises :class:`NotDistributedError` before ``distribute_data``)."""
-        return self._require_data()
+        self._require_open()
+        self._rt.sync()
+        return self._rt.require_data()
 
     @property
     def n_points(self) -> int:
-        return self._meta.n_points if self._meta else 0
+        m = self._rt.meta
+        return m.n_points if m else 0
 
     @property
     def node_ids(self) -> list[int]:
         """Ids of every node started, failed ones included (see :meth:`statistics` for their status)."""
-        return sorted(self._actors)
+        return sorted(self._rt.actors)
 
     @property
     def live_node_ids(self) -> list[int]:
         """Ids of the nodes not marked failed."""
-        return [n for n in sorted(self._actors) if n not in self._dispatch.failed_nodes]
+        return self._rt.live_node_ids
 
-    def _machines(self) -> dict[int, str]:
-        """Ray node (machine) of each node, for placing replicas on distinct machines."""
-        return {i: info.get("ray_node_id", "") or str(i) for i, info in self._node_info.items()}
+    @property
+    def failed_node_ids(self) -> list[int]:
+        """Ids of the nodes this client or the controller found failed (the controller's own view, with its
+        recovery actions: :meth:`health`)."""
+        return sorted(self._rt.failed_nodes)
 
-    def _fewest_replicas(self, candidates: list[int]) -> int:
-        """The candidate node holding the fewest partition replicas now (lowest id on ties)."""
-        meta = self._meta
-        return min(candidates, key=lambda n: (len(meta.partitions_of(n)), n))
+    @property
+    def node_info(self) -> dict[int, dict[str, Any]]:
+        """Where each node runs: ``{node: {"ray_node_id", "host", "ip", "pid", ...}}`` (as of the cached view)."""
+        return {n: dict(i) for n, i in self._rt.view.node_info.items()}
 
-    def _require_data(self) -> GlobalIndexMetadata:
-        if self._closed:
-            raise RuntimeError("this cluster has been shut down; create a new DistributedSpatialCluster")
-        if self._meta is None:
-            raise NotDistributedError("no data has been distributed yet; call cluster.distribute_data(points) first")
-        return self._meta
+    def _require_open(self) -> None:
+        if self._rt.closed:
+            raise RuntimeError(self._rt.closed)
+
+    # -- the controller's settings --------------------------------------------------------------------------
+    @property
+    def balance_threshold(self) -> float:
+        """Max/mean load that triggers an automatic rebalance (kept by the controller)."""
+        return self._rt.call_controller("options")["balance_threshold"]
+
+    @balance_threshold.setter
+    def balance_threshold(self, value: float) -> None:
+        self._rt.call_controller("set_options", balance_threshold=float(value))
+
+    @property
+    def node_capacity(self) -> dict[int, float]:
+        """Capacity weights for ``ProportionalLoad`` (default 1.0 per node; kept by the controller). Assign a
+        new dict to change them."""
+        return self._rt.call_controller("options")["node_capacity"]
+
+    @node_capacity.setter
+    def node_capacity(self, value: dict[int, float]) -> None:
+        self._rt.call_controller("set_options", node_capacity=dict(value))
+
+    @property
+    def tuning_policy(self) -> TuningPolicy:
+        """When :meth:`rebalance` splits partitions or adds read replicas (kept by the controller)."""
+        return self._rt.call_controller("options")["tuning_policy"]
+
+    @tuning_policy.setter
+    def tuning_policy(self, value: TuningPolicy) -> None:
+        self._rt.call_controller("set_options", tuning_policy=value)
 
     # -- distribute -----------------------------------------------------------------------------------------
     def distribute_data(self, points: Any, ids: Any = None) -> GlobalIndexMetadata:
@@ -293,73 +372,35 @@ class DistributedSpatialCluster:
         Returns the new :class:`GlobalIndexMetadata`. Replaces any previously distributed data set. Input is
         validated before anything changes, so a bad call leaves the cluster as it was.
         """
-        if self._closed:
-            raise RuntimeError("this cluster has been shut down; create a new DistributedSpatialCluster")
+        self._require_open()
         pts = check_points(points)
         n, d = pts.shape
         id_arr = check_ids(ids, n) if ids is not None else None
         cfg = self.config
-        with self._meta_lock, Timer() as t:
+        with Timer() as t:
             plan = partition_points(pts, cfg.partition_count, id_arr, cfg.curve)
-            n_parts, cuts = plan.n_partitions, plan.cuts
-            machine_of = self._machines()
-            live = self.live_node_ids
-            owners = place_partitions(n_parts, live, min(cfg.replication_factor, len(live)), machine_of)
-            self._dataset_counter += 1
-            dataset = self._dataset_counter
-            # One object per partition in Ray's object store; each owner node reads it from there.
-            refs, sizes = {}, {}
-            for p in range(n_parts):
+            # one object per partition array in Ray's object store; each owner node reads it from there
+            refs, sizes = [], []
+            bar = make_bar(plan.n_partitions, "distribute", self.progress, unit="part")
+            for p in range(plan.n_partitions):
                 objs = [encode(a) if cfg.compression else a for a in plan.part(p)]
-                sizes[p] = np.sum([wire_and_raw(o) for o in objs], axis=0)
-                refs[p] = tuple(ray.put(o) for o in objs)
-            loads = []
-            bar = make_bar(len(live), "distribute", self.progress, unit="node")
-            for node in live:
-                pids = [p for p in range(n_parts) if node in owners[p]]
-                args = [r for p in pids for r in refs[p]]
-                wire, raw = np.sum([sizes[p] for p in pids], axis=0) if pids else (0, 0)
-                head = message_bytes(dataset, pids)
-                self.comm.sent(node, int(wire) + head, int(raw) + head)
-                loads.append((node, self._actors[node].load_partitions.remote(dataset, pids, *args)))
-            try:
-                for node, ref in loads:
-                    self._recv(node, ref)
-                    bar.update(1)
-            except Exception:
-                self._meta, self._routing = None, None
-                raise
-            finally:
-                bar.close()
-            parts = tuple(
-                PartitionInfo(
-                    partition_id=p,
-                    key_lo=int(plan.key_lo[p]),
-                    key_hi=int(plan.key_hi[p]),
-                    lo=plan.box_lo[p].copy(),
-                    hi=plan.box_hi[p].copy(),
-                    size=int(cuts[p + 1] - cuts[p]),
-                    nbytes=int((cuts[p + 1] - cuts[p]) * (d * 8 + 8)),
-                    owners=owners[p],
-                )
-                for p in range(n_parts)
-            )
-            version = (self._meta.version + 1) if self._meta else 1
-            meta = GlobalIndexMetadata(
-                dim=d, lo=plan.lo, hi=plan.hi, curve=cfg.curve, bits=plan.bits, partitions=parts, version=version,
-                dataset_id=dataset,
-            )
-            self._modified, self._next_id, self._live_ids = False, n if id_arr is None else int(id_arr.max()) + 1, None
-            self._has_user_ids = id_arr is not None
-            if id_arr is None:
-                self._id_sorted = self._id_rows = None
-            else:
-                self._id_rows = np.argsort(id_arr, kind="stable")
-                self._id_sorted = id_arr[self._id_rows]
-            self._mean_variance = float(np.mean([pts[:, j].var() for j in range(d)]))
-            self._meta, self._routing = meta, RoutingTable(meta)  # switch in one step
-        log.info("distributed %d points in %d partitions over %d nodes in %.2f s", n, n_parts, cfg.node_count, t.seconds)
-        return meta
+                sizes.append(tuple(np.sum([wire_and_raw(o) for o in objs], axis=0)))
+                refs.append(tuple(ray.put(o) for o in objs))
+                bar.update(1)
+            bar.close()
+            layout = {"dim": d, "lo": plan.lo, "hi": plan.hi, "curve": cfg.curve, "bits": plan.bits,
+                      "key_lo": plan.key_lo, "key_hi": plan.key_hi, "box_lo": plan.box_lo, "box_hi": plan.box_hi,
+                      "counts": np.diff(plan.cuts), "next_id": n if id_arr is None else int(id_arr.max()) + 1}
+            id_map = None
+            if id_arr is not None:
+                rows = np.argsort(id_arr, kind="stable")
+                id_map = (id_arr[rows], rows)
+            mean_variance = float(np.mean([pts[:, j].var() for j in range(d)]))
+            view = self._rt.call_controller("distribute", layout, refs, sizes, id_map, mean_variance,
+                                            self._rt.new_token())
+            self._rt.install(view)
+        log.info("distributed %d points in %d partitions in %.2f s", n, plan.n_partitions, t.seconds)
+        return view.meta
 
     def distribute_chunks(
         self, source: Any, columns: Any = None, id_column: str | None = None, chunk_rows: int = 1 << 20,
@@ -374,64 +415,19 @@ class DistributedSpatialCluster:
 
         >>> cluster.distribute_chunks("lidar.laz", chunk_rows=2_000_000)  # doctest: +SKIP
         """
-        return _ingest.distribute_chunks(self, source, columns, id_column, chunk_rows, sample_size)
-
-    def _actor(self, node: int) -> Any:
-        """The actor of ``node``; :class:`PartitionMovedError` when it was removed (a call planned before
-        ``remove_node`` is then re-planned by the dispatcher)."""
-        try:
-            return self._actors[node]
-        except KeyError:
-            raise PartitionMovedError(f"node {node} was removed after the call was planned") from None
-
-    def _send(self, node: int, method: str, *args: Any, **kwargs: Any) -> Any:
-        """Call ``node.method(*args, **kwargs)`` and count the message (object references count 0 bytes here:
-        their bytes are counted by the node that produced them)."""
-        self.comm.sent(node, message_bytes(args, kwargs))
-        return getattr(self._actors[node], method).remote(*args, **kwargs)
-
-    def _send_multi(self, node: int, method: str, n_out: int, *args: Any) -> list:
-        """Like :meth:`_send` for a method with ``n_out`` results (Ray ``num_returns``): a list of references,
-        which can travel on to other nodes without passing through the driver."""
-        self.comm.sent(node, message_bytes(args))
-        ref = getattr(self._actors[node], method).options(num_returns=n_out).remote(*args)
-        return [ref] if n_out == 1 else list(ref)
-
-    def _recv(self, node: int, ref: Any, timeout: float | None = None) -> Any:
-        """``ray.get`` a data message's result from ``node``, counting and decoding it."""
-        res = ray.get(ref, timeout=timeout)
-        self.comm.received(node, message_bytes(res))
-        return decode_all(res)
-
-    def _rows_of_ids(self, ids: np.ndarray) -> np.ndarray:
-        """Row of each global id in algorithm results: its input row, or after live updates its position in
-        :meth:`point_ids`."""
-        if self._modified:
-            return np.searchsorted(self._sorted_live_ids(), ids)
-        if self._id_sorted is None:
-            return ids
-        return self._id_rows[np.searchsorted(self._id_sorted, ids)]
-
-    def _sorted_live_ids(self) -> np.ndarray:
-        meta = self._require_data()
-        cached = self._live_ids
-        if cached is None or cached[0] != meta.version:
-            chunks = [ids for _, parts in self._partitions_call("partition_ids") for _, ids in parts]
-            cached = self._live_ids = (meta.version, np.sort(np.concatenate(chunks)) if chunks else np.empty(0, np.int64))
-        return cached[1]
-
-    def _set_meta(self, meta: GlobalIndexMetadata) -> None:
-        """Switch to a new metadata version (and its routing table) in one step."""
-        self._meta, self._routing = meta, RoutingTable(meta)
+        self._require_open()
+        return _ingest.distribute_chunks(self._rt, source, columns, id_column, chunk_rows, sample_size,
+                                         progress=self.progress)
 
     def sample_points(self, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """``(ids, points)`` of a uniform random sample of at most ``n`` points, drawn on the nodes (each
         partition in proportion to its size); for plots and previews of data sets too large to fetch."""
-        meta = self._require_data()
+        self._rt.sync()
+        meta = self._rt.require_data()
         # draw a little more on the nodes (Bernoulli), then exactly min(n, points) here
         frac = 1.0 if n >= meta.n_points else min(1.0, 1.1 * n / max(1, meta.n_points) + 64 / max(1, meta.n_points))
         ids, pts = [], []
-        for _, parts in self._partitions_call("sample_fraction", float(frac), int(seed)):
+        for _, parts in self._rt.partitions_call("sample_fraction", float(frac), int(seed)):
             for i, p in parts:
                 ids.append(i)
                 pts.append(p)
@@ -453,14 +449,8 @@ class DistributedSpatialCluster:
     def point_ids(self) -> np.ndarray:
         """Ids of the points in the order algorithm labels use: the rows given to ``distribute_data`` (their
         ids), or after :meth:`ingest` / :meth:`delete` / :meth:`update` all live ids in ascending order."""
-        meta = self._require_data()
-        if self._modified:
-            return self._sorted_live_ids().copy()
-        if self._id_sorted is None:
-            return np.arange(meta.n_points, dtype=np.int64)
-        out = np.empty_like(self._id_sorted)
-        out[self._id_rows] = self._id_sorted
-        return out
+        self._rt.sync()
+        return self._rt.point_ids()
 
     # -- live updates ---------------------------------------------------------------------------------------
     def ingest(self, points: Any, ids: Any = None, timestamps: Any = None) -> np.ndarray:
@@ -473,9 +463,10 @@ class DistributedSpatialCluster:
 
         >>> new_ids = cluster.ingest(np.random.random((1000, 2)))  # doctest: +SKIP
         """
+        self._require_open()
         if np.asarray(points).size == 0:
             return np.empty(0, dtype=np.int64)
-        return _ingest.ingest(self, points, ids, timestamps)[0]
+        return _ingest.ingest(self._rt, points, ids, timestamps)[0]
 
     def stream(
         self,
@@ -507,46 +498,15 @@ class DistributedSpatialCluster:
 
     def delete(self, ids: Any) -> int:
         """Delete points by id (every replica); returns how many were found and deleted."""
-        return _ingest.delete(self, ids)
+        self._require_open()
+        return _ingest.delete(self._rt, ids)
 
     def update(self, ids: Any, points: Any, timestamps: Any = None) -> int:
         """Move existing points to new positions (delete + ingest under one lock); returns how many existed."""
-        return _ingest.update(self, ids, points, timestamps)[0]
-
-    def _split_grown_partitions(self) -> None:
-        """Split partitions that ingest made too large (``tuning_policy``), a bounded number per call."""
-        # the size rule of the balancer's tuning policy (no query counts: only "too large" splits come out)
-        actions = LoadBalancer.tune(self._meta, {}, len(self.live_node_ids), self.config.replication_factor,
-                                    self.tuning_policy)
-        for a in actions:
-            try:
-                self.split_partition(a.partition)
-            except (ValueError, NodeFailureError) as exc:
-                log.warning("distspatial: split of grown partition %d skipped: %s", a.partition, exc)
+        self._require_open()
+        return _ingest.update(self._rt, ids, points, timestamps)[0]
 
     # -- queries --------------------------------------------------------------------------------------------
-    def _run_assignment(
-        self, assign: Assignment, method: str, row_args, missing: list[int] | None = None, **options: Any
-    ) -> list[tuple[Any, Any]]:
-        """Run node ``method`` on the rows of ``assign``; each node gets one message for all its partitions.
-
-        ``row_args(rows)`` gives the per-row arrays for those rows; the node is called as
-        ``method(*row_args(rows), segments, **options)``. Returns ``[(rows, result), ...]``.
-        """
-        groups = assign.groups()
-
-        def build(node: int, pids: list[int]):
-            row_parts = [groups[p] for p in pids]
-            rows = np.concatenate(row_parts) if len(row_parts) > 1 else row_parts[0]
-            bounds = np.cumsum([0] + [len(r) for r in row_parts])
-            segments = [(p, int(bounds[i]), int(bounds[i + 1])) for i, p in enumerate(pids)]
-            args = encode_all(row_args(rows), self.config.compression)
-            ref = getattr(self._actor(node), method).options(concurrency_group="reads").remote(
-                *args, segments, **options)
-            return ref, rows, message_bytes(args, segments, options)
-
-        return self._run_partitions(list(groups), build, missing)
-
     def distributed_knn_search(self, query: Any, k: int, allow_partial: bool = False) -> tuple:
         """Exact k nearest neighbours of one point or a batch.
 
@@ -564,83 +524,16 @@ class DistributedSpatialCluster:
 
         >>> dist, ids = cluster.distributed_knn_search(np.array([0.5, 0.5]), 10)  # doctest: +SKIP
         """
-        meta = self._require_data()
+        self._require_open()
+        meta = self._rt.require_data()
         q, single = check_queries(query, meta.dim)
         k = check_k(k, meta.n_points)
         missing: list[int] | None = [] if allow_partial else None
         with Timer() as t:
-            dist, ids = self._stable_layout(lambda: self._knn(q, k, meta, missing), missing)
+            dist, ids = self._rt.stable(lambda: _queries.knn(self._rt, q, k, missing), missing)
         self.latency.record(t.seconds, len(q))
         out = (dist[0], ids[0]) if single else (dist, ids)
         return (out, QueryStatus.of(missing)) if allow_partial else out
-
-    def _stable_layout(self, plan_and_run: Callable[[], Any], missing: list[int] | None = None) -> Any:
-        """Run a query that plans on ``self._routing`` and return its answer, planned and run again when a
-        partition split began meanwhile: nodes split before the coordinator publishes the halves, so a plan
-        made on the older layout could miss the upper half. Queries wait for a split in progress to finish."""
-        while True:
-            begun = self._splits_begun
-            if begun != self._splits_done:  # a split is being carried out: wait for its metadata
-                with self._meta_lock:
-                    if self._splits_begun != self._splits_done:  # ... by this thread itself: no waiting
-                        return plan_and_run()
-                continue
-            out = plan_and_run()
-            if self._splits_begun == begun:
-                return out
-            if missing is not None:
-                missing.clear()
-
-    def _knn(
-        self, q: np.ndarray, k: int, meta: GlobalIndexMetadata, missing: list[int] | None = None,
-        routing: RoutingTable | None = None,
-    ) -> tuple[np.ndarray, np.ndarray]:
-        routing = routing or self._routing
-        m = len(q)
-        keys = curve_keys(q, meta.lo, meta.hi, meta.curve, meta.bits)
-        order = np.argsort(keys, kind="stable")
-        qs = np.take(q, order, axis=0)
-        home = knn_home(keys[order], routing)
-        dist = np.empty((m, k))
-        ids = np.empty((m, k), dtype=np.int64)
-
-        # round 1: the k best in the home partition
-        dist.fill(np.inf)  # rows whose home partition is lost (partial answers) keep these
-        ids.fill(-1)
-        for rows, (d_, i_) in self._run_assignment(
-            home, "knn", lambda rows: (np.take(qs, rows, axis=0), None), missing, k=k
-        ):
-            dist[rows], ids[rows] = d_, i_
-
-        kth = dist[:, k - 1]
-        home_part = np.empty(m, dtype=np.int64)
-        for p, a, b in zip(home.partitions, home.starts[:-1], home.starts[1:]):
-            home_part[home.rows[a:b]] = p
-        follow = knn_followups(qs, kth, home_part, routing)
-        if follow.n_pairs:  # round 2: only candidates within the k-th distance
-            results = self._run_assignment(
-                follow, "knn", lambda rows: (np.take(qs, rows, axis=0), kth[rows]), missing, k=k
-            )
-            # Merge node by node; a node's rows may repeat a query (two partitions), so merge per segment.
-            for rows, (d_, i_) in results:
-                self._merge_rows(dist, ids, rows, d_, i_, k)
-        out_d = np.empty_like(dist)
-        out_i = np.empty_like(ids)
-        out_d[order] = dist
-        out_i[order] = ids
-        return out_d, out_i
-
-    @staticmethod
-    def _merge_rows(dist, ids, rows, d_, i_, k) -> None:
-        """Merge candidate rows into the running top-k; ``rows`` may repeat (handled by unique passes)."""
-        pending = np.arange(len(rows))
-        while len(pending):
-            r = rows[pending]
-            _, first = np.unique(r, return_index=True)
-            take = pending[first]
-            rr = rows[take]
-            dist[rr], ids[rr] = merge_topk(dist[rr], ids[rr], d_[take], i_[take], k)
-            pending = np.setdiff1d(pending, take, assume_unique=True)
 
     def range_search(
         self, center: Any, radius: Any, return_points: bool = False, allow_partial: bool = False
@@ -651,14 +544,13 @@ class DistributedSpatialCluster:
         With ``return_points=True`` each result is ``(ids, points)``. ``allow_partial`` as in
         :meth:`distributed_knn_search`.
         """
-        meta = self._require_data()
+        self._require_open()
+        meta = self._rt.require_data()
         missing: list[int] | None = [] if allow_partial else None
         c, single = check_queries(center, meta.dim, "center")
         r = check_radius(radius, len(c))
         with Timer() as t:
-            out = self._stable_layout(lambda: self._collect_hits(
-                ball_pairs(c, r, self._routing), "ball", lambda rows: (c[rows], r[rows]), meta.dim, return_points,
-                missing), missing)
+            out = self._rt.stable(lambda: _queries.ball(self._rt, c, r, return_points, missing), missing)
         self.latency.record(t.seconds, len(c))
         out = out[0] if single else out
         return (out, QueryStatus.of(missing)) if allow_partial else out
@@ -670,7 +562,8 @@ class DistributedSpatialCluster:
 
         One box (``lo``, ``hi`` of shape ``(d,)``) gives an array; a batch ``(m, d)`` gives a list of arrays.
         """
-        meta = self._require_data()
+        self._require_open()
+        meta = self._rt.require_data()
         missing: list[int] | None = [] if allow_partial else None
         lo_a, single = check_queries(lo, meta.dim, "lo")
         hi_a, _ = check_queries(hi, meta.dim, "hi")
@@ -680,38 +573,19 @@ class DistributedSpatialCluster:
         if len(bad):
             raise ValueError(f"box {int(bad[0])} has lo > hi in some dimension; each box needs lo <= hi")
         with Timer() as t:
-            out = self._stable_layout(lambda: self._collect_hits(
-                box_pairs(lo_a, hi_a, self._routing), "box", lambda rows: (lo_a[rows], hi_a[rows]), meta.dim,
-                return_points, missing), missing)
+            out = self._rt.stable(lambda: _queries.box(self._rt, lo_a, hi_a, return_points, missing), missing)
         self.latency.record(t.seconds, len(lo_a))
         out = out[0] if single else out
         return (out, QueryStatus.of(missing)) if allow_partial else out
 
-    def _collect_hits(
-        self, assign: Assignment, method: str, row_args, d: int, return_points: bool, missing: list[int] | None = None
-    ) -> list:
-        """Run a hit-list query (``ball``/``box``) and split the hits per query, sorted by id."""
-        m = assign.n_queries
-        q_parts, id_parts, pt_parts = [], [], []
-        for rows, (counts, ids, pts) in self._run_assignment(
-            assign, method, row_args, missing, return_points=return_points
-        ):
-            q_parts.append(np.repeat(rows, counts))
-            id_parts.append(ids)
-            if return_points:
-                pt_parts.append(pts)
-        q_all = np.concatenate(q_parts) if q_parts else np.empty(0, np.int64)
-        id_all = np.concatenate(id_parts) if id_parts else np.empty(0, np.int64)
-        order = np.lexsort((id_all, q_all))
-        id_all = id_all[order]
-        splits = np.cumsum(np.bincount(q_all, minlength=m))[:-1]
-        id_lists = np.split(id_all, splits)
-        if not return_points:
-            return id_lists
-        pt_all = np.concatenate(pt_parts)[order] if pt_parts else np.empty((0, d))
-        return list(zip(id_lists, np.split(pt_all, splits)))
-
     # -- algorithms -----------------------------------------------------------------------------------------
+    def _algorithm_start(self) -> GlobalIndexMetadata:
+        """Algorithms start on the newest view (they read every partition, so a change made by another client
+        must be there)."""
+        self._require_open()
+        self._rt.sync()
+        return self._rt.require_data()
+
     def distributed_kmeans(
         self,
         k: int,
@@ -737,10 +611,10 @@ class DistributedSpatialCluster:
         Returns a :class:`~distspatial.algorithms.kmeans.KMeansResult` that unpacks to ``(centroids, labels)``; labels are
         in the order of the rows given to ``distribute_data``. It also has ``inertia`` and ``n_iter``.
         """
-        meta = self._require_data()
+        meta = self._algorithm_start()
         return _kmeans.run_kmeans(
-            self, meta, k, max_iterations, tol, init, self.config.seed if seed is None else seed,
-            oversampling_factor, init_rounds,
+            self._rt, meta, k, max_iterations, tol, init, self.config.seed if seed is None else seed,
+            oversampling_factor, init_rounds, self.progress,
         )
 
     def distributed_hierarchical(
@@ -761,7 +635,8 @@ class DistributedSpatialCluster:
         >>> labels, Z = cluster.distributed_hierarchical(n_clusters=5)  # doctest: +SKIP
         >>> scipy.cluster.hierarchy.dendrogram(Z, no_plot=True)  # doctest: +SKIP
         """
-        return _hierarchical.run_hierarchical(self, n_clusters, distance_threshold, linkage, int(n_micro_clusters),
+        self._algorithm_start()
+        return _hierarchical.run_hierarchical(self._rt, n_clusters, distance_threshold, linkage, int(n_micro_clusters),
                                               (self.config.seed or 0) if seed is None else seed)
 
     def distributed_dbscan(self, eps: float, min_samples: int = 5) -> Any:
@@ -775,7 +650,8 @@ class DistributedSpatialCluster:
         >>> res = cluster.distributed_dbscan(eps=0.01, min_samples=10)  # doctest: +SKIP
         >>> res.n_clusters, res.n_noise  # doctest: +SKIP
         """
-        return _dbscan.run_dbscan(self, eps, min_samples)
+        self._algorithm_start()
+        return _dbscan.run_dbscan(self._rt, eps, min_samples)
 
     def knn_join(
         self,
@@ -798,7 +674,8 @@ class DistributedSpatialCluster:
         >>> dist, ids = cluster.knn_join(other, k=5)  # doctest: +SKIP
         >>> cluster.knn_join("big.parquet", k=5, columns="x,y", output="join.parquet")  # doctest: +SKIP
         """
-        return _join.knn_join(self, other_points, k, self_join, output, chunk_rows, columns)
+        self._algorithm_start()
+        return _join.knn_join(self._rt, other_points, k, self_join, output, chunk_rows, columns)
 
     def distance_matrix(
         self, a: Any, b: Any = None, output: str | None = None, memory_budget: int = _join.DEFAULT_MEMORY_BUDGET,
@@ -814,136 +691,32 @@ class DistributedSpatialCluster:
 
         >>> D = cluster.distance_matrix(a, b)  # doctest: +SKIP
         """
-        return _join.distance_matrix(self, a, b, output, memory_budget, tile_rows)
+        self._require_open()
+        return _join.distance_matrix(self._rt, a, b, output, memory_budget, tile_rows)
 
     def query(self, query_type: Any, params: Any) -> Any:
         """Typed entry point: ``query(QueryType.KNearestNeighbors, QueryParameters(query_point=p, k=5))`` ->
-        a :class:`~distspatial.algorithms.query.QueryResults` (``NearestNeighbors``, ``RangeSearch``, ``Clustering`` or
+        a :class:`~distspatial.typed_queries.QueryResults` (``NearestNeighbors``, ``RangeSearch``, ``Clustering`` or
         ``DistanceMatrix``). Runs the same code as the named method of each query type."""
-        from .algorithms.query import run_query
+        from .typed_queries import run_query
 
         return run_query(self, query_type, params)
 
-    def _partitions_call(self, method: str, *args: Any, partitions: list[int] | None = None) -> list[tuple[list[int], Any]]:
-        """Call ``node.method(*args, partition_ids)`` on one replica of each partition; ``[(pids, result)]``."""
-        meta = self._require_data()
-        pids = list(range(meta.n_partitions)) if partitions is None else partitions
+    # -- fault tolerance, elastic scaling, balancing (carried out by the controller) -------------------------
+    def _control(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        """Ask the controller to carry out ``method``, then take its newest view."""
+        self._require_open()
+        out = self._rt.call_controller(method, *args, **kwargs)
+        self._rt.refresh()
+        return out
 
-        def build(node: int, part_ids: list[int]):
-            ref = getattr(self._actor(node), method).remote(*args, part_ids)
-            return ref, part_ids, message_bytes(args, part_ids)
-
-        # algorithm steps keep per-partition state on the node: always the same replica (the first live owner)
-        return self._run_partitions(pids, build, balance=False)
-
-    def _run_partitions(
-        self, pids: list[int], build, missing: list[int] | None = None, balance: bool = True
-    ) -> list[tuple[Any, Any]]:
-        """One dispatcher round; partitions lost on every replica are first reloaded from the latest checkpoint
-        of this data set when there is one; else they are skipped and recorded in ``missing`` when it is a list
-        (a partial answer the caller asked for), else :class:`PartitionLostError` names them."""
-        def current() -> RoutingTable:
-            return self._routing
-
-        try:
-            return self._dispatch.run(pids, self._routing, build, current, balance=balance)
-        except PartitionLostError:
-            ckp = self._checkpoint
-            if ckp is not None and self._meta is not None and ckp[0] == self._meta.dataset_id:
-                self.restore_redundancy()
-            elif missing is None:
-                raise
-            return self._dispatch.run(pids, self._routing, build, current, missing, balance)
-
-    def _next_run_id(self) -> int:
-        self._run_counter += 1
-        return self._run_counter
-
-    # -- fault tolerance ------------------------------------------------------------------------------------
     def health(self) -> dict[str, Any]:
         """Node health from the heartbeats, failed nodes, and the recovery plans carried out so far.
 
         >>> cluster.health()["nodes"][0]["status"]  # doctest: +SKIP
         'alive'
         """
-        if not self._fault.health:
-            self._fault.check()
-        return {
-            "nodes": self._fault.report(),
-            "failed_nodes": sorted(self._dispatch.failed_nodes),
-            "recoveries": [
-                {"time": t, "actions": [(a.strategy.value, a.node_id, a.failure.value, a.reason) for a in plan.actions]}
-                for t, plan in self._fault.history
-            ],
-            "under_replicated": self._under_replicated(),
-        }
-
-    def _under_replicated(self) -> list[int]:
-        meta = self._meta
-        if meta is None:
-            return []
-        live = [n for n in self._actors if n not in self._dispatch.failed_nodes]
-        want = min(self.config.replication_factor, len(live))
-        return [p.partition_id for p in meta.partitions if len([o for o in p.owners if o in live]) < want]
-
-    def _recover(self, plan: RecoveryPlan) -> None:
-        """Carry out a recovery plan: isolate, restart, re-replicate, migrate (see :mod:`distspatial.control.fault`)."""
-        with self._meta_lock:
-            for a in plan.actions:
-                if a.failure in (FailureType.NODE_UNRESPONSIVE, FailureType.NETWORK_PARTITION):
-                    self._dispatch.mark_failed(a.node_id, a.failure.value)
-                    h = self._fault.health.get(a.node_id)
-                    if h is not None and h.status != "failed":
-                        h.status = "isolated" if a.failure is FailureType.NETWORK_PARTITION else "failed"
-            if any(a.strategy is RecoveryStrategy.RESTART for a in plan.actions):
-                for _ in range(sum(a.strategy is RecoveryStrategy.RESTART for a in plan.actions)):
-                    self._start_replacement()
-            for a in plan.actions:
-                if a.strategy is RecoveryStrategy.REPLICATE and a.failure is FailureType.PARTIAL_FAILURE:
-                    self._copy_partitions({p: a.node_id for p in a.partitions})
-                elif a.strategy is RecoveryStrategy.MIGRATE:
-                    self._migrate_one(a.node_id)
-            self.restore_redundancy()
-
-    def _start_replacement(self, ray_node: str | None = None) -> int | None:
-        """Start one more node actor if the runtime has room (on Ray node ``ray_node`` if given); its id."""
-        cpus = self._cpus_per_node
-        if ray_node is None and float(ray.available_resources().get("CPU", 0.0)) + 1e-9 < cpus:
-            log.warning("distspatial: no room for a replacement node (%.2f CPUs needed)", cpus)
-            return None
-        node = max(self._actors) + 1
-        actor = _new_actor(node, cpus, self._threads, ray_node, self.config.compression, self.config.device,
-                           _gpus_per_node(self.config))
-        try:
-            info = ray.get(ping_ref(actor), timeout=max(30.0, self.config.communication_timeout_ms / 1000))
-        except Exception as exc:
-            log.warning("distspatial: replacement node %d did not start: %s", node, exc)
-            ray.kill(actor)
-            return None
-        self._actors[node] = actor
-        self._node_info[node] = info
-        log.warning("distspatial: started replacement node %d", node)
-        return node
-
-    def follow_ray_cluster(self) -> list[int]:
-        """``auto_scale``: give every alive Ray node that hosts no live node of ours a new node, then rebalance.
-
-        Ray nodes that leave are handled as failures (their partitions are re-replicated). Returns new node ids.
-        """
-        with self._meta_lock:
-            alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) > 0}
-            hosted = {self._node_info.get(n, {}).get("ray_node_id") for n in self.live_node_ids}
-            new = []
-            for ray_node in sorted(alive - hosted - self._autoscale_skip):
-                node = self._start_replacement(ray_node)
-                if node is not None:
-                    new.append(node)
-                else:  # no room there: do not stall every heartbeat on it again
-                    self._autoscale_skip.add(ray_node)
-            if new:
-                log.warning("distspatial: Ray nodes joined; started nodes %s", new)
-                self._rebalance_counts()
-            return new
+        return self._control("health")
 
     def restore_redundancy(self) -> dict[int, int]:
         """Copy under-replicated partitions from a live replica onto other live nodes until each has
@@ -951,130 +724,15 @@ class DistributedSpatialCluster:
 
         Returns ``{partition: new owner}`` for the copies made.
         """
-        with self._meta_lock:
-            meta = self._meta
-            if meta is None:
-                return {}
-            failed = self._dispatch.failed_nodes
-            live = [n for n in sorted(self._actors) if n not in failed]
-            want = min(self.config.replication_factor, len(live))
-            targets: dict[int, int] = {}
-            load = {n: 0 for n in live}
-            for p in meta.partitions:
-                for o in p.owners:
-                    if o in load:
-                        load[o] += 1
-            machine = {n: self._node_info.get(n, {}).get("ray_node_id", str(n)) for n in live}
-            lost = [p.partition_id for p in meta.partitions if not any(o in load for o in p.owners)]
-            if lost and live:
-                self._reload_from_checkpoint(lost, live, load)
-                meta = self._meta
-            for p in meta.partitions:
-                alive = [o for o in p.owners if o in load]
-                if not alive or len(alive) >= want:
-                    continue
-                used = {machine[o] for o in alive}
-                cand = [n for n in live if n not in alive]
-                if not cand:
-                    continue
-                target = min(cand, key=lambda n: (machine[n] in used, load[n], n))
-                targets[p.partition_id] = target
-                load[target] += 1
-            self._copy_partitions(targets)
-            # drop dead owners from the metadata even where nothing had to be copied
-            meta = self._meta
-            stale = {p.partition_id: tuple(o for o in p.owners if o not in failed)
-                     for p in meta.partitions if any(o in failed for o in p.owners)}
-            if stale:
-                self._meta = meta.with_owners(stale)
-                self._routing = RoutingTable(self._meta)
-            return targets
+        return self._control("restore_redundancy")
 
-    def _reload_from_checkpoint(self, lost: list[int], live: list[int], load: dict[int, int]) -> None:
-        """Partitions with no live replica come back from the latest checkpoint of this data set, if any."""
-        from .control import checkpoint as ck
+    def follow_ray_cluster(self) -> list[int]:
+        """``auto_scale``: give every alive Ray node that hosts no live node of ours a new node, then rebalance.
 
-        ckp = self._checkpoint
-        meta = self._meta
-        if ckp is None or ckp[0] != meta.dataset_id:
-            log.error("distspatial: partitions %s lost on every replica and no checkpoint of this data set", lost)
-            return
-        _, uri, man = ckp
-        by_id = {p["id"]: p for p in man["partitions"]}
-        owners = {}
-        for pid in lost:
-            target = min(live, key=lambda n: (load[n], n))
-            p = by_id[pid]
-            try:
-                self._recv(target, self._send(target, "load_partition_files",
-                    meta.dataset_id, [(pid, ck.join(uri, p["file"]), p["raw_bytes"], p["sha256"])]))
-            except Exception as exc:
-                log.error("distspatial: restoring partition %d from %s failed: %s", pid, uri, exc)
-                continue
-            load[target] += 1
-            owners[pid] = (target,)
-        if owners:
-            self._meta = meta.with_owners(owners)
-            self._routing = RoutingTable(self._meta)
-            log.warning("distspatial: partitions %s restored from checkpoint %s", sorted(owners), uri)
+        Ray nodes that leave are handled as failures (their partitions are re-replicated). Returns new node ids.
+        """
+        return self._control("follow_ray_cluster")
 
-    def _copy_partitions(self, targets: dict[int, int]) -> None:
-        """Copy each partition in ``targets`` from a live replica to its target node, node to node; then add
-        the target to the partition's owners in a new metadata version."""
-        if not targets:
-            return
-        meta = self._meta
-        failed = self._dispatch.failed_nodes
-        loads, added = [], {}
-        for pid, target in targets.items():
-            src = next((o for o in meta.partitions[pid].owners if o not in failed and o != target), None)
-            if src is None:
-                continue
-            # the partition travels node to node; each node counts the bytes it sends or receives
-            pts_ref, ids_ref = self._send_multi(src, "export_partition", 2, pid, self.config.compression)
-            loads.append((pid, target, self._send(target, "load_partitions", meta.dataset_id, [pid], pts_ref, ids_ref)))
-        for pid, target, ref in loads:
-            try:
-                self._recv(target, ref, timeout=max(60.0, self.config.communication_timeout_ms / 1000))
-                added[pid] = target
-            except Exception as exc:
-                log.warning("distspatial: copying partition %d to node %d failed: %s", pid, target, exc)
-        if added:
-            owners = {}
-            for p in meta.partitions:
-                if p.partition_id in added:
-                    keep = tuple(o for o in p.owners if o not in failed and o != added[p.partition_id])
-                    owners[p.partition_id] = keep + (added[p.partition_id],)
-            self._meta = self._meta.with_owners(owners)
-            self._routing = RoutingTable(self._meta)
-            log.info("distspatial: copied partitions %s", added)
-
-    def _move_partition(self, pid: int, src: int, dst: int) -> None:
-        """Online migration: copy ``pid`` from ``src`` to ``dst`` node to node, switch the metadata (new
-        version), then drop the source copy. Queries planned on the old version still find ``src``'s copy until
-        it is dropped, and the new version's owners hold it before it is."""
-        self._copy_partitions({pid: dst})
-        meta = self._meta
-        if dst not in meta.partitions[pid].owners:
-            raise NodeFailureError(f"moving partition {pid} from node {src} to node {dst} failed")
-        self._meta = meta.with_owners({pid: tuple(o for o in meta.partitions[pid].owners if o != src)})
-        self._routing = RoutingTable(self._meta)
-        if src in self._actors and src not in self._dispatch.failed_nodes:
-            self._actors[src].drop_partitions.remote([pid])
-
-    def _migrate_one(self, node: int) -> None:
-        """Move one partition off ``node`` (memory pressure) to the least loaded live node without it."""
-        meta = self._meta
-        mine = meta.partitions_of(node) if meta else []
-        live = [n for n in self._actors if n not in self._dispatch.failed_nodes and n != node]
-        if not mine:
-            return
-        pid = mine[-1]
-        cand = [n for n in live if n not in meta.partitions[pid].owners]
-        if cand:
-            self._move_partition(pid, node, self._fewest_replicas(cand))
-
-    # -- elastic scaling ------------------------------------------------------------------------------------
     def add_nodes(self, n: int = 1) -> list[int]:
         """Start ``n`` more nodes and move partitions onto them until replicas per node are even (within one).
 
@@ -1083,85 +741,38 @@ class DistributedSpatialCluster:
         """
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"n must be an int >= 1, got {n!r}")
-        with self._meta_lock:
-            new = []
-            for _ in range(n):
-                node = self._start_replacement()
-                if node is None:
-                    raise RuntimeError(
-                        f"no room in the Ray cluster for another node ({self._cpus_per_node:g} CPUs each); "
-                        f"started {len(new)} of {n}: {new}")
-                new.append(node)
-            self._rebalance_counts()
-            return new
+        return self._control("add_nodes", n)
 
     def remove_node(self, node_id: int) -> None:
         """Drain ``node_id`` gracefully (its partitions first get replicas elsewhere), then stop it."""
-        with self._meta_lock:
-            if node_id not in self._actors:
-                raise ValueError(f"no node {node_id}; nodes are {self.node_ids}")
-            live = [n for n in self._actors if n not in self._dispatch.failed_nodes and n != node_id]
-            if not live:
-                raise ValueError("cannot remove the last live node")
-            meta = self._meta
-            if meta is not None:
-                for pid in meta.partitions_of(node_id):
-                    owners = self._meta.partitions[pid].owners
-                    cand = [m for m in live if m not in owners]
-                    if cand:
-                        self._move_partition(pid, node_id, self._fewest_replicas(cand))
-                    else:  # every other live node already holds it: just forget this copy
-                        self._meta = self._meta.with_owners({pid: tuple(o for o in owners if o != node_id)})
-                        self._routing = RoutingTable(self._meta)
-            actor = self._actors.pop(node_id)
-            self._node_info.pop(node_id, None)
-            self._fault.health.pop(node_id, None)
-            ray.kill(actor)
-            log.info("distspatial: node %d drained and removed", node_id)
+        return self._control("remove_node", node_id)
 
-    def _rebalance_counts(self) -> None:
-        """Move partitions from the nodes with the most replicas to those with the fewest until even."""
-        meta = self._meta
-        if meta is None:
-            return
-        live = [n for n in sorted(self._actors) if n not in self._dispatch.failed_nodes]
-        while True:
-            meta = self._meta
-            count = {n: len(meta.partitions_of(n)) for n in live}
-            hi = max(live, key=lambda n: (count[n], -n))
-            lo = min(live, key=lambda n: (count[n], n))
-            if count[hi] - count[lo] <= 1:
-                return
-            movable = [p for p in meta.partitions_of(hi) if lo not in meta.partitions[p].owners]
-            if not movable:
-                return
-            self._move_partition(movable[-1], hi, lo)
+    def check_health(self) -> Any:
+        """Run one heartbeat round now (the controller also runs them every ``heartbeat_interval_ms`` when
+        fault tolerance, load balancing or auto scaling is on, and always for a named cluster) and carry out the
+        :class:`~distspatial.control.fault.RecoveryPlan` it produces; returns that plan (falsy when all is well).
 
-    # -- load balancing -------------------------------------------------------------------------------------
+        >>> plan = cluster.check_health()  # doctest: +SKIP
+        """
+        return self._control("check_health")
+
+    def move_partition(self, partition_id: int, source: int, target: int) -> None:
+        """Move one replica of ``partition_id`` from node ``source`` to node ``target`` online: copied node to
+        node, the metadata switched, then the source copy dropped; queries stay exact throughout.
+
+        >>> cluster.move_partition(3, source=0, target=2)  # doctest: +SKIP
+        """
+        meta = self._rt.require_data()
+        if not 0 <= partition_id < meta.n_partitions:
+            raise ValueError(f"partition_id must be in [0, {meta.n_partitions}), got {partition_id}")
+        if source not in meta.partitions[partition_id].owners:
+            raise ValueError(f"node {source} holds no replica of partition {partition_id} "
+                             f"(owners: {list(meta.partitions[partition_id].owners)})")
+        return self._control("move_partition", partition_id, source, target)
+
     def load_metrics(self) -> dict[int, LoadMetrics]:
         """Measured load of every live node (rates since the previous call)."""
-        now = time.monotonic()
-        refs = {n: self._actors[n].stats.remote(True) for n in self.live_node_ids}
-        out, prev = {}, self._last_load
-        for n, ref in refs.items():
-            try:
-                s = ray.get(ref, timeout=self.config.communication_timeout_ms / 1000)
-            except Exception as exc:
-                self._dispatch.mark_failed(n, f"load metrics: {type(exc).__name__}")
-                continue
-            p = prev.get(n)
-            dt = now - p[0] if p else 0.0
-            rate_in = (s["bytes_in"] - p[1]["bytes_in"]) / dt if p and dt > 0 else 0.0
-            rate_out = (s["bytes_out"] - p[1]["bytes_out"]) / dt if p and dt > 0 else 0.0
-            out[n] = LoadMetrics(
-                node_id=n, cpu_percent=float(s.get("cpu_percent", 0.0)), memory_fraction=s["memory_fraction"],
-                rss_bytes=s["rss"], partitions=len(s["partitions"]), points=s["points"], operations=s["calls"],
-                queries=s["queries"], busy_seconds=s["busy_s"], bytes_in_per_s=rate_in, bytes_out_per_s=rate_out,
-                mean_call_ms=1e3 * s["busy_s"] / max(1, s["calls"]),
-            )
-            self._part_queries.update({(n, int(k)): v for k, v in s["part_queries"].items()})
-            self._last_load[n] = (now, s)
-        return out
+        return self._control("load_metrics")
 
     def split_partition(self, partition_id: int) -> int:
         """Split a partition at its curve-key median into two (same owners); returns the new partition's id.
@@ -1169,63 +780,12 @@ class DistributedSpatialCluster:
         All replicas split in place, then the metadata switches to a version with both halves. Use it for a
         partition that grew too large or too hot; :meth:`rebalance` can then move one half elsewhere.
         """
-        with self._meta_lock:
-            meta = self._require_data()
-            if not 0 <= partition_id < meta.n_partitions:
-                raise ValueError(f"partition_id must be in [0, {meta.n_partitions}), got {partition_id}")
-            part = meta.partitions[partition_id]
-            if part.size < 2:
-                raise ValueError(f"partition {partition_id} has {part.size} point(s); nothing to split")
-            new_id = meta.n_partitions
-            owners = [o for o in part.owners if o not in self._dispatch.failed_nodes]
-            self._splits_begun += 1  # before any node splits: queries running now will be planned again
-            try:
-                return self._split_on_nodes(meta, part, new_id, owners)
-            finally:
-                self._splits_done = self._splits_begun
-
-    def _split_on_nodes(self, meta: GlobalIndexMetadata, part: PartitionInfo, new_id: int, owners: list[int]) -> int:
-        """Split ``part`` on its live ``owners``, then publish metadata with both halves (under the metadata lock)."""
-        import dataclasses
-
-        pid = part.partition_id
-        refs = [self._actors[o].split_partition.remote(pid, new_id, meta.lo, meta.hi, meta.curve, meta.bits)
-                for o in owners]
-        results = ray.get(refs)
-        (klo0, khi0, blo0, bhi0, n0), (klo1, khi1, blo1, bhi1, n1) = results[0]
-        assert all(r[0][4] == n0 and r[1][4] == n1 for r in results), "replicas split differently"
-        per_point = part.nbytes // max(1, part.size)
-        first = dataclasses.replace(part, key_lo=klo0, key_hi=khi0, lo=blo0, hi=bhi0, size=n0, nbytes=n0 * per_point,
-                                    owners=tuple(owners))
-        second = PartitionInfo(new_id, klo1, khi1, blo1, bhi1, n1, n1 * per_point, tuple(owners))
-        parts = list(meta.partitions)
-        parts[pid] = first
-        parts.append(second)
-        self._set_meta(dataclasses.replace(meta, partitions=tuple(parts), version=meta.version + 1))
-        log.info("distspatial: split partition %d -> %d + %d points (new id %d)", pid, n0, n1, new_id)
-        return new_id
+        return self._control("split_partition", partition_id)
 
     def add_read_replica(self, partition_id: int, node: int | None = None) -> int:
         """Give a query-hot partition one more replica (beyond ``replication_factor``), on ``node`` or on the
         live node with the fewest replicas that lacks it; reads then spread over more nodes. Returns the node."""
-        with self._meta_lock:
-            meta = self._require_data()
-            if not 0 <= partition_id < meta.n_partitions:
-                raise ValueError(f"partition_id must be in [0, {meta.n_partitions}), got {partition_id}")
-            owners = meta.partitions[partition_id].owners
-            cand = [n for n in self.live_node_ids if n not in owners]
-            if node is not None:
-                if node not in cand:
-                    raise ValueError(f"node {node} is not a live node without partition {partition_id}; "
-                                     f"candidates: {cand}")
-                cand = [node]
-            if not cand:
-                raise ValueError(f"every live node already holds partition {partition_id}")
-            target = self._fewest_replicas(cand)
-            self._copy_partitions({partition_id: target})
-            if target not in self._meta.partitions[partition_id].owners:
-                raise NodeFailureError(f"copying partition {partition_id} to node {target} failed")
-            return target
+        return self._control("add_read_replica", partition_id, node)
 
     def rebalance(
         self, dry_run: bool = False, strategy: Strategy | str | None = None, threshold: float | None = None,
@@ -1243,38 +803,8 @@ class DistributedSpatialCluster:
         >>> print(cluster.rebalance(dry_run=True))  # doctest: +SKIP
         RebalancePlan(AdaptiveLoad): imbalance 2.800 -> 1.000, 6 migrations, 48.0 MB
         """
-        self._require_data()
-        strat = Strategy(strategy) if isinstance(strategy, str) else (strategy or Strategy.ADAPTIVE_LOAD)
-        self.load_metrics()  # refresh per-partition query counts
-        part_q: dict[int, int] = {}
-        for (_, pid), v in self._part_queries.items():
-            part_q[pid] = part_q.get(pid, 0) + v
-        recent = {p: v - self._part_q_tuned.get(p, 0) for p, v in part_q.items()}
-        balancer = LoadBalancer(strat, threshold if threshold is not None else self.balance_threshold,
-                                self.node_capacity, max_migrations or 64)
-        with self._meta_lock:
-            actions = balancer.tune(self._meta, recent, len(self.live_node_ids), self.config.replication_factor,
-                                    self.tuning_policy)
-            if not dry_run:
-                self._part_q_tuned = part_q
-                for a in actions:
-                    try:
-                        if a.kind == "split":
-                            self.split_partition(a.partition)
-                        else:
-                            self.add_read_replica(a.partition)
-                        log.info("distspatial: %s partition %d (%s)", a.kind.replace("_", " "), a.partition, a.reason)
-                    except (ValueError, NodeFailureError) as exc:
-                        log.warning("distspatial: %s of partition %d skipped: %s", a.kind, a.partition, exc)
-            plan = balancer.plan(self._meta, self.live_node_ids, part_q)
-            plan.actions = actions
-            if not dry_run:
-                for m in plan.migrations:
-                    if m.source in self._meta.partitions[m.partition].owners:
-                        self._move_partition(m.partition, m.source, m.target)
-                if plan.migrations or actions:
-                    log.info("distspatial: rebalanced: %s", str(plan).splitlines()[0])
-        return plan
+        self._rt.require_data()
+        return self._control("rebalance", dry_run, strategy, threshold, max_migrations)
 
     # -- checkpoints ----------------------------------------------------------------------------------------
     def checkpoint(self, path: str) -> str:
@@ -1288,53 +818,8 @@ class DistributedSpatialCluster:
         >>> cluster.checkpoint("/tmp/ckpt")  # doctest: +SKIP
         '/tmp/ckpt/ckpt-20261125-101500-a1b2c3-v1'
         """
-        from .control import checkpoint as ck
-
-        meta = self._require_data()
-        fs, root = ck.resolve(path)
-        fs.create_dir(root, recursive=True)
-        ckpt = ck.new_checkpoint_dir(root, meta.version)
-        fs.create_dir(ckpt, recursive=True)
-        ckpt_uri = ckpt if "://" not in path else path.split("://", 1)[0] + "://" + ckpt
-        files = {}
-        with progress_bar(meta.n_partitions, "checkpoint", self.progress, unit="part") as bar:
-            for _, written in self._partitions_call("write_partitions", ckpt_uri):
-                for pid, name, nbytes, raw, digest in written:
-                    files[pid] = {"file": name, "bytes": nbytes, "raw_bytes": raw, "sha256": digest}
-                bar.update(len(written))
-        manifest: dict[str, Any] = {
-            "dim": meta.dim, "lo": meta.lo.tolist(), "hi": meta.hi.tolist(), "curve": meta.curve, "bits": meta.bits,
-            "version": meta.version, "n_points": meta.n_points, "mean_variance": self._mean_variance,
-            "partitions": [
-                {"id": p.partition_id, "key_lo": str(p.key_lo), "key_hi": str(p.key_hi), "lo": p.lo.tolist(),
-                 "hi": p.hi.tolist(), "size": p.size, "nbytes": p.nbytes, **files[p.partition_id]}
-                for p in meta.partitions
-            ],
-            "user_ids": None,
-            "modified": self._modified,  # ingest/delete since distribute: labels follow sorted ids
-            "next_id": self._next_id,
-            "has_user_ids": self._has_user_ids,
-        }
-        if self._id_sorted is not None and not self._modified:
-            data, raw, digest = ck.encode_arrays(sorted=self._id_sorted, rows=self._id_rows)
-            ck.write_bytes(fs, ck.join(ckpt, "ids.dsz"), data)
-            manifest["user_ids"] = {"file": "ids.dsz", "raw_bytes": raw, "sha256": digest}
-        ck.write_manifest(fs, root, ckpt, manifest)
-        self._checkpoint = (meta.dataset_id, ckpt_uri, manifest)
-        log.info("distspatial: checkpoint of %d partitions written to %s", meta.n_partitions, ckpt_uri)
-        return ckpt_uri
-
-    def _periodic_checkpoints(self) -> None:
-        done = None  # (data set, point count) at the last checkpoint taken here: a proxy for "data changed"
-        while not self._stop_periodic.wait(self.config.checkpoint_interval_s):
-            meta = self._meta
-            if meta is None or done == (meta.dataset_id, meta.n_points):
-                continue
-            try:
-                self.checkpoint(self.config.checkpoint_path)
-                done = (meta.dataset_id, meta.n_points)
-            except Exception:
-                log.exception("distspatial: periodic checkpoint failed")
+        self._rt.require_data()
+        return self._control("checkpoint", _absolute(path))
 
     @classmethod
     def restore(cls, path: str, config: NodeConfig | None = None) -> DistributedSpatialCluster:
@@ -1345,77 +830,30 @@ class DistributedSpatialCluster:
         """
         from .control import checkpoint as ck
 
-        fs, ckpt, manifest = ck.read_manifest(path)
+        path = _absolute(path)
+        ck.read_manifest(path)  # a missing or bad checkpoint fails here, before any actor starts
         cluster = cls(config)
         try:
-            cluster._load_checkpoint(fs, ckpt if "://" not in path else path.split("://", 1)[0] + "://" + ckpt,
-                                     manifest)
+            cluster._rt.install(cluster._rt.call_controller("load_checkpoint", path))
         except BaseException:
             cluster.shutdown()
             raise
         return cluster
 
-    def _load_checkpoint(self, fs, ckpt_uri: str, man: dict[str, Any]) -> None:
-        from .control import checkpoint as ck
-
-        cfg = self.config
-        parts_m = man["partitions"]
-        machine_of = self._machines()
-        owners = place_partitions(len(parts_m), self.live_node_ids, cfg.replication_factor, machine_of)
-        self._dataset_counter += 1
-        dataset = self._dataset_counter
-        loads = []
-        for node in self.live_node_ids:
-            files = [(p["id"], ck.join(ckpt_uri, p["file"]), p["raw_bytes"], p["sha256"])
-                     for p in parts_m if node in owners[p["id"]]]
-            loads.append((node, self._send(node, "load_partition_files", dataset, files)))
-        try:
-            for node, ref in loads:
-                self._recv(node, ref)
-        except ray.exceptions.RayTaskError as exc:
-            cause = exc.as_instanceof_cause()
-            if isinstance(cause, ck.CheckpointError):
-                msg = str(cause).splitlines()[-1]
-                raise ck.CheckpointError(msg.split("CheckpointError: ", 1)[-1]) from None
-            raise
-        parts = tuple(
-            PartitionInfo(
-                partition_id=p["id"], key_lo=int(p["key_lo"]), key_hi=int(p["key_hi"]), lo=np.array(p["lo"]),
-                hi=np.array(p["hi"]), size=p["size"], nbytes=p["nbytes"], owners=owners[p["id"]],
-            )
-            for p in parts_m
-        )
-        meta = GlobalIndexMetadata(
-            dim=man["dim"], lo=np.array(man["lo"]), hi=np.array(man["hi"]), curve=man["curve"], bits=man["bits"],
-            partitions=parts, version=man["version"] + 1, dataset_id=dataset,
-        )
-        if meta.n_points != man["n_points"]:
-            raise ck.CheckpointError(f"checkpoint {ckpt_uri} holds {meta.n_points} points, manifest says {man['n_points']}")
-        if man["user_ids"]:
-            u = man["user_ids"]
-            fs2, path = ck.resolve(ck.join(ckpt_uri, u["file"]))
-            arr = ck.decode_arrays(ck.read_bytes(fs2, path), u["raw_bytes"], u["sha256"], path)
-            self._id_sorted, self._id_rows = arr["sorted"], arr["rows"]
-        else:
-            self._id_sorted = self._id_rows = None
-        self._mean_variance = man["mean_variance"]
-        self._modified = bool(man.get("modified", False))
-        self._next_id = int(man.get("next_id", meta.n_points))
-        self._has_user_ids = bool(man.get("has_user_ids", self._id_sorted is not None))
-        self._meta, self._routing = meta, RoutingTable(meta)
-        self._checkpoint = (dataset, ckpt_uri, man)
-
     # -- statistics -----------------------------------------------------------------------------------------
     def statistics(self) -> ClusterStatistics:
         """Per-node and cluster-wide statistics (see :class:`~distspatial.core.stats.ClusterStatistics`)."""
-        refs = {i: a.stats.remote() for i, a in self._actors.items() if i not in self._dispatch.failed_nodes}
+        self._require_open()
+        self._rt.sync()
+        rt = self._rt
+        refs = {i: a.stats.remote() for i, a in rt.actors.items() if i not in rt.failed_nodes}
         node_stats = {}
         for i, ref in refs.items():
             try:
                 node_stats[i] = ray.get(ref, timeout=self.config.communication_timeout_ms / 1000)
             except Exception as exc:
-                self._dispatch.mark_failed(i, f"statistics: {type(exc).__name__}")
-        c = self.comm
+                rt.mark_failed(i, f"statistics: {type(exc).__name__}")
+        info = rt.view.node_info
         nodes = []
         for i in self.node_ids:
             s = node_stats.get(i)
@@ -1424,8 +862,8 @@ class DistributedSpatialCluster:
                 NodeStatistics(
                     node_id=i,
                     status="alive" if alive else "failed",
-                    ray_node_id=(s or self._node_info.get(i, {})).get("ray_node_id", ""),
-                    host=(s or self._node_info.get(i, {})).get("host", ""),
+                    ray_node_id=(s or info.get(i, {})).get("ray_node_id", ""),
+                    host=(s or info.get(i, {})).get("host", ""),
                     partitions=len(s["partitions"]) if alive else 0,
                     points=s["points"] if alive else 0,
                     bytes_held=s["bytes"] if alive else 0,
@@ -1446,8 +884,11 @@ class DistributedSpatialCluster:
         pts = np.array([n.points for n in nodes if n.status == "alive"], dtype=np.float64)
         balance = float(pts.max() / pts.mean()) if len(pts) and pts.mean() > 0 else 1.0
         lat = self.latency.summary()
-        tot = c.totals()
-        meta = self._meta
+        # this client's and the controller's own messages ("coordinator": everything not counted by a node)
+        tot = rt.comm.totals()
+        for key, v in rt.call_controller("comm_totals").items():
+            tot[key] = tot.get(key, 0) + v
+        meta = rt.meta
         return ClusterStatistics(
             nodes=nodes,
             n_points=meta.n_points if meta else 0,
@@ -1463,3 +904,8 @@ class DistributedSpatialCluster:
             raw_bytes_sent=tot["raw_bytes_sent"] + sum(n.raw_bytes_sent for n in nodes),
             coordinator=tot,
         )
+
+
+def _absolute(path: str) -> str:
+    """Local paths are made absolute here: the controller and the nodes run in other working directories."""
+    return path if "://" in str(path) else os.path.abspath(os.fspath(path))

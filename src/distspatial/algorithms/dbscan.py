@@ -26,16 +26,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..kernels.dbscan_kernels import PartLabels, merge_labels
-from ..client.dispatch import NODE_FAILURES
+from ..node.dispatch import NODE_FAILURES
 from ..core.errors import NodeFailureError
+from ..client.runtime import ClusterRuntime
 
-if TYPE_CHECKING:
-    from ..cluster import DistributedSpatialCluster
 
 __all__ = ["DBSCANResult", "run_dbscan"]
 
@@ -70,11 +68,11 @@ def _pieces(meta, routing, eps: float):
     return meets, glo, ghi
 
 
-def _run_once(cluster: DistributedSpatialCluster, eps: float, min_samples: int, run: int) -> DBSCANResult:
+def _run_once(rt: ClusterRuntime, eps: float, min_samples: int, run: int) -> DBSCANResult:
     t0 = time.perf_counter()
-    meta = cluster._require_data()
-    routing = cluster._routing
-    failed = cluster._dispatch.failed_nodes
+    meta = rt.require_data()
+    routing = rt.routing
+    failed = rt.failed_nodes
     n_parts = meta.n_partitions
     serve = {p: routing.node_for(p, exclude=failed) for p in range(n_parts)}
     meets, glo, ghi = _pieces(meta, routing, eps)
@@ -86,7 +84,7 @@ def _run_once(cluster: DistributedSpatialCluster, eps: float, min_samples: int, 
     # partitions (points in a cell next to an occupied cell of the target), one object per target
     cell_ref = {}
     for node, pids in targets.items():
-        for p, ref in zip(pids, cluster._send_multi(node, "dbscan_cells", len(pids), run, float(eps), origin, pids)):
+        for p, ref in zip(pids, rt.send_multi(node, "dbscan_cells", len(pids), run, float(eps), origin, pids)):
             cell_ref[p] = ref
     requests: dict[int, list[tuple[int, np.ndarray, np.ndarray, list[int], int]]] = {}
     for p in range(n_parts):
@@ -97,7 +95,7 @@ def _run_once(cluster: DistributedSpatialCluster, eps: float, min_samples: int, 
             requests.setdefault(node, []).append((p, glo[p], ghi[p], qs, len(requests.get(node, []))))
     halo_refs: dict[int, list] = {p: [] for p in range(n_parts)}
     for node, reqs in requests.items():
-        refs = cluster._send_multi(node, "dbscan_halo", len(reqs), run, float(eps), origin, reqs,
+        refs = rt.send_multi(node, "dbscan_halo", len(reqs), run, float(eps), origin, reqs,
                            *[cell_ref[r[0]] for r in reqs])
         for r, ref in zip(reqs, refs):
             halo_refs[r[0]].append((node, ref))
@@ -106,50 +104,50 @@ def _run_once(cluster: DistributedSpatialCluster, eps: float, min_samples: int, 
     for node, pids in targets.items():
         layout = [(p, len(halo_refs[p])) for p in pids]
         refs = [r for p in pids for _, r in halo_refs[p]]
-        calls.append((node, cluster._send(node, "dbscan_core", run, float(eps), int(min_samples), layout, *refs)))
+        calls.append((node, rt.send(node, "dbscan_core", run, float(eps), int(min_samples), layout, *refs)))
     halo_points = 0
     for node, ref in calls:
-        halo_points += int(cluster._recv(node, ref))
+        halo_points += int(rt.recv(node, ref))
     # round 2: halo core flags from the source nodes, then local clusters
     flag_refs: dict[int, list] = {p: [] for p in range(n_parts)}
     for node, reqs in requests.items():
-        refs = cluster._send_multi(node, "dbscan_halo_core", len(reqs), run, [r[0] for r in reqs])
+        refs = rt.send_multi(node, "dbscan_halo_core", len(reqs), run, [r[0] for r in reqs])
         for r, ref in zip(reqs, refs):
             flag_refs[r[0]].append(ref)
     calls = []
     for node, pids in targets.items():
         layout = [(p, len(flag_refs[p])) for p in pids]
         refs = [r for p in pids for r in flag_refs[p]]
-        calls.append((node, cluster._send(node, "dbscan_local", run, float(eps), layout, *refs)))
+        calls.append((node, rt.send(node, "dbscan_local", run, float(eps), layout, *refs)))
     parts = []
     for node, ref in calls:
-        for pid, ids, labels, link_comp, link_ids, core in cluster._recv(node, ref):
+        for pid, ids, labels, link_comp, link_ids, core in rt.recv(node, ref):
             parts.append(PartLabels(ids, labels, link_comp, link_ids, core))
-    order = cluster.point_ids()
+    order = rt.point_ids()
     labels = merge_labels(parts, order)
     core_ids = np.concatenate([p.ids[p.core] for p in parts]) if parts else np.empty(0, np.int64)
-    core_rows = np.sort(cluster._rows_of_ids(core_ids))
+    core_rows = np.sort(rt.rows_of_ids(core_ids))
     n_clusters = int(labels.max()) + 1 if len(labels) and labels.max() >= 0 else 0
     return DBSCANResult(labels, core_rows, n_clusters, halo_points, time.perf_counter() - t0)
 
 
-def run_dbscan(cluster: DistributedSpatialCluster, eps: float, min_samples: int) -> DBSCANResult:
+def run_dbscan(rt: ClusterRuntime, eps: float, min_samples: int) -> DBSCANResult:
     if isinstance(eps, bool) or not np.isfinite(eps) or eps <= 0:
         raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
     if isinstance(min_samples, bool) or not isinstance(min_samples, (int, np.integer)) or min_samples < 1:
         raise ValueError(f"min_samples must be an int >= 1, got {min_samples!r}")
-    cluster._require_data()
-    attempts = cluster.config.max_retries + 1
+    rt.require_data()
+    attempts = rt.config.max_retries + 1
     for attempt in range(attempts):
-        run = cluster._next_run_id()
+        run = rt.next_run_id()
         try:
-            return _run_once(cluster, float(eps), int(min_samples), run)
+            return _run_once(rt, float(eps), int(min_samples), run)
         except NODE_FAILURES as exc:
             # find which nodes are gone, then start over on the replicas that remain
-            cluster._dispatch.mark_failed_if_dead()
+            rt.mark_failed_if_dead()
             if attempt == attempts - 1:
                 raise NodeFailureError(f"DBSCAN failed on {attempts} attempts: {exc}") from exc
         finally:
-            for a in cluster._actors.values():
+            for a in rt.actors.values():
                 a.dbscan_end.remote(run)
     raise AssertionError("unreachable")

@@ -8,7 +8,7 @@ linkage format, cut into flat clusters by ``n_clusters`` or ``distance_threshold
 
 Quality: on well-separated data the labels equal scikit-learn's ``AgglomerativeClustering(linkage="ward")``
 (adjusted Rand index 1.0 in the tests). On overlapping clusters the micro-cluster summaries lose the points'
-exact positions inside each micro-cluster, so merges near the top can differ from point-level Ward (measured
+exact positions inside each micro-rt, so merges near the top can differ from point-level Ward (measured
 ARI 0.6-0.99 against scikit-learn, about as close to the truth as scikit-learn itself); more micro-clusters
 (``n_micro_clusters``) bring it closer at the cost of a larger level 2 (``O(m^2)`` time, ``O(m d)`` memory).
 """
@@ -17,14 +17,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..kernels.hierarchical_kernels import cut_tree, merge_micro_clusters, node_point_counts, ward_linkage
+from ..client.runtime import ClusterRuntime
 
-if TYPE_CHECKING:
-    from ..cluster import DistributedSpatialCluster
 
 __all__ = ["HierarchicalResult", "run_hierarchical"]
 
@@ -53,7 +51,7 @@ class HierarchicalResult:
 
 
 def run_hierarchical(
-    cluster: DistributedSpatialCluster,
+    rt: ClusterRuntime,
     n_clusters: int | None,
     distance_threshold: float | None,
     linkage: str,
@@ -73,12 +71,12 @@ def run_hierarchical(
     if n_micro_clusters < 1:
         raise ValueError(f"n_micro_clusters must be >= 1, got {n_micro_clusters}")
     t0 = time.perf_counter()
-    meta = cluster._require_data()
+    meta = rt.require_data()
     # micro-clusters per partition in proportion to its size (at least one each)
     per_part = {p.partition_id: max(1, int(round(n_micro_clusters * p.size / max(1, meta.n_points))))
                 for p in meta.partitions}
     results = []
-    for _, parts in cluster._partitions_call("micro_clusters", per_part, int(seed)):
+    for _, parts in rt.partitions_call("micro_clusters", per_part, int(seed)):
         results.extend(parts)
     results.sort(key=lambda r: r[0])  # partition order: deterministic leaf numbering
     mcs = [r[1] for r in results]
@@ -91,7 +89,7 @@ def run_hierarchical(
     flat = cut_tree(Z, merged.counts, n_clusters=n_clusters, distance_threshold=distance_threshold)
     labels = np.empty(meta.n_points, dtype=np.int64)
     for j, (_, _, ids, micro) in enumerate(results):
-        labels[cluster._rows_of_ids(ids)] = flat[offsets[j] + micro]
+        labels[rt.rows_of_ids(ids)] = flat[offsets[j] + micro]
     return HierarchicalResult(
         labels=labels, linkage=Z, n_clusters=int(flat.max()) + 1 if len(flat) else 0, micro_counts=merged.counts,
         micro_centroids=merged.centroids, point_counts=node_point_counts(Z, merged.counts),

@@ -19,19 +19,24 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from ..core.validation import check_k
+from ..client import queries
+from ..client.runtime import ClusterRuntime
 
-if TYPE_CHECKING:
-    from ..cluster import DistributedSpatialCluster
 
 __all__ = ["knn_join", "distance_matrix", "DEFAULT_MEMORY_BUDGET"]
 
 #: default limit for a distance matrix returned in memory
 DEFAULT_MEMORY_BUDGET = 2 * 1024**3
+
+
+def _knn(rt: ClusterRuntime, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact kNN of a batch on the current view (planned again if the layout changes under it)."""
+    return rt.stable(lambda: queries.knn(rt, np.ascontiguousarray(q, dtype=np.float64), k))
 
 
 def _is_array(x: Any) -> bool:
@@ -65,25 +70,25 @@ def _drop_self(dist: np.ndarray, ids: np.ndarray, self_ids: np.ndarray, k: int) 
     return dist[keep].reshape(m, k), ids[keep].reshape(m, k)
 
 
-def _self_chunks(cluster: DistributedSpatialCluster) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def _self_chunks(rt: ClusterRuntime) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """``(points, ids)`` of each partition, read from a live replica."""
-    meta = cluster._require_data()
+    meta = rt.require_data()
     for p in meta.partitions:
-        node = cluster._routing.node_for(p.partition_id, exclude=cluster._dispatch.failed_nodes)
-        pts, ids = cluster._recv(node, cluster._send(node, "export_partition", p.partition_id,
-                                                     cluster.config.compression))
+        node = rt.routing.node_for(p.partition_id, exclude=rt.failed_nodes)
+        pts, ids = rt.recv(node, rt.send(node, "export_partition", p.partition_id,
+                                                     rt.config.compression))
         yield pts, ids
 
 
-def _join_chunks(cluster, other, k, self_join, chunk_rows, columns):
+def _join_chunks(rt, other, k, self_join, chunk_rows, columns):
     """Yield ``(query ids or None, distances, ids)`` per chunk."""
-    meta = cluster._require_data()
+    meta = rt.require_data()
     if self_join:
         k = check_k(k, meta.n_points - 1) if meta.n_points > 1 else check_k(k, 0)
-        for pts, pids in _self_chunks(cluster):
+        for pts, pids in _self_chunks(rt):
             for a in range(0, len(pts), chunk_rows):
                 q, qid = pts[a:a + chunk_rows], pids[a:a + chunk_rows]
-                d, i = cluster.distributed_knn_search(q, k + 1)
+                d, i = _knn(rt, q, k + 1)
                 d, i = _drop_self(d.reshape(len(q), k + 1), i.reshape(len(q), k + 1), qid, k)
                 yield qid, d, i
     else:
@@ -94,12 +99,12 @@ def _join_chunks(cluster, other, k, self_join, chunk_rows, columns):
                 if chunk.size == 0:
                     continue
                 raise ValueError(f"chunks of other_points must be (n, {meta.dim}) arrays, got shape {chunk.shape}")
-            d, i = cluster.distributed_knn_search(chunk, k)
+            d, i = _knn(rt, chunk, k)
             yield None, d, i
 
 
 def knn_join(
-    cluster: DistributedSpatialCluster,
+    rt: ClusterRuntime,
     other_points: Any,
     k: int,
     self_join: bool = False,
@@ -113,13 +118,13 @@ def knn_join(
         raise ValueError("self_join=True joins the distributed set with itself: pass other_points=None")
     if not self_join and other_points is None:
         raise ValueError("pass other_points, or self_join=True for the all-kNN of the distributed set")
-    meta = cluster._require_data()
+    meta = rt.require_data()
     check_k(k, meta.n_points - 1 if self_join else meta.n_points)
-    gen = _join_chunks(cluster, other_points, k, self_join, chunk_rows, columns)
+    gen = _join_chunks(rt, other_points, k, self_join, chunk_rows, columns)
     if output is not None:
         return _write_join(gen, str(output))
     if self_join:
-        meta = cluster._require_data()
+        meta = rt.require_data()
         kk = None
         dist = ids = None
         for qid, d, i in gen:
@@ -127,7 +132,7 @@ def knn_join(
                 kk = d.shape[1]
                 dist = np.empty((meta.n_points, kk))
                 ids = np.empty((meta.n_points, kk), dtype=np.int64)
-            rows = cluster._rows_of_ids(qid)
+            rows = rt.rows_of_ids(qid)
             dist[rows], ids[rows] = d, i
         return dist, ids
     if _is_array(other_points):
@@ -167,7 +172,7 @@ def _write_join(gen, path: str) -> str:
 
 
 def distance_matrix(
-    cluster: DistributedSpatialCluster,
+    rt: ClusterRuntime,
     a: Any,
     b: Any = None,
     output: str | os.PathLike | None = None,
@@ -200,25 +205,25 @@ def distance_matrix(
         out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float64, shape=(n, m))
     tile = max(1, int(tile_rows))
     tiles = [(i, j) for i in range(0, n, tile) for j in range(0, m, tile)]
-    _run_tiles(cluster, A, B, tiles, tile, out)
+    _run_tiles(rt, A, B, tiles, tile, out)
     if output is not None:
         out.flush()
         return out
     return out
 
 
-def _run_tiles(cluster, A, B, tiles, tile, out) -> None:
+def _run_tiles(rt, A, B, tiles, tile, out) -> None:
     """Compute ``tiles`` on the live nodes, a bounded number in flight per node; a tile whose node fails is
     sent to another node."""
     import ray
 
-    from ..client.dispatch import NODE_FAILURES
+    from ..node.dispatch import NODE_FAILURES
 
     pending = list(reversed(tiles))
     inflight: dict[Any, tuple[int, tuple[int, int]]] = {}
     per_node = 2
     while pending or inflight:
-        live = cluster.live_node_ids
+        live = rt.live_node_ids
         if not live:
             raise RuntimeError("no live node left to compute distance tiles on")
         busy = {}
@@ -228,16 +233,16 @@ def _run_tiles(cluster, A, B, tiles, tile, out) -> None:
             while pending and busy.get(node, 0) < per_node:
                 i, j = pending.pop()
                 a_blk, b_blk = A[i:i + tile], B[j:j + tile]
-                ref = cluster._send(node, "distance_tile", a_blk, b_blk)
+                ref = rt.send(node, "distance_tile", a_blk, b_blk)
                 inflight[ref] = (node, (i, j))
                 busy[node] = busy.get(node, 0) + 1
         ready, _ = ray.wait(list(inflight), num_returns=1)
         for ref in ready:
             node, (i, j) = inflight.pop(ref)
             try:
-                blk = cluster._recv(node, ref)
+                blk = rt.recv(node, ref)
             except NODE_FAILURES as exc:
-                cluster._dispatch.mark_failed(node, type(exc).__name__)
+                rt.mark_failed(node, type(exc).__name__)
                 pending.append((i, j))
                 continue
             out[i:i + blk.shape[0], j:j + blk.shape[1]] = blk

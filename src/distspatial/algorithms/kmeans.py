@@ -17,17 +17,15 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from ..kernels.kmeans_kernels import squared_distances_min
 from ..core.progress import make_bar
 from ..core.stats import Timer
-
-if TYPE_CHECKING:
-    from ..cluster import DistributedSpatialCluster
-    from ..control.metadata import GlobalIndexMetadata
+from ..client.runtime import ClusterRuntime
+from ..control.metadata import GlobalIndexMetadata
 
 __all__ = ["KMeansResult", "run_kmeans", "weighted_kmeans_pp", "weighted_lloyd"]
 
@@ -98,7 +96,7 @@ def weighted_lloyd(points: np.ndarray, weights: np.ndarray, centers: np.ndarray,
     return centers
 
 
-def _sample_points(cluster: DistributedSpatialCluster, meta: GlobalIndexMetadata, rows: np.ndarray) -> np.ndarray:
+def _sample_points(rt: ClusterRuntime, meta: GlobalIndexMetadata, rows: np.ndarray) -> np.ndarray:
     """Points at global positions ``rows`` of the partition order (partition by partition)."""
     sizes = np.array([p.size for p in meta.partitions])
     offsets = np.concatenate([[0], np.cumsum(sizes)])
@@ -107,15 +105,15 @@ def _sample_points(cluster: DistributedSpatialCluster, meta: GlobalIndexMetadata
     refs = []
     for pid in np.unique(part):
         sel = np.flatnonzero(part == pid)
-        node = cluster._routing.node_for(int(pid), exclude=cluster._dispatch.failed_nodes)
-        refs.append((sel, node, cluster._send(node, "sample", int(pid), rows[sel] - offsets[pid])))
+        node = rt.routing.node_for(int(pid), exclude=rt.failed_nodes)
+        refs.append((sel, node, rt.send(node, "sample", int(pid), rows[sel] - offsets[pid])))
     for sel, node, ref in refs:
-        out[sel] = cluster._recv(node, ref)
+        out[sel] = rt.recv(node, ref)
     return out
 
 
 def _kmeans_parallel(
-    cluster: DistributedSpatialCluster,
+    rt: ClusterRuntime,
     meta: GlobalIndexMetadata,
     run: int,
     k: int,
@@ -126,36 +124,36 @@ def _kmeans_parallel(
 ) -> np.ndarray:
     n = meta.n_points
     l = float(factor) if factor is not None else 2.0 * k
-    cand = _sample_points(cluster, meta, rng.integers(0, n, size=1))
-    cost = sum(r for _, r in cluster._partitions_call("kmeanspar_update", run, cand))
+    cand = _sample_points(rt, meta, rng.integers(0, n, size=1))
+    cost = sum(r for _, r in rt.partitions_call("kmeanspar_update", run, cand))
     for rnd in range(rounds):
         if cost <= 0:
             break
-        new = [r for _, r in cluster._partitions_call("kmeanspar_sample", run, l / cost, seed * 1000 + rnd)]
+        new = [r for _, r in rt.partitions_call("kmeanspar_sample", run, l / cost, seed * 1000 + rnd)]
         new = np.concatenate(new) if new else np.empty((0, meta.dim))
         if len(new) == 0:
             continue
         cand = np.concatenate([cand, new])
-        cost = sum(r for _, r in cluster._partitions_call("kmeanspar_update", run, new))
+        cost = sum(r for _, r in rt.partitions_call("kmeanspar_update", run, new))
     if len(cand) < k:  # too few candidates (tiny or degenerate data): top up with random points
-        extra = _sample_points(cluster, meta, rng.choice(n, size=min(n, k), replace=False))
+        extra = _sample_points(rt, meta, rng.choice(n, size=min(n, k), replace=False))
         cand = np.concatenate([cand, extra])
-    weights = sum(r for _, r in cluster._partitions_call("nearest_counts", cand)).astype(np.float64)
+    weights = sum(r for _, r in rt.partitions_call("nearest_counts", cand)).astype(np.float64)
     centers = weighted_kmeans_pp(cand, weights, k, rng)
     return weighted_lloyd(cand, weights, centers)
 
 
 def _initial_centers(
-    cluster: DistributedSpatialCluster, meta: GlobalIndexMetadata, run: int, k: int, init: Any, seed: int | None,
+    rt: ClusterRuntime, meta: GlobalIndexMetadata, run: int, k: int, init: Any, seed: int | None,
     factor: float | None, rounds: int,
 ) -> np.ndarray:
     if isinstance(init, str):
         seed = int(np.random.SeedSequence(seed).generate_state(1)[0]) if seed is None else seed
         rng = np.random.default_rng(seed)
         if init == "random":
-            return _sample_points(cluster, meta, np.sort(rng.choice(meta.n_points, size=k, replace=False)))
+            return _sample_points(rt, meta, np.sort(rng.choice(meta.n_points, size=k, replace=False)))
         if init == "k-means||":
-            return _kmeans_parallel(cluster, meta, run, k, rng, seed, factor, rounds)
+            return _kmeans_parallel(rt, meta, run, k, rng, seed, factor, rounds)
         raise ValueError(f"init must be 'k-means||', 'random' or a (k, d) array of centroids, got {init!r}")
     arr = np.asarray(init, dtype=np.float64)
     if arr.shape != (k, meta.dim):
@@ -166,7 +164,7 @@ def _initial_centers(
 
 
 def run_kmeans(
-    cluster: DistributedSpatialCluster,
+    rt: ClusterRuntime,
     meta: GlobalIndexMetadata,
     k: int,
     max_iterations: int,
@@ -175,6 +173,7 @@ def run_kmeans(
     seed: int | None,
     factor: float | None,
     rounds: int,
+    progress: bool = False,
 ) -> KMeansResult:
     """The algorithm behind :meth:`DistributedSpatialCluster.distributed_kmeans` (see module docstring)."""
     from ..core.validation import check_k
@@ -188,22 +187,22 @@ def run_kmeans(
         raise ValueError(f"init_rounds must be an int >= 0, got {rounds!r}")
     if factor is not None and not factor > 0:
         raise ValueError(f"oversampling_factor must be > 0, got {factor!r}")
-    run = cluster._next_run_id()
+    run = rt.next_run_id()
     t_start = time.perf_counter()
     try:
         with Timer() as t_init:
-            centers = _initial_centers(cluster, meta, run, k, init, seed, factor, rounds)
-        tol_scaled = tol * cluster._mean_variance
+            centers = _initial_centers(rt, meta, run, k, init, seed, factor, rounds)
+        tol_scaled = tol * rt.mean_variance
         i = 0
         t_loop = time.perf_counter()
-        bar = make_bar(max_iterations, "k-means", cluster.progress, unit="iter")
+        bar = make_bar(max_iterations, "k-means", progress, unit="iter")
         for i in range(max_iterations):
-            sums, counts, inertia_i, changed = _lloyd_step(cluster, run, centers)
+            sums, counts, inertia_i, changed = _lloyd_step(rt, run, centers)
             bar.update(1)
             bar.set_postfix(inertia=f"{inertia_i:.6g}", changed=changed)
             empty = np.flatnonzero(counts == 0)
             if len(empty):
-                _relocate_empty(cluster, run, centers, sums, counts, empty)
+                _relocate_empty(rt, run, centers, sums, counts, empty)
             new_centers = np.where(counts[:, None] > 0, sums / np.maximum(counts, 1)[:, None], centers)
             shift = float(((new_centers - centers) ** 2).sum())
             centers = new_centers
@@ -214,24 +213,24 @@ def run_kmeans(
         bar.close()
         loop_seconds = time.perf_counter() - t_loop
         # Final assignment to the final centres (scikit-learn does the same unless labels already converged).
-        _, _, inertia, _ = _lloyd_step(cluster, run, centers)
+        _, _, inertia, _ = _lloyd_step(rt, run, centers)
         labels = np.empty(meta.n_points, dtype=np.int32)
-        for _, parts in cluster._partitions_call("kmeans_labels", run, centers):
+        for _, parts in rt.partitions_call("kmeans_labels", run, centers):
             for _, ids, lab in parts:
-                labels[cluster._rows_of_ids(ids)] = lab
+                labels[rt.rows_of_ids(ids)] = lab
     finally:
-        for a in cluster._actors.values():
+        for a in rt.actors.values():
             a.kmeans_end.remote(run)
     seconds = time.perf_counter() - t_start
     return KMeansResult(centers, labels, float(inertia), i + 1, seconds, t_init.seconds, loop_seconds)
 
 
-def _lloyd_step(cluster: DistributedSpatialCluster, run: int, centers: np.ndarray):
+def _lloyd_step(rt: ClusterRuntime, run: int, centers: np.ndarray):
     k, d = centers.shape
     sums = np.zeros((k, d))
     counts = np.zeros(k, dtype=np.int64)
     inertia, changed = 0.0, 0
-    for _, (s, c, i, ch) in cluster._partitions_call("kmeans_step", run, centers):
+    for _, (s, c, i, ch) in rt.partitions_call("kmeans_step", run, centers):
         sums += s
         counts += c
         inertia += i
@@ -239,11 +238,11 @@ def _lloyd_step(cluster: DistributedSpatialCluster, run: int, centers: np.ndarra
     return sums, counts, inertia, changed
 
 
-def _relocate_empty(cluster, run, centers, sums, counts, empty) -> None:
+def _relocate_empty(rt, run, centers, sums, counts, empty) -> None:
     """scikit-learn's rule: each empty cluster takes one of the points farthest from their centres."""
     m = len(empty)
     dists, pts, labs = [], [], []
-    for _, (dd, pp, ll) in cluster._partitions_call("kmeans_farthest", run, m):
+    for _, (dd, pp, ll) in rt.partitions_call("kmeans_farthest", run, m):
         dists.append(dd)
         pts.append(pp)
         labs.append(ll)

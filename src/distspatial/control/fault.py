@@ -3,7 +3,7 @@
 The :class:`FaultDetector` pings every node each ``heartbeat_interval_ms`` (in a background thread, or on demand
 with :meth:`FaultDetector.check`), keeps a :class:`NodeHealth` per node, classifies problems into a
 :class:`FailureType`, and turns them into a :class:`RecoveryPlan` of :class:`RecoveryAction` s, which the
-coordinator carries out (``DistributedSpatialCluster._recover``). Everything it decides is visible in
+controller carries out (``ClusterController.recover``). Everything it decides is visible in
 ``cluster.health()`` and logged.
 
 Classification (first match wins):
@@ -33,10 +33,10 @@ from typing import TYPE_CHECKING, Any
 
 import ray
 
-from ..client.dispatch import NODE_FAILURES, ping_ref
+from ..node.dispatch import NODE_FAILURES, ping_ref
 
 if TYPE_CHECKING:
-    from ..cluster import DistributedSpatialCluster
+    from .controller import ClusterController
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +119,7 @@ class FaultDetector:
 
     def __init__(
         self,
-        cluster: DistributedSpatialCluster,
+        cluster: ClusterController,
         interval_s: float,
         timeout_s: float,
         failure_threshold: int = 2,
@@ -149,26 +149,26 @@ class FaultDetector:
         with self._lock:
             plan = self._check_locked()
             if plan and self.auto_recover:
-                self.cluster._recover(plan)
+                self.cluster.recover(plan)
             if self.cluster.config.auto_scale:
                 self.cluster.follow_ray_cluster()
             self._beats += 1
             if self.cluster.config.load_balancing and self._beats % self.rebalance_every == 0:
                 # bounded rate: one small plan every `rebalance_every` heartbeats
-                if self.cluster._meta is not None:
+                if self.cluster.meta is not None:
                     self.cluster.rebalance(max_migrations=self.max_migrations_per_round)
             return plan
 
     def _check_locked(self) -> RecoveryPlan:
         cluster = self.cluster
-        actors = dict(cluster._actors)
+        actors = dict(cluster.actors)
         now = time.time()
         sent = {}
         dead_machines = _dead_ray_nodes()
         actions: list[RecoveryAction] = []
         for node, actor in actors.items():
             h = self.health.setdefault(node, NodeHealth(node, last_contact=now))
-            if h.status == "isolated" and cluster._node_info.get(node, {}).get("ray_node_id") in dead_machines:
+            if h.status == "isolated" and cluster.node_info.get(node, {}).get("ray_node_id") in dead_machines:
                 # Ray now reports the machine we cut off as dead: a node death after all; start a replacement
                 h.status, h.failure = "failed", FailureType.NODE_UNRESPONSIVE
                 actions.append(RecoveryAction(RecoveryStrategy.RESTART, node, h.failure, "its Ray node is dead"))
@@ -178,7 +178,7 @@ class FaultDetector:
         refs = [r for r, _ in sent.values()]
         ready, _ = ray.wait(refs, num_returns=len(refs), timeout=self.timeout_s) if refs else ([], [])
         ready = set(ready)
-        meta = cluster._meta
+        meta = cluster.meta
         for node, (ref, t0) in sent.items():
             h = self.health[node]
             failure, reason = None, ""
@@ -209,7 +209,7 @@ class FaultDetector:
             else:
                 h.consecutive_failures += 1
                 if h.consecutive_failures >= self.failure_threshold:
-                    machine = cluster._node_info.get(node, {}).get("ray_node_id", "")
+                    machine = cluster.node_info.get(node, {}).get("ray_node_id", "")
                     if machine in dead_machines:
                         failure, reason = FailureType.NODE_UNRESPONSIVE, "its Ray node is dead"
                     else:

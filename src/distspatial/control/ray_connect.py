@@ -14,19 +14,31 @@ import ray
 
 from ..core.config import NodeConfig
 
-__all__ = ["connect", "disconnect", "cluster_cpus", "ray_nodes"]
+__all__ = ["connect", "join", "start_local_head", "disconnect", "cluster_cpus", "ray_nodes"]
+
+
+_KWARGS: dict = {
+    "include_dashboard": False,
+    "logging_level": logging.WARNING,
+    "log_to_driver": True,
+    "configure_logging": True,
+}
 
 
 def connect(config: NodeConfig) -> bool:
-    """Make sure Ray is initialised for ``config``; returns True when this call started the runtime."""
+    """Make sure Ray is initialised for ``config``; returns True when this call started the runtime (or joined
+    one: then :func:`disconnect` only disconnects). A named cluster with ``address=None`` needs a runtime that
+    outlives this process: a local one already running is joined, else one is started (``ray start --head``)."""
     if ray.is_initialized():
         return False
-    kwargs: dict = {
-        "include_dashboard": False,
-        "logging_level": logging.WARNING,
-        "log_to_driver": True,
-        "configure_logging": True,
-    }
+    kwargs = dict(_KWARGS)
+    if config.address is None and config.name is not None:
+        try:
+            ray.init(address="auto", **kwargs)
+        except ConnectionError:
+            start_local_head(config.num_cpus, config.object_store_memory)
+            ray.init(address="auto", **kwargs)
+        return True
     if config.address is None:
         kwargs["num_cpus"] = config.num_cpus or os.cpu_count() or 1
         if config.object_store_memory is not None:
@@ -36,6 +48,36 @@ def connect(config: NodeConfig) -> bool:
     ray.init(address=config.address, **kwargs)
     # Joined an external cluster: ray.shutdown() only disconnects this driver, which is what we want at the end.
     return True
+
+
+def join(address: str | None) -> bool:
+    """Join the Ray cluster at ``address`` (``None``: the local one, ``"auto"``) unless Ray is initialised;
+    returns True when this call joined (undo with :func:`disconnect`). Raises ``ConnectionError`` when no Ray
+    runtime runs there."""
+    if ray.is_initialized():
+        return False
+    ray.init(address=address or "auto", **_KWARGS)
+    return True
+
+
+def start_local_head(num_cpus: int | None = None, object_store_memory: int | None = None) -> None:
+    """Start a local Ray head (``ray start --head``); it outlives this process (stop it with ``ray stop``)."""
+    import shutil
+    import subprocess
+    import sys
+
+    exe = os.path.join(os.path.dirname(sys.executable), "ray")
+    if not os.path.exists(exe):
+        exe = shutil.which("ray") or "ray"
+    cmd = [exe, "start", "--head", f"--num-cpus={num_cpus or os.cpu_count() or 1}", "--include-dashboard=false",
+           "--disable-usage-stats"]
+    if object_store_memory is not None:
+        cmd.append(f"--object-store-memory={object_store_memory}")
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        err = out.stderr.strip().splitlines()
+        raise RuntimeError(f"could not start a local Ray runtime for a named cluster ({' '.join(cmd)}): "
+                           f"{err[-1] if err else out.returncode}")
 
 
 def disconnect(started: bool) -> None:

@@ -14,6 +14,7 @@ Every invalid value raises :class:`ValueError` naming the field and the allowed 
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +25,7 @@ __all__ = ["NodeConfig", "DEVICES"]
 #: Where node kernels run (``NodeConfig.device``): ``"cpu"``, ``"cuda"`` (fails without a usable GPU) or
 #: ``"auto"`` (cuda when available on the node, else cpu); see :func:`distspatial.kernels.backend.get_backend`.
 DEVICES = ("cpu", "cuda", "auto")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 
 
 def _check_int(name: str, value: Any, lo: int, hi: int | None = None) -> None:
@@ -67,6 +69,10 @@ class NodeConfig:
         checkpoint_interval_s: seconds between periodic checkpoints (taken only when the data changed).
         auto_scale: follow the Ray cluster: a Ray node that joins gets a new node (and partitions); one that
             leaves is recovered from as a failure. Checked with every heartbeat.
+        name: a name makes the cluster outlive the process that created it: its controller and nodes are
+            detached Ray actors that other processes attach to (``DistributedSpatialCluster.attach(name)``) until
+            ``shutdown()``. Letters, digits, ``_``, ``-`` and ``.``; at most 63 characters. With ``address=None``
+            a named cluster runs in a local Ray runtime started on its own (``ray start --head``) if none runs.
         device: where node kernels run: ``"cpu"`` (default), ``"cuda"`` (needs PyTorch with CUDA on every node:
             ``pip install distspatial[gpu]``) or ``"auto"`` (cuda where a node has a GPU, else cpu).
     """
@@ -91,6 +97,7 @@ class NodeConfig:
     checkpoint_interval_s: float | None = None
     auto_scale: bool = False
     device: str = "cpu"
+    name: str | None = None
 
     def __post_init__(self) -> None:
         _check_int("node_count", self.node_count, 1, 4096)
@@ -124,6 +131,9 @@ class NodeConfig:
                              "for periodic checkpoints, or neither")
         if self.checkpoint_interval_s is not None:
             _check_positive_number("checkpoint_interval_s", self.checkpoint_interval_s)
+        if self.name is not None and (not isinstance(self.name, str) or not _NAME.fullmatch(self.name)):
+            raise ValueError(f"NodeConfig.name must be 1-63 letters, digits, '_', '-' or '.' (starting with a letter "
+                             f"or digit), got {self.name!r}")
         if self.device not in DEVICES:
             raise ValueError(f"NodeConfig.device must be one of {DEVICES}, got {self.device!r}")
 
@@ -162,6 +172,10 @@ class NodeConfig:
     def with_compression(self, enabled: bool = True) -> NodeConfig:
         """Compress partition transfers."""
         return self.replace(compression=enabled)
+
+    def with_name(self, name: str | None) -> NodeConfig:
+        """Name the cluster: it outlives its creator and other processes attach to it (see ``name``)."""
+        return self.replace(name=name)
 
     def with_address(self, address: str | None) -> NodeConfig:
         """Join an existing Ray cluster (``"auto"``, ``"ray://host:port"``); ``None`` = embedded runtime."""

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-__all__ = ["DistSpatialError", "NotDistributedError", "NodeFailureError", "PartitionLostError", "PartitionMovedError"]
+__all__ = [
+    "DistSpatialError", "NotDistributedError", "NodeFailureError", "PartitionLostError", "PartitionMovedError",
+    "StaleMetadataError", "ClusterNotFoundError", "ClusterExistsError", "ClusterGoneError", "ControllerUnavailableError",
+]
 
 
 class DistSpatialError(Exception):
@@ -24,7 +27,40 @@ class PartitionLostError(NodeFailureError):
         super().__init__(message)
         self.partitions = list(partitions)
 
+    def __reduce__(self):  # survives pickling through Ray with its partitions
+        return (type(self), (str(self), self.partitions))
+
 
 class PartitionMovedError(DistSpatialError, KeyError):
     """A node was asked for a partition it no longer holds (it moved after the call was planned); the
     dispatcher re-plans such calls with the current routing."""
+
+
+class StaleMetadataError(DistSpatialError):
+    """A node was sent work planned on a metadata version older than the newest one it was told of (another
+    client or the controller changed the layout or the data since); ``version`` is the node's. The client
+    fetches that version from the controller and plans the query again, so answers stay exact."""
+
+    def __init__(self, message: str, version: int) -> None:
+        super().__init__(message)
+        self.version = int(version)
+
+    def __reduce__(self):
+        return (type(self), (str(self), self.version))
+
+
+class ClusterNotFoundError(DistSpatialError, LookupError):
+    """No running cluster has this name (the message lists the running ones)."""
+
+
+class ClusterExistsError(DistSpatialError, ValueError):
+    """A cluster with this name is already running (attach to it, or pass ``exist_ok=True``)."""
+
+
+class ClusterGoneError(DistSpatialError, RuntimeError):
+    """The cluster this client was attached to has been shut down (by this or another client)."""
+
+
+class ControllerUnavailableError(DistSpatialError, RuntimeError):
+    """The cluster's controller did not answer in time (it may be restarting); the call changed nothing that a
+    retry would duplicate, so it is safe to retry."""

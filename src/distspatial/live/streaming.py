@@ -252,9 +252,9 @@ def run_stream(
                     centers = kmeans.centroids
                 t1 = time.perf_counter()
                 if update and ids is not None:
-                    _, ids_out, km = _ingest.update(cluster, ids, pts, ts, centers)
+                    _, ids_out, km = _ingest.update(cluster.runtime, ids, pts, ts, centers)
                 else:
-                    ids_out, km = _ingest.ingest(cluster, pts, ids, ts, centers)
+                    ids_out, km = _ingest.ingest(cluster.runtime, pts, ids, ts, centers)
                 st.ingest_seconds += time.perf_counter() - t1
                 if kmeans is not None and km is not None:
                     kmeans.update(*km)

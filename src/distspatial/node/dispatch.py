@@ -13,15 +13,17 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
 from ray.exceptions import GetTimeoutError, ObjectLostError, RayActorError, RayTaskError
 
 from ..core.codec import decode_all, message_bytes
 from ..core.errors import NodeFailureError, PartitionLostError, PartitionMovedError
-from ..control.routing import RoutingTable
 from ..core.stats import CommunicationCounters
+
+if TYPE_CHECKING:  # only for annotations: the routing table is passed in by the caller
+    from ..control.routing import RoutingTable
 
 try:  # Ray >= 2.20
     from ray.exceptions import ActorUnavailableError
@@ -55,8 +57,10 @@ class Dispatcher:
         timeout_s: float,
         max_retries: int,
         comm: CommunicationCounters,
+        on_failure: Callable[[int, str], None] | None = None,
     ) -> None:
         self.actors = actors
+        self.on_failure = on_failure  # told of every node this dispatcher marks failed (a client tells its controller)
         self.timeout_s = timeout_s
         self.max_retries = max_retries
         self.comm = comm
@@ -85,6 +89,10 @@ class Dispatcher:
                 log.warning("distspatial: node %d marked failed: %s", node, reason)
                 self.failed_nodes.add(node)
                 self.failures.append((time.time(), node, reason))
+            else:
+                return
+        if self.on_failure is not None:
+            self.on_failure(node, reason)
 
     def mark_failed_if_dead(self, timeout_s: float | None = None) -> list[int]:
         """Ping every node not yet failed; mark those that do not answer. Returns the newly failed ones."""

@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from ..core.codec import decode_all, encode, encode_all, message_bytes
-from ..core.errors import PartitionMovedError
+from ..core.errors import PartitionMovedError, StaleMetadataError
 from ..kernels.local_index import LocalPartition
 
 __all__ = ["SpatialNode", "Segment"]
@@ -102,6 +102,9 @@ class SpatialNode:
         self.started = time.time()
         self.started_mono = time.monotonic()
         self.part_queries: dict[int, int] = {}  # queries served per partition (for query-aware balancing)
+        # newest metadata version the controller told this node of: queries planned on an older one are refused
+        # (StaleMetadataError), so a client with an outdated layout re-plans instead of missing points
+        self.meta_version = 0
         self.counters = {
             "calls": 0,
             "queries": 0,
@@ -143,6 +146,7 @@ class SpatialNode:
             "rss": int(rss),
             "memory_fraction": float(mem_fraction),
             "dataset_id": self.dataset_id,
+            "meta_version": self.meta_version,
             "time": time.time(),
         }
 
@@ -171,6 +175,18 @@ class SpatialNode:
             info["cpu_percent"] = 0.0
         return info
 
+    def set_meta_version(self, version: int) -> int:
+        """Refuse queries planned on a metadata version older than ``version`` from now on (never lowers it).
+        Called by the controller before it acknowledges a change; returns the node's version."""
+        self.meta_version = max(self.meta_version, int(version))
+        return self.meta_version
+
+    def _check_version(self, version: int | None) -> None:
+        if version is not None and version < self.meta_version:
+            raise StaleMetadataError(
+                f"node {self.node_id}: query planned on metadata version {version}, the newest is "
+                f"{self.meta_version}", self.meta_version)
+
     def _count(self, pid: int, n: int) -> None:
         with self._lock:
             self.part_queries[pid] = self.part_queries.get(pid, 0) + n
@@ -194,7 +210,10 @@ class SpatialNode:
             self.clear()
             self.dataset_id = dataset_id
         for j, pid in enumerate(partition_ids):  # compressed transfers were decoded by data_message
-            self.partitions[int(pid)] = LocalPartition(arrays[2 * j], arrays[2 * j + 1])
+            # arrays read from Ray's object store are views of an object owned by the sender (a client that
+            # may exit): keep a copy of our own, so a partition never depends on another process
+            pts, ids = (a if a.flags.writeable else a.copy() for a in (arrays[2 * j], arrays[2 * j + 1]))
+            self.partitions[int(pid)] = LocalPartition(pts, ids)
         return [int(p) for p in partition_ids]
 
     @data_message()
@@ -328,13 +347,16 @@ class SpatialNode:
     # -- queries --------------------------------------------------------------------------------------------
     @data_message(compress_result=True)
     def knn(
-        self, queries: np.ndarray, bounds: np.ndarray | None, segments: list[Segment], k: int
+        self, queries: np.ndarray, bounds: np.ndarray | None, segments: list[Segment], k: int,
+        version: int | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """k nearest neighbours of ``queries[start:stop]`` within each segment's partition.
 
         Returns ``(distances (m, k), ids (m, k))`` aligned with ``queries``. With ``bounds`` (m,), only
-        candidates within each query's bound come back; the other slots are ``inf`` / ``-1``.
+        candidates within each query's bound come back; the other slots are ``inf`` / ``-1``. ``version``: the
+        metadata version the call was planned on (older than the node's: :class:`StaleMetadataError`).
         """
+        self._check_version(version)
         m = len(queries)
         dist = np.empty((m, k), dtype=np.float64)
         ids = np.empty((m, k), dtype=np.int64)
@@ -352,13 +374,15 @@ class SpatialNode:
 
     @data_message(compress_result=True)
     def ball(
-        self, centers: np.ndarray, radii: np.ndarray, segments: list[Segment], return_points: bool = False
+        self, centers: np.ndarray, radii: np.ndarray, segments: list[Segment], return_points: bool = False,
+        version: int | None = None,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """Points within ``radii[i]`` of ``centers[i]`` (inclusive), for each segment's partition.
 
         Returns ``(counts (m,), ids (sum counts,), points or None)``: row i's hits are the ``counts[i]``
-        entries after those of rows ``< i``.
+        entries after those of rows ``< i``. ``version`` as in :meth:`knn`.
         """
+        self._check_version(version)
         m = len(centers)
         counts = np.zeros(m, dtype=np.int64)
         id_chunks, pt_chunks = [], []
@@ -381,9 +405,11 @@ class SpatialNode:
 
     @data_message(compress_result=True)
     def box(
-        self, lo: np.ndarray, hi: np.ndarray, segments: list[Segment], return_points: bool = False
+        self, lo: np.ndarray, hi: np.ndarray, segments: list[Segment], return_points: bool = False,
+        version: int | None = None,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """Points inside the boxes ``[lo[i], hi[i]]`` (inclusive); same return layout as :meth:`ball`."""
+        self._check_version(version)
         m = len(lo)
         counts = np.zeros(m, dtype=np.int64)
         id_chunks, pt_chunks = [], []

@@ -276,7 +276,7 @@ class Session:
         if self.points is not None:
             return np.arange(len(self.points)), self.points
         ids, pts = self.cluster.sample_points(n, seed=0)
-        return self.cluster._rows_of_ids(ids), pts
+        return self.cluster.runtime.rows_of_ids(ids), pts
 
     def read(self, path: str, columns: Any = None, id_column: str | None = None, what: str = "input"):
         """``(points, ids, source)`` of a point file, read in chunks with a progress bar."""

@@ -5,7 +5,7 @@ A thin layer over the named methods (``distributed_knn_search``, ``range_search`
 ``distributed_dbscan``): each query type maps to exactly one of them, so there is no second implementation.
 Useful where the query type is data (a service, a queue of requests, a notebook form).
 
->>> from distspatial.algorithms.query import QueryType, QueryParameters
+>>> from distspatial.typed_queries import QueryType, QueryParameters
 >>> res = cluster.query(QueryType.KNearestNeighbors, QueryParameters(query_point=p, k=5))  # doctest: +SKIP
 >>> res.distances, res.ids  # doctest: +SKIP
 """
@@ -14,12 +14,9 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
-
-if TYPE_CHECKING:
-    from ..cluster import DistributedSpatialCluster
 
 __all__ = [
     "QueryType", "QueryParameters", "QueryResults", "NearestNeighbors", "RangeSearch", "Clustering",
@@ -105,7 +102,9 @@ class DistanceMatrix(QueryResults):
     matrix: np.ndarray
 
 
-def run_query(cluster: DistributedSpatialCluster, query_type: QueryType | str, params: QueryParameters) -> QueryResults:
+def run_query(cluster: Any, query_type: QueryType | str, params: QueryParameters) -> QueryResults:
+    """Run a typed query on ``cluster`` (a :class:`~distspatial.DistributedSpatialCluster`, taken by its named
+    methods, so this module needs no import of the facade)."""
     qt = query_type if isinstance(query_type, QueryType) else _parse_type(query_type)
     if not isinstance(params, QueryParameters):
         raise TypeError(f"params must be a QueryParameters, got {type(params).__name__}")

@@ -1,0 +1,311 @@
+"""Named clusters: a controller actor that outlives its creator, clients that attach, restarts and kills.
+
+Everything runs on a real Ray runtime started by `ray start --head` (it outlives the drivers, as in a deployment)
+with real driver processes that exit or are killed with SIGKILL; answers are checked against scipy's cKDTree.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import numpy as np
+import pytest
+import ray
+from scipy.spatial import cKDTree
+
+from distspatial import DistributedSpatialCluster, NodeConfig
+from distspatial.core.errors import ClusterExistsError, ClusterGoneError, ClusterNotFoundError
+
+from ._ray_head import connected_head
+from .conftest import assert_knn_ids_match
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    yield from connected_head()
+
+
+N_BASE = 20_000
+
+
+def _cfg(name: str, address: str, nodes: int = 2, rf: int = 1) -> NodeConfig:
+    return (NodeConfig().with_name(name).with_address(address).with_node_count(nodes)
+            .replace(cpus_per_node=0.2, replication_factor=rf, heartbeat_interval_ms=200))
+
+
+def _base() -> np.ndarray:
+    return np.random.default_rng(5).random((N_BASE, 2))
+
+
+def _batch(b: int, n: int = 2_000) -> np.ndarray:
+    return np.random.default_rng(100 + b).random((n, 2))
+
+
+PRELUDE = textwrap.dedent(
+    """
+    import sys, numpy as np
+    from distspatial import DistributedSpatialCluster, NodeConfig
+    name, address = sys.argv[1], sys.argv[2]
+    def cfg(nodes=2, rf=1):
+        return (NodeConfig().with_name(name).with_address(address).with_node_count(nodes)
+                .replace(cpus_per_node=0.2, replication_factor=rf, heartbeat_interval_ms=200))
+    def base():
+        return np.random.default_rng(5).random((20000, 2))
+    """
+)
+
+CREATE_AND_LEAVE = PRELUDE + textwrap.dedent(
+    """
+    c = DistributedSpatialCluster(cfg(nodes=3, rf=int(sys.argv[3])))
+    c.distribute_data(base())
+    print("READY", c.metadata.version, flush=True)
+    c.close()  # the process exits; the named cluster keeps running
+    """
+)
+
+INGEST_FOREVER = PRELUDE + textwrap.dedent(
+    """
+    c = DistributedSpatialCluster(cfg())
+    c.distribute_data(base())
+    print("BASE", flush=True)
+    b = 0
+    while True:
+        ids = c.ingest(np.random.default_rng(100 + b).random((2000, 2)))
+        print("ACK", b, int(ids[0]), int(ids[-1]), flush=True)
+        b += 1
+    """
+)
+
+WATCHER = PRELUDE + textwrap.dedent(
+    """
+    c = DistributedSpatialCluster.attach(name, address)
+    print("ATTACHED", flush=True)
+    for line in sys.stdin:
+        j, first = map(int, line.split())
+        pts = np.random.default_rng(200 + j).random((50, 2)) + 2.0 + j  # far from everything else
+        d, i = c.distributed_knn_search(pts, 1)
+        ok = bool(np.all(d[:, 0] == 0) and np.array_equal(i[:, 0], np.arange(first, first + 50)))
+        print("SEEN", j, "ok" if ok else f"WRONG {d[:3, 0]} {i[:3, 0]}", flush=True)
+    """
+)
+
+
+def _run(script: str, *args: str, env: dict) -> subprocess.CompletedProcess:
+    out = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return out
+
+
+def _check_exact(c: DistributedSpatialCluster, pts: np.ndarray, ids: np.ndarray, seed: int = 0) -> None:
+    """kNN (ids too) and range answers equal cKDTree over ``pts`` whose ids are ``ids``."""
+    rng = np.random.default_rng(seed)
+    q = rng.random((300, 2))
+    d, i = c.distributed_knn_search(q, 5)
+    assert_knn_ids_match(pts, q, d, i, 5, row_ids=ids)
+    tree = cKDTree(pts)
+    got = c.range_search(q[:40], 0.03)
+    for j in range(40):
+        np.testing.assert_array_equal(got[j], np.sort(ids[tree.query_ball_point(q[j], 0.03)]))
+
+
+def test_named_cluster_outlives_its_creator_and_clients_attach(ray_head):
+    address, env = ray_head
+    _run(CREATE_AND_LEAVE, "cities", address, "1", env=env)
+    names = [c["name"] for c in DistributedSpatialCluster.list_clusters(address)]
+    assert "cities" in names
+    t0 = time.perf_counter()
+    c = DistributedSpatialCluster.attach("cities", address)
+    attach_s = time.perf_counter() - t0
+    try:
+        assert c.n_points == N_BASE and c.name == "cities"
+        pts = _base()
+        _check_exact(c, pts, np.arange(N_BASE))
+        with pytest.raises(ClusterNotFoundError, match="running clusters: .*cities"):
+            DistributedSpatialCluster.attach("no-such-cluster", address)
+        with pytest.raises(ClusterExistsError, match="already running"):
+            DistributedSpatialCluster(_cfg("cities", address))
+        same = DistributedSpatialCluster(_cfg("cities", address), exist_ok=True)  # attaches instead
+        assert same.n_points == N_BASE
+        same.close()
+        c.close()  # leaves it running
+        with pytest.raises(RuntimeError, match="still runs: attach again"):
+            c.distributed_knn_search(pts[0], 1)
+        other = DistributedSpatialCluster.attach("cities", address)
+        watcher = DistributedSpatialCluster.attach("cities", address)
+        other.shutdown()  # tears the named cluster down for everyone
+        assert "cities" not in [x["name"] for x in DistributedSpatialCluster.list_clusters(address)]
+        t0 = time.perf_counter()
+        with pytest.raises(ClusterGoneError, match="gone"):  # a clear error, not a hang
+            watcher.distributed_knn_search(pts[:10], 3)
+        assert time.perf_counter() - t0 < 60
+        with pytest.raises(ClusterGoneError):
+            watcher.ingest(pts[:10])
+        with pytest.raises(ClusterNotFoundError, match="no cluster named 'cities'"):
+            DistributedSpatialCluster.attach("cities", address)
+    finally:
+        c.close()
+    print(f"attach to a {N_BASE}-point cluster: {attach_s:.2f} s")
+
+
+def test_driver_killed_mid_ingest_loses_and_duplicates_nothing(ray_head):
+    address, env = ray_head
+    proc = subprocess.Popen([sys.executable, "-c", INGEST_FOREVER, "feed", address], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    acked: dict[int, tuple[int, int]] = {}
+    try:
+        deadline = time.monotonic() + 240
+        for line in proc.stdout:
+            if line.startswith("ACK"):
+                _, b, first, last = line.split()
+                acked[int(b)] = (int(first), int(last))
+                if len(acked) >= 6:
+                    break
+            assert time.monotonic() < deadline, "the feed did not acknowledge 6 batches in time"
+        assert len(acked) >= 6, proc.stderr.read() if proc.poll() is not None else "feed stopped early"
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)  # in the middle of the next ingest call
+        proc.wait(timeout=30)
+    c = DistributedSpatialCluster.attach("feed", address)
+    try:
+        ids = c.point_ids()
+        assert len(np.unique(ids)) == len(ids), "a point is present twice"
+        present = set(ids.tolist())
+        assert set(range(N_BASE)) <= present
+        pts, row_ids = [_base()], [np.arange(N_BASE)]
+        b, first = 0, N_BASE
+        while True:  # acknowledged batches are all there; the one in flight entirely or not at all
+            rng_ids = np.arange(first, first + 2_000)
+            held = np.isin(rng_ids, ids)
+            if b in acked:
+                assert acked[b] == (first, first + 1_999) and held.all(), f"acknowledged batch {b} is missing"
+            elif not held.any():
+                break
+            assert held.all(), f"batch {b} is partly present"
+            pts.append(_batch(b))
+            row_ids.append(rng_ids)
+            b, first = b + 1, first + 2_000
+        all_ids = np.concatenate(row_ids)
+        assert len(ids) == len(all_ids), "points that no batch explains"
+        _check_exact(c, np.concatenate(pts), all_ids, seed=1)
+    finally:
+        c.shutdown()
+
+
+def test_controller_restart_under_queries_and_ingest(ray_head):
+    """The controller actor is killed while a client queries and ingests: Ray restarts it, it reloads its state
+    from the GCS store and re-adopts the nodes; no version goes backwards, no acknowledged point is lost, answers
+    stay exact, and the time until writes are taken again is measured."""
+    address, _ = ray_head
+    c = DistributedSpatialCluster(_cfg("restart", address))
+    try:
+        pts = _base()
+        c.distribute_data(pts)
+        stop = threading.Event()
+        acked: list[tuple[int, np.ndarray, float, float]] = []  # (batch, ids, start, end)
+        versions: list[int] = []
+        errors: list[BaseException] = []
+
+        def writer():
+            b = 0
+            try:
+                while not stop.is_set():
+                    t0 = time.monotonic()
+                    ids = c.ingest(_batch(b, 1_000))
+                    acked.append((b, ids, t0, time.monotonic()))
+                    versions.append(c.runtime.version)
+                    b += 1
+            except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+                errors.append(exc)
+
+        def reader():
+            rng = np.random.default_rng(3)
+            try:
+                while not stop.is_set():
+                    rows = rng.choice(N_BASE, 20, replace=False)
+                    d, i = c.distributed_knn_search(pts[rows], 1)  # the base points are always there
+                    assert np.all(d[:, 0] == 0) and np.array_equal(i[:, 0], rows)
+                    versions.append(c.runtime.version)
+            except BaseException as exc:  # noqa: BLE001
+                errors.append(exc)
+
+        threads = [threading.Thread(target=writer), threading.Thread(target=reader)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 120
+        while len(acked) < 5 and time.monotonic() < deadline and not errors:
+            time.sleep(0.05)
+        before = c.runtime.call_controller("info")
+        kill_at = time.monotonic()
+        ray.kill(ray.get_actor("restart:controller", namespace="distspatial"), no_restart=False)
+        while not any(a[2] > kill_at for a in acked) and time.monotonic() < deadline and not errors:
+            time.sleep(0.05)  # until a write started after the kill is acknowledged
+        n_after = len(acked) + 3
+        while len(acked) < n_after and time.monotonic() < deadline and not errors:
+            time.sleep(0.05)
+        stop.set()
+        for t in threads:
+            t.join(timeout=120)
+            assert not t.is_alive()
+        assert not errors, errors
+        info = c.runtime.call_controller("info")
+        assert info["restarts"] == before["restarts"] + 1, "the controller was restarted by Ray"
+        assert info["version"] > before["version"], "no version goes backwards"
+        assert c.metadata.version >= max(versions)
+        resumed = min(a[3] for a in acked if a[2] > kill_at) - kill_at
+        print(f"controller restart: writes taken again {resumed:.2f} s after the kill")
+        ids = c.point_ids()
+        assert len(np.unique(ids)) == len(ids)
+        all_ids = np.concatenate([np.arange(N_BASE)] + [a[1] for a in acked])
+        assert len(ids) == len(all_ids) and np.array_equal(np.sort(all_ids), ids), "acknowledged points lost"
+        _check_exact(c, np.concatenate([pts] + [_batch(a[0], 1_000) for a in acked]), all_ids, seed=2)
+    finally:
+        c.shutdown()
+
+
+def test_a_second_client_process_sees_each_acknowledged_batch(ray_head):
+    address, env = ray_head
+    c = DistributedSpatialCluster(_cfg("shared", address))
+    try:
+        c.distribute_data(_base())
+        w = subprocess.Popen([sys.executable, "-c", WATCHER, "shared", address], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        try:
+            assert w.stdout.readline().strip() == "ATTACHED", w.stderr.read()
+            for j in range(5):
+                pts = np.random.default_rng(200 + j).random((50, 2)) + 2.0 + j
+                ids = c.ingest(pts)
+                w.stdin.write(f"{j} {ids[0]}\n")
+                w.stdin.flush()
+                assert w.stdout.readline().split() == ["SEEN", str(j), "ok"]
+        finally:
+            w.kill()
+            w.wait(timeout=30)
+    finally:
+        c.shutdown()
+
+
+def test_a_node_killed_after_the_creator_exited_is_recovered(ray_head):
+    address, env = ray_head
+    _run(CREATE_AND_LEAVE, "orphan", address, "2", env=env)
+    c = DistributedSpatialCluster.attach("orphan", address)
+    try:
+        victim = c.runtime.actors[0]
+        ray.kill(victim, no_restart=True)  # nobody but the controller watches this cluster now
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            h = c.runtime.call_controller("health")
+            if 0 in h["failed_nodes"] and not h["under_replicated"]:
+                break
+            time.sleep(0.2)
+        assert 0 in h["failed_nodes"] and not h["under_replicated"], h
+        c.runtime.refresh()
+        assert all(0 not in p.owners and len(p.owners) == 2 for p in c.metadata.partitions)
+        _check_exact(c, _base(), np.arange(N_BASE), seed=4)
+    finally:
+        c.shutdown()
