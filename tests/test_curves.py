@@ -371,3 +371,149 @@ def test_locality(d):
     assert mor < 0.5 * random_step
     if d == 2:
         assert hil < 0.1 * random_step
+
+
+# ------------------------------------------------------------------- Hilbert: properties at the library's widths
+# Checked from the definition only (no second implementation): the key map is a bijection onto [0, 2**(d*bits))
+# and consecutive keys are grid cells at Manhattan distance exactly 1. There is no inverse in the library, so at
+# widths too large to enumerate the cell of key K + 1 is found among the 2d grid neighbours of the cell of key K
+# (by the unit-step property it must be one of them, and by injectivity exactly one).
+
+#: (d, bits) the library keys data with: default_bits(d) for the dimensions it partitions (d*bits up to 64).
+LIBRARY_WIDTHS = [(d, curves.default_bits(d)) for d in range(1, 9)]
+
+
+def cube(d: int, side_bits: int, base=None) -> np.ndarray:
+    """Every cell of the cube ``base + [0, 2**side_bits)**d`` as ``(n, d)`` uint64, dimension 0 slowest."""
+    axes = np.indices((2**side_bits,) * d, dtype=np.uint64).reshape(d, -1).T
+    return axes if base is None else axes + np.asarray(base, dtype=U64)[None, :]
+
+
+def neighbour_keys(cells: np.ndarray, bits: int) -> np.ndarray:
+    """``(n, 2d)`` Hilbert keys of the cells at +-1 in each dimension (``+`` then ``-``), and the ``(n, 2d)``
+    mask of those inside the grid (the key of a cell off the grid is meaningless)."""
+    n, d = cells.shape
+    steps = np.concatenate([np.eye(d, dtype=np.int64), -np.eye(d, dtype=np.int64)])
+    nb = cells.astype(np.int64)[:, None, :] + steps[None, :, :]  # bits <= 32 here: fits int64
+    inside = ((nb >= 0) & (nb < 2**bits)).all(axis=2)
+    keys = curves.hilbert_keys(np.where(inside[..., None], nb, 0).reshape(-1, d).astype(U64), bits).reshape(n, 2 * d)
+    return keys, inside
+
+
+def _assert_unit_walk(cells_in_key_order: np.ndarray) -> None:
+    steps = np.abs(np.diff(cells_in_key_order.astype(np.int64), axis=0)).sum(axis=1)
+    bad = np.flatnonzero(steps != 1)
+    assert len(bad) == 0, f"{len(bad)} steps of Manhattan length != 1, first after position {bad[:5]}"
+
+
+@pytest.mark.parametrize("d,bits", [(2, 9), (2, 10), (3, 6), (4, 5), (5, 4), (6, 3)])
+def test_hilbert_full_grid_above_16_bits(d, bits):
+    """Whole grids of 2**18..2**20 cells: keys are exactly 0..N-1 and the key-ordered walk takes unit steps."""
+    grid = cube(d, bits)
+    keys = curves.hilbert_keys(grid, bits)
+    order = np.argsort(keys, kind="stable")
+    assert np.array_equal(keys[order], np.arange(2 ** (d * bits), dtype=U64)), "not a bijection onto [0, 2**(d*bits))"
+    walk = grid[order]
+    _assert_unit_walk(walk)
+    assert np.all(walk[0] == 0)
+
+
+@pytest.mark.parametrize("d,bits", [w for w in LIBRARY_WIDTHS if w[0] > 1])
+def test_hilbert_aligned_subcubes_at_library_widths(d, bits):
+    """An aligned cube of side 2**s (any position, full key width) holds one contiguous, aligned key range
+    [a, a + 2**(d*s)) that it walks in unit steps; the walk enters from and leaves to a grid neighbour of its
+    first and last cells. (The query planner relies on the aligned-range part.)"""
+    s = 16 // d  # 2**(d*s) <= 65536 cells per cube
+    n = 2 ** (d * s)
+    rng = np.random.default_rng(1000 + d)
+    top = 2**bits - 2**s
+    bases = [np.zeros(d, np.int64), np.full(d, top), np.r_[top, np.zeros(d - 1, np.int64)]]
+    bases += [rng.integers(0, 2 ** (bits - s), d) * 2**s for _ in range(6)]
+    local = cube(d, s)
+    total = 2 ** (d * bits)
+    for base in bases:
+        cells = local + np.asarray(base, dtype=U64)[None, :]
+        keys = curves.hilbert_keys(cells, bits)
+        order = np.argsort(keys, kind="stable")
+        a = int(keys[order[0]])
+        assert a % n == 0, f"range start {a} not aligned to {n} (base {base})"
+        assert np.array_equal(keys[order] - U64(a), np.arange(n, dtype=U64)), f"keys of cube {base} not contiguous"
+        walk = cells[order]
+        _assert_unit_walk(walk)
+        ends = np.stack([walk[0], walk[-1]])
+        nk, inside = neighbour_keys(ends, bits)
+        if a > 0:
+            assert ((nk[0] == U64(a - 1)) & inside[0]).sum() == 1, f"key {a - 1} is not a neighbour of key {a}'s cell"
+        else:
+            assert np.all(walk[0] == 0)
+        if a + n < total:
+            assert ((nk[1] == U64(a + n)) & inside[1]).sum() == 1, f"key {a + n} is not a neighbour of key {a + n - 1}'s cell"
+
+
+@pytest.mark.parametrize("d,bits", LIBRARY_WIDTHS)
+def test_hilbert_walks_and_injectivity_at_library_widths(d, bits):
+    """From sampled cells (corners and the grid's ends included), walk 300 keys forward: the cell of key K + 1
+    is exactly one grid neighbour of the cell of key K (and the cell of K - 1 exactly one other). Sampled distinct
+    cells get distinct keys, all below 2**(d*bits)."""
+    rng = np.random.default_rng(2000 + d)
+    total = 2 ** (d * bits)
+    last = U64(total - 1)
+    top = 2**bits - 1
+    starts = rng.integers(0, 2**bits, size=(48, d), dtype=np.int64)
+    starts[0], starts[1] = 0, top
+    starts[2] = np.r_[top, np.zeros(d - 1, np.int64)]  # where the curve ends (Skilling's orientation)
+    starts[3] = np.r_[top - 1, np.zeros(d - 1, np.int64)]
+    cur = starts.astype(U64)
+    key = curves.hilbert_keys(cur, bits)
+    assert int(key.max()) <= total - 1
+    for step in range(300):
+        nk, inside = neighbour_keys(cur, bits)
+        has_prev, has_next = key != U64(0), key != last
+        prev_hits = (nk == key[:, None] - U64(1)) & inside & has_prev[:, None]  # uint64: K - 1, K + 1 may wrap
+        next_hits = (nk == key[:, None] + U64(1)) & inside & has_next[:, None]
+        assert np.all(prev_hits.sum(axis=1) == has_prev), f"step {step}: key - 1 is not on exactly one neighbour"
+        assert np.all(next_hits.sum(axis=1) == has_next), f"step {step}: key + 1 is not on exactly one neighbour"
+        move = np.flatnonzero(has_next)
+        j = next_hits[move].argmax(axis=1)
+        sign = np.where(j < d, 1, -1).astype(np.int64)
+        nxt = cur[move].astype(np.int64)
+        nxt[np.arange(len(move)), j % d] += sign
+        cur = nxt.astype(U64)
+        key = key[move] + U64(1)
+        np.testing.assert_array_equal(curves.hilbert_keys(cur, bits), key)
+    # injectivity on a large sample of distinct cells, at the full width
+    cells = np.unique(rng.integers(0, 2**bits, size=(200_000, d), dtype=np.int64), axis=0).astype(U64)
+    keys = curves.hilbert_keys(cells, bits)
+    assert len(np.unique(keys)) == len(cells)
+    assert int(keys.max()) <= total - 1
+
+
+@pytest.mark.parametrize("d,bits", [w for w in LIBRARY_WIDTHS if w[0] > 1])
+def test_hilbert_coarse_levels_at_library_widths(d, bits):
+    """At every coarse level L (aligned cubes of side 2**(bits - L), up to 4096 of them): each cube's corners map
+    into one aligned key range [j*N, (j+1)*N), N = 2**(d*(bits - L)); the ranges j are a permutation of
+    0..2**(d*L)-1; one corner holds the range's first key and one its last (the curve enters and leaves a cube at
+    corners); and the last cell of range j is a grid neighbour of the first cell of range j + 1. This covers the
+    key boundaries between the large blocks, which sampled walks almost never reach."""
+    corner_offsets = cube(d, 1).astype(np.int64)  # (2**d, d) of 0/1
+    for level in range(1, 12 // d + 1):
+        side = 2 ** (bits - level)
+        n_cell = 2 ** (d * (bits - level))
+        bases = cube(d, level).astype(np.int64) * side  # (C, d)
+        corners = bases[:, None, :] + corner_offsets[None, :, :] * (side - 1)  # (C, 2**d, d)
+        keys = curves.hilbert_keys(corners.reshape(-1, d).astype(U64), bits).reshape(len(bases), -1)
+        block = keys // U64(n_cell)
+        assert np.all(block == block[:, :1]), f"level {level}: a cube's corners fall in different key ranges"
+        j = block[:, 0].astype(np.int64)
+        assert np.array_equal(np.sort(j), np.arange(len(bases))), f"level {level}: ranges are not a permutation"
+        low = keys % U64(n_cell)
+        first, last = low == U64(0), low == U64(n_cell - 1)
+        assert np.all(first.sum(axis=1) == 1) and np.all(last.sum(axis=1) == 1), f"level {level}: entry/exit"
+        order = np.argsort(j)
+        entry = corners[np.arange(len(bases)), first.argmax(axis=1)][order]
+        exit_ = corners[np.arange(len(bases)), last.argmax(axis=1)][order]
+        gap = np.abs(entry[1:] - exit_[:-1]).sum(axis=1)
+        bad = np.flatnonzero(gap != 1)
+        assert len(bad) == 0, f"level {level}: keys {[(int(b) + 1) * n_cell for b in bad[:3]]} not next to the keys before"
+        _assert_unit_walk((bases[order] // side).astype(U64))  # the cubes themselves, in key order
+        assert np.all(entry[0] == 0)
