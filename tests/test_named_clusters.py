@@ -309,3 +309,80 @@ def test_a_node_killed_after_the_creator_exited_is_recovered(ray_head):
         _check_exact(c, _base(), np.arange(N_BASE), seed=4)
     finally:
         c.shutdown()
+
+
+def _cli(*args: str, env: dict, timeout: int = 240) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "distspatial.ui.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def test_command_line_up_query_serve_down(ray_head, tmp_path):
+    """`distspatial up` starts a named cluster and returns; knn/stats/serve work on it with --cluster (no input
+    read again); `ls` lists it; `down` tears it down; the errors are one clear line with exit status 2."""
+    import pyarrow.parquet as pq
+    import requests
+
+    address, env = ray_head
+    pts = _base()
+    np.save(tmp_path / "pts.npy", pts)
+    q = np.random.default_rng(9).random((50, 2))
+    np.save(tmp_path / "q.npy", q)
+    up = _cli("up", "cli", str(tmp_path / "pts.npy"), "--address", address, "--nodes", "2", "--no-progress",
+              env=env)
+    assert up.returncode == 0, up.stdout + up.stderr
+    assert "serves 20,000 points" in up.stdout
+    ls = _cli("ls", "--address", address, env=env)
+    assert ls.returncode == 0 and "cli" in ls.stdout and "20000" in ls.stdout, ls.stdout + ls.stderr
+    knn = _cli("knn", "--cluster", "cli", "--address", address, "--queries", str(tmp_path / "q.npy"), "-k", "3",
+               "-o", str(tmp_path / "knn.parquet"), "--no-progress", env=env)
+    assert knn.returncode == 0, knn.stdout + knn.stderr
+    t = pq.read_table(tmp_path / "knn.parquet").to_pydict()
+    order = np.lexsort((np.asarray(t["rank"]), np.asarray(t["query"])))
+    d, i = cKDTree(pts).query(q, 3)
+    np.testing.assert_array_equal(np.asarray(t["id"])[order].reshape(50, 3), i)
+    np.testing.assert_allclose(np.asarray(t["distance"])[order].reshape(50, 3), d, rtol=0, atol=1e-12)
+    stats = _cli("stats", "--cluster", "cli", "--address", address, env=env)
+    assert stats.returncode == 0 and "20,000 points" in stats.stdout, stats.stdout + stats.stderr
+    # errors: an unknown cluster, both INPUT and --cluster, a name that exists
+    bad = _cli("knn", "--cluster", "nope", "--address", address, "--queries", str(tmp_path / "q.npy"), env=env)
+    assert bad.returncode == 2 and "running clusters: cli" in bad.stderr, bad.stderr
+    both = _cli("stats", str(tmp_path / "pts.npy"), "--cluster", "cli", "--address", address, env=env)
+    assert both.returncode == 2 and "not both" in both.stderr, both.stderr
+    again = _cli("up", "cli", str(tmp_path / "pts.npy"), "--address", address, "--no-progress", env=env)
+    assert again.returncode == 2 and "already running" in again.stderr, again.stderr
+    # serve --cluster: answers from the running cluster; an ingest through it is seen by every client
+    proc = subprocess.Popen([sys.executable, "-m", "distspatial.ui.cli", "serve", "--cluster", "cli", "--address",
+                             address, "--port", "0", "--no-progress"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env={**env, "PYTHONUNBUFFERED": "1"})
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 120
+        url = None
+        while url is None and time.monotonic() < deadline and proc.poll() is None:
+            url = next((ln.split("serving on ")[1].split()[0] for ln in list(lines) if "serving on " in ln), None)
+            time.sleep(0.1)
+        assert url, f"no 'serving on' line; exit {proc.poll()}; output:\n{''.join(lines)}"
+        r = requests.post(url + "/knn", json={"points": q.tolist(), "k": 3}, timeout=60)
+        np.testing.assert_array_equal(r.json()["ids"], i)
+        new = np.array([[5.0, 5.0]])
+        got = requests.post(url + "/ingest", json={"points": new.tolist()}, timeout=60).json()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0, "".join(lines)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    c = DistributedSpatialCluster.attach("cli", address)  # the service stopped; the cluster and its data did not
+    try:
+        assert c.n_points == N_BASE + 1
+        d1, i1 = c.distributed_knn_search(new[0], 1)
+        assert d1[0] == 0 and i1[0] == got["ids"][0]
+    finally:
+        c.close()
+    down = _cli("down", "cli", "--address", address, env=env)
+    assert down.returncode == 0 and "is down" in down.stdout, down.stdout + down.stderr
+    assert "cli" not in [x["name"] for x in DistributedSpatialCluster.list_clusters(address)]
+    gone = _cli("down", "cli", "--address", address, env=env)
+    assert gone.returncode == 2 and "no cluster named 'cli'" in gone.stderr, gone.stderr

@@ -3,8 +3,9 @@
 Commands: ``demo`` (the README's main job), ``knn``, ``range``, ``kmeans``, ``dbscan``, ``hierarchical``,
 ``stats``, ``serve`` (an HTTP query
 service and status page, :mod:`distspatial.ui.service`) (on a point file: ``.npy``, ``.csv``, ``.parquet``,
-``.las``/``.laz``) and ``bench`` (kNN against scipy's cKDTree on generated data).
-``distspatial <command> --help`` lists the options.
+``.las``/``.laz``, or with ``--cluster NAME`` on a running named cluster), ``up`` / ``down`` / ``ls`` (start a
+named cluster with the data of a file and return once it serves; tear one down; list them) and ``bench`` (kNN
+against scipy's cKDTree on generated data). ``distspatial <command> --help`` lists the options.
 
 Exit status: 0 success; 1 failure (a runtime error, or a check that did not hold); 2 bad usage or bad input
 (an unknown option, a missing file or column, a non-numeric or non-finite value), reported as one line on stderr;
@@ -215,13 +216,14 @@ class Subcommand:
     data: bool = True  # takes an input point file and distributes it before ``run``
     output: str = ""  # what --output holds
     prepare: Callable[[Session], None] | None = None
+    named: bool = False  # ``up``: NAME first; the named cluster created keeps running after the command
 
 
 SUBCOMMANDS: dict[str, Subcommand] = {}
 
 
 def subcommand(name: str, help: str, *, arguments: list | None = None, data: bool = True, output: str = "",
-               prepare: Callable[[Session], None] | None = None):
+               prepare: Callable[[Session], None] | None = None, named: bool = False):
     """Register ``fn(session) -> exit status`` as ``distspatial NAME``.
 
     Args:
@@ -233,7 +235,7 @@ def subcommand(name: str, help: str, *, arguments: list | None = None, data: boo
     """
 
     def register(fn: Callable[[Session], int]) -> Callable[[Session], int]:
-        SUBCOMMANDS[name] = Subcommand(name, help, fn, list(arguments or []), data, output, prepare)
+        SUBCOMMANDS[name] = Subcommand(name, help, fn, list(arguments or []), data, output, prepare, named)
         return fn
 
     return register
@@ -552,6 +554,17 @@ def _serve(s: Session) -> int:
     return EXIT_OK
 
 
+@subcommand("up", "start a named cluster holding INPUT's points and return once it serves; other commands then "
+            "work on it with --cluster NAME, and 'distspatial down NAME' tears it down", named=True)
+def _up(s: Session) -> int:
+    c = s.cluster
+    meta = c.metadata
+    s.say(f"cluster {c.name!r} serves {meta.n_points:,} points of {meta.dim} dimensions in {meta.n_partitions} "
+          f"partitions on {len(c.live_node_ids)} nodes; query it with --cluster {c.name} or "
+          f"DistributedSpatialCluster.attach({c.name!r}); stop it with 'distspatial down {c.name}'")
+    return EXIT_OK
+
+
 @subcommand("bench", "quick benchmark: batched kNN against scipy's cKDTree on generated data", data=False,
             output="one row per measurement: name, seconds",
             arguments=[
@@ -600,6 +613,9 @@ def _cluster_options() -> argparse.ArgumentParser:
     g.add_argument("--nodes", type=_positive_int, default=None, metavar="N", help="logical nodes (default 4)")
     g.add_argument("--address", default=None, help="join an existing Ray cluster ('auto', 'ray://host:port'); "
                    "default: start an embedded local runtime (stopped at the end)")
+    g.add_argument("--cluster", default=None, metavar="NAME",
+                   help="work on the running named cluster NAME ('distspatial up', 'distspatial ls') instead of "
+                        "loading INPUT (no INPUT then); --address says where it runs")
     g.add_argument("--curve", choices=["hilbert", "morton"], default="hilbert", help="space-filling curve")
     g.add_argument("--partitions", type=_positive_int, default=None, metavar="N",
                    help="partitions cut per node (default 4)")
@@ -616,7 +632,8 @@ def _cluster_options() -> argparse.ArgumentParser:
 def _input_options() -> argparse.ArgumentParser:
     p = _Parser(add_help=False)
     g = p.add_argument_group("input")
-    g.add_argument("input", metavar="INPUT", help="point file: .npy, .csv/.tsv, .parquet, .las/.laz")
+    g.add_argument("input", metavar="INPUT", nargs="?", default=None,
+                   help="point file: .npy, .csv/.tsv, .parquet, .las/.laz (not with --cluster)")
     g.add_argument("--columns", metavar="X,Y[,Z]", default=None,
                    help="coordinate columns (default: all but --id-column; LAS/LAZ: x,y,z; plain .npy and "
                         "headerless CSV columns are named 0,1,...)")
@@ -650,13 +667,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.subcommand_parsers = {"demo": _add_demo(sub)}
     cluster = _cluster_options()
     inputs = _input_options()
+    name = _Parser(add_help=False)
+    name.add_argument("name", metavar="NAME", help="the cluster's name (letters, digits, '_', '-', '.')")
     for cmd in SUBCOMMANDS.values():
         parents = [inputs, cluster] if cmd.data else [cluster]
+        if cmd.named:
+            parents = [name] + parents
         epilog = f"--output holds: {cmd.output}" if cmd.output else None
         p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help, parents=parents, epilog=epilog)
         for flags, kwargs in cmd.arguments:
             p.add_argument(*flags, **kwargs)
         parser.subcommand_parsers[cmd.name] = p
+    down = sub.add_parser("down", help="tear a named cluster down (its nodes, controller and stored state)",
+                          parents=[name])
+    down.add_argument("--address", default=None, help="the Ray cluster it runs on (default: the local one)")
+    ls = sub.add_parser("ls", help="list the named clusters running")
+    ls.add_argument("--address", default=None, help="the Ray cluster to look at (default: the local one)")
+    parser.subcommand_parsers.update(down=down, ls=ls)
     return parser
 
 
@@ -680,7 +707,18 @@ def _run(cmd: Subcommand, args: argparse.Namespace, out) -> int:
     from .. import DistributedSpatialCluster
 
     s = Session(args, out)
+    if cmd.data and cmd.named and args.cluster is not None:
+        raise ValueError(f"'distspatial {cmd.name}' starts a cluster; --cluster works on one already running")
+    if cmd.data and args.cluster is not None:
+        if args.input is not None:
+            raise ValueError(f"give INPUT or --cluster {args.cluster}, not both: a running cluster already holds "
+                             "its data")
+        return _run_on_cluster(cmd, s, DistributedSpatialCluster.attach(args.cluster, args.address))
+    if cmd.data and args.input is None:
+        raise ValueError("INPUT is missing: name a point file, or --cluster NAME for a running named cluster")
     cfg = _config(args)  # bad cluster options fail before any file is read
+    if cmd.named:
+        cfg = cfg.with_name(args.name)
     out_of_core = False
     if cmd.data:
         out_of_core = _out_of_core(args)
@@ -697,7 +735,8 @@ def _run(cmd: Subcommand, args: argparse.Namespace, out) -> int:
               f"from {args.input}")
     if cmd.prepare is not None:
         cmd.prepare(s)
-    with DistributedSpatialCluster(cfg) as cluster:  # stops the runtime at the end if it started one
+    cluster = DistributedSpatialCluster(cfg)
+    try:
         s.cluster = cluster
         if cmd.data and out_of_core:
             with s.timed(f"distribute_chunks over {cfg.node_count} nodes"):
@@ -706,7 +745,53 @@ def _run(cmd: Subcommand, args: argparse.Namespace, out) -> int:
         elif cmd.data:
             with s.timed(f"distribute_data over {cfg.node_count} nodes"):
                 cluster.distribute_data(s.points, s.ids)
+        status = cmd.run(s)
+    except BaseException:
+        cluster.shutdown()
+        raise
+    if cmd.named:
+        cluster.close()  # the named cluster keeps running
+    else:
+        cluster.shutdown()  # stops the runtime at the end if it started one
+    return status
+
+
+def _run_on_cluster(cmd: Subcommand, s: Session, cluster: Any) -> int:
+    """Run ``cmd`` on a running named cluster; the client disconnects at the end and the cluster runs on."""
+    try:
+        s.cluster = cluster
+        meta = cluster.metadata
+        s.dim, s.n_points = meta.dim, meta.n_points
+        s.columns = [str(j) for j in range(meta.dim)]
+        s.say(f"cluster {cluster.name!r}: {meta.n_points:,} points of {meta.dim} dimensions")
+        if cmd.prepare is not None:
+            cmd.prepare(s)
         return cmd.run(s)
+    finally:
+        cluster.close()
+
+
+def _down(args: argparse.Namespace, out) -> int:
+    from .. import DistributedSpatialCluster
+
+    cluster = DistributedSpatialCluster.attach(args.name, args.address)
+    n = cluster.n_points
+    cluster.shutdown()
+    print(f"cluster {args.name!r} ({n:,} points) is down", file=out or sys.stdout)
+    return EXIT_OK
+
+
+def _ls(args: argparse.Namespace, out) -> int:
+    from .. import DistributedSpatialCluster
+
+    rows = DistributedSpatialCluster.list_clusters(args.address)
+    out = out or sys.stdout
+    if not rows:
+        print("no named clusters are running", file=out)
+        return EXIT_OK
+    print(_preview({k: [str(r.get(k, "")) for r in rows] for k in ("name", "points", "dim", "partitions", "nodes",
+                                                                    "version", "restarts")}, len(rows)), file=out)
+    return EXIT_OK
 
 
 def _out_of_core(args: argparse.Namespace) -> bool:
@@ -746,17 +831,21 @@ def main(argv: list[str] | None = None, out=None) -> int:
         return EXIT_OK if ok else EXIT_FAILED
     prog = f"distspatial {args.command}"
     try:
+        if args.command == "down":
+            return _down(args, out)
+        if args.command == "ls":
+            return _ls(args, out)
         return _run(SUBCOMMANDS[args.command], args, out)
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except ValueError as exc:  # bad input: DataFileError (files, columns, values) is a ValueError
-        if args.traceback:
+    except (ValueError, LookupError) as exc:  # bad input (DataFileError is a ValueError), an unknown cluster
+        if getattr(args, "traceback", False):
             raise
         print(f"{prog}: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
     except Exception as exc:
-        if args.traceback:
+        if getattr(args, "traceback", False):
             raise
         print(f"{prog}: error: {_one_line(exc)} (--traceback shows where)", file=sys.stderr)
         return EXIT_FAILED
