@@ -176,12 +176,26 @@ def test_statistics_and_replicas(ray_local):
     with DistributedSpatialCluster(cfg) as c:
         meta = c.distribute_data(pts)
         assert all(len(set(p.owners)) == 2 for p in meta.partitions)
+        n_parts = meta.n_partitions
+        box_lo = np.array([p.lo for p in meta.partitions])
+        box_hi = np.array([p.hi for p in meta.partitions])
+
+        def served():
+            return sum(n.queries_served for n in c.statistics().nodes)
+
         q = skewed_points(500, 2, seed=9, sample_seed=1)
+        s0 = served()
         dist, ids = c.distributed_knn_search(q, 5)
+        s1 = served()
         assert_knn_exact(pts, q, dist, ids, 5)
         (d2, i2), status = c.distributed_knn_search(q, 5, allow_partial=True)
+        s2 = served()
         assert not status.partial and status.missing_partitions == ()
         np.testing.assert_array_equal(i2, ids)
+        # (query, partition) pairs searched by the 500 kNN queries: each query at least its home partition, at
+        # most every partition once; the same batch again is planned and read the same way
+        assert len(q) <= s1 - s0 <= len(q) * n_parts, (s1 - s0, n_parts)
+        assert s2 - s1 == s1 - s0
         st = c.statistics()
         assert len(st.nodes) == 3 and all(n.status == "alive" for n in st.nodes)
         assert sum(n.points for n in st.nodes) == 2 * len(pts), "each point is held by two replicas"
@@ -190,8 +204,27 @@ def test_statistics_and_replicas(ray_local):
         assert st.latency_p99_s >= st.latency_p50_s > 0
         assert 1.0 <= st.load_balance_score < 1.5
         assert "points" in str(st)
-        # every partition is read from exactly one replica: no point is counted twice
-        assert sum(n.queries_served for n in st.nodes) >= 1000
+        assert sum(n.queries_served for n in st.nodes) == s2 - s0
+        # every partition is read from exactly one replica: no point is counted twice. Exact counts where the
+        # partitions a query must search are known from the metadata alone:
+        lo = np.random.default_rng(3).uniform(-0.1, 0.9, (200, 2))
+        hi = lo + np.random.default_rng(4).uniform(0, 0.4, (200, 2))
+        meets = ((box_lo[None] <= hi[:, None]) & (box_hi[None] >= lo[:, None])).all(-1)  # closed boxes meet
+        before = served()
+        got = c.box_search(lo, hi)
+        assert served() - before == int(meets.sum()), "each box reads each partition it meets once"
+        for g, a, b in zip(got, lo, hi):
+            np.testing.assert_array_equal(g, np.flatnonzero(((pts >= a) & (pts <= b)).all(1)))
+        centres = pts[::400]  # 50 balls, each covering all the data: every partition searched once per ball
+        radius = float(np.sqrt(((pts.max(0) - pts.min(0)) ** 2).sum())) + 1.0
+        before = served()
+        hits = c.range_search(centres, np.full(len(centres), radius))
+        assert served() - before == len(centres) * n_parts
+        assert all(np.array_equal(h, np.arange(len(pts))) for h in hits), "every point exactly once per ball"
+        before = served()
+        d_all, i_all = c.distributed_knn_search(q[:3], len(pts))  # k = n: every partition, once per query
+        assert served() - before == 3 * n_parts
+        assert all(np.array_equal(np.sort(r), np.arange(len(pts))) for r in i_all), "every point exactly once"
 
 
 def test_compressed_transfers_stay_exact(ray_local):
