@@ -28,8 +28,8 @@ from distspatial.kernels.backend import (
     cpu_assign_sums,
     csr_to_lists,
     cuda_available,
-    get_backend,
 )
+from distspatial.kernels.backend_choice import get_backend
 from distspatial.core.config import NodeConfig
 from distspatial.core.curves import curve_keys
 

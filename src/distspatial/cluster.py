@@ -826,9 +826,9 @@ class DistributedSpatialCluster:
         """A new cluster holding the data of the checkpoint at ``path`` (its ``LATEST``, or one checkpoint
         directory), every file verified against its checksum. The node count may differ from the original.
 
-        Raises :class:`~distspatial.control.checkpoint.CheckpointError` naming the missing or corrupt file.
+        Raises :class:`~distspatial.io.checkpoint_files.CheckpointError` naming the missing or corrupt file.
         """
-        from .control import checkpoint as ck
+        from .io import checkpoint_files as ck
 
         path = _absolute(path)
         ck.read_manifest(path)  # a missing or bad checkpoint fails here, before any actor starts

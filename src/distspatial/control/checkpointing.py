@@ -1,4 +1,4 @@
-"""Checkpoints taken and loaded by the controller (file layout and checksums: :mod:`~distspatial.control.checkpoint`).
+"""Checkpoints taken and loaded by the controller (file layout and checksums: :mod:`~distspatial.io.checkpoint_files`).
 
 Each partition is written by a node that holds it (so with several machines the path must be storage every
 machine reaches); the controller writes the manifest last. Periodic checkpoints run in a controller thread and
@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import ray
 
-from . import checkpoint as ck
+from ..io import checkpoint_files as ck
 from .metadata import GlobalIndexMetadata, PartitionInfo
 from .placement import place_partitions
 

@@ -33,7 +33,6 @@ import logging
 import pickle
 import threading
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -54,7 +53,8 @@ from .fault import FaultDetector
 from .metadata import GlobalIndexMetadata
 from .recovery import RecoveryMixin
 from .routing import RoutingTable
-from . import writes
+from .view import ClusterView
+from .writes import WritesMixin
 
 log = logging.getLogger(__name__)
 
@@ -69,26 +69,7 @@ def controller_actor_name(cluster: str) -> str:
     return f"{cluster}:controller"
 
 
-@dataclass
-class ClusterView:
-    """What a client needs to plan and send queries (soft state, replaced when ``version`` changes)."""
-
-    name: str | None
-    version: int
-    config: NodeConfig
-    meta: GlobalIndexMetadata | None
-    actors: dict[int, Any]
-    node_info: dict[int, dict]
-    failed: frozenset[int]
-    has_user_ids: bool = False
-    modified: bool = False
-    mean_variance: float = 0.0
-    has_id_map: bool = False
-    cpus_per_node: float = 0.0
-    created: float = field(default_factory=time.time)
-
-
-class ClusterController(RecoveryMixin, BalancingMixin, CheckpointMixin):
+class ClusterController(WritesMixin, RecoveryMixin, BalancingMixin, CheckpointMixin):
     """The control plane of one cluster, run as a Ray actor (see module docstring).
 
     Args:
@@ -381,28 +362,6 @@ class ClusterController(RecoveryMixin, BalancingMixin, CheckpointMixin):
 
         return self.dispatch.run(list(range(meta.n_partitions)), self.routing, build, lambda: self.routing,
                                  balance=False)
-
-    # -- writes (ordered here; see writes.py) ---------------------------------------------------------------
-    def distribute(self, *args: Any, **kwargs: Any) -> ClusterView:
-        return writes.distribute(self, *args, **kwargs)
-
-    def begin_chunked(self, *args: Any, **kwargs: Any) -> ClusterView:
-        return writes.begin_chunked(self, *args, **kwargs)
-
-    def end_chunked(self, *args: Any, **kwargs: Any) -> ClusterView:
-        return writes.end_chunked(self, *args, **kwargs)
-
-    def ingest(self, *args: Any, **kwargs: Any) -> tuple[np.ndarray, Any, ClusterView]:
-        return writes.ingest(self, *args, **kwargs)
-
-    def delete(self, *args: Any, **kwargs: Any) -> tuple[int, ClusterView]:
-        return writes.delete(self, *args, **kwargs)
-
-    def update(self, *args: Any, **kwargs: Any) -> tuple[int, np.ndarray, Any, ClusterView]:
-        return writes.update(self, *args, **kwargs)
-
-    def split_partition(self, partition_id: int) -> int:
-        return writes.split_partition(self, partition_id)
 
     # -- tear down ------------------------------------------------------------------------------------------
     def shutdown(self) -> None:

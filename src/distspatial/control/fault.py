@@ -29,14 +29,11 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import ray
 
 from ..node.dispatch import NODE_FAILURES, ping_ref
-
-if TYPE_CHECKING:
-    from .controller import ClusterController
 
 log = logging.getLogger(__name__)
 
@@ -115,11 +112,12 @@ _STRATEGIES = {
 
 
 class FaultDetector:
-    """Heartbeats and failure classification for one cluster (see module docstring)."""
+    """Heartbeats and failure classification for one cluster (see module docstring); ``cluster`` is the
+    :class:`~distspatial.control.controller.ClusterController` whose nodes it watches."""
 
     def __init__(
         self,
-        cluster: ClusterController,
+        cluster: Any,
         interval_s: float,
         timeout_s: float,
         failure_threshold: int = 2,

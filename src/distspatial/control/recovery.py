@@ -159,7 +159,7 @@ class RecoveryMixin:
 
     def _reload_from_checkpoint(self, lost: list[int], live: list[int], load: dict[int, int]) -> None:
         """Partitions with no live replica come back from the latest checkpoint of this data set, if any."""
-        from . import checkpoint as ck
+        from ..io import checkpoint_files as ck
 
         ckp = self.checkpoint_info
         meta = self.meta

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -39,319 +39,311 @@ from ..node.dispatch import NODE_FAILURES
 from .balancing import LoadBalancer
 from .metadata import GlobalIndexMetadata, PartitionInfo
 from .placement import place_partitions
-
-if TYPE_CHECKING:
-    from .controller import ClusterController, ClusterView
+from .view import ClusterView
 
 log = logging.getLogger(__name__)
 
-__all__ = ["distribute", "begin_chunked", "end_chunked", "ingest", "delete", "update", "split_partition"]
+__all__ = ["WritesMixin"]
 
 
-def _timeout(ctl: ClusterController) -> float:
-    return max(30.0, ctl.config.communication_timeout_ms / 1000)
+class WritesMixin:
+    """Writes of :class:`~distspatial.control.controller.ClusterController` (see module docstring); each runs
+    under the controller's lock and ends with :meth:`publish`."""
 
+    def _write_timeout(self) -> float:
+        return max(30.0, self.config.communication_timeout_ms / 1000)
 
-def _load_empty_or_refs(ctl: ClusterController, n_parts: int, node_args) -> tuple[int, dict[int, tuple[int, ...]]]:
-    """Place ``n_parts`` partitions on the live nodes and load them (``node_args(node, pids) -> (args, wire,
-    raw)``); returns ``(data set id, owners)``. Raises when a node fails to load (nothing is published)."""
-    live = ctl.live_node_ids
-    owners = place_partitions(n_parts, live, min(ctl.config.replication_factor, len(live)), ctl.machines())
-    ctl.dataset_counter += 1
-    dataset = ctl.dataset_counter
-    loads = []
-    for node in live:
-        pids = [p for p in range(n_parts) if node in owners[p]]
-        args, wire, raw = node_args(node, pids)
-        head = message_bytes(dataset, pids)
-        ctl.comm.sent(node, int(wire) + head, int(raw) + head)
-        loads.append((node, ctl.actors[node].load_partitions.remote(dataset, pids, *args)))
-    for node, ref in loads:
-        ctl.recv(node, ref)
-    return dataset, owners
+    def _load_parts(self, n_parts: int, node_args) -> tuple[int, dict[int, tuple[int, ...]]]:
+        """Place ``n_parts`` partitions on the live nodes and load them (``node_args(node, pids) -> (args, wire,
+        raw)``); returns ``(data set id, owners)``. Raises when a node fails to load (nothing is published)."""
+        live = self.live_node_ids
+        owners = place_partitions(n_parts, live, min(self.config.replication_factor, len(live)), self.machines())
+        self.dataset_counter += 1
+        dataset = self.dataset_counter
+        loads = []
+        for node in live:
+            pids = [p for p in range(n_parts) if node in owners[p]]
+            args, wire, raw = node_args(node, pids)
+            head = message_bytes(dataset, pids)
+            self.comm.sent(node, int(wire) + head, int(raw) + head)
+            loads.append((node, self.actors[node].load_partitions.remote(dataset, pids, *args)))
+        for node, ref in loads:
+            self.recv(node, ref)
+        return dataset, owners
 
+    def distribute(
+        self, layout: dict[str, Any], refs: list[tuple], sizes: list[tuple[int, int]],
+        id_map: tuple[np.ndarray, np.ndarray] | None, mean_variance: float, token: int | None = None,
+    ) -> ClusterView:
+        """Load a new data set cut by the client: ``layout`` (dim, lo, hi, curve, bits, per-partition key_lo,
+        key_hi, box_lo, box_hi, counts, next_id), one ``(points_ref, ids_ref)`` per partition and its
+        ``(wire, raw)`` bytes; ``id_map`` = (sorted user ids, row of each) or ``None``. Replaces any data set."""
+        with self.lock:
+            if token is not None and token in self.recent:
+                return self.view()
+            n_parts = len(refs)
 
-def distribute(
-    ctl: ClusterController, layout: dict[str, Any], refs: list[tuple], sizes: list[tuple[int, int]],
-    id_map: tuple[np.ndarray, np.ndarray] | None, mean_variance: float, token: int | None = None,
-) -> ClusterView:
-    """Load a new data set cut by the client: ``layout`` (dim, lo, hi, curve, bits, per-partition key_lo,
-    key_hi, box_lo, box_hi, counts, next_id), one ``(points_ref, ids_ref)`` per partition and its
-    ``(wire, raw)`` bytes; ``id_map`` = (sorted user ids, row of each) or ``None``. Replaces any data set."""
-    with ctl.lock:
-        if token is not None and token in ctl.recent:
-            return ctl.view()
-        n_parts = len(refs)
+            def args(node: int, pids: list[int]):
+                wire, raw = np.sum([sizes[p] for p in pids], axis=0) if pids else (0, 0)
+                return [r for p in pids for r in refs[p]], wire, raw
 
-        def args(node: int, pids: list[int]):
-            wire, raw = np.sum([sizes[p] for p in pids], axis=0) if pids else (0, 0)
-            return [r for p in pids for r in refs[p]], wire, raw
-
-        try:
-            dataset, owners = _load_empty_or_refs(ctl, n_parts, args)
-        except Exception:
-            ctl.meta, ctl.routing = None, None
-            ctl.publish()
-            raise
-        d = int(layout["dim"])
-        counts = layout["counts"]
-        parts = tuple(
-            PartitionInfo(partition_id=p, key_lo=int(layout["key_lo"][p]), key_hi=int(layout["key_hi"][p]),
-                          lo=np.asarray(layout["box_lo"][p]).copy(), hi=np.asarray(layout["box_hi"][p]).copy(),
-                          size=int(counts[p]), nbytes=int(counts[p]) * (d * 8 + 8), owners=owners[p])
-            for p in range(n_parts)
-        )
-        meta = GlobalIndexMetadata(dim=d, lo=layout["lo"], hi=layout["hi"], curve=layout["curve"],
-                                   bits=layout["bits"], partitions=parts, version=ctl.version + 1, dataset_id=dataset)
-        ctl.modified, ctl.next_id = False, int(layout["next_id"])
-        ctl.has_user_ids = id_map is not None
-        ctl.id_sorted, ctl.id_rows = id_map if id_map is not None else (None, None)
-        ctl.mean_variance = float(mean_variance)
-        ctl.store_id_map()
-        ctl.remember(token, "distributed")
-        ctl.publish(meta)
-        log.info("distspatial: distributed %d points in %d partitions", meta.n_points, n_parts)
-        return ctl.view()
-
-
-def begin_chunked(
-    ctl: ClusterController, d: int, lo: np.ndarray, hi: np.ndarray, bits: int, key_lo: np.ndarray,
-    key_hi: np.ndarray, mean_variance: float, has_user_ids: bool,
-) -> ClusterView:
-    """Start a chunked load: empty partitions with the given curve-key ranges (cut by the client from a key
-    sample) on the nodes, published; the chunks then arrive by :func:`ingest`."""
-    with ctl.lock:
-        n_parts = len(key_lo)
-        empty_pts, empty_ids = np.empty((0, d)), np.empty(0, np.int64)
-        dataset, owners = _load_empty_or_refs(
-            ctl, n_parts, lambda node, pids: ([a for _ in pids for a in (empty_pts, empty_ids)], 0, 0))
-        parts = tuple(PartitionInfo(p, int(key_lo[p]), int(max(key_lo[p], key_hi[p])), np.full(d, np.inf),
-                                    np.full(d, -np.inf), 0, 0, owners[p]) for p in range(n_parts))
-        ctl.id_sorted = ctl.id_rows = None
-        ctl.has_user_ids = has_user_ids
-        ctl.next_id, ctl.modified = 0, False
-        ctl.mean_variance = float(mean_variance)
-        ctl.publish(GlobalIndexMetadata(dim=d, lo=lo, hi=hi, curve=ctl.config.curve, bits=bits, partitions=parts,
-                                        version=ctl.version + 1, dataset_id=dataset))
-        return ctl.view()
-
-
-def end_chunked(ctl: ClusterController, user_ids: bool, rows: int) -> ClusterView:
-    """Finish a chunked load: without user ids the ids are the source's rows, exactly as ``distribute_data``
-    would number them; with them, algorithm labels follow the ascending ids, as after any ingest."""
-    with ctl.lock:
-        ctl.has_user_ids = ctl.modified = bool(user_ids)
-        if not user_ids:
-            ctl.next_id = int(rows)
-        ctl.publish()
-        return ctl.view()
-
-
-def ingest(
-    ctl: ClusterController, points: Any, ids: Any = None, timestamps: Any = None,
-    centers: np.ndarray | None = None, token: int | None = None,
-) -> tuple[np.ndarray, Any, ClusterView]:
-    """Append a batch; returns ``(ids, streaming k-means stats or None, view)``. See the module docstring."""
-    with ctl.lock:
-        meta = ctl.require_data()
-        pts = check_points(points)
-        n, d = pts.shape
-        if d != meta.dim:
-            raise ValueError(f"points have {d} columns but the distributed data set has {meta.dim}")
-        done = ctl.recent.get(token) if token is not None else None
-        if isinstance(done, tuple) and done[0] == "acked":  # a retry of a batch already acknowledged
-            return _ids_of(done, ids), None, ctl.view()
-        if ids is None:
-            if ctl.has_user_ids:
-                raise ValueError("this data set was distributed with user ids: pass ids for the new points")
-            first = done[1] if isinstance(done, tuple) else ctl.next_id  # a retry keeps the ids it was given
-            ids = np.arange(first, first + n, dtype=np.int64)
-            record = ("pending", first, n)
-        else:
-            ids = check_ids(ids, n)
-            record = ("pending", None, n)
-        ctl.next_id = max(ctl.next_id, int(ids.max()) + 1)
-        if token is not None and done is None:
-            ctl.remember(token, record)
-            ctl._persist()  # the ids are stored before any node sees the batch
-        batch = token if token is not None else int(np.random.default_rng().integers(1 << 62))
-        stats = _append(ctl, meta, pts, ids, batch, centers)
-        ctl.modified = True
-        ctl.remember(token, ("acked",) + record[1:])
-        _split_grown_partitions(ctl)
-        return ids, stats, ctl.view()
-
-
-def _ids_of(record: tuple, ids: Any) -> np.ndarray:
-    if record[1] is None:
-        return check_ids(ids, record[2])
-    return np.arange(record[1], record[1] + record[2], dtype=np.int64)
-
-
-def _append(ctl: ClusterController, meta: GlobalIndexMetadata, pts: np.ndarray, ids: np.ndarray, batch: int,
-            centers: np.ndarray | None) -> Any:
-    """Route a batch by curve key, append it on every live replica, publish the grown metadata."""
-    n, d = pts.shape
-    keys = curve_keys(np.clip(pts, meta.lo, meta.hi), meta.lo, meta.hi, meta.curve, meta.bits)
-    home = ctl.routing.home_partitions(keys)
-    order = np.argsort(home, kind="stable")
-    home_s = home[order]
-    pts_s, ids_s, keys_s = np.take(pts, order, axis=0), ids[order], keys[order]
-    parts, starts = np.unique(home_s, return_index=True)
-    bounds = np.append(starts, n)
-    seg_of = {int(p): (int(a), int(b)) for p, a, b in zip(parts, bounds[:-1], bounds[1:])}
-    failed = ctl.dispatch.failed_nodes
-    by_node: dict[int, list[int]] = {}
-    for p in seg_of:
-        for o in meta.partitions[p].owners:
-            if o not in failed:
-                by_node.setdefault(o, []).append(p)
-    stat_node: dict[int, int] = {}  # streaming k-means: each partition's new points are counted by one replica
-    for node, pids in by_node.items():
-        for p in pids:
-            stat_node.setdefault(p, node)
-    calls = []
-    for node, pids in by_node.items():
-        # one message per node: the rows of its partitions, re-packed so segments index the message
-        rows = np.concatenate([np.arange(*seg_of[p]) for p in pids])
-        lens = np.cumsum([0] + [seg_of[p][1] - seg_of[p][0] for p in pids])
-        segments = [(p, int(lens[j]), int(lens[j + 1])) for j, p in enumerate(pids)]
-        mine = [p for p in pids if stat_node[p] == node] if centers is not None else None
-        calls.append((node, ctl.send(node, "append", batch, np.take(pts_s, rows, axis=0), ids_s[rows], segments,
-                                     centers, mine)))
-    applied: dict[int, tuple[int, np.ndarray, np.ndarray]] = {}
-    stats = None
-    for node, ref in calls:
-        try:
-            res, st = ctl.recv(node, ref, timeout=_timeout(ctl))
-        except NODE_FAILURES as exc:
-            ctl.dispatch.mark_failed(node, f"ingest: {type(exc).__name__}")
-            continue
-        for pid, size, blo, bhi in res:
-            applied[pid] = (size, blo, bhi)
-        if st is not None:
-            stats = st if stats is None else (stats[0] + st[0], stats[1] + st[1])
-    lost = sorted(set(seg_of) - set(applied))
-    if lost:
-        raise NodeFailureError(f"ingest batch reached no replica of partitions {lost} (failed nodes: "
-                               f"{sorted(ctl.dispatch.failed_nodes)}); the batch is not acknowledged. Retrying "
-                               "the call (same ids) after recovery applies it once")
-    new_parts = list(meta.partitions)
-    for pid, (size, blo, bhi) in applied.items():
-        a, b = seg_of[pid]
-        p = meta.partitions[pid]
-        new_parts[pid] = dataclasses.replace(
-            p, size=int(size), nbytes=int(size) * (8 * d + 8), lo=np.minimum(p.lo, blo), hi=np.maximum(p.hi, bhi),
-            key_lo=min(p.key_lo, int(keys_s[a:b].min())), key_hi=max(p.key_hi, int(keys_s[a:b].max())),
-        )
-    ctl.publish(dataclasses.replace(meta, partitions=tuple(new_parts)))
-    return stats
-
-
-def delete(ctl: ClusterController, ids: Any, token: int | None = None) -> tuple[int, ClusterView]:
-    """Delete points by id from every replica; returns ``(how many distinct points were deleted, view)``."""
-    arr = np.unique(np.asarray(ids).astype(np.int64, copy=False).ravel())
-    with ctl.lock:
-        meta = ctl.require_data()
-        if token is not None and token in ctl.recent:
-            return int(ctl.recent[token][1]), ctl.view()
-        if len(arr) == 0:
-            return 0, ctl.view()
-        refs = [(n, ctl.send(n, "delete", arr)) for n in ctl.live_node_ids]
-        sizes: dict[int, int] = {}
-        deleted: dict[int, int] = {}
-        for node, ref in refs:
             try:
-                res = ctl.recv(node, ref, timeout=_timeout(ctl))
+                dataset, owners = self._load_parts(n_parts, args)
+            except Exception:
+                self.meta, self.routing = None, None
+                self.publish()
+                raise
+            d = int(layout["dim"])
+            counts = layout["counts"]
+            parts = tuple(
+                PartitionInfo(partition_id=p, key_lo=int(layout["key_lo"][p]), key_hi=int(layout["key_hi"][p]),
+                              lo=np.asarray(layout["box_lo"][p]).copy(), hi=np.asarray(layout["box_hi"][p]).copy(),
+                              size=int(counts[p]), nbytes=int(counts[p]) * (d * 8 + 8), owners=owners[p])
+                for p in range(n_parts)
+            )
+            meta = GlobalIndexMetadata(dim=d, lo=layout["lo"], hi=layout["hi"], curve=layout["curve"],
+                                       bits=layout["bits"], partitions=parts, version=self.version + 1, dataset_id=dataset)
+            self.modified, self.next_id = False, int(layout["next_id"])
+            self.has_user_ids = id_map is not None
+            self.id_sorted, self.id_rows = id_map if id_map is not None else (None, None)
+            self.mean_variance = float(mean_variance)
+            self.store_id_map()
+            self.remember(token, "distributed")
+            self.publish(meta)
+            log.info("distspatial: distributed %d points in %d partitions", meta.n_points, n_parts)
+            return self.view()
+
+    def begin_chunked(
+        self, d: int, lo: np.ndarray, hi: np.ndarray, bits: int, key_lo: np.ndarray,
+        key_hi: np.ndarray, mean_variance: float, has_user_ids: bool,
+    ) -> ClusterView:
+        """Start a chunked load: empty partitions with the given curve-key ranges (cut by the client from a key
+        sample) on the nodes, published; the chunks then arrive by :func:`ingest`."""
+        with self.lock:
+            n_parts = len(key_lo)
+            empty_pts, empty_ids = np.empty((0, d)), np.empty(0, np.int64)
+            dataset, owners = self._load_parts(
+                n_parts, lambda node, pids: ([a for _ in pids for a in (empty_pts, empty_ids)], 0, 0))
+            parts = tuple(PartitionInfo(p, int(key_lo[p]), int(max(key_lo[p], key_hi[p])), np.full(d, np.inf),
+                                        np.full(d, -np.inf), 0, 0, owners[p]) for p in range(n_parts))
+            self.id_sorted = self.id_rows = None
+            self.has_user_ids = has_user_ids
+            self.next_id, self.modified = 0, False
+            self.mean_variance = float(mean_variance)
+            self.publish(GlobalIndexMetadata(dim=d, lo=lo, hi=hi, curve=self.config.curve, bits=bits, partitions=parts,
+                                            version=self.version + 1, dataset_id=dataset))
+            return self.view()
+
+    def end_chunked(self, user_ids: bool, rows: int) -> ClusterView:
+        """Finish a chunked load: without user ids the ids are the source's rows, exactly as ``distribute_data``
+        would number them; with them, algorithm labels follow the ascending ids, as after any ingest."""
+        with self.lock:
+            self.has_user_ids = self.modified = bool(user_ids)
+            if not user_ids:
+                self.next_id = int(rows)
+            self.publish()
+            return self.view()
+
+    def ingest(
+        self, points: Any, ids: Any = None, timestamps: Any = None,
+        centers: np.ndarray | None = None, token: int | None = None,
+    ) -> tuple[np.ndarray, Any, ClusterView]:
+        """Append a batch; returns ``(ids, streaming k-means stats or None, view)``. See the module docstring."""
+        with self.lock:
+            meta = self.require_data()
+            pts = check_points(points)
+            n, d = pts.shape
+            if d != meta.dim:
+                raise ValueError(f"points have {d} columns but the distributed data set has {meta.dim}")
+            done = self.recent.get(token) if token is not None else None
+            if isinstance(done, tuple) and done[0] == "acked":  # a retry of a batch already acknowledged
+                return self._ids_of(done, ids), None, self.view()
+            if ids is None:
+                if self.has_user_ids:
+                    raise ValueError("this data set was distributed with user ids: pass ids for the new points")
+                first = done[1] if isinstance(done, tuple) else self.next_id  # a retry keeps the ids it was given
+                ids = np.arange(first, first + n, dtype=np.int64)
+                record = ("pending", first, n)
+            else:
+                ids = check_ids(ids, n)
+                record = ("pending", None, n)
+            self.next_id = max(self.next_id, int(ids.max()) + 1)
+            if token is not None and done is None:
+                self.remember(token, record)
+                self._persist()  # the ids are stored before any node sees the batch
+            batch = token if token is not None else int(np.random.default_rng().integers(1 << 62))
+            stats = self._append(meta, pts, ids, batch, centers)
+            self.modified = True
+            self.remember(token, ("acked",) + record[1:])
+            self._split_grown_partitions()
+            return ids, stats, self.view()
+
+    @staticmethod
+    def _ids_of(record: tuple, ids: Any) -> np.ndarray:
+        if record[1] is None:
+            return check_ids(ids, record[2])
+        return np.arange(record[1], record[1] + record[2], dtype=np.int64)
+
+    def _append(self, meta: GlobalIndexMetadata, pts: np.ndarray, ids: np.ndarray, batch: int,
+                centers: np.ndarray | None) -> Any:
+        """Route a batch by curve key, append it on every live replica, publish the grown metadata."""
+        n, d = pts.shape
+        keys = curve_keys(np.clip(pts, meta.lo, meta.hi), meta.lo, meta.hi, meta.curve, meta.bits)
+        home = self.routing.home_partitions(keys)
+        order = np.argsort(home, kind="stable")
+        home_s = home[order]
+        pts_s, ids_s, keys_s = np.take(pts, order, axis=0), ids[order], keys[order]
+        parts, starts = np.unique(home_s, return_index=True)
+        bounds = np.append(starts, n)
+        seg_of = {int(p): (int(a), int(b)) for p, a, b in zip(parts, bounds[:-1], bounds[1:])}
+        failed = self.dispatch.failed_nodes
+        by_node: dict[int, list[int]] = {}
+        for p in seg_of:
+            for o in meta.partitions[p].owners:
+                if o not in failed:
+                    by_node.setdefault(o, []).append(p)
+        stat_node: dict[int, int] = {}  # streaming k-means: each partition's new points are counted by one replica
+        for node, pids in by_node.items():
+            for p in pids:
+                stat_node.setdefault(p, node)
+        calls = []
+        for node, pids in by_node.items():
+            # one message per node: the rows of its partitions, re-packed so segments index the message
+            rows = np.concatenate([np.arange(*seg_of[p]) for p in pids])
+            lens = np.cumsum([0] + [seg_of[p][1] - seg_of[p][0] for p in pids])
+            segments = [(p, int(lens[j]), int(lens[j + 1])) for j, p in enumerate(pids)]
+            mine = [p for p in pids if stat_node[p] == node] if centers is not None else None
+            calls.append((node, self.send(node, "append", batch, np.take(pts_s, rows, axis=0), ids_s[rows], segments,
+                                         centers, mine)))
+        applied: dict[int, tuple[int, np.ndarray, np.ndarray]] = {}
+        stats = None
+        for node, ref in calls:
+            try:
+                res, st = self.recv(node, ref, timeout=self._write_timeout())
             except NODE_FAILURES as exc:
-                ctl.dispatch.mark_failed(node, f"delete: {type(exc).__name__}")
+                self.dispatch.mark_failed(node, f"ingest: {type(exc).__name__}")
                 continue
-            for pid, n_del, size in res:
-                deleted[pid] = max(deleted.get(pid, 0), n_del)  # replicas report the same partition
-                sizes[pid] = size
-        n = int(sum(deleted.values()))
-        ctl.remember(token, ("deleted", n))
-        if deleted:
-            parts = [dataclasses.replace(p, size=sizes[p.partition_id],
-                                         nbytes=sizes[p.partition_id] * (8 * meta.dim + 8))
-                     if p.partition_id in sizes else p for p in meta.partitions]
-            ctl.modified = True
-            ctl.publish(dataclasses.replace(meta, partitions=tuple(parts)))
-        return n, ctl.view()
+            for pid, size, blo, bhi in res:
+                applied[pid] = (size, blo, bhi)
+            if st is not None:
+                stats = st if stats is None else (stats[0] + st[0], stats[1] + st[1])
+        lost = sorted(set(seg_of) - set(applied))
+        if lost:
+            raise NodeFailureError(f"ingest batch reached no replica of partitions {lost} (failed nodes: "
+                                   f"{sorted(self.dispatch.failed_nodes)}); the batch is not acknowledged. Retrying "
+                                   "the call (same ids) after recovery applies it once")
+        new_parts = list(meta.partitions)
+        for pid, (size, blo, bhi) in applied.items():
+            a, b = seg_of[pid]
+            p = meta.partitions[pid]
+            new_parts[pid] = dataclasses.replace(
+                p, size=int(size), nbytes=int(size) * (8 * d + 8), lo=np.minimum(p.lo, blo), hi=np.maximum(p.hi, bhi),
+                key_lo=min(p.key_lo, int(keys_s[a:b].min())), key_hi=max(p.key_hi, int(keys_s[a:b].max())),
+            )
+        self.publish(dataclasses.replace(meta, partitions=tuple(new_parts)))
+        return stats
 
+    def delete(self, ids: Any, token: int | None = None) -> tuple[int, ClusterView]:
+        """Delete points by id from every replica; returns ``(how many distinct points were deleted, view)``."""
+        arr = np.unique(np.asarray(ids).astype(np.int64, copy=False).ravel())
+        with self.lock:
+            meta = self.require_data()
+            if token is not None and token in self.recent:
+                return int(self.recent[token][1]), self.view()
+            if len(arr) == 0:
+                return 0, self.view()
+            refs = [(n, self.send(n, "delete", arr)) for n in self.live_node_ids]
+            sizes: dict[int, int] = {}
+            deleted: dict[int, int] = {}
+            for node, ref in refs:
+                try:
+                    res = self.recv(node, ref, timeout=self._write_timeout())
+                except NODE_FAILURES as exc:
+                    self.dispatch.mark_failed(node, f"delete: {type(exc).__name__}")
+                    continue
+                for pid, n_del, size in res:
+                    deleted[pid] = max(deleted.get(pid, 0), n_del)  # replicas report the same partition
+                    sizes[pid] = size
+            n = int(sum(deleted.values()))
+            self.remember(token, ("deleted", n))
+            if deleted:
+                parts = [dataclasses.replace(p, size=sizes[p.partition_id],
+                                             nbytes=sizes[p.partition_id] * (8 * meta.dim + 8))
+                         if p.partition_id in sizes else p for p in meta.partitions]
+                self.modified = True
+                self.publish(dataclasses.replace(meta, partitions=tuple(parts)))
+            return n, self.view()
 
-def update(
-    ctl: ClusterController, ids: Any, points: Any, timestamps: Any = None, centers: np.ndarray | None = None,
-    token: int | None = None,
-) -> tuple[int, np.ndarray, Any, ClusterView]:
-    """Move points: delete ``ids`` and ingest them at ``points`` under one lock; returns ``(how many of the ids
-    existed, ids, streaming k-means stats or None, view)``."""
-    arr = check_ids(ids, len(np.asarray(ids)))
-    pts = check_points(points)
-    if len(pts) != len(arr):
-        raise ValueError(f"update needs one point per id: {len(arr)} ids, {len(pts)} points")
-    with ctl.lock:
-        done = ctl.recent.get(("update", token)) if token is not None else None
-        if done is not None:  # a retry of an update already applied: moving the points again would delete them
-            existed = done
-            new_ids, stats, view = ingest(ctl, pts, arr, timestamps, centers, token)
-            return existed, new_ids, stats, view
-        existed, _ = delete(ctl, arr)
-        ctl.remember(None if token is None else ("update", token), existed)
-        new_ids, stats, view = ingest(ctl, pts, arr, timestamps, centers, token)
-    return existed, new_ids, stats, view
+    def update(
+        self, ids: Any, points: Any, timestamps: Any = None, centers: np.ndarray | None = None,
+        token: int | None = None,
+    ) -> tuple[int, np.ndarray, Any, ClusterView]:
+        """Move points: delete ``ids`` and ingest them at ``points`` under one lock; returns ``(how many of the ids
+        existed, ids, streaming k-means stats or None, view)``."""
+        arr = check_ids(ids, len(np.asarray(ids)))
+        pts = check_points(points)
+        if len(pts) != len(arr):
+            raise ValueError(f"update needs one point per id: {len(arr)} ids, {len(pts)} points")
+        with self.lock:
+            done = self.recent.get(("update", token)) if token is not None else None
+            if done is not None:  # a retry of an update already applied: moving the points again would delete them
+                existed = done
+                new_ids, stats, view = self.ingest(pts, arr, timestamps, centers, token)
+                return existed, new_ids, stats, view
+            existed, _ = self.delete(arr)
+            self.remember(None if token is None else ("update", token), existed)
+            new_ids, stats, view = self.ingest(pts, arr, timestamps, centers, token)
+        return existed, new_ids, stats, view
 
+    def _split_grown_partitions(self) -> None:
+        """Split partitions that ingest made too large (``tuning_policy``), a bounded number per call."""
+        # the size rule of the balancer's tuning policy (no query counts: only "too large" splits come out)
+        actions = LoadBalancer.tune(self.meta, {}, len(self.live_node_ids), self.config.replication_factor,
+                                    self.tuning_policy)
+        for a in actions:
+            try:
+                self.split_partition(a.partition)
+            except (ValueError, NodeFailureError) as exc:
+                log.warning("distspatial: split of grown partition %d skipped: %s", a.partition, exc)
 
-def _split_grown_partitions(ctl: ClusterController) -> None:
-    """Split partitions that ingest made too large (``tuning_policy``), a bounded number per call."""
-    # the size rule of the balancer's tuning policy (no query counts: only "too large" splits come out)
-    actions = LoadBalancer.tune(ctl.meta, {}, len(ctl.live_node_ids), ctl.config.replication_factor,
-                                ctl.tuning_policy)
-    for a in actions:
-        try:
-            split_partition(ctl, a.partition)
-        except (ValueError, NodeFailureError) as exc:
-            log.warning("distspatial: split of grown partition %d skipped: %s", a.partition, exc)
+    def split_partition(self, partition_id: int) -> int:
+        """Split a partition at its curve-key median into two (same owners); returns the new partition's id.
 
+        The nodes are first told the coming version, so a query planned on the current layout is refused and
+        planned again on the split one (nodes split before the metadata with both halves is published)."""
+        with self.lock:
+            meta = self.require_data()
+            if isinstance(partition_id, bool) or not isinstance(partition_id, (int, np.integer)) or \
+                    not 0 <= partition_id < meta.n_partitions:
+                raise ValueError(f"partition_id must be in [0, {meta.n_partitions}), got {partition_id!r}")
+            part = meta.partitions[partition_id]
+            if part.size < 2:
+                raise ValueError(f"partition {partition_id} has {part.size} point(s); nothing to split")
+            new_id = meta.n_partitions
+            owners = [o for o in part.owners if o not in self.dispatch.failed_nodes]
+            self.tell_nodes(self.version + 1)
+            published = False
+            try:
+                pid = int(partition_id)
+                refs = [self.actors[o].split_partition.remote(pid, new_id, meta.lo, meta.hi, meta.curve, meta.bits)
+                        for o in owners]
+                import ray
 
-def split_partition(ctl: ClusterController, partition_id: int) -> int:
-    """Split a partition at its curve-key median into two (same owners); returns the new partition's id.
-
-    The nodes are first told the coming version, so a query planned on the current layout is refused and
-    planned again on the split one (nodes split before the metadata with both halves is published)."""
-    with ctl.lock:
-        meta = ctl.require_data()
-        if isinstance(partition_id, bool) or not isinstance(partition_id, (int, np.integer)) or \
-                not 0 <= partition_id < meta.n_partitions:
-            raise ValueError(f"partition_id must be in [0, {meta.n_partitions}), got {partition_id!r}")
-        part = meta.partitions[partition_id]
-        if part.size < 2:
-            raise ValueError(f"partition {partition_id} has {part.size} point(s); nothing to split")
-        new_id = meta.n_partitions
-        owners = [o for o in part.owners if o not in ctl.dispatch.failed_nodes]
-        ctl.tell_nodes(ctl.version + 1)
-        published = False
-        try:
-            pid = int(partition_id)
-            refs = [ctl.actors[o].split_partition.remote(pid, new_id, meta.lo, meta.hi, meta.curve, meta.bits)
-                    for o in owners]
-            import ray
-
-            results = ray.get(refs)
-            (klo0, khi0, blo0, bhi0, n0), (klo1, khi1, blo1, bhi1, n1) = results[0]
-            if not all(r[0][4] == n0 and r[1][4] == n1 for r in results):
-                raise NodeFailureError(f"replicas of partition {pid} split differently")
-            per_point = part.nbytes // max(1, part.size)
-            first = dataclasses.replace(part, key_lo=klo0, key_hi=khi0, lo=blo0, hi=bhi0, size=n0,
-                                        nbytes=n0 * per_point, owners=tuple(owners))
-            second = PartitionInfo(new_id, klo1, khi1, blo1, bhi1, n1, n1 * per_point, tuple(owners))
-            parts = list(meta.partitions)
-            parts[pid] = first
-            parts.append(second)
-            ctl.publish(dataclasses.replace(meta, partitions=tuple(parts)))
-            published = True
-        finally:
-            if not published:  # the nodes were told a version: make it exist (nothing changed)
-                ctl.publish()
-        log.info("distspatial: split partition %d -> %d + %d points (new id %d)", pid, n0, n1, new_id)
-        return new_id
+                results = ray.get(refs)
+                (klo0, khi0, blo0, bhi0, n0), (klo1, khi1, blo1, bhi1, n1) = results[0]
+                if not all(r[0][4] == n0 and r[1][4] == n1 for r in results):
+                    raise NodeFailureError(f"replicas of partition {pid} split differently")
+                per_point = part.nbytes // max(1, part.size)
+                first = dataclasses.replace(part, key_lo=klo0, key_hi=khi0, lo=blo0, hi=bhi0, size=n0,
+                                            nbytes=n0 * per_point, owners=tuple(owners))
+                second = PartitionInfo(new_id, klo1, khi1, blo1, bhi1, n1, n1 * per_point, tuple(owners))
+                parts = list(meta.partitions)
+                parts[pid] = first
+                parts.append(second)
+                self.publish(dataclasses.replace(meta, partitions=tuple(parts)))
+                published = True
+            finally:
+                if not published:  # the nodes were told a version: make it exist (nothing changed)
+                    self.publish()
+            log.info("distspatial: split partition %d -> %d + %d points (new id %d)", pid, n0, n1, new_id)
+            return new_id

@@ -23,7 +23,7 @@ from .curves import CURVES
 __all__ = ["NodeConfig", "DEVICES"]
 
 #: Where node kernels run (``NodeConfig.device``): ``"cpu"``, ``"cuda"`` (fails without a usable GPU) or
-#: ``"auto"`` (cuda when available on the node, else cpu); see :func:`distspatial.kernels.backend.get_backend`.
+#: ``"auto"`` (cuda when available on the node, else cpu); see :func:`distspatial.kernels.backend_choice.get_backend`.
 DEVICES = ("cpu", "cuda", "auto")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 

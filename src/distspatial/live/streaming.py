@@ -27,14 +27,13 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
+from ..client import queries
 from . import ingest as _ingest
 
-if TYPE_CHECKING:
-    from ..cluster import DistributedSpatialCluster
 
 __all__ = ["StreamingKMeans", "StreamStats", "StreamHandle", "run_stream"]
 
@@ -203,7 +202,7 @@ def _reader(source: Any, q: queue.Queue, stop: threading.Event) -> None:
 
 
 def run_stream(
-    cluster: DistributedSpatialCluster,
+    cluster: Any,  # the DistributedSpatialCluster: writes and queries go through its runtime; user operators get it
     source: Iterable | Any,
     operators: list,
     kmeans: StreamingKMeans | None,
@@ -288,7 +287,7 @@ def run_stream(
     return handle
 
 
-def _apply(op: Any, cluster: DistributedSpatialCluster, pts: np.ndarray, ids: np.ndarray, ts: np.ndarray):
+def _apply(op: Any, cluster: Any, pts: np.ndarray, ids: np.ndarray, ts: np.ndarray):
     """Feed one batch to an operator; returns its events."""
     from .continuous import KnnWatch
 
@@ -298,9 +297,11 @@ def _apply(op: Any, cluster: DistributedSpatialCluster, pts: np.ndarray, ids: np
         now = float(ts.max())
         events = list(op.observe(pts, ids, timestamp=now))
         stale = op.needs_refresh()
-        if stale and cluster.metadata.n_points:
-            k = min(op.max_k, cluster.metadata.n_points)
-            d, nn = cluster.distributed_knn_search(op.points(stale), k)
+        rt = cluster.runtime
+        if stale and rt.meta.n_points:
+            k = min(op.max_k, rt.meta.n_points)
+            q = np.ascontiguousarray(op.points(stale), dtype=np.float64)
+            d, nn = rt.stable(lambda: queries.knn(rt, q, k))
             events += op.check(nn, d, timestamp=now, query_ids=stale)
         return events
     if hasattr(op, "on_batch"):  # user operators that query the cluster

@@ -13,7 +13,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import ray
 from ray.exceptions import GetTimeoutError, ObjectLostError, RayActorError, RayTaskError
@@ -22,8 +22,15 @@ from ..core.codec import decode_all, message_bytes
 from ..core.errors import NodeFailureError, PartitionLostError, PartitionMovedError
 from ..core.stats import CommunicationCounters
 
-if TYPE_CHECKING:  # only for annotations: the routing table is passed in by the caller
-    from ..control.routing import RoutingTable
+class RoutingTable(Protocol):
+    """What the dispatcher needs of a routing table (:class:`distspatial.control.routing.RoutingTable`)."""
+
+    owners: Any
+    n_partitions: int
+
+    def node_for(self, partition: int, load: dict[int, float] | None = None, exclude: set[int] | None = None) -> int:
+        ...
+
 
 try:  # Ray >= 2.20
     from ray.exceptions import ActorUnavailableError

@@ -70,7 +70,8 @@ class SpatialNode:
     """State and kernels of one logical node (see module docstring)."""
 
     def __init__(self, node_id: int, threads: int = 1, compress: bool = False, device: str = "cpu") -> None:
-        from ..kernels.backend import CpuBackend, get_backend
+        from ..kernels.backend import CpuBackend
+        from ..kernels.backend_choice import get_backend
 
         self.node_id = node_id
         self.threads = max(1, int(threads))
@@ -229,7 +230,7 @@ class SpatialNode:
     @data_message()
     def write_partitions(self, ckpt_uri: str, partition_ids: list[int]) -> list[tuple[int, str, int, int, str]]:
         """Write each partition to ``ckpt_uri/part-XXXXX.dsz``: ``[(pid, file, bytes, raw bytes, sha256)]``."""
-        from ..control.checkpoint import join, write_partition_file
+        from ..io.checkpoint_files import join, write_partition_file
 
         out = []
         for pid in partition_ids:
@@ -242,7 +243,7 @@ class SpatialNode:
     @data_message()
     def load_partition_files(self, dataset_id: int, files: list[tuple[int, str, int, str]]) -> list[int]:
         """Load partitions from checkpoint files ``[(pid, file_uri, raw bytes, sha256)]``, verifying checksums."""
-        from ..control.checkpoint import read_partition_file
+        from ..io.checkpoint_files import read_partition_file
 
         arrays: list[np.ndarray] = []
         for _, uri, raw, digest in files:

@@ -1,0 +1,31 @@
+"""What a client caches of a cluster: the :class:`ClusterView` the controller hands out."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..core.config import NodeConfig
+from .metadata import GlobalIndexMetadata
+
+__all__ = ["ClusterView"]
+
+
+@dataclass
+class ClusterView:
+    """What a client needs to plan and send queries (soft state, replaced when ``version`` changes)."""
+
+    name: str | None
+    version: int
+    config: NodeConfig
+    meta: GlobalIndexMetadata | None
+    actors: dict[int, Any]
+    node_info: dict[int, dict]
+    failed: frozenset[int]
+    has_user_ids: bool = False
+    modified: bool = False
+    mean_variance: float = 0.0
+    has_id_map: bool = False
+    cpus_per_node: float = 0.0
+    created: float = field(default_factory=time.time)
