@@ -95,9 +95,10 @@ def _join_chunks(rt, other, k, self_join, chunk_rows, columns):
         k = check_k(k, meta.n_points)
         for chunk in _chunks(other, chunk_rows, columns):
             chunk = np.asarray(chunk, dtype=np.float64)
-            if chunk.ndim != 2 or len(chunk) == 0:
-                if chunk.size == 0:
-                    continue
+            if chunk.size == 0:  # an empty chunk gets an empty answer: answers match chunks by position
+                yield None, np.empty((0, k)), np.empty((0, k), dtype=np.int64)
+                continue
+            if chunk.ndim != 2 or chunk.shape[1] != meta.dim:
                 raise ValueError(f"chunks of other_points must be (n, {meta.dim}) arrays, got shape {chunk.shape}")
             d, i = _knn(rt, chunk, k)
             yield None, d, i

@@ -43,7 +43,9 @@ def connect(config: NodeConfig) -> bool:
         kwargs["num_cpus"] = config.num_cpus or os.cpu_count() or 1
         if config.object_store_memory is not None:
             kwargs["object_store_memory"] = config.object_store_memory
-        ray.init(**kwargs)
+        # "local": a runtime of our own even when `ray start` runs on this machine (a named cluster's, say),
+        # which ray.init() would otherwise join
+        ray.init(address="local", **kwargs)
         return True
     ray.init(address=config.address, **kwargs)
     # Joined an external cluster: ray.shutdown() only disconnects this driver, which is what we want at the end.
