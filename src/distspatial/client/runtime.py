@@ -104,7 +104,25 @@ class ClusterRuntime:
 
     @property
     def mean_variance(self) -> float:
-        return self._view.mean_variance
+        """Mean over dimensions of the points' variance (scikit-learn's scale for k-means ``tol``): as loaded, or,
+        once points were ingested or deleted, of the live points now (from per-partition moments on the nodes,
+        merged with Chan et al.'s pairwise formula)."""
+        if not self._view.modified:
+            return self._view.mean_variance
+        n, mean, m2 = 0, None, None
+        for _, parts in self.partitions_call("moments"):
+            for cnt, mu, sq in parts:
+                if cnt == 0:
+                    continue
+                if mean is None:
+                    n, mean, m2 = cnt, mu, sq
+                    continue
+                delta = mu - mean
+                total = n + cnt
+                mean = mean + delta * (cnt / total)
+                m2 = m2 + sq + delta**2 * (n * cnt / total)
+                n = total
+        return float(np.mean(m2 / n)) if n else 0.0
 
     def snapshot(self) -> tuple[GlobalIndexMetadata, RoutingTable, int]:
         """``(meta, routing, version)`` of one view, for planning a query (they always belong together)."""

@@ -441,6 +441,16 @@ class SpatialNode:
         return out
 
     @data_message()
+    def moments(self, partition_ids: list[int]) -> list[tuple[int, np.ndarray, np.ndarray]]:
+        """``[(count, mean (d,), sum of squared deviations (d,))]`` of each partition's live points."""
+        out = []
+        for pid in partition_ids:
+            pts = self._part(pid).points
+            mean = pts.mean(axis=0) if len(pts) else np.zeros(pts.shape[1])
+            out.append((len(pts), mean, ((pts - mean) ** 2).sum(axis=0)))
+        return out
+
+    @data_message()
     def sample(self, pid: int, rows: np.ndarray) -> np.ndarray:
         """Points at ``rows`` of partition ``pid``."""
         return self._part(pid).points[rows]
