@@ -23,6 +23,7 @@ from distspatial import DistributedSpatialCluster, NodeConfig
 from distspatial.core.errors import ClusterExistsError, ClusterGoneError, ClusterNotFoundError
 
 from ._ray_head import connected_head
+from ._serve import ServeProcess
 from .conftest import assert_knn_ids_match
 
 
@@ -351,29 +352,16 @@ def test_command_line_up_query_serve_down(ray_head, tmp_path):
     again = _cli("up", "cli", str(tmp_path / "pts.npy"), "--address", address, "--no-progress", env=env)
     assert again.returncode == 2 and "already running" in again.stderr, again.stderr
     # serve --cluster: answers from the running cluster; an ingest through it is seen by every client
-    proc = subprocess.Popen([sys.executable, "-m", "distspatial.ui.cli", "serve", "--cluster", "cli", "--address",
-                             address, "--port", "0", "--no-progress"], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env={**env, "PYTHONUNBUFFERED": "1"})
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True)
-    reader.start()
+    srv = ServeProcess(["--cluster", "cli", "--address", address, "--port", "0", "--no-progress"], env=env)
     try:
-        deadline = time.monotonic() + 120
-        url = None
-        while url is None and time.monotonic() < deadline and proc.poll() is None:
-            url = next((ln.split("serving on ")[1].split()[0] for ln in list(lines) if "serving on " in ln), None)
-            time.sleep(0.1)
-        assert url, f"no 'serving on' line; exit {proc.poll()}; output:\n{''.join(lines)}"
-        r = requests.post(url + "/knn", json={"points": q.tolist(), "k": 3}, timeout=60)
+        r = requests.post(srv.url + "/knn", json={"points": q.tolist(), "k": 3}, timeout=60)
         np.testing.assert_array_equal(r.json()["ids"], i)
         new = np.array([[5.0, 5.0]])
-        got = requests.post(url + "/ingest", json={"points": new.tolist()}, timeout=60).json()
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(60) == 0, "".join(lines)
+        got = requests.post(srv.url + "/ingest", json={"points": new.tolist()}, timeout=60).json()
+        srv.proc.send_signal(signal.SIGTERM)
+        assert srv.proc.wait(60) == 0, srv.output
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
+        srv.kill()
     c = DistributedSpatialCluster.attach("cli", address)  # the service stopped; the cluster and its data did not
     try:
         assert c.n_points == N_BASE + 1

@@ -28,6 +28,8 @@ from scipy.spatial import cKDTree  # noqa: E402
 from distspatial import DistributedSpatialCluster, NodeConfig  # noqa: E402
 from distspatial.ui.service import ARROW_STREAM, NODE_COLORS, BackgroundServer  # noqa: E402
 
+from ._serve import ServeProcess  # noqa: E402
+
 MAX_BODY = 2**20  # the test server's body limit (1 MiB)
 TIMEOUT = 30  # seconds per HTTP request: a hung connection fails the test instead of hanging it
 
@@ -542,20 +544,10 @@ def test_cli_serve_subprocess(ray_local, svc, tmp_path):
     pts = np.random.default_rng(21).random((3000, 2))
     np.save(tmp_path / "pts.npy", pts)
     address = ray_local.get_runtime_context().gcs_address
-    cmd = [sys.executable, "-m", "distspatial.ui.cli", "serve", str(tmp_path / "pts.npy"), "--address", address,
-           "--nodes", "2", "--port", "0", "--no-progress"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True)
-    reader.start()
+    srv = ServeProcess([str(tmp_path / "pts.npy"), "--address", address, "--nodes", "2", "--port", "0",
+                        "--no-progress"], timeout_s=90)
+    url = srv.url
     try:
-        deadline = time.monotonic() + 90
-        url = None
-        while url is None and time.monotonic() < deadline and proc.poll() is None:
-            url = next((ln.split("serving on ")[1].split()[0] for ln in list(lines) if "serving on " in ln), None)
-            time.sleep(0.1)
-        assert url, f"no 'serving on' line; exit {proc.poll()}; output:\n{''.join(lines)}"
         assert requests.get(url + "/health", timeout=TIMEOUT).json()["points"] == 3000
         q = np.random.default_rng(22).random((40, 2))
         r = requests.post(url + "/knn", json={"points": q.tolist(), "k": 5}, timeout=TIMEOUT)
@@ -563,13 +555,11 @@ def test_cli_serve_subprocess(ray_local, svc, tmp_path):
         np.testing.assert_array_equal(r.json()["ids"], i)
         np.testing.assert_allclose(r.json()["distances"], d, rtol=0, atol=1e-12)
         assert 'id="map"' in requests.get(url + "/", timeout=TIMEOUT).text
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(60) == 0, "".join(lines)
+        srv.proc.send_signal(signal.SIGTERM)
+        assert srv.proc.wait(60) == 0, srv.output
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
-    reader.join(5)
+        srv.kill()
+    lines = srv.lines
     assert any("stopped serving" in ln for ln in lines), "".join(lines)
 
 

@@ -336,7 +336,7 @@ class DistributedSpatialCluster:
     @property
     def balance_threshold(self) -> float:
         """Max/mean load that triggers an automatic rebalance (kept by the controller)."""
-        return self._rt.call_controller("options")["balance_threshold"]
+        return self._rt.call_controller("options", timeout_s=120)["balance_threshold"]
 
     @balance_threshold.setter
     def balance_threshold(self, value: float) -> None:
@@ -346,7 +346,7 @@ class DistributedSpatialCluster:
     def node_capacity(self) -> dict[int, float]:
         """Capacity weights for ``ProportionalLoad`` (default 1.0 per node; kept by the controller). Assign a
         new dict to change them."""
-        return self._rt.call_controller("options")["node_capacity"]
+        return self._rt.call_controller("options", timeout_s=120)["node_capacity"]
 
     @node_capacity.setter
     def node_capacity(self, value: dict[int, float]) -> None:
@@ -355,7 +355,7 @@ class DistributedSpatialCluster:
     @property
     def tuning_policy(self) -> TuningPolicy:
         """When :meth:`rebalance` splits partitions or adds read replicas (kept by the controller)."""
-        return self._rt.call_controller("options")["tuning_policy"]
+        return self._rt.call_controller("options", timeout_s=120)["tuning_policy"]
 
     @tuning_policy.setter
     def tuning_policy(self, value: TuningPolicy) -> None:
@@ -886,7 +886,7 @@ class DistributedSpatialCluster:
         lat = self.latency.summary()
         # this client's and the controller's own messages ("coordinator": everything not counted by a node)
         tot = rt.comm.totals()
-        for key, v in rt.call_controller("comm_totals").items():
+        for key, v in rt.call_controller("comm_totals", timeout_s=120).items():
             tot[key] = tot.get(key, 0) + v
         meta = rt.meta
         return ClusterStatistics(

@@ -53,6 +53,8 @@ class ClusterRuntime:
     """One client's connection to a cluster (see module docstring)."""
 
     def __init__(self, controller: Any, view: ClusterView, controller_timeout_s: float = 120.0) -> None:
+        # controller_timeout_s bounds the small calls (views, versions, settings); writes and control work
+        # (a distribute of 40M points, a checkpoint) take as long as they take
         self.controller = controller
         self.name = view.name
         self.controller_timeout_s = controller_timeout_s
@@ -151,24 +153,25 @@ class ClusterRuntime:
 
     def refresh(self, min_version: int = 0) -> ClusterView:
         """Fetch the controller's view (at least ``min_version``) and take it."""
-        view = self.call_controller("view", min_version)
+        view = self.call_controller("view", min_version, timeout_s=self.controller_timeout_s)
         self.install(view)
         return view
 
     def sync(self) -> None:
         """Fetch a newer view if the controller has one (one small call); algorithms start with this so that
         they see every change another client made."""
-        if self.call_controller("current_version") != self._view.version:
+        if self.call_controller("current_version", timeout_s=self.controller_timeout_s) != self._view.version:
             self.refresh()
 
     # -- the controller -------------------------------------------------------------------------------------
     def call_controller(self, method: str, *args: Any, timeout_s: float | None = None, **kwargs: Any) -> Any:
-        """``controller.method(*args, **kwargs)``; the controller's own errors are raised as they are."""
+        """``controller.method(*args, **kwargs)``, waiting up to ``timeout_s`` (``None``: as long as it takes);
+        the controller's own errors are raised as they are."""
         if self.closed:
             raise RuntimeError(self.closed)
         try:
             ref = getattr(self.controller, method).remote(*args, **kwargs)
-            return ray.get(ref, timeout=timeout_s or self.controller_timeout_s)
+            return ray.get(ref, timeout=timeout_s)
         except RayTaskError as exc:
             cause = getattr(exc, "cause", None)
             if isinstance(cause, Exception):
@@ -177,7 +180,7 @@ class ClusterRuntime:
         except GetTimeoutError:
             raise ControllerUnavailableError(
                 f"the controller of cluster {self.name or '(unnamed)'} did not answer {method!r} within "
-                f"{timeout_s or self.controller_timeout_s:g} s (it may be restarting); retry the call") from None
+                f"{timeout_s:g} s (it may be restarting); retry the call") from None
         except RayActorError as exc:
             raise ClusterGoneError(
                 f"cluster {self.name or '(unnamed)'} is gone: its controller was shut down "
