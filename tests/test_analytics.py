@@ -9,6 +9,8 @@ from sklearn.metrics import adjusted_rand_score
 
 from distspatial import DistributedSpatialCluster, NodeConfig
 
+from .conftest import assert_knn_ids_match
+
 
 @pytest.fixture(scope="module")
 def cluster(ray_local):
@@ -53,7 +55,6 @@ def test_hierarchical_with_ids_and_errors(cluster):
 
 def test_knn_join_array_file_stream_and_self_join(cluster, tmp_path):
     import pyarrow.parquet as pq
-    from scipy.spatial import cKDTree
 
     from distspatial.io.datasets import skewed_points
 
@@ -61,31 +62,113 @@ def test_knn_join_array_file_stream_and_self_join(cluster, tmp_path):
     pts[:500] = pts[500:1000]  # duplicates: the self-join must drop the point itself, not its twin
     other = skewed_points(7_000, 3, seed=31, sample_seed=5)
     cluster.distribute_data(pts)
-    tree = cKDTree(pts)
-    ref_d, ref_i = tree.query(other, 4)
     d, i = cluster.knn_join(other, 4)
-    np.testing.assert_allclose(d, ref_d, rtol=0, atol=1e-12)
+    sep = 0.95  # the 500 duplicate pairs tie in about 2 % of the answers: their ids are compared as a set
+    assert_knn_ids_match(pts, other, d, i, 4, min_separated=sep)
     # a stream of chunks: nothing collected, same answers
     chunks = list(cluster.knn_join(iter(np.array_split(other, 3)), 4))
     assert len(chunks) == 3
-    np.testing.assert_allclose(np.concatenate([c[0] for c in chunks]), ref_d, rtol=0, atol=1e-12)
+    assert_knn_ids_match(pts, other, np.concatenate([c[0] for c in chunks]), np.concatenate([c[1] for c in chunks]), 4,
+                         min_separated=sep)
     # from a file, written chunk by chunk
     np.save(tmp_path / "other.npy", other)
     out = cluster.knn_join(str(tmp_path / "other.npy"), 4, output=str(tmp_path / "join.parquet"), chunk_rows=2_000)
     t = {c: col.to_numpy() for c, col in zip(pq.read_table(out).column_names, pq.read_table(out).columns)}
     assert len(t["query"]) == 4 * len(other) and t["query"].max() == len(other) - 1
-    got = t["distance"][np.lexsort((t["rank"], t["query"]))].reshape(-1, 4)
-    np.testing.assert_allclose(got, ref_d, rtol=0, atol=1e-12)
+    o = np.lexsort((t["rank"], t["query"]))
+    np.testing.assert_array_equal(t["query"][o], np.repeat(np.arange(len(other)), 4))
+    np.testing.assert_array_equal(t["rank"][o], np.tile(np.arange(4), len(other)))
+    assert_knn_ids_match(pts, other, t["distance"][o].reshape(-1, 4), t["id"][o].reshape(-1, 4), 4, min_separated=sep)
     # all-kNN of the distributed set itself, excluding each point
     sd, si = cluster.knn_join(k=3, self_join=True, chunk_rows=10_000)
-    rd, ri = tree.query(pts, 4)
-    assert not np.any(si == np.arange(len(pts))[:, None]), "a point is never its own neighbour"
-    np.testing.assert_allclose(sd, rd[:, 1:], rtol=0, atol=1e-12)
+    assert_knn_ids_match(pts, pts, sd, si, 3, self_rows=np.arange(len(pts)), min_separated=sep)
     assert np.all(sd[500:1000, 0] == 0) and np.all(sd[:500, 0] == 0), "duplicates are each other's neighbours"
+    np.testing.assert_array_equal(si[:500, 0], np.arange(500, 1000))
+    np.testing.assert_array_equal(si[500:1000, 0], np.arange(500))
+    # ... and written to Parquet: query = the point's id
+    out = cluster.knn_join(k=3, self_join=True, output=str(tmp_path / "self.parquet"), chunk_rows=7_000)
+    t = {c: col.to_numpy() for c, col in zip(pq.read_table(out).column_names, pq.read_table(out).columns)}
+    o = np.lexsort((t["rank"], t["query"]))
+    np.testing.assert_array_equal(t["query"][o], np.repeat(np.arange(len(pts)), 3))
+    np.testing.assert_array_equal(t["id"][o].reshape(-1, 3), si)
+    np.testing.assert_array_equal(t["distance"][o].reshape(-1, 3), sd)
     with pytest.raises(ValueError, match="self_join=True"):
         cluster.knn_join(None, 3)
     with pytest.raises(ValueError, match="other_points=None"):
         cluster.knn_join(other, 3, self_join=True)
+
+
+def test_knn_join_with_user_ids_array_stream_file_and_self_join(cluster, tmp_path):
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(32)
+    pts = rng.random((30_000, 2))
+    uid = rng.choice(10**12, size=len(pts), replace=False)  # unsorted user ids
+    other = rng.random((5_000, 2))
+    cluster.distribute_data(pts, ids=uid)
+    d, i = cluster.knn_join(other, 5)
+    assert_knn_ids_match(pts, other, d, i, 5, row_ids=uid)
+    # a stream of chunks of uneven sizes, answers chunk by chunk in order
+    parts = [other[:1], other[1:1_234], other[1_234:]]
+    got = list(cluster.knn_join(iter(parts), 5))
+    assert [len(g[0]) for g in got] == [len(p) for p in parts]
+    assert_knn_ids_match(pts, other, np.concatenate([g[0] for g in got]), np.concatenate([g[1] for g in got]), 5,
+                         row_ids=uid)
+    # written to Parquet from a CSV file, chunk by chunk
+    import pyarrow as pa
+    import pyarrow.csv as pv
+
+    pv.write_csv(pa.table({"x": other[:, 0], "y": other[:, 1]}), tmp_path / "other.csv")
+    out = cluster.knn_join(str(tmp_path / "other.csv"), 5, columns="x,y", output=str(tmp_path / "j.parquet"),
+                           chunk_rows=1_500)
+    t = pq.read_table(out).to_pydict()
+    o = np.lexsort((t["rank"], t["query"]))
+    np.testing.assert_array_equal(np.asarray(t["query"])[o], np.repeat(np.arange(len(other)), 5))
+    assert_knn_ids_match(pts, other, np.asarray(t["distance"])[o].reshape(-1, 5),
+                         np.asarray(t["id"])[o].reshape(-1, 5), 5, row_ids=uid)
+    # the self-join: rows in distribute_data order, neighbours as user ids
+    sd, si = cluster.knn_join(k=4, self_join=True, chunk_rows=8_000)
+    assert_knn_ids_match(pts, pts, sd, si, 4, row_ids=uid, self_rows=np.arange(len(pts)))
+    out = cluster.knn_join(k=4, self_join=True, output=str(tmp_path / "s.parquet"))
+    t = pq.read_table(out).to_pydict()
+    o = np.lexsort((t["rank"], t["query"]))
+    q = np.asarray(t["query"])[o].reshape(-1, 4)
+    assert (q == q[:, :1]).all()
+    rows = np.argsort(uid)[np.searchsorted(np.sort(uid), q[:, 0])]
+    np.testing.assert_array_equal(uid[rows], q[:, 0])
+    np.testing.assert_array_equal(np.sort(rows), np.arange(len(pts)))
+    np.testing.assert_array_equal(np.asarray(t["id"])[o].reshape(-1, 4), si[rows])
+    np.testing.assert_array_equal(np.asarray(t["distance"])[o].reshape(-1, 4), sd[rows])
+
+
+def test_knn_join_stream_keeps_one_answer_per_chunk_even_for_an_empty_chunk(cluster):
+    """Answers of a stream are matched to its chunks by position: an empty chunk gets an empty answer."""
+    rng = np.random.default_rng(33)
+    pts = rng.random((10_000, 2))
+    cluster.distribute_data(pts)
+    parts = [rng.random((300, 2)), np.empty((0, 2)), rng.random((200, 2))]
+    got = list(cluster.knn_join(iter(parts), 3))
+    assert [g[0].shape for g in got] == [(300, 3), (0, 3), (200, 3)]
+    for p, (d, i) in zip(parts, got):
+        if len(p):
+            assert_knn_ids_match(pts, p, d, i, 3)
+
+
+def test_self_join_after_ingest_follows_point_ids(cluster):
+    rng = np.random.default_rng(34)
+    pts = rng.random((15_000, 2))
+    uid = rng.choice(10**9, size=len(pts), replace=False)
+    cluster.distribute_data(pts, ids=uid)
+    new = rng.random((5_000, 2)) * 1.2 - 0.1
+    new_uid = 10**9 + rng.choice(10**9, size=len(new), replace=False)
+    cluster.ingest(new, ids=new_uid)
+    allp, alli = np.concatenate([pts, new]), np.concatenate([uid, new_uid])
+    order = np.argsort(alli)
+    assert np.array_equal(cluster.point_ids(), alli[order])
+    sd, si = cluster.knn_join(k=3, self_join=True)
+    assert_knn_ids_match(allp, allp[order], sd, si, 3, row_ids=alli, self_rows=order)
+    d, i = cluster.knn_join(new[:2_000] + 1e-3, 3)
+    assert_knn_ids_match(allp, new[:2_000] + 1e-3, d, i, 3, row_ids=alli)
 
 
 def test_distance_matrix_in_memory_on_disk_and_too_big(cluster, tmp_path):
@@ -240,7 +323,11 @@ def test_knn_join_and_self_join_on_varied_data(cluster, kind, d):
     dist, ids = cluster.knn_join(other, 4)
     np.testing.assert_allclose(dist, tree.query(other, 4)[0], rtol=0, atol=1e-12)
     np.testing.assert_allclose(np.sqrt(((X[ids] - other[:, None]) ** 2).sum(-1)), dist, rtol=0, atol=1e-12)
+    # ids equal cKDTree's wherever the distances are not tied (the duplicate-heavy data is mostly ties)
+    min_sep = 0.0 if kind == "duplicates" else 0.99
+    assert_knn_ids_match(X, other, dist, ids, 4, min_separated=min_sep)
     sd, si = cluster.knn_join(k=2, self_join=True)
     rd, _ = tree.query(X, 3)
     np.testing.assert_allclose(sd, rd[:, 1:], rtol=0, atol=1e-12)  # duplicates: distance 0 to a twin
     assert not np.any(si == np.arange(len(X))[:, None])
+    assert_knn_ids_match(X, X, sd, si, 2, self_rows=np.arange(len(X)), min_separated=min_sep)
