@@ -235,3 +235,32 @@ def test_bad_value_in_a_real_process(bad_files):
     assert out.returncode == 2 and out.stdout == ""
     assert out.stderr.strip().count("\n") == 0 and "Traceback" not in out.stderr
     assert "inf.csv: data row 3 (0-based, header not counted), column 'y' holds the non-finite value inf" in out.stderr
+
+
+def test_demo_kmeans_check_is_independent_and_finds_wrong_answers():
+    """The demo's k-means check (NumPy only) accepts scikit-learn's converged answer and rejects a wrong label,
+    a wrong inertia, labels in the wrong row order and a centroid that is not the mean of its points."""
+    from sklearn.cluster import KMeans
+
+    from distspatial.ui.cli import check_kmeans
+
+    rng = np.random.default_rng(4)
+    pts = np.concatenate([c + rng.standard_normal((2_000, 2)) * 0.6 for c in ([0, 0], [4, 0], [0, 4])])
+    ref = KMeans(3, n_init=1, random_state=0, tol=0, algorithm="lloyd").fit(pts)
+    assert ref.n_iter_ < ref.max_iter
+    C, lab, inertia = ref.cluster_centers_, ref.labels_, ref.inertia_
+    assert check_kmeans(pts, C, lab, inertia, converged=True) == []
+    assert check_kmeans(pts, C, lab, inertia, converged=True, block=777) == []
+    d2 = ((pts[:, None] - C[None]) ** 2).sum(-1)
+    far = int(np.argmin(d2[:, 0] - np.sort(d2, axis=1)[:, 1]))  # deep inside cluster 0's cell
+    bad = lab.copy()
+    bad[far] = (lab[far] + 1) % 3
+    assert "not labelled with their nearest centroid (first: row" in " ".join(check_kmeans(pts, C, bad, inertia, True))
+    assert any("inertia" in p for p in check_kmeans(pts, C, lab, inertia * 1.001, True))
+    assert any("nearest centroid" in p for p in check_kmeans(pts, C, lab[::-1], inertia, True))
+    C2 = C.copy()
+    C2[1] += 1e-4  # labels and inertia barely change; the centroid is no longer the mean of its points
+    problems = check_kmeans(pts, C2, lab, float(np.min(((pts[:, None] - C2[None]) ** 2).sum(-1), axis=1).sum()), True)
+    assert problems == ["1 centroids are not the mean of their points (first: centroid 1)"], problems
+    assert check_kmeans(pts, C2, lab, float(np.min(((pts[:, None] - C2[None]) ** 2).sum(-1), axis=1).sum()),
+                        converged=False) == []  # not converged: centroids are not expected to be means yet

@@ -53,6 +53,60 @@ def _brute_knn(points: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
     return out
 
 
+def check_kmeans(points: np.ndarray, centroids: np.ndarray, labels: np.ndarray, inertia: float, converged: bool,
+                 block: int = 200_000) -> list[str]:
+    """Check a k-means answer with NumPy alone (not with the library's own sums): every point's label is its
+    nearest centroid (points numerically equidistant from two centroids may take either), the inertia is the
+    sum of squared distances to the nearest centroids, and, when the run converged (labels stable), every
+    centroid is the mean of the points labelled with it. Returns the problems found (empty: all hold).
+
+    Costs one pass over the points with ``len(centroids)`` distances each, in blocks of ``block`` rows.
+    """
+    n, d = points.shape
+    k = len(centroids)
+    problems: list[str] = []
+    labels = np.asarray(labels)
+    if labels.shape != (n,) or centroids.shape != (k, d):
+        return [f"shapes: labels {labels.shape}, centroids {centroids.shape} for {n} points of dimension {d}"]
+    if n and (labels.min() < 0 or labels.max() >= k):
+        return [f"labels outside [0, {k})"]
+    wrong = ties = 0
+    first_wrong = -1
+    own = 0.0
+    for a in range(0, n, block):
+        x = points[a:a + block]
+        d2 = ((x[:, None, :] - centroids[None, :, :]) ** 2).sum(axis=2)
+        if k > 1:
+            two = np.partition(d2, 1, axis=1)[:, :2]
+            best, second = two.min(axis=1), two.max(axis=1)
+            tied = second - best <= 1e-9 * (1.0 + second)
+        else:
+            best, tied = d2[:, 0], np.zeros(len(x), dtype=bool)
+        got = d2[np.arange(len(x)), labels[a:a + block]]
+        bad = (got > best) & ~tied
+        if bad.any() and first_wrong < 0:
+            first_wrong = a + int(np.flatnonzero(bad)[0])
+        wrong += int(bad.sum())
+        ties += int(tied.sum())
+        own += float(best.sum())
+    if wrong:
+        problems.append(f"{wrong:,} points are not labelled with their nearest centroid (first: row {first_wrong})")
+    if not np.isclose(own, inertia, rtol=1e-6, atol=1e-12):
+        problems.append(f"inertia {inertia:.9g}, but the points' squared distances to their nearest centroids sum to "
+                        f"{own:.9g}")
+    if converged:
+        counts = np.bincount(labels, minlength=k)
+        sums = np.stack([np.bincount(labels, weights=points[:, j], minlength=k) for j in range(d)], axis=1)
+        full = counts > 0
+        means = sums[full] / counts[full, None]
+        scale = 1.0 + float(np.abs(points).max()) if n else 1.0
+        off = np.abs(means - centroids[full]).max(axis=1) > 1e-9 * scale
+        if off.any():
+            j = int(np.flatnonzero(full)[np.flatnonzero(off)[0]])
+            problems.append(f"{int(off.sum())} centroids are not the mean of their points (first: centroid {j})")
+    return problems
+
+
 def run_demo(
     n_points: int = 1_000_000,
     nodes: int = 4,
@@ -86,13 +140,19 @@ def run_demo(
         say(f"distribute_data: {time.perf_counter() - t:.2f} s -> {cluster!r}")
 
         t = time.perf_counter()
-        res = cluster.distributed_kmeans(clusters, 50, seed=seed)
+        max_iter = 100
+        res = cluster.distributed_kmeans(clusters, max_iter, tol=0, seed=seed)  # tol=0: until labels settle
         say(f"distributed_kmeans(k={clusters}): {res.n_iter} iterations in {time.perf_counter() - t:.2f} s "
             f"(init {res.init_seconds:.2f} s), inertia {res.inertia:.6g}")
-        ref_inertia = float(((pts - res.centroids[res.labels]) ** 2).sum())
-        if not np.isclose(ref_inertia, res.inertia, rtol=1e-6):
-            ok = False
-            say(f"  MISMATCH: inertia recomputed from labels is {ref_inertia:.6g}")
+        converged = res.n_iter < max_iter
+        problems = check_kmeans(pts, res.centroids, res.labels, res.inertia, converged)
+        say(f"  checked with numpy: labels are the nearest centroids, inertia "
+            + ("and centroids are the means of their points" if converged else
+               f"(not converged in {max_iter} iterations: centroids not checked)")
+            + (": exact" if not problems else ": WRONG"))
+        for p in problems:
+            say(f"  MISMATCH: {p}")
+        ok &= not problems
 
         t = time.perf_counter()
         dist, ids = cluster.distributed_knn_search(queries, k)
