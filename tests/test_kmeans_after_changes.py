@@ -73,7 +73,7 @@ def test_after_ingest_delete_and_update_with_user_ids(cluster):
     cluster.distribute_data(X, ids=ids)
     pos = dict(zip(ids.tolist(), X))
     new = _blobs(8_000, seed=7, d=3) + 3.0
-    new_ids = rng.choice(np.arange(10**9, 2 * 10**9), size=len(new), replace=False)
+    new_ids = 10**9 + rng.choice(10**9, size=len(new), replace=False)
     cluster.ingest(new, ids=new_ids)
     pos.update(zip(new_ids.tolist(), new))
     gone = np.concatenate([ids[rng.choice(len(ids), 2_000, replace=False)], new_ids[:500]])
