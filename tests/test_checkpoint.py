@@ -163,7 +163,7 @@ def test_partition_lost_after_changes_since_the_checkpoint_never_gives_stale_ans
         lost = c.metadata.partitions_of(1)
         assert lost
         ray.kill(c.runtime.actors[1])
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 12  # recovery reloads lost partitions within a few seconds
         answered = 0
         while time.monotonic() < deadline and answered < 2:
             try:
