@@ -17,7 +17,7 @@ def ray_local():
         ray.shutdown()
     for attempt in range(3):  # a runtime torn down just before may still hold ports for a moment
         try:
-            ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR",
+            ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR",
                      object_store_memory=300 * 1024 * 1024)
             break
         except Exception:

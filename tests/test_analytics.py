@@ -191,7 +191,7 @@ def test_typed_query_api_runs_the_named_methods(cluster):
     from scipy.spatial import cKDTree
 
     from distspatial import QueryParameters, QueryType
-    from distspatial.algorithms.query import Clustering, DistanceMatrix, NearestNeighbors, RangeSearch
+    from distspatial.typed_queries import Clustering, DistanceMatrix, NearestNeighbors, RangeSearch
 
     rng = np.random.default_rng(8)
     pts = rng.random((5_000, 2))

@@ -9,7 +9,7 @@ import pytest
 import ray
 
 from distspatial import DistributedSpatialCluster, NodeConfig, PartitionLostError
-from distspatial.control.checkpoint import CheckpointError
+from distspatial.io.checkpoint_files import CheckpointError
 from distspatial.io.datasets import skewed_points
 
 from .conftest import assert_knn_exact, assert_knn_ids_match
@@ -114,7 +114,7 @@ def test_partition_lost_on_every_replica_comes_back_from_checkpoint(ray_local, t
         meta = c.distribute_data(pts)
         c.checkpoint(str(tmp_path / "ck"))
         lost = meta.partitions_of(1)
-        ray.kill(c._actors[1])
+        ray.kill(c.runtime.actors[1])
         dist, ids = c.distributed_knn_search(q, 5)  # fails over to the checkpoint
         assert_knn_exact(pts, q, dist, ids, 5)
         assert_knn_ids_match(pts, q, dist, ids, 5)
@@ -124,9 +124,9 @@ def test_partition_lost_on_every_replica_comes_back_from_checkpoint(ray_local, t
     with DistributedSpatialCluster(_cfg(3, max_retries=1)) as c:  # the same without a checkpoint
         meta = c.distribute_data(pts)
         lost = meta.partitions_of(1)
-        lost_ids = np.concatenate([ray.get(c._actors[1].export_partition.options(num_returns=2).remote(p)[1])
+        lost_ids = np.concatenate([ray.get(c.runtime.actors[1].export_partition.options(num_returns=2).remote(p)[1])
                                    for p in lost])
-        ray.kill(c._actors[1])
+        ray.kill(c.runtime.actors[1])
         with pytest.raises(PartitionLostError) as err:
             c.distributed_knn_search(q, 5)
         assert sorted(err.value.partitions) == sorted(lost)

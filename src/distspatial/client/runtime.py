@@ -256,7 +256,7 @@ class ClusterRuntime:
             return self.dispatch.run(pids, self._routing, build, self._current_routing, balance=balance)
         except PartitionLostError:
             self.check_alive()
-            self.call_controller("restore_redundancy")
+            self.call_controller("recover_lost", sorted(self.failed_nodes))
             self.refresh()
             return self.dispatch.run(pids, self._routing, build, self._current_routing, missing, balance)
 

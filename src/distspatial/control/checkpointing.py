@@ -58,20 +58,23 @@ class CheckpointMixin:
                 ck.write_bytes(fs, ck.join(ckpt, "ids.dsz"), data)
                 manifest["user_ids"] = {"file": "ids.dsz", "raw_bytes": raw, "sha256": digest}
             ck.write_manifest(fs, root, ckpt, manifest)
+            manifest["data_changes"] = self.data_changes  # what the files hold: the data as of this count
             self.checkpoint_info = (meta.dataset_id, ckpt_uri, manifest)
             self._persist()
             log.info("distspatial: checkpoint of %d partitions written to %s", meta.n_partitions, ckpt_uri)
             return ckpt_uri
 
     def _periodic_checkpoints(self) -> None:
-        done = None  # (data set, version) at the last checkpoint taken here
+        done = None  # (data set, data changes) at the last checkpoint taken here
         while not self._stop_periodic.wait(self.config.checkpoint_interval_s):
             meta = self.meta
-            if meta is None or done == (meta.dataset_id, meta.n_points):
+            if meta is None or done == (meta.dataset_id, self.data_changes):
                 continue
             try:
-                self.checkpoint(self.config.checkpoint_path)
-                done = (meta.dataset_id, meta.n_points)
+                with self.lock:  # the state the checkpoint holds
+                    state = (self.meta.dataset_id, self.data_changes)
+                    self.checkpoint(self.config.checkpoint_path)
+                done = state
             except Exception:
                 log.exception("distspatial: periodic checkpoint failed")
 
@@ -126,7 +129,8 @@ class CheckpointMixin:
             self.modified = bool(man.get("modified", False))
             self.next_id = int(man.get("next_id", meta.n_points))
             self.has_user_ids = bool(man.get("has_user_ids", self.id_sorted is not None))
-            self.checkpoint_info = (dataset, ckpt_uri, man)
+            self.checkpoint_info = (dataset, ckpt_uri, {**man, "data_changes": self.data_changes})
+            self.part_stamp = {}
             self.store_id_map()
             self.publish(meta)
             return self.view()

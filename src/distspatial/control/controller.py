@@ -98,6 +98,10 @@ class ClusterController(WritesMixin, RecoveryMixin, BalancingMixin, CheckpointMi
         self.id_rows: np.ndarray | None = None  # row of each sorted id
         self.recent: collections.OrderedDict[int, Any] = collections.OrderedDict()  # write token -> outcome
         self.checkpoint_info: tuple[int, str, dict] | None = None  # (data set id, uri, manifest) of the latest
+        # data changes (ingest, delete, update, split) so far, and the count at each partition's latest change:
+        # a checkpoint restores a lost partition only if the partition did not change after it was taken
+        self.data_changes = 0
+        self.part_stamp: dict[int, int] = {}
         self.autoscale_skip: set[str] = set()  # Ray nodes where a node of ours could not start
         self.last_load: dict[int, tuple[float, dict]] = {}  # previous stats sample per node (for rates)
         self.part_queries: dict[tuple[int, int], int] = {}  # (node, partition) -> queries served there
@@ -192,7 +196,7 @@ class ClusterController(WritesMixin, RecoveryMixin, BalancingMixin, CheckpointMi
         self.publish()
 
     _PERSISTED = ("version", "meta", "node_info", "dataset_counter", "next_id", "has_user_ids", "modified",
-                  "mean_variance", "recent", "checkpoint_info", "cpus_per_node", "balance_threshold", "node_capacity",
+                  "mean_variance", "recent", "checkpoint_info", "data_changes", "part_stamp", "cpus_per_node", "balance_threshold", "node_capacity",
                   "tuning_policy", "restarts", "autoscale_skip")
 
     def _persist(self) -> None:
@@ -236,6 +240,12 @@ class ClusterController(WritesMixin, RecoveryMixin, BalancingMixin, CheckpointMi
             ray.wait(refs, num_returns=len(refs), timeout=min(10.0, self.config.communication_timeout_ms / 1000))
         except Exception:  # a dead node answers nothing, stale or not; recovery handles it
             pass
+
+    def data_changed(self, partitions: Any) -> None:
+        """Record that the points of ``partitions`` changed (a checkpoint taken before no longer holds them)."""
+        self.data_changes += 1
+        for p in partitions:
+            self.part_stamp[int(p)] = self.data_changes
 
     def remember(self, token: int | None, outcome: Any) -> None:
         """Keep the outcome of write ``token`` (a retried write returns it instead of applying twice)."""
@@ -286,6 +296,22 @@ class ClusterController(WritesMixin, RecoveryMixin, BalancingMixin, CheckpointMi
         if self.dispatch.mark_failed_if_dead(min(5.0, self.config.communication_timeout_ms / 1000)):
             log.warning("distspatial: node %d reported failed by a client (%s)", node, reason)
             threading.Thread(target=self.fault.check, daemon=True).start()
+
+    def recover_lost(self, suspects: list[int]) -> dict[int, int]:
+        """A client found partitions with no reachable replica: check the nodes it saw fail (a ping each), mark the
+        dead ones failed, and restore redundancy now (from replicas, else from the latest checkpoint where that
+        holds the partition as it is). Returns ``{partition: new owner}`` for the copies made."""
+        with self.lock:
+            suspects = [n for n in suspects if n in self.actors and n not in self.dispatch.failed_nodes]
+            alive = self.dispatch.alive(set(suspects), min(5.0, self.config.communication_timeout_ms / 1000))
+            dead = [n for n in suspects if n not in alive]
+            for n in dead:
+                self.dispatch.mark_failed(n, "reported by a client, no answer to a ping")
+            before = self.version
+            out = self.restore_redundancy()
+            if dead and self.version == before:  # nothing to copy, but the views must learn of the failures
+                self.publish()
+            return out  # nothing changed: no new version, so a query that cannot be answered is not re-planned
 
     def set_options(self, **options: Any) -> None:
         """Set ``balance_threshold``, ``node_capacity``, ``tuning_policy`` or the failure detector's

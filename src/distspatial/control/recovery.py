@@ -168,8 +168,13 @@ class RecoveryMixin:
             return
         _, uri, man = ckp
         by_id = {p["id"]: p for p in man["partitions"]}
+        taken = man.get("data_changes", 0)
+        stale = [pid for pid in lost if pid not in by_id or self.part_stamp.get(pid, 0) > taken]
+        if stale:  # the checkpoint would bring back old points (or none of a newer partition): stay lost
+            log.error("distspatial: partitions %s lost on every replica changed after the latest checkpoint %s; "
+                      "they cannot be restored from it", stale, uri)
         owners = {}
-        for pid in lost:
+        for pid in [p for p in lost if p not in stale]:
             target = min(live, key=lambda n: (load[n], n))
             p = by_id[pid]
             try:

@@ -232,6 +232,7 @@ class WritesMixin:
             raise NodeFailureError(f"ingest batch reached no replica of partitions {lost} (failed nodes: "
                                    f"{sorted(self.dispatch.failed_nodes)}); the batch is not acknowledged. Retrying "
                                    "the call (same ids) after recovery applies it once")
+        self.data_changed(applied)
         new_parts = list(meta.partitions)
         for pid, (size, blo, bhi) in applied.items():
             a, b = seg_of[pid]
@@ -267,6 +268,7 @@ class WritesMixin:
             n = int(sum(deleted.values()))
             self.remember(token, ("deleted", n))
             if deleted:
+                self.data_changed(deleted)
                 parts = [dataclasses.replace(p, size=sizes[p.partition_id],
                                              nbytes=sizes[p.partition_id] * (8 * meta.dim + 8))
                          if p.partition_id in sizes else p for p in meta.partitions]
@@ -340,6 +342,7 @@ class WritesMixin:
                 parts = list(meta.partitions)
                 parts[pid] = first
                 parts.append(second)
+                self.data_changed([pid, new_id])
                 self.publish(dataclasses.replace(meta, partitions=tuple(parts)))
                 published = True
             finally:

@@ -78,7 +78,7 @@ class Dispatcher:
         #: how long a call may run on a node that still answers pings (busy, e.g. compiling or a huge step)
         self.busy_limit_s = max(10 * timeout_s, 120.0)
 
-    def _alive(self, nodes: set[int], timeout_s: float | None = None) -> set[int]:
+    def alive(self, nodes: set[int], timeout_s: float | None = None) -> set[int]:
         """The nodes among ``nodes`` that answer a control-group ping within ``timeout_s`` (default: short)."""
         refs = {n: ping_ref(self.actors[n]) for n in nodes if n in self.actors}
         alive = set()
@@ -104,7 +104,7 @@ class Dispatcher:
     def mark_failed_if_dead(self, timeout_s: float | None = None) -> list[int]:
         """Ping every node not yet failed; mark those that do not answer. Returns the newly failed ones."""
         live = {n for n in self.actors if n not in self.failed_nodes}
-        newly = sorted(live - self._alive(live, timeout_s or self.timeout_s))
+        newly = sorted(live - self.alive(live, timeout_s or self.timeout_s))
         for n in newly:
             self.mark_failed(n, "no answer to a ping")
         return newly
@@ -186,7 +186,7 @@ class Dispatcher:
             while len(ready) < len(refs) and waited < self.busy_limit_s:
                 got = set(ready)
                 slow = [c for c in calls if c[0] not in got]
-                if not {c[1] for c in slow} <= self._alive({c[1] for c in slow}):
+                if not {c[1] for c in slow} <= self.alive({c[1] for c in slow}):
                     break
                 more, _ = ray.wait([c[0] for c in slow], num_returns=len(slow), timeout=self.timeout_s)
                 ready = list(ready) + list(more)
