@@ -59,13 +59,22 @@ __all__ = ["DistributedSpatialCluster"]
 
 
 def _controller_options(name: str | None) -> dict[str, Any]:
-    """Ray options of a controller actor: a named one is detached and restarted by Ray (calls retried); an
-    unnamed one belongs to the process that creates it."""
+    """Ray options of a controller actor. An unnamed one belongs to the process that creates it and runs on
+    that process's machine (placed elsewhere, the loss of that machine would take the whole cluster with it).
+    A named one is detached, restarted by Ray (calls retried), and runs on the head node where it can (the head
+    holds the GCS, without which the cluster is lost anyway)."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
     common: dict[str, Any] = {"num_cpus": 0, "max_concurrency": 64}
     if name is None:
-        return {**common, "max_restarts": 0}
-    return {**common, "name": controller_actor_name(name), "namespace": NAMESPACE, "lifetime": "detached",
-            "max_restarts": -1, "max_task_retries": -1}
+        here = ray.get_runtime_context().get_node_id()
+        return {**common, "max_restarts": 0,
+                "scheduling_strategy": NodeAffinitySchedulingStrategy(node_id=here, soft=False)}
+    head = next((n["NodeID"] for n in ray.nodes()
+                 if n.get("Alive") and "node:__internal_head__" in n.get("Resources", {})), None)
+    placement = {"scheduling_strategy": NodeAffinitySchedulingStrategy(node_id=head, soft=True)} if head else {}
+    return {**common, **placement, "name": controller_actor_name(name), "namespace": NAMESPACE,
+            "lifetime": "detached", "max_restarts": -1, "max_task_retries": -1}
 
 
 def _find_controller(name: str) -> Any | None:
