@@ -3,8 +3,9 @@
     python benchmarks/bench_client_paths.py --before /tmp/before    # /tmp/before: a checkout of the earlier commit
     python benchmarks/bench_client_paths.py --quick                 # small sizes, this code only
 
-One run, same data, same machine: the measurements run first on this checkout and then (``--before DIR``) in a
-subprocess on ``DIR/src``, and the ratios are printed ("after / before"; the goal is within 5%):
+One run, same data, same machine: the measurements run in fresh processes on this checkout and (``--before DIR``)
+on ``DIR/src``, alternating, ``--rounds`` times each; medians and their ratios are printed ("after / before"; the
+goal is within 5%):
 
 * batched kNN: 1,000,000 queries, k=10, over 4,000,000 skewed 2-D points, 2 nodes; and scipy's cKDTree
   (``workers=-1``) on the same queries, as the peer both runs are compared with;
@@ -159,14 +160,21 @@ def main() -> None:
                                                     "same run")
     ap.add_argument("--measure-only", action="store_true", help=argparse.SUPPRESS)  # the subprocess's mode
     ap.add_argument("--no-attach", action="store_true", help="skip the attach measurement")
+    ap.add_argument("--rounds", type=int, default=3, help="fresh processes per side, alternating; medians reported")
     args = ap.parse_args()
     if args.measure_only:
         print(json.dumps(measure(args.quick, args.repeats)))
         return
-    runs = {"after": _run_in(os.path.join(HERE, "..", "src"), args)}
+    sides = {"after": os.path.join(HERE, "..", "src")}
     if args.before:
-        runs["before"] = _run_in(os.path.join(args.before, "src"), args)
-    print("# client paths: this code" + (" against the code before the change" if args.before else ""))
+        sides["before"] = os.path.join(args.before, "src")
+    samples: dict[str, list[dict]] = {k: [] for k in sides}
+    for r in range(args.rounds):  # alternate the sides (after, before / before, after, ...): drift hits both
+        for name in (list(sides) if r % 2 == 0 else list(sides)[::-1]):
+            samples[name].append(_run_in(sides[name], args))
+    runs = {name: {key: float(np.median([x[key] for x in xs])) for key in xs[0]} for name, xs in samples.items()}
+    print("# client paths: this code" + (" against the code before the change" if args.before else "") +
+          f" (median of {args.rounds} alternating runs per side)")
     print()
     print("| measure | peer (cKDTree) | " + " | ".join(runs) + (" | after / before |" if args.before else " |"))
     print("|---|---|" + "---|" * len(runs) + ("---|" if args.before else ""))

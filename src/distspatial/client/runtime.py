@@ -20,6 +20,7 @@ controller):
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import threading
@@ -139,7 +140,13 @@ class ClusterRuntime:
         return self._view.meta
 
     def install(self, view: ClusterView) -> None:
-        """Take ``view`` if it is newer than the cached one."""
+        """Take ``view`` if it is newer than the cached one (a light one keeps the node handles, unless the node
+        set changed: then the whole view is fetched)."""
+        if view.actors is None:
+            if view.members != self._view.members:
+                view = self.call_controller("view", view.version, timeout_s=self.controller_timeout_s)
+            else:
+                view = dataclasses.replace(view, actors=self._view.actors, node_info=self._view.node_info)
         with self._lock:
             if view.version < self._view.version:
                 return

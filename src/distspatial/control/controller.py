@@ -85,6 +85,7 @@ class ClusterController(WritesMixin, RecoveryMixin, BalancingMixin, CheckpointMi
         self.changed = threading.Condition(self.lock)  # notified on every new version
         self.comm = CommunicationCounters()
         self.version = 0
+        self.members = 0  # changes of the node set (clients fetch node handles again when it moves)
         self.meta: GlobalIndexMetadata | None = None
         self.routing: RoutingTable | None = None
         self.actors: dict[int, Any] = {}
@@ -163,6 +164,7 @@ class ClusterController(WritesMixin, RecoveryMixin, BalancingMixin, CheckpointMi
             )
         self.actors.update(actors)
         self.node_info.update(zip(refs.keys(), ray.get(list(refs.values()))))
+        self.members += 1
 
     def _adopt(self, saved: dict[str, Any]) -> None:
         """Carry on from stored state after a restart: find the node actors by name, take a version above any
@@ -190,13 +192,14 @@ class ClusterController(WritesMixin, RecoveryMixin, BalancingMixin, CheckpointMi
             floors.append(int(info.get("meta_version", 0)))
         self.actors = {n: a for n, a in self.actors.items() if a is not None}
         self.dispatch.actors = self.actors
+        self.members += 1
         self.version = max(floors)
         log.warning("distspatial: controller of %r restarted (%d), %d nodes adopted, version %d", self.name,
                     self.restarts, len(self.actors), self.version)
         self.publish()
 
     _PERSISTED = ("version", "meta", "node_info", "dataset_counter", "next_id", "has_user_ids", "modified",
-                  "mean_variance", "recent", "checkpoint_info", "data_changes", "part_stamp", "cpus_per_node", "balance_threshold", "node_capacity",
+                  "mean_variance", "recent", "checkpoint_info", "data_changes", "part_stamp", "members", "cpus_per_node", "balance_threshold", "node_capacity",
                   "tuning_policy", "restarts", "autoscale_skip")
 
     def _persist(self) -> None:
@@ -217,9 +220,10 @@ class ClusterController(WritesMixin, RecoveryMixin, BalancingMixin, CheckpointMi
             return
         state_store.save_blob(self.name, "idmap", pickle.dumps((encode(self.id_sorted), encode(self.id_rows))))
 
-    def publish(self, meta: GlobalIndexMetadata | None = None, *, notify_nodes: bool = True) -> int:
+    def publish(self, meta: GlobalIndexMetadata | None = None, *, told: set[int] | None = None) -> int:
         """Make a change visible: a new version (metadata with it, routing derived from it), state stored, and
-        every live node told the version before this returns. Returns the version."""
+        every live node told the version before this returns (``told``: nodes that already know it, from the
+        write's own message). Returns the version."""
         with self.lock:
             base = meta if meta is not None else self.meta
             self.version = max(self.version + 1, base.version if base is not None else 0)
@@ -227,14 +231,13 @@ class ClusterController(WritesMixin, RecoveryMixin, BalancingMixin, CheckpointMi
                 self.meta = dataclasses.replace(base, version=self.version)
                 self.routing = RoutingTable(self.meta)
             self._persist()
-            if notify_nodes:
-                self.tell_nodes(self.version)
+            self.tell_nodes(self.version, skip=told)
             self.changed.notify_all()
             return self.version
 
-    def tell_nodes(self, version: int) -> None:
+    def tell_nodes(self, version: int, skip: set[int] | None = None) -> None:
         """Every live node refuses queries planned on a version below ``version`` once this returns."""
-        live = [n for n in self.actors if n not in self.dispatch.failed_nodes]
+        live = [n for n in self.actors if n not in self.dispatch.failed_nodes and n not in (skip or ())]
         refs = [self.actors[n].set_meta_version.options(concurrency_group="control").remote(version) for n in live]
         try:
             ray.wait(refs, num_returns=len(refs), timeout=min(10.0, self.config.communication_timeout_ms / 1000))
@@ -266,8 +269,9 @@ class ClusterController(WritesMixin, RecoveryMixin, BalancingMixin, CheckpointMi
                 "partitions": meta.n_partitions if meta else 0, "dim": meta.dim if meta else None,
                 "nodes": len(self.live_node_ids), "restarts": self.restarts, "address": self.config.address}
 
-    def view(self, min_version: int = 0, timeout_s: float = 30.0) -> ClusterView:
-        """The current :class:`ClusterView`, waiting up to ``timeout_s`` until its version is ``min_version``."""
+    def view(self, min_version: int = 0, timeout_s: float = 30.0, light: bool = False) -> ClusterView:
+        """The current :class:`ClusterView`, waiting up to ``timeout_s`` until its version is ``min_version``
+        (``light``: without node handles and node info, see :class:`ClusterView`)."""
         deadline = time.monotonic() + timeout_s
         with self.changed:
             while self.version < min_version and not self.gone:
@@ -276,8 +280,9 @@ class ClusterController(WritesMixin, RecoveryMixin, BalancingMixin, CheckpointMi
                     break
                 self.changed.wait(left)
             return ClusterView(
-                name=self.name, version=self.version, config=self.config, meta=self.meta, actors=dict(self.actors),
-                node_info=dict(self.node_info), failed=frozenset(self.dispatch.failed_nodes),
+                name=self.name, version=self.version, config=self.config, meta=self.meta,
+                actors=None if light else dict(self.actors), node_info=None if light else dict(self.node_info),
+                failed=frozenset(self.dispatch.failed_nodes), members=self.members,
                 has_user_ids=self.has_user_ids, modified=self.modified, mean_variance=self.mean_variance,
                 has_id_map=self.id_sorted is not None, cpus_per_node=self.cpus_per_node,
             )

@@ -66,6 +66,7 @@ class RecoveryMixin:
             return None
         self.actors[node] = actor
         self.node_info[node] = info
+        self.members += 1
         log.warning("distspatial: started replacement node %d", node)
         return node
 
@@ -280,6 +281,7 @@ class RecoveryMixin:
                         self.publish(self.meta.with_owners({pid: tuple(o for o in owners if o != node_id)}))
             actor = self.actors.pop(node_id)
             self.node_info.pop(node_id, None)
+            self.members += 1
             self.fault.health.pop(node_id, None)
             ray.kill(actor, no_restart=True)
             self.publish()

@@ -80,7 +80,7 @@ class WritesMixin:
         ``(wire, raw)`` bytes; ``id_map`` = (sorted user ids, row of each) or ``None``. Replaces any data set."""
         with self.lock:
             if token is not None and token in self.recent:
-                return self.view()
+                return self.view(light=True)
             n_parts = len(refs)
 
             def args(node: int, pids: list[int]):
@@ -111,7 +111,7 @@ class WritesMixin:
             self.remember(token, "distributed")
             self.publish(meta)
             log.info("distspatial: distributed %d points in %d partitions", meta.n_points, n_parts)
-            return self.view()
+            return self.view(light=True)
 
     def begin_chunked(
         self, d: int, lo: np.ndarray, hi: np.ndarray, bits: int, key_lo: np.ndarray,
@@ -132,7 +132,7 @@ class WritesMixin:
             self.mean_variance = float(mean_variance)
             self.publish(GlobalIndexMetadata(dim=d, lo=lo, hi=hi, curve=self.config.curve, bits=bits, partitions=parts,
                                             version=self.version + 1, dataset_id=dataset))
-            return self.view()
+            return self.view(light=True)
 
     def end_chunked(self, user_ids: bool, rows: int) -> ClusterView:
         """Finish a chunked load: without user ids the ids are the source's rows, exactly as ``distribute_data``
@@ -142,7 +142,7 @@ class WritesMixin:
             if not user_ids:
                 self.next_id = int(rows)
             self.publish()
-            return self.view()
+            return self.view(light=True)
 
     def ingest(
         self, points: Any, ids: Any = None, timestamps: Any = None,
@@ -157,7 +157,7 @@ class WritesMixin:
                 raise ValueError(f"points have {d} columns but the distributed data set has {meta.dim}")
             done = self.recent.get(token) if token is not None else None
             if isinstance(done, tuple) and done[0] == "acked":  # a retry of a batch already acknowledged
-                return self._ids_of(done, ids), None, self.view()
+                return self._ids_of(done, ids), None, self.view(light=True)
             if ids is None:
                 if self.has_user_ids:
                     raise ValueError("this data set was distributed with user ids: pass ids for the new points")
@@ -176,7 +176,7 @@ class WritesMixin:
             self.modified = True
             self.remember(token, ("acked",) + record[1:])
             self._split_grown_partitions()
-            return ids, stats, self.view()
+            return ids, stats, self.view(light=True)
 
     @staticmethod
     def _ids_of(record: tuple, ids: Any) -> np.ndarray:
@@ -214,7 +214,7 @@ class WritesMixin:
             segments = [(p, int(lens[j]), int(lens[j + 1])) for j, p in enumerate(pids)]
             mine = [p for p in pids if stat_node[p] == node] if centers is not None else None
             calls.append((node, self.send(node, "append", batch, np.take(pts_s, rows, axis=0), ids_s[rows], segments,
-                                         centers, mine)))
+                                         centers, mine, self.version + 1)))
         applied: dict[int, tuple[int, np.ndarray, np.ndarray]] = {}
         stats = None
         for node, ref in calls:
@@ -229,10 +229,12 @@ class WritesMixin:
                 stats = st if stats is None else (stats[0] + st[0], stats[1] + st[1])
         lost = sorted(set(seg_of) - set(applied))
         if lost:
+            self.publish()  # some nodes were told the next version with the batch: it must exist
             raise NodeFailureError(f"ingest batch reached no replica of partitions {lost} (failed nodes: "
                                    f"{sorted(self.dispatch.failed_nodes)}); the batch is not acknowledged. Retrying "
                                    "the call (same ids) after recovery applies it once")
         self.data_changed(applied)
+        told = {node for node, _ in calls}  # the append carried the new version (a failed one is not asked)
         new_parts = list(meta.partitions)
         for pid, (size, blo, bhi) in applied.items():
             a, b = seg_of[pid]
@@ -241,7 +243,7 @@ class WritesMixin:
                 p, size=int(size), nbytes=int(size) * (8 * d + 8), lo=np.minimum(p.lo, blo), hi=np.maximum(p.hi, bhi),
                 key_lo=min(p.key_lo, int(keys_s[a:b].min())), key_hi=max(p.key_hi, int(keys_s[a:b].max())),
             )
-        self.publish(dataclasses.replace(meta, partitions=tuple(new_parts)))
+        self.publish(dataclasses.replace(meta, partitions=tuple(new_parts)), told=told)
         return stats
 
     def delete(self, ids: Any, token: int | None = None) -> tuple[int, ClusterView]:
@@ -250,9 +252,9 @@ class WritesMixin:
         with self.lock:
             meta = self.require_data()
             if token is not None and token in self.recent:
-                return int(self.recent[token][1]), self.view()
+                return int(self.recent[token][1]), self.view(light=True)
             if len(arr) == 0:
-                return 0, self.view()
+                return 0, self.view(light=True)
             refs = [(n, self.send(n, "delete", arr)) for n in self.live_node_ids]
             sizes: dict[int, int] = {}
             deleted: dict[int, int] = {}
@@ -274,7 +276,7 @@ class WritesMixin:
                          if p.partition_id in sizes else p for p in meta.partitions]
                 self.modified = True
                 self.publish(dataclasses.replace(meta, partitions=tuple(parts)))
-            return n, self.view()
+            return n, self.view(light=True)
 
     def update(
         self, ids: Any, points: Any, timestamps: Any = None, centers: np.ndarray | None = None,

@@ -279,12 +279,14 @@ class SpatialNode:
     @data_message()
     def append(
         self, batch: int, points: np.ndarray, ids: np.ndarray, segments: list[Segment],
-        centers: np.ndarray | None = None, stat_partitions: list[int] | None = None,
+        centers: np.ndarray | None = None, stat_partitions: list[int] | None = None, version: int | None = None,
     ) -> tuple[list[tuple[int, int, np.ndarray, np.ndarray]], Any]:
         """Append ``points[start:stop]`` (ids alike) to each segment's partition, once per ``batch`` id (a
         replayed batch changes nothing). Returns ``[(pid, size after, new points' box lo, box hi)]`` and, with
         ``centers``, the per-cluster ``(sums, counts)`` of the new points of ``stat_partitions`` (streaming
-        k-means; each partition is counted by one replica only)."""
+        k-means; each partition is counted by one replica only). ``version``: the metadata version that will
+        include the batch; queries planned on an older one are refused from now on (as after
+        :meth:`set_meta_version`), which saves the controller a round of messages."""
         out = []
         for pid, a, b in segments:
             part = self._part(pid)
@@ -294,6 +296,8 @@ class SpatialNode:
                 done.add(batch)
             new = points[a:b]
             out.append((pid, part.size, new.min(axis=0), new.max(axis=0)))
+        if version is not None:
+            self.set_meta_version(version)
         stats = None
         if centers is not None:
             mine = set(stat_partitions or ())
