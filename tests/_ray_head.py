@@ -37,6 +37,13 @@ def start_ray_head(num_cpus: int = 2, object_store_memory: int = 200_000_000):
         except ProcessLookupError:
             pass
         head.wait(timeout=30)
+        deadline = time.monotonic() + 30  # until every process of the group is gone (its ports free again)
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(head.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                break
+            time.sleep(0.2)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
     deadline = time.monotonic() + 90

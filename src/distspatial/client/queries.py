@@ -49,7 +49,8 @@ def knn(rt: ClusterRuntime, q: np.ndarray, k: int, missing: list[int] | None = N
     follow = knn_followups(qs, kth, home_part, routing)
     if follow.n_pairs:  # round 2: only candidates within the k-th distance
         results = rt.run_assignment(
-            follow, "knn", lambda rows: (np.take(qs, rows, axis=0), kth[rows]), missing, version, k=k
+            follow, "knn", lambda rows: (np.take(qs, rows, axis=0), kth[rows]), missing, version, later_round=True,
+            k=k,
         )
         # Merge node by node; a node's rows may repeat a query (two partitions), so merge per segment.
         for rows, (d_, i_) in results:

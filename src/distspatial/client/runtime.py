@@ -274,17 +274,19 @@ class ClusterRuntime:
 
     def run_assignment(
         self, assign: Assignment, method: str, row_args, missing: list[int] | None = None, version: int | None = None,
-        **options: Any,
+        later_round: bool = False, **options: Any,
     ) -> list[tuple[Any, Any]]:
         """Run node ``method`` on the rows of ``assign``; each node gets one message for all its partitions.
 
         ``row_args(rows)`` gives the per-row arrays for those rows; the node is called as
         ``method(*row_args(rows), segments, **options, version=version)``: a node that knows a newer version
-        refuses (:class:`StaleMetadataError`, handled by :meth:`stable`). Returns ``[(rows, result), ...]``.
+        refuses (:class:`StaleMetadataError`, handled by :meth:`stable`). A ``later_round`` of a query (kNN round
+        2) is refused only when partitions changed since ``version`` (the first round already established that
+        the plan saw every write acknowledged before the query began). Returns ``[(rows, result), ...]``.
         """
         groups = assign.groups()
         if version is not None:
-            options["version"] = version
+            options["layout" if later_round else "version"] = version
         compress = self.config.compression
 
         def build(node: int, pids: list[int]):

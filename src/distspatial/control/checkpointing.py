@@ -132,5 +132,5 @@ class CheckpointMixin:
             self.checkpoint_info = (dataset, ckpt_uri, {**man, "data_changes": self.data_changes})
             self.part_stamp = {}
             self.store_id_map()
-            self.publish(meta)
+            self.publish(meta, layout=True)
             return self.view()

@@ -220,10 +220,10 @@ class ClusterController(WritesMixin, RecoveryMixin, BalancingMixin, CheckpointMi
             return
         state_store.save_blob(self.name, "idmap", pickle.dumps((encode(self.id_sorted), encode(self.id_rows))))
 
-    def publish(self, meta: GlobalIndexMetadata | None = None, *, told: set[int] | None = None) -> int:
+    def publish(self, meta: GlobalIndexMetadata | None = None, *, layout: bool = False) -> int:
         """Make a change visible: a new version (metadata with it, routing derived from it), state stored, and
-        every live node told the version before this returns (``told``: nodes that already know it, from the
-        write's own message). Returns the version."""
+        every live node told the version before this returns (``layout``: the change altered what partition ids
+        hold). Returns the version."""
         with self.lock:
             base = meta if meta is not None else self.meta
             self.version = max(self.version + 1, base.version if base is not None else 0)
@@ -231,14 +231,15 @@ class ClusterController(WritesMixin, RecoveryMixin, BalancingMixin, CheckpointMi
                 self.meta = dataclasses.replace(base, version=self.version)
                 self.routing = RoutingTable(self.meta)
             self._persist()
-            self.tell_nodes(self.version, skip=told)
+            self.tell_nodes(self.version, layout)
             self.changed.notify_all()
             return self.version
 
-    def tell_nodes(self, version: int, skip: set[int] | None = None) -> None:
+    def tell_nodes(self, version: int, layout: bool = False) -> None:
         """Every live node refuses queries planned on a version below ``version`` once this returns."""
-        live = [n for n in self.actors if n not in self.dispatch.failed_nodes and n not in (skip or ())]
-        refs = [self.actors[n].set_meta_version.options(concurrency_group="control").remote(version) for n in live]
+        live = [n for n in self.actors if n not in self.dispatch.failed_nodes]
+        refs = [self.actors[n].set_meta_version.options(concurrency_group="control").remote(version, layout)
+                for n in live]
         try:
             ray.wait(refs, num_returns=len(refs), timeout=min(10.0, self.config.communication_timeout_ms / 1000))
         except Exception:  # a dead node answers nothing, stale or not; recovery handles it

@@ -91,7 +91,7 @@ class WritesMixin:
                 dataset, owners = self._load_parts(n_parts, args)
             except Exception:
                 self.meta, self.routing = None, None
-                self.publish()
+                self.publish(layout=True)
                 raise
             d = int(layout["dim"])
             counts = layout["counts"]
@@ -109,7 +109,7 @@ class WritesMixin:
             self.mean_variance = float(mean_variance)
             self.store_id_map()
             self.remember(token, "distributed")
-            self.publish(meta)
+            self.publish(meta, layout=True)
             log.info("distspatial: distributed %d points in %d partitions", meta.n_points, n_parts)
             return self.view(light=True)
 
@@ -131,7 +131,7 @@ class WritesMixin:
             self.next_id, self.modified = 0, False
             self.mean_variance = float(mean_variance)
             self.publish(GlobalIndexMetadata(dim=d, lo=lo, hi=hi, curve=self.config.curve, bits=bits, partitions=parts,
-                                            version=self.version + 1, dataset_id=dataset))
+                                            version=self.version + 1, dataset_id=dataset), layout=True)
             return self.view(light=True)
 
     def end_chunked(self, user_ids: bool, rows: int) -> ClusterView:
@@ -214,7 +214,7 @@ class WritesMixin:
             segments = [(p, int(lens[j]), int(lens[j + 1])) for j, p in enumerate(pids)]
             mine = [p for p in pids if stat_node[p] == node] if centers is not None else None
             calls.append((node, self.send(node, "append", batch, np.take(pts_s, rows, axis=0), ids_s[rows], segments,
-                                         centers, mine, self.version + 1)))
+                                         centers, mine)))
         applied: dict[int, tuple[int, np.ndarray, np.ndarray]] = {}
         stats = None
         for node, ref in calls:
@@ -229,12 +229,10 @@ class WritesMixin:
                 stats = st if stats is None else (stats[0] + st[0], stats[1] + st[1])
         lost = sorted(set(seg_of) - set(applied))
         if lost:
-            self.publish()  # some nodes were told the next version with the batch: it must exist
             raise NodeFailureError(f"ingest batch reached no replica of partitions {lost} (failed nodes: "
                                    f"{sorted(self.dispatch.failed_nodes)}); the batch is not acknowledged. Retrying "
                                    "the call (same ids) after recovery applies it once")
         self.data_changed(applied)
-        told = {node for node, _ in calls}  # the append carried the new version (a failed one is not asked)
         new_parts = list(meta.partitions)
         for pid, (size, blo, bhi) in applied.items():
             a, b = seg_of[pid]
@@ -243,7 +241,7 @@ class WritesMixin:
                 p, size=int(size), nbytes=int(size) * (8 * d + 8), lo=np.minimum(p.lo, blo), hi=np.maximum(p.hi, bhi),
                 key_lo=min(p.key_lo, int(keys_s[a:b].min())), key_hi=max(p.key_hi, int(keys_s[a:b].max())),
             )
-        self.publish(dataclasses.replace(meta, partitions=tuple(new_parts)), told=told)
+        self.publish(dataclasses.replace(meta, partitions=tuple(new_parts)))
         return stats
 
     def delete(self, ids: Any, token: int | None = None) -> tuple[int, ClusterView]:
@@ -325,7 +323,7 @@ class WritesMixin:
                 raise ValueError(f"partition {partition_id} has {part.size} point(s); nothing to split")
             new_id = meta.n_partitions
             owners = [o for o in part.owners if o not in self.dispatch.failed_nodes]
-            self.tell_nodes(self.version + 1)
+            self.tell_nodes(self.version + 1, layout=True)
             published = False
             try:
                 pid = int(partition_id)
@@ -345,10 +343,10 @@ class WritesMixin:
                 parts[pid] = first
                 parts.append(second)
                 self.data_changed([pid, new_id])
-                self.publish(dataclasses.replace(meta, partitions=tuple(parts)))
+                self.publish(dataclasses.replace(meta, partitions=tuple(parts)), layout=True)
                 published = True
             finally:
                 if not published:  # the nodes were told a version: make it exist (nothing changed)
-                    self.publish()
+                    self.publish(layout=True)
             log.info("distspatial: split partition %d -> %d + %d points (new id %d)", pid, n0, n1, new_id)
             return new_id

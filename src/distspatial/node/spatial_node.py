@@ -103,9 +103,12 @@ class SpatialNode:
         self.started = time.time()
         self.started_mono = time.monotonic()
         self.part_queries: dict[int, int] = {}  # queries served per partition (for query-aware balancing)
-        # newest metadata version the controller told this node of: queries planned on an older one are refused
-        # (StaleMetadataError), so a client with an outdated layout re-plans instead of missing points
+        # Newest metadata version the controller told this node of, and the newest one that changed what a
+        # partition id holds (a split, a new data set). A query's first message planned on a version older than
+        # meta_version is refused (StaleMetadataError: the client re-plans, so it sees every write acknowledged
+        # before it started); later rounds are refused only when the layout changed under them.
         self.meta_version = 0
+        self.layout_version = 0
         self.counters = {
             "calls": 0,
             "queries": 0,
@@ -176,17 +179,26 @@ class SpatialNode:
             info["cpu_percent"] = 0.0
         return info
 
-    def set_meta_version(self, version: int) -> int:
-        """Refuse queries planned on a metadata version older than ``version`` from now on (never lowers it).
+    def set_meta_version(self, version: int, layout: bool = False) -> int:
+        """Refuse queries planned on a metadata version older than ``version`` from now on (never lowers it);
+        ``layout``: the change alters what partition ids hold, so every round of an older plan is refused.
         Called by the controller before it acknowledges a change; returns the node's version."""
         self.meta_version = max(self.meta_version, int(version))
+        if layout:
+            self.layout_version = max(self.layout_version, int(version))
         return self.meta_version
 
-    def _check_version(self, version: int | None) -> None:
+    def _check_version(self, version: int | None, layout: int | None = None) -> None:
+        """``version``: a query's first round was planned on it (fresh enough?); ``layout``: a later round of a
+        plan made on it (is the partition layout still the same?)."""
         if version is not None and version < self.meta_version:
             raise StaleMetadataError(
                 f"node {self.node_id}: query planned on metadata version {version}, the newest is "
                 f"{self.meta_version}", self.meta_version)
+        if layout is not None and layout < self.layout_version:
+            raise StaleMetadataError(
+                f"node {self.node_id}: a round planned on version {layout}, but partitions changed in version "
+                f"{self.layout_version}", self.layout_version)
 
     def _count(self, pid: int, n: int) -> None:
         with self._lock:
@@ -279,14 +291,12 @@ class SpatialNode:
     @data_message()
     def append(
         self, batch: int, points: np.ndarray, ids: np.ndarray, segments: list[Segment],
-        centers: np.ndarray | None = None, stat_partitions: list[int] | None = None, version: int | None = None,
+        centers: np.ndarray | None = None, stat_partitions: list[int] | None = None,
     ) -> tuple[list[tuple[int, int, np.ndarray, np.ndarray]], Any]:
         """Append ``points[start:stop]`` (ids alike) to each segment's partition, once per ``batch`` id (a
         replayed batch changes nothing). Returns ``[(pid, size after, new points' box lo, box hi)]`` and, with
         ``centers``, the per-cluster ``(sums, counts)`` of the new points of ``stat_partitions`` (streaming
-        k-means; each partition is counted by one replica only). ``version``: the metadata version that will
-        include the batch; queries planned on an older one are refused from now on (as after
-        :meth:`set_meta_version`), which saves the controller a round of messages."""
+        k-means; each partition is counted by one replica only)."""
         out = []
         for pid, a, b in segments:
             part = self._part(pid)
@@ -296,8 +306,6 @@ class SpatialNode:
                 done.add(batch)
             new = points[a:b]
             out.append((pid, part.size, new.min(axis=0), new.max(axis=0)))
-        if version is not None:
-            self.set_meta_version(version)
         stats = None
         if centers is not None:
             mine = set(stat_partitions or ())
@@ -353,15 +361,15 @@ class SpatialNode:
     @data_message(compress_result=True)
     def knn(
         self, queries: np.ndarray, bounds: np.ndarray | None, segments: list[Segment], k: int,
-        version: int | None = None,
+        version: int | None = None, layout: int | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """k nearest neighbours of ``queries[start:stop]`` within each segment's partition.
 
         Returns ``(distances (m, k), ids (m, k))`` aligned with ``queries``. With ``bounds`` (m,), only
-        candidates within each query's bound come back; the other slots are ``inf`` / ``-1``. ``version``: the
-        metadata version the call was planned on (older than the node's: :class:`StaleMetadataError`).
+        candidates within each query's bound come back; the other slots are ``inf`` / ``-1``. ``version`` /
+        ``layout``: the metadata version a first / later round was planned on (see :meth:`_check_version`).
         """
-        self._check_version(version)
+        self._check_version(version, layout)
         m = len(queries)
         dist = np.empty((m, k), dtype=np.float64)
         ids = np.empty((m, k), dtype=np.int64)
