@@ -311,7 +311,8 @@ class ClusterRuntime:
                 return plan_and_run()
             except StaleMetadataError as exc:
                 self.replans += 1
-                self.refresh(exc.version)
+                if self._view.version < exc.version:  # another thread of this client may have it already
+                    self.refresh(exc.version)
                 if missing is not None:
                     missing.clear()
         raise ControllerUnavailableError(f"the layout changed {MAX_REPLANS} times during one query; retry it")

@@ -81,11 +81,14 @@ class ClusterController(WritesMixin, RecoveryMixin, BalancingMixin, CheckpointMi
         self.name = name
         self.named = name is not None
         self.config = config
-        self.lock = threading.RLock()  # serialises every change of the state below
-        self.changed = threading.Condition(self.lock)  # notified on every new version
+        self.lock = threading.RLock()  # serialises every change of the state below (held for a whole write)
+        # guards the published version, notified on every new one; views are read under it alone, so a client
+        # asking for a view never waits for a write in progress
+        self.changed = threading.Condition(threading.Lock())
         self.comm = CommunicationCounters()
         self.version = 0
         self.members = 0  # changes of the node set (clients fetch node handles again when it moves)
+        self.published = 0  # newest version every live node was told of
         self.meta: GlobalIndexMetadata | None = None
         self.routing: RoutingTable | None = None
         self.actors: dict[int, Any] = {}
@@ -226,14 +229,19 @@ class ClusterController(WritesMixin, RecoveryMixin, BalancingMixin, CheckpointMi
         hold). Returns the version."""
         with self.lock:
             base = meta if meta is not None else self.meta
-            self.version = max(self.version + 1, base.version if base is not None else 0)
-            if base is not None:
-                self.meta = dataclasses.replace(base, version=self.version)
-                self.routing = RoutingTable(self.meta)
+            version = max(self.version + 1, base.version if base is not None else 0)
+            new_meta = dataclasses.replace(base, version=version) if base is not None else None
+            routing = RoutingTable(new_meta) if new_meta is not None else None
+            with self.changed:
+                self.version = version
+                if new_meta is not None:
+                    self.meta, self.routing = new_meta, routing
             self._persist()
-            self.tell_nodes(self.version, layout)
-            self.changed.notify_all()
-            return self.version
+            self.tell_nodes(version, layout)
+            with self.changed:
+                self.published = version  # views wait for this: every node knows the version
+                self.changed.notify_all()
+            return version
 
     def tell_nodes(self, version: int, layout: bool = False) -> None:
         """Every live node refuses queries planned on a version below ``version`` once this returns."""
@@ -275,7 +283,7 @@ class ClusterController(WritesMixin, RecoveryMixin, BalancingMixin, CheckpointMi
         (``light``: without node handles and node info, see :class:`ClusterView`)."""
         deadline = time.monotonic() + timeout_s
         with self.changed:
-            while self.version < min_version and not self.gone:
+            while self.published < min_version and not self.gone:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
@@ -409,4 +417,5 @@ class ClusterController(WritesMixin, RecoveryMixin, BalancingMixin, CheckpointMi
                     pass
             if self.named:
                 state_store.delete_cluster(self.name)
-            self.changed.notify_all()
+            with self.changed:
+                self.changed.notify_all()
