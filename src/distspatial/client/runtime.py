@@ -34,12 +34,12 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from ..control.controller import ClusterView
 from ..control.metadata import GlobalIndexMetadata
 from ..control.routing import RoutingTable
-from ..core.codec import decode_all, encode_all, message_bytes
+from ..core.codec import encode_all, message_bytes
 from ..core.config import NodeConfig
 from ..core.errors import (ClusterGoneError, ControllerUnavailableError, NotDistributedError, PartitionLostError,
                            PartitionMovedError, StaleMetadataError)
 from ..core.stats import CommunicationCounters
-from ..node.dispatch import Dispatcher
+from ..node.dispatch import Dispatcher, NodeMessages
 from .planner import Assignment
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ __all__ = ["ClusterRuntime", "MAX_REPLANS"]
 MAX_REPLANS = 100
 
 
-class ClusterRuntime:
+class ClusterRuntime(NodeMessages):
     """One client's connection to a cluster (see module docstring)."""
 
     def __init__(self, controller: Any, view: ClusterView, controller_timeout_s: float = 120.0) -> None:
@@ -212,25 +212,6 @@ class ClusterRuntime:
             return self.actors[node]
         except KeyError:
             raise PartitionMovedError(f"node {node} was removed after the call was planned") from None
-
-    def send(self, node: int, method: str, *args: Any, **kwargs: Any) -> Any:
-        """Call ``node.method(*args, **kwargs)`` and count the message (object references count 0 bytes here:
-        their bytes are counted by the node that produced them)."""
-        self.comm.sent(node, message_bytes(args, kwargs))
-        return getattr(self.actor(node), method).remote(*args, **kwargs)
-
-    def send_multi(self, node: int, method: str, n_out: int, *args: Any) -> list:
-        """Like :meth:`send` for a method with ``n_out`` results (Ray ``num_returns``): a list of references,
-        which can travel on to other nodes without passing through the client."""
-        self.comm.sent(node, message_bytes(args))
-        ref = getattr(self.actor(node), method).options(num_returns=n_out).remote(*args)
-        return [ref] if n_out == 1 else list(ref)
-
-    def recv(self, node: int, ref: Any, timeout: float | None = None) -> Any:
-        """``ray.get`` a data message's result from ``node``, counting and decoding it."""
-        res = ray.get(ref, timeout=timeout)
-        self.comm.received(node, message_bytes(res))
-        return decode_all(res)
 
     def mark_failed(self, node: int, reason: str) -> None:
         """Stop sending work to ``node`` (the controller is told and checks it)."""

@@ -44,7 +44,7 @@ from ..core.stats import CommunicationCounters
 from ..core.codec import decode_all, encode, message_bytes
 from ..node.actors import (NAMESPACE, free_cpus, gpus_per_node, node_actor_name, start_node_actor,
                            threads_for)
-from ..node.dispatch import Dispatcher, ping_ref
+from ..node.dispatch import Dispatcher, NodeMessages, ping_ref
 from . import state_store
 from .balance_rounds import BalancingMixin
 from .balancing import TuningPolicy
@@ -69,7 +69,7 @@ def controller_actor_name(cluster: str) -> str:
     return f"{cluster}:controller"
 
 
-class ClusterController(WritesMixin, RecoveryMixin, BalancingMixin, CheckpointMixin):
+class ClusterController(NodeMessages, WritesMixin, RecoveryMixin, BalancingMixin, CheckpointMixin):
     """The control plane of one cluster, run as a Ray actor (see module docstring).
 
     Args:
@@ -375,22 +375,8 @@ class ClusterController(WritesMixin, RecoveryMixin, BalancingMixin, CheckpointMi
         meta = self.meta
         return min(candidates, key=lambda n: (len(meta.partitions_of(n)), n))
 
-    def send(self, node: int, method: str, *args: Any, **kwargs: Any) -> Any:
-        """Call ``node.method(*args, **kwargs)`` and count the message."""
-        self.comm.sent(node, message_bytes(args, kwargs))
-        return getattr(self.actors[node], method).remote(*args, **kwargs)
-
-    def send_multi(self, node: int, method: str, n_out: int, *args: Any) -> list:
-        """Like :meth:`send` for a method with ``n_out`` results (references that travel on node to node)."""
-        self.comm.sent(node, message_bytes(args))
-        ref = getattr(self.actors[node], method).options(num_returns=n_out).remote(*args)
-        return [ref] if n_out == 1 else list(ref)
-
-    def recv(self, node: int, ref: Any, timeout: float | None = None) -> Any:
-        """``ray.get`` a data message's result from ``node``, counting and decoding it."""
-        res = ray.get(ref, timeout=timeout)
-        self.comm.received(node, message_bytes(res))
-        return decode_all(res)
+    def actor(self, node: int) -> Any:
+        return self.actors[node]
 
     def partitions_call(self, method: str, *args: Any) -> list[tuple[list[int], Any]]:
         """Call ``node.method(*args, partition_ids)`` on one replica of each partition."""

@@ -39,7 +39,7 @@ except ImportError:  # pragma: no cover
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Dispatcher", "NODE_FAILURES"]
+__all__ = ["Dispatcher", "NodeMessages", "NODE_FAILURES"]
 
 #: exceptions that mean "this node is gone or unreachable", as opposed to an error in the work itself.
 NODE_FAILURES = (RayActorError, ActorUnavailableError, GetTimeoutError, ObjectLostError)
@@ -48,6 +48,36 @@ def ping_ref(actor: Any) -> Any:
     """A liveness ping in the node's ``control`` concurrency group: answered even while the node is busy with a
     long call (which then counts as slow, not dead)."""
     return actor.ping.options(concurrency_group="control").remote()
+
+
+class NodeMessages:
+    """Sending data messages to node actors and receiving their results, counted on this side (the client's
+    runtime and the controller both talk to nodes this way). Needs ``self.comm`` (CommunicationCounters) and
+    ``self.actor(node)``."""
+
+    comm: CommunicationCounters
+
+    def actor(self, node: int) -> Any:  # pragma: no cover - provided by the class that mixes this in
+        raise NotImplementedError
+
+    def send(self, node: int, method: str, *args: Any, **kwargs: Any) -> Any:
+        """Call ``node.method(*args, **kwargs)`` and count the message (object references count 0 bytes here:
+        their bytes are counted by the node that produced them)."""
+        self.comm.sent(node, message_bytes(args, kwargs))
+        return getattr(self.actor(node), method).remote(*args, **kwargs)
+
+    def send_multi(self, node: int, method: str, n_out: int, *args: Any) -> list:
+        """Like :meth:`send` for a method with ``n_out`` results (Ray ``num_returns``): a list of references,
+        which can travel on to other nodes without passing through the sender."""
+        self.comm.sent(node, message_bytes(args))
+        ref = getattr(self.actor(node), method).options(num_returns=n_out).remote(*args)
+        return [ref] if n_out == 1 else list(ref)
+
+    def recv(self, node: int, ref: Any, timeout: float | None = None) -> Any:
+        """``ray.get`` a data message's result from ``node``, counting and decoding it."""
+        res = ray.get(ref, timeout=timeout)
+        self.comm.received(node, message_bytes(res))
+        return decode_all(res)
 
 
 #: ``build(node_id, partition_ids) -> (object_ref, context, payload_bytes)``
