@@ -23,7 +23,9 @@ def start_ray_head(num_cpus: int = 2, object_store_memory: int = 200_000_000):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     address = f"127.0.0.1:{port}"
-    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled")  # a private test cluster
+    # the test session runs its private runtimes without token auth (conftest.py sets it for the whole run:
+    # Ray reads the mode once per process, so one process must not mix modes)
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled")
     temp_dir = tempfile.mkdtemp(prefix="dsray", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
     head = subprocess.Popen(
         [RAY, "start", "--head", "--block", f"--port={port}", f"--num-cpus={num_cpus}",
@@ -65,15 +67,9 @@ def connected_head():
     if ray.is_initialized():
         ray.shutdown()
     address, env, stop = start_ray_head()
-    old = os.environ.get("RAY_AUTH_MODE")
-    os.environ["RAY_AUTH_MODE"] = "disabled"
     try:
         ray.init(address=address, logging_level="ERROR")
         yield address, env
     finally:
         ray.shutdown()
         stop()
-        if old is None:
-            os.environ.pop("RAY_AUTH_MODE", None)
-        else:
-            os.environ["RAY_AUTH_MODE"] = old

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
+
+# Every Ray runtime of the test session (embedded ones, `ray start --head` ones joined by subprocesses) runs
+# without token authentication: Ray reads the mode once per process, and a process that joined a runtime of one
+# mode cannot start one of the other (seen as "Failed to start GCS" in the modules after a `ray start` module).
+os.environ["RAY_AUTH_MODE"] = "disabled"
 import pytest
 
 
