@@ -293,7 +293,7 @@ class ClusterController(NodeMessages, WritesMixin, RecoveryMixin, BalancingMixin
                 actors=None if light else dict(self.actors), node_info=None if light else dict(self.node_info),
                 failed=frozenset(self.dispatch.failed_nodes), members=self.members,
                 has_user_ids=self.has_user_ids, modified=self.modified, mean_variance=self.mean_variance,
-                has_id_map=self.id_sorted is not None, cpus_per_node=self.cpus_per_node,
+                has_id_map=self.id_sorted is not None,
             )
 
     def current_version(self) -> int:

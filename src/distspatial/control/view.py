@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from ..core.config import NodeConfig
@@ -31,5 +30,3 @@ class ClusterView:
     modified: bool = False
     mean_variance: float = 0.0
     has_id_map: bool = False
-    cpus_per_node: float = 0.0
-    created: float = field(default_factory=time.time)
