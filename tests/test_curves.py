@@ -292,7 +292,7 @@ def test_curve_keys_rejects_unknown_curve():
 @pytest.mark.parametrize("d", [1, 2, 3, 4, 5])
 def test_curve_keys_is_quantize_then_keys(curve, d):
     rng = np.random.default_rng(10 + d)
-    pts = rng.normal(size=(3000, d)) * np.arange(1, d + 1)
+    pts = rng.normal(size=(5000, d)) * np.arange(1, d + 1)  # above _COMPILED_MIN_POINTS: the compiled path
     lo, hi = np.quantile(pts, 0.05, axis=0), np.quantile(pts, 0.95, axis=0)  # some points get clipped
     for bits in (None, 3):
         b = curves.default_bits(d) if bits is None else bits
@@ -301,6 +301,26 @@ def test_curve_keys_is_quantize_then_keys(curve, d):
         keys = curves.curve_keys(pts, lo, hi, curve=curve, bits=bits)
         assert keys.dtype == U64 and keys.shape == (len(pts),)
         np.testing.assert_array_equal(keys, ref)
+
+
+@pytest.mark.parametrize("d", [2, 3, 4])
+def test_compiled_hilbert_keys_equal_skilling_reference(d):
+    """The compiled kernel (large inputs) against Skilling's transform of the NumPy quantization: NaN, +-inf,
+    points outside the bounds, a zero-extent dimension, every bit width; also below the threshold (NumPy path)."""
+    rng = np.random.default_rng(40 + d)
+    pts = rng.random((6000, d)) * 3 - 1
+    pts[::97, 0] = np.nan
+    pts[::89, -1] = np.inf
+    pts[::83, 0] = -np.inf
+    lo, hi = np.zeros(d), np.ones(d)
+    hi[-1] = 0.0  # zero extent: every key's last coordinate is 0
+    assert len(pts) >= curves._COMPILED_MIN_POINTS
+    for bits in sorted({1, 2, 3, 5, 7, curves.default_bits(d), 64 // d}):
+        ref = curves._hilbert_skilling(curves.quantize(pts, lo, hi, bits), bits)
+        np.testing.assert_array_equal(curves.curve_keys(pts, lo, hi, bits=bits), ref)
+        np.testing.assert_array_equal(curves.curve_keys(pts[:100], lo, hi, bits=bits), ref[:100])
+    f32 = pts.astype(np.float32)  # other dtypes: the same keys as their float64 values
+    np.testing.assert_array_equal(curves.curve_keys(f32, lo, hi), curves.curve_keys(f32.astype(np.float64), lo, hi))
 
 
 def test_curve_keys_chunking_does_not_change_result(monkeypatch):

@@ -38,6 +38,9 @@ _ONE64 = np.uint64(1)
 
 #: Rows processed per chunk.  Small enough that a chunk's temporaries stay in the L2 cache.
 _CHUNK = 1 << 16
+# from this many points on, Hilbert keys for d <= 4 and Morton keys for d <= 64 come from the compiled kernels
+# (``_curves_compiled``): one pass, ~6x faster; below it the NumPy paths (no kernel load for a few queries)
+_COMPILED_MIN_POINTS = 4096
 
 #: Dimensions handled by the table-driven Hilbert state machine (larger ``d`` uses Skilling's loop).
 _TABLE_DIMS = (2, 3, 4)
@@ -148,6 +151,15 @@ def _quantize_into(chunk: np.ndarray, lo: np.ndarray, scale: np.ndarray, top: fl
     np.fmax(f, 0.0, out=f)  # fmax/fmin map NaN to the other operand: NaN -> 0
     np.fmin(f, top, out=f)
     np.copyto(out, f, casting="unsafe")  # truncation == floor for non-negative values
+
+
+@lru_cache(maxsize=None)
+def _have_numba() -> bool:
+    try:
+        import numba  # noqa: F401
+    except ImportError:  # pragma: no cover - numba is a dependency; keep the NumPy path as the fallback
+        return False
+    return True
 
 
 def _tiled(v: np.ndarray, n: int) -> np.ndarray:
@@ -529,9 +541,12 @@ def curve_keys(
         dims = None
         bits = default_bits(d) if bits is None else _check_bits(bits, d)
     lo, scale, top = _quant_params(lo, hi, bits)
-    lo, scale = _tiled(lo, n), _tiled(scale, n)
-
     use_table = curve == "hilbert" and d in _TABLE_DIMS
+    if n >= _COMPILED_MIN_POINTS and dims is None and (use_table or curve == "morton") and _have_numba():
+        from ._curves_compiled import hilbert_points, morton_points
+
+        return (hilbert_points if use_table else morton_points)(points, lo, scale, top, bits)
+    lo, scale = _tiled(lo, n), _tiled(scale, n)
     cdt = _U32 if (use_table and bits <= 32) else _U64
     out = np.empty(n, dtype=_U64)
     buf = np.empty((d, min(n, _CHUNK)), dtype=cdt)
