@@ -30,6 +30,7 @@ import logging
 from typing import Any
 
 import numpy as np
+import ray
 
 from ..core.curves import curve_keys
 from ..core.codec import message_bytes
@@ -188,9 +189,12 @@ class WritesMixin:
                 centers: np.ndarray | None) -> Any:
         """Route a batch by curve key, append it on every live replica, publish the grown metadata."""
         n, d = pts.shape
-        keys = curve_keys(np.clip(pts, meta.lo, meta.hi), meta.lo, meta.hi, meta.curve, meta.bits)
+        # quantization clamps to the bounds: a point outside them gets the key of the nearest point of the bounds
+        keys = curve_keys(pts, meta.lo, meta.hi, meta.curve, meta.bits)
+        version = self.version + 1  # what publish() below makes current (the lock is held): nodes learn it with the batch
         home = self.routing.home_partitions(keys)
-        order = np.argsort(home, kind="stable")
+        # partition numbers as the narrowest unsigned type: numpy sorts those with a radix sort (~9x faster)
+        order = np.argsort(home.astype(np.min_scalar_type(max(1, meta.n_partitions - 1))), kind="stable")
         home_s = home[order]
         pts_s, ids_s, keys_s = np.take(pts, order, axis=0), ids[order], keys[order]
         parts, starts = np.unique(home_s, return_index=True)
@@ -206,29 +210,48 @@ class WritesMixin:
         for node, pids in by_node.items():
             for p in pids:
                 stat_node.setdefault(p, node)
+        # one message per machine: the rows of the partitions its nodes hold, put in the object store once; each
+        # node there gets the same references and the segments of its own partitions, read from shared memory
+        # (one copy per machine, not per node; the controller owns the objects, so a client that dies meanwhile
+        # takes nothing with it)
+        machine_of = self.machines()
+        by_machine: dict[str, list[int]] = {}
+        for node in by_node:
+            by_machine.setdefault(machine_of.get(node, str(node)), []).append(node)
         calls = []
-        for node, pids in by_node.items():
-            # one message per node: the rows of its partitions, re-packed so segments index the message
-            rows = np.concatenate([np.arange(*seg_of[p]) for p in pids])
-            lens = np.cumsum([0] + [seg_of[p][1] - seg_of[p][0] for p in pids])
-            segments = [(p, int(lens[j]), int(lens[j + 1])) for j, p in enumerate(pids)]
-            mine = [p for p in pids if stat_node[p] == node] if centers is not None else None
-            calls.append((node, self.send(node, "append", batch, np.take(pts_s, rows, axis=0), ids_s[rows], segments,
-                                         centers, mine)))
+        for nodes in by_machine.values():
+            pids = sorted({p for node in nodes for p in by_node[node]})
+            if len(pids) == len(seg_of):  # every partition of the batch: the sorted batch as it is
+                pack_pts, pack_ids, at = pts_s, ids_s, {p: seg_of[p] for p in pids}
+            else:
+                rows = np.concatenate([np.arange(*seg_of[p]) for p in pids])
+                lens = np.cumsum([0] + [seg_of[p][1] - seg_of[p][0] for p in pids])
+                pack_pts, pack_ids = np.take(pts_s, rows, axis=0), ids_s[rows]
+                at = {p: (int(lens[j]), int(lens[j + 1])) for j, p in enumerate(pids)}
+            pack = (ray.put(pack_pts), ray.put(pack_ids)) if len(nodes) > 1 else (pack_pts, pack_ids)
+            for node in nodes:
+                segments = [(p, *at[p]) for p in by_node[node]]
+                mine = [p for p in by_node[node] if stat_node[p] == node] if centers is not None else None
+                self.comm.sent(node, message_bytes(batch, pack_pts, pack_ids, segments, centers, mine))
+                calls.append((node, self.actor(node).append.remote(batch, *pack, segments, centers, mine,
+                                                                  version=version)))
         applied: dict[int, tuple[int, np.ndarray, np.ndarray]] = {}
         stats = None
+        told: set[int] = set()
         for node, ref in calls:
             try:
                 res, st = self.recv(node, ref, timeout=self._write_timeout())
             except NODE_FAILURES as exc:
                 self.dispatch.mark_failed(node, f"ingest: {type(exc).__name__}")
                 continue
+            told.add(node)
             for pid, size, blo, bhi in res:
                 applied[pid] = (size, blo, bhi)
             if st is not None:
                 stats = st if stats is None else (stats[0] + st[0], stats[1] + st[1])
         lost = sorted(set(seg_of) - set(applied))
         if lost:
+            self.publish()  # nodes that took the batch already refuse plans older than ``version``: make it exist
             raise NodeFailureError(f"ingest batch reached no replica of partitions {lost} (failed nodes: "
                                    f"{sorted(self.dispatch.failed_nodes)}); the batch is not acknowledged. Retrying "
                                    "the call (same ids) after recovery applies it once")
@@ -241,7 +264,7 @@ class WritesMixin:
                 p, size=int(size), nbytes=int(size) * (8 * d + 8), lo=np.minimum(p.lo, blo), hi=np.maximum(p.hi, bhi),
                 key_lo=min(p.key_lo, int(keys_s[a:b].min())), key_hi=max(p.key_hi, int(keys_s[a:b].max())),
             )
-        self.publish(dataclasses.replace(meta, partitions=tuple(new_parts)))
+        self.publish(dataclasses.replace(meta, partitions=tuple(new_parts)), told=(version, frozenset(told)))
         return stats
 
     def delete(self, ids: Any, token: int | None = None) -> tuple[int, ClusterView]:

@@ -291,12 +291,14 @@ class SpatialNode:
     @data_message()
     def append(
         self, batch: int, points: np.ndarray, ids: np.ndarray, segments: list[Segment],
-        centers: np.ndarray | None = None, stat_partitions: list[int] | None = None,
+        centers: np.ndarray | None = None, stat_partitions: list[int] | None = None, version: int | None = None,
     ) -> tuple[list[tuple[int, int, np.ndarray, np.ndarray]], Any]:
         """Append ``points[start:stop]`` (ids alike) to each segment's partition, once per ``batch`` id (a
         replayed batch changes nothing). Returns ``[(pid, size after, new points' box lo, box hi)]`` and, with
         ``centers``, the per-cluster ``(sums, counts)`` of the new points of ``stat_partitions`` (streaming
-        k-means; each partition is counted by one replica only)."""
+        k-means; each partition is counted by one replica only). ``version``: the metadata version that
+        publishes the batch; once the points are in, plans older than it are refused (as
+        :meth:`set_meta_version`; saves the controller a round of messages)."""
         out = []
         for pid, a, b in segments:
             part = self._part(pid)
@@ -313,6 +315,8 @@ class SpatialNode:
             points = np.take(points, np.concatenate(rows), axis=0) if rows else points[:0]
             _, sums, counts, _ = self.backend.kmeans_assign_sums(points, centers)
             stats = (sums, counts)
+        if version is not None:
+            self.set_meta_version(version)
         return out, stats
 
     @data_message()
