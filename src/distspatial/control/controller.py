@@ -98,6 +98,7 @@ class ClusterController(NodeMessages, WritesMixin, RecoveryMixin, BalancingMixin
         self.has_user_ids = False  # distribute_data was given ids: ingest needs them too
         self.modified = False  # points were ingested or deleted since distribute_data / restore
         self.mean_variance = 0.0
+        self._kernels_warm = False  # the compiled curve-key kernels are loaded (started on the first ingest)
         self.id_sorted: np.ndarray | None = None  # user ids, sorted (None: ids are row numbers)
         self.id_rows: np.ndarray | None = None  # row of each sorted id
         self.recent: collections.OrderedDict[int, Any] = collections.OrderedDict()  # write token -> outcome

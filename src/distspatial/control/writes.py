@@ -27,12 +27,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 from typing import Any
 
 import numpy as np
 import ray
 
-from ..core.curves import curve_keys
+from ..core.curves import curve_keys, warm_compiled_kernels
 from ..core.codec import message_bytes
 from ..core.errors import NodeFailureError
 from ..core.validation import check_ids, check_points
@@ -150,6 +151,9 @@ class WritesMixin:
         centers: np.ndarray | None = None, token: int | None = None,
     ) -> tuple[np.ndarray, Any, ClusterView]:
         """Append a batch; returns ``(ids, streaming k-means stats or None, view)``. See the module docstring."""
+        if not self._kernels_warm:  # the first ingest: load the key kernels beside it
+            self._kernels_warm = True
+            threading.Thread(target=warm_compiled_kernels, daemon=True, name="warm-curve-kernels").start()
         with self.lock:
             meta = self.require_data()
             pts = check_points(points)

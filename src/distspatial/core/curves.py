@@ -27,7 +27,7 @@ from functools import lru_cache
 
 import numpy as np
 
-__all__ = ["CURVES", "default_bits", "quantize", "morton_keys", "hilbert_keys", "curve_keys"]
+__all__ = ["CURVES", "default_bits", "quantize", "morton_keys", "hilbert_keys", "curve_keys", "warm_compiled_kernels"]
 
 #: Names accepted by :func:`curve_keys`.
 CURVES = ("hilbert", "morton")
@@ -160,6 +160,15 @@ def _have_numba() -> bool:
     except ImportError:  # pragma: no cover - numba is a dependency; keep the NumPy path as the fallback
         return False
     return True
+
+
+def warm_compiled_kernels() -> None:
+    """Load the compiled curve-key kernels now (from Numba's disk cache; compiled on a first run), so that the
+    first large batch does not pay it (~0.2 s). Safe to call from a background thread."""
+    if _have_numba():
+        pts = np.zeros((_COMPILED_MIN_POINTS, 2))
+        for curve in ("hilbert", "morton"):
+            curve_keys(pts, np.zeros(2), np.ones(2), curve)
 
 
 def _tiled(v: np.ndarray, n: int) -> np.ndarray:
