@@ -9,7 +9,7 @@ import pytest
 from distspatial import DistributedSpatialCluster, NodeConfig
 from distspatial.control.balancing import LoadBalancer, Strategy, TuningPolicy
 from distspatial.io.datasets import skewed_points
-from distspatial.control.metadata import GlobalIndexMetadata, PartitionInfo
+from distspatial.core.metadata import GlobalIndexMetadata, PartitionInfo
 
 from .conftest import brute_knn
 

@@ -7,8 +7,8 @@ from scipy.spatial import cKDTree
 from distspatial.kernels.local_index import MISSING_ID, LocalPartition, merge_topk
 from distspatial.node.spatial_node import SpatialNode
 from distspatial.control.placement import place_partitions
-from distspatial.client.planner import Assignment
-from distspatial.control.routing import box_mindist2
+from distspatial.kernels.query_planning import Assignment
+from distspatial.kernels.routing import box_mindist2
 
 
 def test_local_knn_matches_ckdtree():
@@ -97,9 +97,9 @@ def test_spatial_node_without_ray():
 
 
 def _routing_for(pts, n_parts, curve):
-    from distspatial.control.metadata import GlobalIndexMetadata, PartitionInfo
+    from distspatial.core.metadata import GlobalIndexMetadata, PartitionInfo
     from distspatial.kernels.partitioning import partition_points
-    from distspatial.control.routing import RoutingTable
+    from distspatial.kernels.routing import RoutingTable
 
     plan = partition_points(pts, n_parts, curve=curve)
     parts = tuple(
@@ -117,7 +117,7 @@ def _routing_for(pts, n_parts, curve):
 @pytest.mark.parametrize("curve", ["hilbert", "morton"])
 def test_ball_pruning_never_drops_a_partition_that_holds_a_hit(d, curve):
     from distspatial.io.datasets import skewed_points
-    from distspatial.client.planner import ball_pairs
+    from distspatial.kernels.query_planning import ball_pairs
 
     pts = skewed_points(20_000, d, n_hotspots=5, seed=d)
     routing, part_of_row, plan = _routing_for(pts, 24, curve)

@@ -63,7 +63,7 @@ def test_plot_partitions_from_the_cluster(cluster, tmp_path):
 
 def test_plot_partitions_with_given_points_colours_by_home_partition(cluster, tmp_path):
     from distspatial.core.curves import curve_keys
-    from distspatial.control.routing import RoutingTable
+    from distspatial.kernels.routing import RoutingTable
 
     meta = cluster.metadata
     pts = cluster.test_points

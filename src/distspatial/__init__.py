@@ -11,8 +11,8 @@ from .cluster import DistributedSpatialCluster
 from .core.errors import DistSpatialError, NodeFailureError, NotDistributedError, PartitionLostError
 from .algorithms.kmeans import KMeansResult
 from .typed_queries import QueryParameters, QueryResults, QueryType
-from .control.metadata import GlobalIndexMetadata, PartitionInfo
-from .control.routing import RoutingTable
+from .core.metadata import GlobalIndexMetadata, PartitionInfo
+from .kernels.routing import RoutingTable
 from .core.stats import ClusterStatistics, NodeStatistics, QueryStatus
 
 __version__ = "0.1.0"

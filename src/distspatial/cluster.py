@@ -40,7 +40,7 @@ from .client import queries as _queries
 from .client.runtime import ClusterRuntime
 from .control.balancing import LoadMetrics, RebalancePlan, Strategy, TuningPolicy
 from .control.controller import NAMESPACE, ClusterController, controller_actor_name
-from .control.metadata import GlobalIndexMetadata
+from .core.metadata import GlobalIndexMetadata
 from .control.ray_connect import connect, disconnect, join
 from .control import state_store
 from .core.codec import encode, wire_and_raw

@@ -25,7 +25,7 @@ from ..kernels.kmeans_kernels import squared_distances_min
 from ..core.progress import make_bar
 from ..core.stats import Timer
 from ..client.runtime import ClusterRuntime
-from ..control.metadata import GlobalIndexMetadata
+from ..core.metadata import GlobalIndexMetadata
 
 __all__ = ["KMeansResult", "run_kmeans", "weighted_kmeans_pp", "weighted_lloyd"]
 

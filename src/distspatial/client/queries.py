@@ -19,7 +19,7 @@ import numpy as np
 
 from ..core.curves import curve_keys
 from ..kernels.local_index import merge_topk
-from .planner import Assignment, ball_pairs, box_pairs, knn_followups, knn_home
+from ..kernels.query_planning import Assignment, ball_pairs, box_pairs, knn_followups, knn_home
 from .runtime import ClusterRuntime
 
 __all__ = ["knn", "ball", "box", "hits"]

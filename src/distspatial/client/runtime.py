@@ -32,15 +32,15 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from ..control.controller import ClusterView
-from ..control.metadata import GlobalIndexMetadata
-from ..control.routing import RoutingTable
+from ..core.metadata import GlobalIndexMetadata
+from ..kernels.routing import RoutingTable
 from ..core.codec import encode_all, message_bytes
 from ..core.config import NodeConfig
 from ..core.errors import (ClusterGoneError, ControllerUnavailableError, NotDistributedError, PartitionLostError,
                            PartitionMovedError, StaleMetadataError)
 from ..core.stats import CommunicationCounters
 from ..node.dispatch import Dispatcher, NodeMessages
-from .planner import Assignment
+from ..kernels.query_planning import Assignment
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Load balancing: per-node load metrics, balancing strategies and rebalance plans. No Ray.
 
 A :class:`LoadBalancer` turns :class:`LoadMetrics` (measured on the nodes and refreshed with the heartbeats)
-and the placement in :class:`~distspatial.control.metadata.GlobalIndexMetadata` into a :class:`RebalancePlan` of
+and the placement in :class:`~distspatial.core.metadata.GlobalIndexMetadata` into a :class:`RebalancePlan` of
 :class:`PartitionMigration` s. The coordinator carries a plan out with online migrations (copy node to node,
 switch the metadata version, drop the source copy).
 
@@ -24,7 +24,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from .metadata import GlobalIndexMetadata
+from ..core.metadata import GlobalIndexMetadata
 
 __all__ = [
     "Strategy", "LoadMetrics", "PartitionMigration", "PartitionAction", "TuningPolicy", "RebalancePlan", "LoadBalancer",

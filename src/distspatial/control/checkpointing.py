@@ -15,7 +15,7 @@ import numpy as np
 import ray
 
 from ..io import checkpoint_files as ck
-from .metadata import GlobalIndexMetadata, PartitionInfo
+from ..core.metadata import GlobalIndexMetadata, PartitionInfo
 from .placement import place_partitions
 
 log = logging.getLogger(__name__)

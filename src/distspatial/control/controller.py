@@ -1,7 +1,7 @@
 """The controller: one Ray actor per cluster that owns the control plane.
 
 It holds the hard state of a cluster and is the only writer of it: the node actors and where they run, the
-versioned :class:`~distspatial.control.metadata.GlobalIndexMetadata` and its routing table, id allocation, the
+versioned :class:`~distspatial.core.metadata.GlobalIndexMetadata` and its routing table, id allocation, the
 outcome of recent writes, the failure detector and recovery, elastic scaling, balancing rounds and checkpoints.
 Writes (distribute, ingest, delete, update, split, migration) run here one at a time, under :attr:`lock`, so two
 clients writing at once get disjoint ids and every acknowledged batch is seen by both afterwards.
@@ -50,9 +50,9 @@ from .balance_rounds import BalancingMixin
 from .balancing import TuningPolicy
 from .checkpointing import CheckpointMixin
 from .fault import FaultDetector
-from .metadata import GlobalIndexMetadata
+from ..core.metadata import GlobalIndexMetadata
 from .recovery import RecoveryMixin
-from .routing import RoutingTable
+from ..kernels.routing import RoutingTable
 from .view import ClusterView
 from .writes import WritesMixin
 

@@ -1,6 +1,6 @@
 """Placement policy: which nodes hold the replicas of each partition.
 
-Pure Python; the result is recorded in :class:`~distspatial.control.metadata.GlobalIndexMetadata` (the only place that
+Pure Python; the result is recorded in :class:`~distspatial.core.metadata.GlobalIndexMetadata` (the only place that
 keeps placement), never beside it.
 """
 

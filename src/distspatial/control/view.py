@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..core.config import NodeConfig
-from .metadata import GlobalIndexMetadata
+from ..core.metadata import GlobalIndexMetadata
 
 __all__ = ["ClusterView"]
 

@@ -39,7 +39,7 @@ from ..core.errors import NodeFailureError
 from ..core.validation import check_ids, check_points
 from ..node.dispatch import NODE_FAILURES
 from .balancing import LoadBalancer
-from .metadata import GlobalIndexMetadata, PartitionInfo
+from ..core.metadata import GlobalIndexMetadata, PartitionInfo
 from .placement import place_partitions
 from .view import ClusterView
 

@@ -2,7 +2,7 @@
 
 The same state machine as the NumPy table path of :mod:`distspatial.core.curves` (the tables come from there),
 walked point by point with tables small enough to stay in the L1 cache (the NumPy path gathers from tables of
-up to 2**19 entries, one level group at a time over the whole chunk). Quantization is the same arithmetic in
+up to 2**19 entries, one level group at a time over the whole chunk); the tables are passed in. Quantization is the same arithmetic in
 the same order, so both paths give identical keys (checked in ``tests/test_curves.py``). Compiled on first use
 and cached on disk (``cache=True``).
 """
@@ -14,7 +14,6 @@ from functools import lru_cache
 import numpy as np
 
 _U64 = np.uint64
-_TABLE_ENTRIES = 8192  # states * 2**(levels*d) kept below this (64 KiB of uint64: L1/L2 resident)
 
 
 @lru_cache(maxsize=None)
@@ -66,24 +65,15 @@ def _kernel():
     return hilbert_points
 
 
-@lru_cache(maxsize=None)
-def _tables(d: int) -> tuple[np.ndarray, np.ndarray, int]:
-    from .curves import _automaton, _step_table
 
-    n_states = _automaton(d)[0].shape[0]
-    levels = 1
-    while n_states << ((levels + 1) * d) <= _TABLE_ENTRIES:
-        levels += 1
-    tab1 = _step_table(d, 1, False, 1)[0].astype(_U64)
-    tab = _step_table(d, levels, False, levels)[0].astype(_U64)
-    return tab1, tab, levels
-
-
-def hilbert_points(points: np.ndarray, lo: np.ndarray, scale: np.ndarray, top: float, bits: int) -> np.ndarray:
+def hilbert_points(points: np.ndarray, lo: np.ndarray, scale: np.ndarray, top: float, bits: int,
+                   tables: tuple[np.ndarray, np.ndarray, int]) -> np.ndarray:
     """Hilbert keys of ``(n, d)`` points (2 <= d <= 4) quantized with ``lo``/``scale``/``top`` (as
-    :func:`~distspatial.core.curves._quantize_into`) to ``bits`` per dimension; ``(n,)`` uint64."""
+    :func:`~distspatial.core.curves._quantize_into`) to ``bits`` per dimension; ``(n,)`` uint64. ``tables``:
+    ``(one-level table, levels-level table, levels)`` as :func:`~distspatial.core.curves._small_tables` makes
+    them (uint64 entries ``(next_state << width) | key bits``, indexed ``state << width | digit``)."""
     d = points.shape[1]
-    tab1, tab, levels = _tables(d)
+    tab1, tab, levels = tables
     out = np.empty(points.shape[0], dtype=_U64)
     pts = np.ascontiguousarray(points, dtype=np.float64)
     _kernel()(pts, np.ascontiguousarray(lo[:d], dtype=np.float64), np.ascontiguousarray(scale[:d], dtype=np.float64),

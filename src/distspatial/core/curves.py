@@ -154,6 +154,19 @@ def _quantize_into(chunk: np.ndarray, lo: np.ndarray, scale: np.ndarray, top: fl
 
 
 @lru_cache(maxsize=None)
+def _small_tables(d: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """Tables for the compiled Hilbert kernel: one level, and as many levels as keep ``states * 2**(levels*d)``
+    within 8192 entries (64 KiB of uint64, cache resident), both indexed ``state << width | digit``."""
+    n_states = _automaton(d)[0].shape[0]
+    levels = 1
+    while n_states << ((levels + 1) * d) <= 8192:
+        levels += 1
+    tab1 = _step_table(d, 1, False, 1)[0].astype(_U64)
+    tab = _step_table(d, levels, False, levels)[0].astype(_U64)
+    return tab1, tab, levels
+
+
+@lru_cache(maxsize=None)
 def _have_numba() -> bool:
     try:
         import numba  # noqa: F401
@@ -554,7 +567,9 @@ def curve_keys(
     if n >= _COMPILED_MIN_POINTS and dims is None and (use_table or curve == "morton") and _have_numba():
         from ._curves_compiled import hilbert_points, morton_points
 
-        return (hilbert_points if use_table else morton_points)(points, lo, scale, top, bits)
+        if use_table:
+            return hilbert_points(points, lo, scale, top, bits, _small_tables(d))
+        return morton_points(points, lo, scale, top, bits)
     lo, scale = _tiled(lo, n), _tiled(scale, n)
     cdt = _U32 if (use_table and bits <= 32) else _U64
     out = np.empty(n, dtype=_U64)

@@ -23,7 +23,7 @@ from ..core.errors import NodeFailureError, PartitionLostError, PartitionMovedEr
 from ..core.stats import CommunicationCounters
 
 class RoutingTable(Protocol):
-    """What the dispatcher needs of a routing table (:class:`distspatial.control.routing.RoutingTable`)."""
+    """What the dispatcher needs of a routing table (:class:`distspatial.kernels.routing.RoutingTable`)."""
 
     owners: Any
     n_partitions: int

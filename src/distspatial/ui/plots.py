@@ -92,7 +92,7 @@ def sample_cluster_points(cluster: Any, max_points: int = 200_000, seed: int = 0
 def _home_partitions(meta: Any, points: np.ndarray) -> np.ndarray:
     """The partition each point belongs to, by its curve key (as the index routes it)."""
     from ..core.curves import curve_keys
-    from ..control.routing import RoutingTable
+    from ..kernels.routing import RoutingTable
 
     keys = curve_keys(points, meta.lo, meta.hi, meta.curve, meta.bits)
     return RoutingTable(meta).home_partitions(keys)
@@ -126,7 +126,7 @@ def plot_partitions(
     Boxes are edged in the colour of their primary owner node (legend: nodes), points are coloured by partition
     (a cyclic palette), and the line visits the partition centres in curve-key order, from the marked start.
     """
-    from ..control.metadata import GlobalIndexMetadata
+    from ..core.metadata import GlobalIndexMetadata
 
     meta = cluster if isinstance(cluster, GlobalIndexMetadata) else cluster.metadata
     dx, dy = _check_dims(dims, meta.dim)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..control.routing import RoutingTable
+from .routing import RoutingTable
 
 __all__ = ["Assignment", "knn_home", "knn_followups", "ball_pairs", "box_pairs"]
 
