@@ -1,11 +1,9 @@
 """The query path on the client: plan on the cached view, send one message per node and round, merge.
 
-**kNN** (:func:`knn`). Queries get curve keys and are sorted by them. Round 1: each query goes to its *home*
-partition (the key range holding its key); sorted queries make each partition's share one contiguous run, in
-curve order, which is also the order a KD-tree answers fastest. Round 2: with the k-th distance ``r`` from round
-1, a query goes on only to partitions whose box is closer than ``r`` (MINDIST pruning), with ``r`` as a bound so
-the nodes return only candidates within it. Candidates are merged row-wise into the running top-k; results go
-back into the caller's order. **Range and box** (:func:`hits`) need one round over the partitions whose boxes
+**kNN** (:func:`knn`). Queries get curve keys; each goes to a node holding its *home* partition (the key range
+holding its key), one message per node. That node sorts its share in curve order, answers it in the home
+partitions, plans the second round from the k-th distances (MINDIST and cell tests), asks the other nodes
+directly, merges, and returns final answers (:mod:`distspatial.node.query_rounds`): the client's work is O(m). **Range and box** (:func:`hits`) need one round over the partitions whose boxes
 they reach; hits are sorted by (query, id) and split per query. Every partition is read from exactly one replica
 per round, so no id is reported twice. Every call carries the plan's metadata version; a node that knows a newer
 one refuses and the caller plans again (:meth:`~distspatial.client.runtime.ClusterRuntime.stable`).
@@ -18,60 +16,32 @@ from typing import Any
 import numpy as np
 
 from ..core.curves import curve_keys
-from ..kernels.local_index import merge_topk
-from ..kernels.query_planning import Assignment, ball_pairs, box_pairs, knn_followups, knn_home
+from ..kernels.query_planning import Assignment, ball_pairs, box_pairs
 from .runtime import ClusterRuntime
 
 __all__ = ["knn", "ball", "box", "hits"]
 
 
 def knn(rt: ClusterRuntime, q: np.ndarray, k: int, missing: list[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Exact ``(distances (m, k), ids (m, k))`` of the batch ``q`` on the view cached now."""
+    """Exact ``(distances (m, k), ids (m, k))`` of the batch ``q`` on the view cached now: each query goes to a
+    node holding its home partition, which plans and merges the rest (:meth:`~distspatial.node.query_rounds.
+    QueryRoundsMixin.knn_batch`); here only keys, the split by partition and the answers put in place."""
     meta, routing, version = rt.snapshot()
     m = len(q)
     keys = curve_keys(q, meta.lo, meta.hi, meta.curve, meta.bits)
-    order = np.argsort(keys, kind="stable")
-    qs = np.take(q, order, axis=0)
-    home = knn_home(keys[order], routing)
+    home = Assignment.from_pairs(np.arange(m, dtype=np.int64), routing.home_partitions(keys), m)
     dist = np.full((m, k), np.inf)  # rows whose home partition is lost (partial answers) keep these
     ids = np.full((m, k), -1, dtype=np.int64)
-
-    # round 1: the k best in the home partition
-    for rows, (d_, i_) in rt.run_assignment(
-        home, "knn", lambda rows: (np.take(qs, rows, axis=0), None), missing, version, k=k
+    left_out: set[int] = set()
+    for rows, (d_, i_, miss) in rt.run_assignment(
+        home, "knn_batch", lambda rows: (np.take(q, rows, axis=0),), missing, version, k=k,
+        allow_partial=missing is not None,
     ):
         dist[rows], ids[rows] = d_, i_
-
-    kth = dist[:, k - 1]
-    home_part = np.empty(m, dtype=np.int64)
-    for p, a, b in zip(home.partitions, home.starts[:-1], home.starts[1:]):
-        home_part[home.rows[a:b]] = p
-    follow = knn_followups(qs, kth, home_part, routing)
-    if follow.n_pairs:  # round 2: only candidates within the k-th distance
-        results = rt.run_assignment(
-            follow, "knn", lambda rows: (np.take(qs, rows, axis=0), kth[rows]), missing, version, later_round=True,
-            k=k,
-        )
-        # Merge node by node; a node's rows may repeat a query (two partitions), so merge per segment.
-        for rows, (d_, i_) in results:
-            _merge_rows(dist, ids, rows, d_, i_, k)
-    out_d = np.empty_like(dist)
-    out_i = np.empty_like(ids)
-    out_d[order] = dist
-    out_i[order] = ids
-    return out_d, out_i
-
-
-def _merge_rows(dist, ids, rows, d_, i_, k) -> None:
-    """Merge candidate rows into the running top-k; ``rows`` may repeat (handled by unique passes)."""
-    pending = np.arange(len(rows))
-    while len(pending):
-        r = rows[pending]
-        _, first = np.unique(r, return_index=True)
-        take = pending[first]
-        rr = rows[take]
-        dist[rr], ids[rr] = merge_topk(dist[rr], ids[rr], d_[take], i_[take], k)
-        pending = np.setdiff1d(pending, take, assume_unique=True)
+        left_out.update(miss)
+    if missing is not None:
+        missing.extend(sorted(left_out - set(missing)))
+    return dist, ids
 
 
 def ball(rt: ClusterRuntime, c: np.ndarray, r: np.ndarray, return_points: bool,

@@ -168,7 +168,18 @@ class ClusterController(NodeMessages, WritesMixin, RecoveryMixin, BalancingMixin
             )
         self.actors.update(actors)
         self.node_info.update(zip(refs.keys(), ray.get(list(refs.values()))))
+        self.introduce(actors)
         self.members += 1
+
+    def introduce(self, actors: dict[int, Any]) -> None:
+        """Give nodes this controller's handle (they fetch the routing of a version from it to plan query
+        rounds, and report peers that fail); waits until every live one has it."""
+        me = ray.get_runtime_context().current_actor
+        refs = [a.set_controller.options(concurrency_group="control").remote(me) for a in actors.values()]
+        try:
+            ray.wait(refs, num_returns=len(refs), timeout=max(10.0, self.config.communication_timeout_ms / 1000))
+        except Exception:  # a node that died meanwhile is found by the failure detector
+            pass
 
     def _adopt(self, saved: dict[str, Any]) -> None:
         """Carry on from stored state after a restart: find the node actors by name, take a version above any
@@ -196,6 +207,7 @@ class ClusterController(NodeMessages, WritesMixin, RecoveryMixin, BalancingMixin
             floors.append(int(info.get("meta_version", 0)))
         self.actors = {n: a for n, a in self.actors.items() if a is not None}
         self.dispatch.actors = self.actors
+        self.introduce(self.actors)
         self.members += 1
         self.version = max(floors)
         log.warning("distspatial: controller of %r restarted (%d), %d nodes adopted, version %d", self.name,

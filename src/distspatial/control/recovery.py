@@ -60,6 +60,7 @@ class RecoveryMixin:
         try:
             info = ray.get(ping_ref(actor), timeout=max(30.0, self.config.communication_timeout_ms / 1000))
             ray.get(actor.set_meta_version.options(concurrency_group="control").remote(self.version, True))
+            self.introduce({node: actor})
         except Exception as exc:
             log.warning("distspatial: replacement node %d did not start: %s", node, exc)
             ray.kill(actor)

@@ -18,9 +18,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .local_index import merge_topk
 from .routing import RoutingTable
 
-__all__ = ["Assignment", "knn_home", "knn_followups", "ball_pairs", "box_pairs"]
+__all__ = ["Assignment", "knn_home", "knn_followups", "ball_pairs", "box_pairs", "merge_candidates"]
 
 _CHUNK = 65_536  # queries per block of the (m, P) MINDIST matrix
 
@@ -37,7 +38,9 @@ class Assignment:
     @classmethod
     def from_pairs(cls, rows: np.ndarray, parts: np.ndarray, n_queries: int) -> Assignment:
         """Group pairs by partition, keeping the rows' order inside each partition."""
-        order = np.argsort(parts, kind="stable")
+        # partition numbers as the narrowest unsigned type: numpy sorts those with a radix sort
+        narrow = parts.astype(np.min_scalar_type(max(1, int(parts.max())))) if len(parts) and parts.min() >= 0 else parts
+        order = np.argsort(narrow, kind="stable")
         rows, parts = rows[order], parts[order]
         return cls._from_sorted(rows, parts, n_queries)
 
@@ -220,3 +223,17 @@ def box_pairs(lo: np.ndarray, hi: np.ndarray, routing: RoutingTable) -> Assignme
     """Pairs ``(query box, partition)`` whose boxes intersect."""
     rows, parts = np.nonzero(routing.boxes_meet(lo, hi))
     return Assignment.from_pairs(rows, parts, len(lo))
+
+
+def merge_candidates(dist: np.ndarray, ids: np.ndarray, rows: np.ndarray, d_: np.ndarray, i_: np.ndarray,
+                     k: int) -> None:
+    """Merge candidate rows ``(d_, i_)`` of queries ``rows`` into the running top-k ``(dist, ids)`` in place;
+    ``rows`` may repeat a query (two partitions in one message): merged in passes of unique rows."""
+    pending = np.arange(len(rows))
+    while len(pending):
+        r = rows[pending]
+        _, first = np.unique(r, return_index=True)
+        take = pending[first]
+        rr = rows[take]
+        dist[rr], ids[rr] = merge_topk(dist[rr], ids[rr], d_[take], i_[take], k)
+        pending = np.setdiff1d(pending, take, assume_unique=True)

@@ -1,8 +1,10 @@
 """Starting node actors: resources, placement, names.
 
 A node actor is :class:`~distspatial.node.spatial_node.SpatialNode` run by Ray. Queries (``knn``, ``ball``,
-``box``) run in their own concurrency group ("reads"), so they never wait behind an append or an algorithm step;
-liveness pings in "control" (a busy node still answers); everything else runs one call at a time. A node of a
+``box``, ``knn_batch``) run in their own concurrency group ("reads"), so they never wait behind an append or an
+algorithm step; other nodes' follow-up rounds of a batch in "peer" (never calling out: no deadlock between two
+nodes asking each other); liveness pings in "control" (a busy node still answers); everything else runs one
+call at a time. A node of a
 named cluster is a named, detached actor (``<cluster>:node-<id>`` in the namespace ``distspatial``): it outlives
 the process that created it and the controller, which finds it again by name after a restart.
 """
@@ -15,6 +17,7 @@ from typing import Any
 import ray
 
 from ..core.config import NodeConfig
+from .query_rounds import PEER_GROUP
 from .spatial_node import SpatialNode
 
 __all__ = ["NAMESPACE", "node_actor_name", "start_node_actor", "gpus_per_node", "free_cpus", "threads_for"]
@@ -46,7 +49,7 @@ def start_node_actor(node_id: int, cpus: float, threads: int, ray_node: str | No
     if cluster is not None:
         named = {"name": node_actor_name(cluster, node_id), "namespace": NAMESPACE, "lifetime": "detached"}
     return (
-        ray.remote(concurrency_groups={"reads": 1, "control": 1})(SpatialNode)
+        ray.remote(concurrency_groups={"reads": 1, "control": 1, PEER_GROUP: 1})(SpatialNode)
         .options(num_cpus=cpus, num_gpus=gpus, scheduling_strategy=strategy, max_concurrency=1, **named)
         .remote(node_id, threads, compress, device)
     )

@@ -24,50 +24,16 @@ import numpy as np
 from ..core.codec import decode_all, encode, encode_all, message_bytes
 from ..core.errors import PartitionMovedError, StaleMetadataError
 from ..kernels.local_index import LocalPartition
+from .messages import Segment, data_message
+from .query_rounds import QueryRoundsMixin
 
 __all__ = ["SpatialNode", "Segment"]
 
-#: ``(partition_id, start, stop)``: rows ``start:stop`` of a call's query array are addressed to that partition.
-Segment = tuple[int, int, int]
-
-F = TypeVar("F", bound=Callable[..., Any])
 
 
-def data_message(compress_result: bool = False) -> Callable[[F], F]:
-    """Mark a node method as a data message: count it, decode compressed arguments, maybe compress the result.
-
-    Bytes are counted with :func:`~distspatial.core.codec.message_bytes` on the arguments as they arrived
-    (compressed size where compressed) and on the result as it leaves, the same function the coordinator
-    uses on its side, so the totals of all parties add up. Control calls (``ping``, ``stats``, ``clear``,
-    ``drop_partitions``, ``split_partition``, ``kmeans_end``) are not data messages and are not counted.
-    With ``compress_result`` (query answers) and compression on, large result arrays are encoded.
-    """
-
-    def wrap(fn: F) -> F:
-        @functools.wraps(fn)
-        def method(self: SpatialNode, *args: Any, **kwargs: Any) -> Any:
-            t0 = time.perf_counter()
-            received = message_bytes(args, kwargs)
-            result = fn(self, *decode_all(args), **kwargs)
-            if compress_result and self.compress:
-                result = encode_all(result)
-            out, raw = message_bytes(result), message_bytes(result, raw=True)
-            with self._lock:  # queries run in their own thread (concurrency group "reads")
-                c = self.counters
-                c["calls"] += 1
-                c["busy_s"] += time.perf_counter() - t0
-                c["bytes_in"] += received
-                c["bytes_out"] += out
-                c["raw_bytes_out"] += raw
-            return result
-
-        return method  # type: ignore[return-value]
-
-    return wrap
-
-
-class SpatialNode:
-    """State and kernels of one logical node (see module docstring)."""
+class SpatialNode(QueryRoundsMixin):
+    """State and kernels of one logical node (see module docstring); query rounds of a batch in
+    :class:`~distspatial.node.query_rounds.QueryRoundsMixin`."""
 
     def __init__(self, node_id: int, threads: int = 1, compress: bool = False, device: str = "cpu") -> None:
         from ..kernels.backend import CpuBackend
@@ -374,6 +340,11 @@ class SpatialNode:
         ``layout``: the metadata version a first / later round was planned on (see :meth:`_check_version`).
         """
         self._check_version(version, layout)
+        return self._knn_local(queries, bounds, segments, k)
+
+    def _knn_local(self, queries: np.ndarray, bounds: np.ndarray | None, segments: list[Segment],
+                   k: int) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`knn` on the partitions held here, without the version check or message counting."""
         m = len(queries)
         dist = np.empty((m, k), dtype=np.float64)
         ids = np.empty((m, k), dtype=np.int64)

@@ -1,0 +1,184 @@
+"""Queries planned and merged on the nodes: the client only splits a batch by home partition.
+
+A client computes each query's curve key and home partition (the key range holding it), and sends each node the
+queries whose home partitions it serves (:meth:`QueryRoundsMixin.knn_batch`), with the metadata version it
+planned on. The node then does what the client used to do, for its share of the batch:
+
+1. sorts its queries by curve key (the order a partition's index answers fastest) and answers them in their home
+   partitions, which it holds;
+2. from the k-th distances, plans the follow-ups with the routing table of that version
+   (:func:`~distspatial.kernels.query_planning.knn_followups`: cell and MINDIST tests): partitions it holds
+   itself are searched here, the others are asked directly of a replica node, in that node's ``peer``
+   concurrency group (which never calls out, so two nodes asking each other cannot deadlock);
+3. merges the candidates and returns final answers in the order the queries came.
+
+The routing table of a version comes from the controller once per version (``view``), with the node handles of
+the peers; a node whose peers fail marks them failed and tells the controller, and the dispatcher retries their
+partitions on other replicas. A peer that refuses a round because the partition layout changed since the
+client's plan makes the whole call refused (:class:`~distspatial.core.errors.StaleMetadataError`): the client
+plans again. Partitions lost on every replica raise :class:`~distspatial.core.errors.PartitionLostError`, or
+with ``allow_partial`` are left out and named in the answer.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import numpy as np
+import ray
+from ray.exceptions import RayTaskError
+
+from ..core.codec import encode_all, message_bytes
+from ..core.curves import curve_keys
+from ..core.errors import PartitionLostError, PartitionMovedError, StaleMetadataError
+from ..core.stats import CommunicationCounters
+from ..kernels.query_planning import knn_followups, knn_home, merge_candidates
+from ..kernels.routing import RoutingTable
+from .dispatch import Dispatcher
+from .messages import Segment, data_message
+
+__all__ = ["QueryRoundsMixin", "PEER_GROUP"]
+
+#: the concurrency group of a node in which peers' follow-up rounds run (never calls other nodes)
+PEER_GROUP = "peer"
+
+
+class QueryRoundsMixin:
+    """Node-side planning and merging of query batches (see module docstring). Mixed into
+    :class:`~distspatial.node.spatial_node.SpatialNode`; uses its ``partitions``, ``node_id``, ``compress``,
+    ``counters``, ``_lock``, ``_check_version`` and ``_knn_local``."""
+
+    _controller: Any = None
+    _rounds_view: tuple[int, RoutingTable, Dispatcher] | None = None
+    _rounds_lock: threading.Lock | None = None
+
+    def set_controller(self, controller: Any) -> None:
+        """The controller's actor handle (to fetch the routing of a metadata version and report failed peers)."""
+        self._controller = controller
+        self._rounds_view = None
+
+    def _rounds_at(self, version: int) -> tuple[RoutingTable, Dispatcher]:
+        """Routing table and peer dispatcher of metadata ``version``, fetched from the controller once."""
+        cached = self._rounds_view
+        if cached is not None and cached[0] == version:
+            return cached[1], cached[2]
+        if self._controller is None:
+            raise RuntimeError(f"node {self.node_id} has no controller to ask for metadata version {version}")
+        if self._rounds_lock is None:
+            self._rounds_lock = threading.Lock()
+        with self._rounds_lock:
+            cached = self._rounds_view
+            if cached is not None and cached[0] == version:
+                return cached[1], cached[2]
+            view = ray.get(self._controller.view.remote(version, 30.0))
+            if view.version != version or view.meta is None:
+                raise StaleMetadataError(f"node {self.node_id}: query planned on metadata version {version}, the "
+                                         f"newest is {view.version}", view.version)
+            cfg = view.config
+            controller = self._controller
+
+            def report(node: int, reason: str) -> None:
+                try:
+                    controller.report_failure.remote(node, f"seen by node {self.node_id}: {reason}")
+                except Exception:
+                    pass
+
+            disp = Dispatcher(dict(view.actors), cfg.communication_timeout_ms / 1000.0, cfg.max_retries,
+                              CommunicationCounters(), on_failure=report)
+            disp.failed_nodes.update(view.failed)
+            self._rounds_view = (version, RoutingTable(view.meta), disp)
+            return self._rounds_view[1], disp
+
+    @data_message(compress_result=True)
+    def knn_batch(
+        self, queries: np.ndarray, segments: list[Segment], k: int, version: int,
+        allow_partial: bool = False,
+    ) -> tuple[np.ndarray, np.ndarray, list[int]]:
+        """Exact k nearest neighbours of ``queries`` (whose home partitions, as ``segments`` name them, are held
+        here), planned on metadata ``version``: ``(distances (m, k), ids (m, k), partitions left out)`` in the
+        order of ``queries``. Partitions are left out only with ``allow_partial`` (lost on every replica)."""
+        self._check_version(version)
+        routing, disp = self._rounds_at(version)
+        held = {p for p, _, _ in segments}
+        missing_home = sorted(held - set(self.partitions))
+        if missing_home:
+            raise PartitionMovedError(f"node {self.node_id} does not hold partitions {missing_home}")
+        m = len(queries)
+        keys = curve_keys(queries, routing.lo, routing.hi, routing.curve, routing.bits)
+        order = np.argsort(keys)
+        qs = np.take(queries, order, axis=0)
+        home = knn_home(keys[order], routing)
+        home_segments = [(int(p), int(a), int(b)) for p, a, b in zip(home.partitions, home.starts[:-1], home.starts[1:])]
+        stray = sorted({p for p, _, _ in home_segments} - set(self.partitions))
+        if stray:  # the client's split and this one disagree: they planned on different layouts
+            raise StaleMetadataError(f"node {self.node_id}: queries of partitions {stray} are not held here "
+                                     f"(version {version})", self.meta_version)
+        dist, ids = self._knn_local(qs, None, home_segments, k)  # round 1: the home partitions
+        kth = dist[:, k - 1].copy()
+        home_part = np.repeat(home.partitions, np.diff(home.starts))
+        follow = knn_followups(qs, kth, home_part, routing)
+        missing: list[int] = []
+        if follow.n_pairs:
+            groups = follow.groups()
+            local = [p for p in groups if p in self.partitions]
+            if local:
+                rows, segs = _stack(groups, local)
+                d_, i_ = self._knn_local(np.take(qs, rows, axis=0), kth[rows], segs, k)
+                merge_candidates(dist, ids, rows, d_, i_, k)
+            remote = [p for p in groups if p not in self.partitions]
+            if remote:
+                for rows, (d_, i_) in self._ask_peers(disp, routing, groups, remote, qs, kth, k, version,
+                                                      missing if allow_partial else None):
+                    merge_candidates(dist, ids, rows, d_, i_, k)
+        out_d = np.empty_like(dist)
+        out_i = np.empty_like(ids)
+        out_d[order] = dist
+        out_i[order] = ids
+        return out_d, out_i, missing
+
+    def _ask_peers(self, disp: Dispatcher, routing: RoutingTable, groups: dict[int, np.ndarray], pids: list[int],
+                   qs: np.ndarray, kth: np.ndarray, k: int, version: int,
+                   missing: list[int] | None) -> list[tuple[np.ndarray, Any]]:
+        """The follow-up round on other nodes: one message per peer, failover to replicas; bytes counted as
+        this node's."""
+        compress = self.compress
+
+        def build(node: int, part_ids: list[int]):
+            rows, segs = _stack(groups, part_ids)
+            args = encode_all((np.take(qs, rows, axis=0), kth[rows]), compress)
+            ref = disp.actors[node].knn.options(concurrency_group=PEER_GROUP).remote(
+                *args, segs, k=k, layout=version)
+            return ref, rows, message_bytes(args, segs, {"k": k, "layout": version})
+
+        controller = self._controller
+
+        def newest() -> RoutingTable:
+            """A replica moved meanwhile (a migration keeps partition ids): the newest owners and node handles."""
+            view = ray.get(controller.view.remote(0, 30.0))
+            disp.actors.update(view.actors)
+            disp.failed_nodes.update(view.failed)
+            return RoutingTable(view.meta)
+
+        comm = disp.comm = CommunicationCounters()
+        try:
+            return disp.run(pids, routing, build, newest, missing, balance=True)
+        except RayTaskError as exc:  # a peer's own refusal: raise it as it is, for the client to handle
+            cause = getattr(exc, "cause", None)
+            if isinstance(cause, (StaleMetadataError, PartitionLostError)):
+                raise cause from None
+            raise
+        finally:
+            tot = comm.totals()
+            with self._lock:
+                self.counters["bytes_out"] += tot["bytes_sent"]
+                self.counters["raw_bytes_out"] += tot["raw_bytes_sent"]
+                self.counters["bytes_in"] += tot["bytes_received"]
+
+
+def _stack(groups: dict[int, np.ndarray], pids: list[int]) -> tuple[np.ndarray, list[Segment]]:
+    """Rows of the partitions ``pids`` one after another, and the segments addressing them."""
+    parts = [groups[p] for p in pids]
+    rows = np.concatenate(parts) if len(parts) > 1 else parts[0]
+    bounds = np.cumsum([0] + [len(r) for r in parts])
+    return rows, [(int(p), int(bounds[j]), int(bounds[j + 1])) for j, p in enumerate(pids)]
