@@ -16,10 +16,10 @@ from typing import Any
 import numpy as np
 
 from ..core.curves import curve_keys
-from ..kernels.query_planning import Assignment, ball_pairs, box_pairs
+from ..kernels.query_planning import Assignment
 from .runtime import ClusterRuntime
 
-__all__ = ["knn", "ball", "box", "hits"]
+__all__ = ["knn", "ball", "box"]
 
 
 def knn(rt: ClusterRuntime, q: np.ndarray, k: int, missing: list[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -46,41 +46,61 @@ def knn(rt: ClusterRuntime, q: np.ndarray, k: int, missing: list[int] | None = N
 
 def ball(rt: ClusterRuntime, c: np.ndarray, r: np.ndarray, return_points: bool,
          missing: list[int] | None = None) -> list:
-    """Range search of the batch of centres ``c`` with radii ``r`` on the view cached now."""
+    """Range search of the batch of centres ``c`` with radii ``r`` on the view cached now: each ball goes to a
+    node of its centre's home partition, which plans and gathers its hits
+    (:meth:`~distspatial.node.query_rounds.QueryRoundsMixin.ball_batch`)."""
     meta, routing, version = rt.snapshot()
-    return hits(rt, ball_pairs(c, r, routing), "ball", lambda rows: (c[rows], r[rows]), meta.dim, return_points,
-                missing, version)
+    return _batch_hits(rt, routing, c, (c, r), "ball_batch", meta.dim, return_points, missing, version)
 
 
 def box(rt: ClusterRuntime, lo: np.ndarray, hi: np.ndarray, return_points: bool,
         missing: list[int] | None = None) -> list:
-    """Box search of the batch of boxes ``[lo, hi]`` on the view cached now."""
+    """Box search of the batch of boxes ``[lo, hi]`` on the view cached now (a node of the home partition of
+    each box's centre plans and gathers it)."""
     meta, routing, version = rt.snapshot()
-    return hits(rt, box_pairs(lo, hi, routing), "box", lambda rows: (lo[rows], hi[rows]), meta.dim, return_points,
-                missing, version)
+    centre = np.clip((lo + hi) / 2, meta.lo, meta.hi)
+    return _batch_hits(rt, routing, centre, (lo, hi), "box_batch", meta.dim, return_points, missing, version)
 
 
-def hits(
-    rt: ClusterRuntime, assign: Assignment, method: str, row_args, d: int, return_points: bool,
-    missing: list[int] | None = None, version: int | None = None,
-) -> list[Any]:
-    """Run a hit-list query (``ball``/``box``) and split the hits per query, sorted by id."""
-    m = assign.n_queries
-    q_parts, id_parts, pt_parts = [], [], []
-    for rows, (counts, ids, pts) in rt.run_assignment(
-        assign, method, row_args, missing, version, return_points=return_points
+def _batch_hits(rt: ClusterRuntime, routing: Any, anchor: np.ndarray, arrays: tuple[np.ndarray, ...], method: str,
+                d: int, return_points: bool, missing: list[int] | None, version: int) -> list[Any]:
+    """Split a hit-list batch by the home partition of ``anchor`` (one point per query), run ``method`` on those
+    nodes, and return one id array (or ``(ids, points)``) per query, sorted by id."""
+    m = len(anchor)
+    keys = curve_keys(anchor, routing.lo, routing.hi, routing.curve, routing.bits)
+    home = Assignment.from_pairs(np.arange(m, dtype=np.int64), routing.home_partitions(keys), m)
+    counts = np.zeros(m, dtype=np.int64)
+    per_rows, id_parts, pt_parts, left_out = [], [], [], set()
+    for rows, (cnt, ids, pts, miss) in rt.run_assignment(
+        home, method, lambda rows: tuple(np.take(a, rows, axis=0) for a in arrays), missing, version,
+        return_points=return_points, allow_partial=missing is not None,
     ):
-        q_parts.append(np.repeat(rows, counts))
+        counts[rows] = cnt
+        per_rows.append((rows, cnt))
         id_parts.append(ids)
+        pt_parts.append(pts)
+        left_out.update(miss)
+    if missing is not None:
+        missing.extend(sorted(left_out - set(missing)))
+    # each node's hits come grouped by its rows in order, sorted by id within a row: place the groups
+    starts = np.zeros(m + 1, dtype=np.int64)
+    np.cumsum(counts, out=starts[1:])
+    total = int(starts[-1])
+    id_all = np.empty(total, dtype=np.int64)
+    pt_all = np.empty((total, d)) if return_points else None
+    for (rows, cnt), ids, pts in zip(per_rows, id_parts, pt_parts):
+        dest = _positions(starts[rows], cnt)
+        id_all[dest] = ids
         if return_points:
-            pt_parts.append(pts)
-    q_all = np.concatenate(q_parts) if q_parts else np.empty(0, np.int64)
-    id_all = np.concatenate(id_parts) if id_parts else np.empty(0, np.int64)
-    order = np.lexsort((id_all, q_all))
-    id_all = id_all[order]
-    splits = np.cumsum(np.bincount(q_all, minlength=m))[:-1]
-    id_lists = np.split(id_all, splits)
+            pt_all[dest] = pts
+    id_lists = np.split(id_all, starts[1:-1])
     if not return_points:
         return id_lists
-    pt_all = np.concatenate(pt_parts)[order] if pt_parts else np.empty((0, d))
-    return list(zip(id_lists, np.split(pt_all, splits)))
+    return list(zip(id_lists, np.split(pt_all, starts[1:-1])))
+
+
+def _positions(first: np.ndarray, cnt: np.ndarray) -> np.ndarray:
+    """``first[i] + 0 .. first[i] + cnt[i] - 1`` for every i, concatenated (vectorized)."""
+    total = int(cnt.sum())
+    offs = np.arange(total, dtype=np.int64) - np.repeat(np.cumsum(cnt) - cnt, cnt)
+    return np.repeat(first, cnt) + offs

@@ -33,7 +33,7 @@ from ..core.codec import encode_all, message_bytes
 from ..core.curves import curve_keys
 from ..core.errors import PartitionLostError, PartitionMovedError, StaleMetadataError
 from ..core.stats import CommunicationCounters
-from ..kernels.query_planning import knn_followups, knn_home, merge_candidates
+from ..kernels.query_planning import ball_pairs, box_pairs, knn_followups, knn_home, merge_candidates
 from ..kernels.routing import RoutingTable
 from .dispatch import Dispatcher
 from .messages import Segment, data_message
@@ -104,7 +104,6 @@ class QueryRoundsMixin:
         missing_home = sorted(held - set(self.partitions))
         if missing_home:
             raise PartitionMovedError(f"node {self.node_id} does not hold partitions {missing_home}")
-        m = len(queries)
         keys = curve_keys(queries, routing.lo, routing.hi, routing.curve, routing.bits)
         order = np.argsort(keys)
         qs = np.take(queries, order, axis=0)
@@ -128,8 +127,8 @@ class QueryRoundsMixin:
                 merge_candidates(dist, ids, rows, d_, i_, k)
             remote = [p for p in groups if p not in self.partitions]
             if remote:
-                for rows, (d_, i_) in self._ask_peers(disp, routing, groups, remote, qs, kth, k, version,
-                                                      missing if allow_partial else None):
+                for rows, (d_, i_) in self._ask_peers(disp, routing, groups, remote, "knn", (qs, kth), {"k": k},
+                                                      version, missing if allow_partial else None):
                     merge_candidates(dist, ids, rows, d_, i_, k)
         out_d = np.empty_like(dist)
         out_i = np.empty_like(ids)
@@ -137,19 +136,72 @@ class QueryRoundsMixin:
         out_i[order] = ids
         return out_d, out_i, missing
 
+    @data_message(compress_result=True)
+    def ball_batch(
+        self, centers: np.ndarray, radii: np.ndarray, segments: list[Segment], return_points: bool, version: int,
+        allow_partial: bool = False,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, list[int]]:
+        """Range search of a share of a batch (the balls whose centres' home partitions ``segments`` name),
+        planned here on metadata ``version``: ``(counts (m,), ids, points or None, partitions left out)``, the
+        hits of row i after those of rows < i, each row's sorted by id (the layout of ``ball``)."""
+        self._check_version(version)
+        routing, disp = self._rounds_at(version)
+        assign = ball_pairs(centers, radii, routing)
+        return self._hits_rounds(disp, routing, assign, "ball", (centers, radii), self._ball_local, return_points,
+                                 version, allow_partial)
+
+    @data_message(compress_result=True)
+    def box_batch(
+        self, lo: np.ndarray, hi: np.ndarray, segments: list[Segment], return_points: bool, version: int,
+        allow_partial: bool = False,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, list[int]]:
+        """Box search of a share of a batch, planned here; the layout of :meth:`ball_batch`."""
+        self._check_version(version)
+        routing, disp = self._rounds_at(version)
+        assign = box_pairs(lo, hi, routing)
+        return self._hits_rounds(disp, routing, assign, "box", (lo, hi), self._box_local, return_points, version,
+                                 allow_partial)
+
+    def _hits_rounds(self, disp: Dispatcher, routing: RoutingTable, assign: Any, method: str,
+                     row_arrays: tuple[np.ndarray, ...], local_fn: Any, return_points: bool, version: int,
+                     allow_partial: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, list[int]]:
+        """Run a hit-list query's pairs (partitions held here searched here, the rest on peers) and pack the hits
+        per row, sorted by id."""
+        m = assign.n_queries
+        groups = assign.groups()
+        missing: list[int] = []
+        found: list[tuple[np.ndarray, tuple]] = []
+        local = [p for p in groups if p in self.partitions]
+        if local:
+            rows, segs = _stack(groups, local)
+            found.append((rows, local_fn(*(np.take(a, rows, axis=0) for a in row_arrays), segs, return_points)))
+        remote = [p for p in groups if p not in self.partitions]
+        if remote:
+            found += self._ask_peers(disp, routing, groups, remote, method, row_arrays, {"return_points": return_points},
+                                     version, missing if allow_partial else None)
+        q_parts = [np.repeat(rows, res[0]) for rows, res in found]
+        q_all = np.concatenate(q_parts) if q_parts else np.empty(0, np.int64)
+        id_all = np.concatenate([res[1] for _, res in found]) if found else np.empty(0, np.int64)
+        order = np.lexsort((id_all, q_all))
+        pts = None
+        if return_points:
+            d = row_arrays[0].shape[1]
+            pts = np.concatenate([res[2] for _, res in found])[order] if found else np.empty((0, d))
+        return np.bincount(q_all, minlength=m).astype(np.int64), id_all[order], pts, missing
+
     def _ask_peers(self, disp: Dispatcher, routing: RoutingTable, groups: dict[int, np.ndarray], pids: list[int],
-                   qs: np.ndarray, kth: np.ndarray, k: int, version: int,
+                   method: str, row_arrays: tuple[np.ndarray, ...], options: dict[str, Any], version: int,
                    missing: list[int] | None) -> list[tuple[np.ndarray, Any]]:
-        """The follow-up round on other nodes: one message per peer, failover to replicas; bytes counted as
-        this node's."""
+        """A later round on other nodes (``method`` over the rows of ``row_arrays`` in ``groups``): one message
+        per peer in its ``peer`` group, failover to replicas; bytes counted as this node's."""
         compress = self.compress
 
         def build(node: int, part_ids: list[int]):
             rows, segs = _stack(groups, part_ids)
-            args = encode_all((np.take(qs, rows, axis=0), kth[rows]), compress)
-            ref = disp.actors[node].knn.options(concurrency_group=PEER_GROUP).remote(
-                *args, segs, k=k, layout=version)
-            return ref, rows, message_bytes(args, segs, {"k": k, "layout": version})
+            args = encode_all(tuple(np.take(a, rows, axis=0) for a in row_arrays), compress)
+            ref = getattr(disp.actors[node], method).options(concurrency_group=PEER_GROUP).remote(
+                *args, segs, **options, layout=version)
+            return ref, rows, message_bytes(args, segs, options, version)
 
         controller = self._controller
 
