@@ -12,16 +12,14 @@ because with replicas a node may hold a partition that another replica serves fo
 
 from __future__ import annotations
 
-import functools
 import os
 import socket
 import time
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 
-from ..core.codec import decode_all, encode, encode_all, message_bytes
+from ..core.codec import encode
 from ..core.errors import PartitionMovedError, StaleMetadataError
 from ..kernels.local_index import LocalPartition
 from .messages import Segment, data_message
@@ -363,14 +361,19 @@ class SpatialNode(QueryRoundsMixin):
     @data_message(compress_result=True)
     def ball(
         self, centers: np.ndarray, radii: np.ndarray, segments: list[Segment], return_points: bool = False,
-        version: int | None = None,
+        version: int | None = None, layout: int | None = None,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """Points within ``radii[i]`` of ``centers[i]`` (inclusive), for each segment's partition.
 
         Returns ``(counts (m,), ids (sum counts,), points or None)``: row i's hits are the ``counts[i]``
-        entries after those of rows ``< i``. ``version`` as in :meth:`knn`.
+        entries after those of rows ``< i``. ``version`` / ``layout`` as in :meth:`knn`.
         """
-        self._check_version(version)
+        self._check_version(version, layout)
+        return self._ball_local(centers, radii, segments, return_points)
+
+    def _ball_local(self, centers: np.ndarray, radii: np.ndarray, segments: list[Segment],
+                    return_points: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """:meth:`ball` on the partitions held here, without the version check or message counting."""
         m = len(centers)
         counts = np.zeros(m, dtype=np.int64)
         id_chunks, pt_chunks = [], []
@@ -394,10 +397,15 @@ class SpatialNode(QueryRoundsMixin):
     @data_message(compress_result=True)
     def box(
         self, lo: np.ndarray, hi: np.ndarray, segments: list[Segment], return_points: bool = False,
-        version: int | None = None,
+        version: int | None = None, layout: int | None = None,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """Points inside the boxes ``[lo[i], hi[i]]`` (inclusive); same return layout as :meth:`ball`."""
-        self._check_version(version)
+        self._check_version(version, layout)
+        return self._box_local(lo, hi, segments, return_points)
+
+    def _box_local(self, lo: np.ndarray, hi: np.ndarray, segments: list[Segment],
+                   return_points: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """:meth:`box` on the partitions held here, without the version check or message counting."""
         m = len(lo)
         counts = np.zeros(m, dtype=np.int64)
         id_chunks, pt_chunks = [], []
