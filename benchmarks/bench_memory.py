@@ -1,0 +1,70 @@
+"""Memory held per point once loaded (issue #14): how much the machine's used memory grows across
+``distribute_data`` (the input array allocated before), 2-D, one replica, 2 nodes on the embedded runtime; next to
+it, the same for one scipy cKDTree over the same points with its ids (the single-machine peer).
+
+    .venv/bin/python benchmarks/bench_memory.py            # 1M, 10M, 40M points
+    .venv/bin/python benchmarks/bench_memory.py --sizes 1000000
+
+Each size runs in a fresh process. "Used" is ``total - available`` (psutil): it counts the nodes' memory, the
+client's, and Ray's shared-memory object store pages still held.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+CHILD = r"""
+import gc, json, os, sys, time
+import numpy as np, psutil
+n = int(sys.argv[1]); which = sys.argv[2]
+def used():
+    vm = psutil.virtual_memory()
+    return vm.total - vm.available
+rng = np.random.default_rng(0)
+pts = rng.random((n, 2))
+if which == "ckdtree":
+    from scipy.spatial import cKDTree
+    gc.collect(); u0 = used()
+    tree = cKDTree(pts)
+    ids = np.arange(n, dtype=np.int64)
+    gc.collect(); time.sleep(1.0); u1 = used()
+else:
+    from distspatial import DistributedSpatialCluster, NodeConfig
+    c = DistributedSpatialCluster(NodeConfig().with_node_count(2).replace(num_cpus=os.cpu_count()))
+    c.progress = False
+    c.distributed_knn_search  # noqa
+    gc.collect(); time.sleep(1.0); u0 = used()
+    c.distribute_data(pts)
+    gc.collect()
+    time.sleep(3.0)  # background frees (object store, the nodes' first copies) settle
+    u1 = used()
+    c.shutdown()
+print(json.dumps({"n": n, "which": which, "bytes_per_point": (u1 - u0) / n}))
+"""
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", type=int, nargs="+", default=[1_000_000, 10_000_000, 40_000_000])
+    args = ap.parse_args()
+    print("| points | distspatial, B/point | cKDTree + ids, B/point | ratio |")
+    print("|---|---|---|---|")
+    for n in args.sizes:
+        res = {}
+        for which in ("distspatial", "ckdtree"):
+            out = subprocess.run([sys.executable, "-c", CHILD, str(n), which], capture_output=True, text=True,
+                                 timeout=1800, env=dict(os.environ, RAY_AUTH_MODE="disabled"))
+            if out.returncode:
+                sys.exit(out.stderr[-3000:])
+            res[which] = json.loads(out.stdout.strip().splitlines()[-1])["bytes_per_point"]
+        print(f"| {n:,} | {res['distspatial']:.0f} | {res['ckdtree']:.0f} | {res['distspatial'] / res['ckdtree']:.2f} |",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()
