@@ -74,6 +74,13 @@ class DataFileError(ValueError):
         self.column = column
         super().__init__(f"{self.path}: {problem}" + (f"; {fix}" if fix else ""))
 
+    def __reduce__(self):  # pickled with its fields, so the error crosses Ray (raised on a node) intact
+        return (_data_file_error, (self.path, self.problem, self.fix, self.row, self.column))
+
+
+def _data_file_error(path: str, problem: str, fix: str, row: int | None, column: str | None) -> DataFileError:
+    return DataFileError(path, problem, fix, row=row, column=column)
+
 
 # -- format detection and column selection ----------------------------------------------------------------------
 def _suffix(path: str) -> tuple[str, str]:
@@ -320,6 +327,11 @@ def _open_npy(path: str, columns: list[str] | None, id_column: str | None) -> Po
                             "write it with numpy.save") from None
     if not isinstance(arr, np.ndarray):  # pragma: no cover - np.load of .npz
         raise DataFileError(path, "not a single .npy array", "write it with numpy.save")
+    return _npy_source(path, arr, columns, id_column)
+
+
+def _npy_source(path: str, arr: np.ndarray, columns: list[str] | None, id_column: str | None) -> PointSource:
+    """A :class:`PointSource` over an ``.npy`` array already opened (memory map or rows read), columns checked."""
     structured = arr.dtype.names is not None
     if structured:
         if arr.ndim != 1:
@@ -370,11 +382,12 @@ def _read_npy(src: PointSource, rows: int):
 
 
 # -- Parquet ------------------------------------------------------------------------------------------------------
-def _open_parquet(path: str, columns: list[str] | None, id_column: str | None) -> PointSource:
+def _open_parquet(path: str, columns: list[str] | None, id_column: str | None, handle: Any = None) -> PointSource:
+    """``handle``: an open random-access file (a pyarrow filesystem's) to read instead of ``path``."""
     import pyarrow.parquet as pq
 
     try:
-        pf = pq.ParquetFile(path)
+        pf = pq.ParquetFile(path if handle is None else handle)
     except (pa.ArrowException, OSError) as exc:
         raise DataFileError(path, f"not a valid Parquet file ({exc})", "write it with pyarrow or pandas") from None
     schema = pf.schema_arrow
@@ -411,12 +424,15 @@ def _is_number(s: str) -> bool:
         return False
 
 
-def _open_csv(path: str, columns: list[str] | None, id_column: str | None) -> PointSource:
+def _open_csv(path: str, columns: list[str] | None, id_column: str | None,
+              opener: Callable[[], Any] | None = None) -> PointSource:
+    """``opener``: returns a fresh input stream of the file (a pyarrow filesystem's), read instead of ``path``."""
     import pyarrow.csv as pv
 
     parse = pv.ParseOptions(delimiter=_csv_options(path)["delimiter"])
     try:
-        probe = pv.open_csv(path, read_options=pv.ReadOptions(block_size=1 << 20), parse_options=parse)
+        probe = pv.open_csv(path if opener is None else opener(), read_options=pv.ReadOptions(block_size=1 << 20),
+                            parse_options=parse)
     except pa.ArrowInvalid as exc:
         if "empty" in str(exc).lower():
             raise DataFileError(path, "the file is empty", "give a CSV file with a header line and points") from None
@@ -425,7 +441,7 @@ def _open_csv(path: str, columns: list[str] | None, id_column: str | None) -> Po
     schema = probe.schema
     names = list(schema.names)
     header = not all(_is_number(n) for n in names)
-    opts: dict = {"parse": parse, "column_names": None}
+    opts: dict = {"parse": parse, "column_names": None, "open": opener}
     if not header:  # a headerless file: columns are called "0", "1", ...
         names = [str(i) for i in range(len(names))]
         opts["column_names"] = names
@@ -451,7 +467,9 @@ def _csv_reader(src: PointSource, types: dict, skip: int = 0, block: int = _CSV_
     ro = pv.ReadOptions(block_size=block, column_names=src._opts["column_names"], skip_rows_after_names=skip)
     co = pv.ConvertOptions(include_columns=list(types), column_types=types, strings_can_be_null=True,
                            null_values=_CSV_NULLS)
-    return pv.open_csv(src.path, read_options=ro, parse_options=src._opts["parse"], convert_options=co)
+    opener = src._opts.get("open")
+    return pv.open_csv(src.path if opener is None else opener(), read_options=ro, parse_options=src._opts["parse"],
+                       convert_options=co)
 
 
 def _read_csv(src: PointSource, rows: int):
@@ -602,7 +620,7 @@ def open_points(path: Any, columns: Any = None, id_column: str | None = None) ->
         raise DataFileError(p, "no such file", hint)
     if os.path.isdir(p):
         raise DataFileError(p, "is a directory, not a file", "give the path of a point file")
-    if os.path.getsize(p) == 0:
+    if os.path.isfile(p) and os.path.getsize(p) == 0:
         raise DataFileError(p, "the file is empty (0 bytes)", "give a file with at least one point")
     return _OPENERS[fmt](p, cols, id_column)
 
