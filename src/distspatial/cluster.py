@@ -427,6 +427,57 @@ class DistributedSpatialCluster:
         return _ingest.distribute_chunks(self._rt, source, columns, id_column, chunk_rows, sample_size,
                                          progress=self.progress)
 
+    def distribute_files(
+        self, source: Any, columns: Any = None, id_column: str | None = None, *, sample_size: int = 200_000,
+    ) -> GlobalIndexMetadata:
+        """Load point files with the nodes reading them in parallel; nothing passes through this process.
+
+        ``source``: a file, a directory (every point file under it: ``.parquet``, ``.csv``/``.tsv`` (also
+        compressed), ``.npy``, ``.las``/``.laz``), a glob (``"data/*.parquet"``), a list of these, or a URI
+        pyarrow's filesystems open (``s3://``, ``gs://``, ``hdfs://``, ``file://``). The files are cut into shares
+        (Parquet row groups, ``.npy`` row ranges, CSV and LAS files), each node reads its own and the points go
+        node to node to their partitions (:mod:`distspatial.control.loading`). On several machines every machine
+        must reach the files (a shared or mounted filesystem, or object storage); a node that cannot open one
+        says which file and which host.
+
+        ``columns`` / ``id_column`` as in :func:`distspatial.io.open_points` (the same in every file). Ids are the
+        rows of the input (files in sorted order for a directory or glob, in the given order for a list; rows in
+        file order), exactly as ``distribute_data`` of the concatenated input would number them; with
+        ``id_column`` they are that column's values, which must be unique (checked by the nodes), and algorithm
+        labels then follow :meth:`point_ids` (ascending ids). ``sample_size``: points of the uniform sample whose
+        curve-key quantiles cut the partitions.
+
+        Replaces the data set. A bad file (missing, a corrupt row or a non-numeric value: the error names file,
+        row and column; mixed dimensions), duplicate ids or a node dying while the files are read: an error, and
+        the previous data set is left as it was. A failure while the nodes build the partitions leaves no data
+        set (as ``distribute_data``). Never a half-loaded one.
+
+        >>> meta = cluster.distribute_files("s3://bucket/points/", columns="x,y")   # doctest: +SKIP
+        >>> meta = cluster.distribute_files(["a.parquet", "b.csv"], id_column="id")  # doctest: +SKIP
+        """
+        self._require_open()
+        from .io.shares import is_uri
+
+        def resolve(p: Any) -> str:  # the controller and the nodes may run elsewhere: absolute local paths
+            s = os.fspath(p)
+            return s if is_uri(s) else os.path.abspath(os.path.expanduser(s))
+
+        if isinstance(source, (str, os.PathLike)):
+            src: Any = resolve(source)
+        elif isinstance(source, (list, tuple)):
+            src = [resolve(p) for p in source]
+        else:
+            raise TypeError(f"source must be a path, a glob, a URI or a list of them, got {type(source).__name__}")
+        if isinstance(sample_size, bool) or not isinstance(sample_size, (int, np.integer)) or sample_size < 1:
+            raise ValueError(f"sample_size must be a positive int, got {sample_size!r}")
+        seed = self.config.seed if self.config.seed is not None else 0
+        with Timer() as t:
+            view = self._rt.call_controller("distribute_files", src, columns, id_column, int(sample_size), seed,
+                                            self._rt.new_token())
+            self._rt.install(view)
+        log.info("loaded %d points from %s in %.2f s", view.meta.n_points, source, t.seconds)
+        return view.meta
+
     def sample_points(self, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """``(ids, points)`` of a uniform random sample of at most ``n`` points, drawn on the nodes (each
         partition in proportion to its size); for plots and previews of data sets too large to fetch."""

@@ -50,6 +50,7 @@ from .balance_rounds import BalancingMixin
 from .balancing import TuningPolicy
 from .checkpointing import CheckpointMixin
 from .fault import FaultDetector
+from .loading import LoadingMixin
 from ..core.metadata import GlobalIndexMetadata
 from .recovery import RecoveryMixin
 from ..kernels.routing import RoutingTable
@@ -69,7 +70,7 @@ def controller_actor_name(cluster: str) -> str:
     return f"{cluster}:controller"
 
 
-class ClusterController(NodeMessages, WritesMixin, RecoveryMixin, BalancingMixin, CheckpointMixin):
+class ClusterController(NodeMessages, WritesMixin, LoadingMixin, RecoveryMixin, BalancingMixin, CheckpointMixin):
     """The control plane of one cluster, run as a Ray actor (see module docstring).
 
     Args:

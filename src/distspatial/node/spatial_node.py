@@ -22,6 +22,7 @@ import numpy as np
 from ..core.codec import encode
 from ..core.errors import PartitionMovedError, StaleMetadataError
 from ..kernels.local_index import LocalPartition
+from .loading import LoadingMixin
 from .messages import Segment, data_message
 from .query_rounds import QueryRoundsMixin
 
@@ -29,9 +30,10 @@ __all__ = ["SpatialNode", "Segment"]
 
 
 
-class SpatialNode(QueryRoundsMixin):
+class SpatialNode(LoadingMixin, QueryRoundsMixin):
     """State and kernels of one logical node (see module docstring); query rounds of a batch in
-    :class:`~distspatial.node.query_rounds.QueryRoundsMixin`."""
+    :class:`~distspatial.node.query_rounds.QueryRoundsMixin`, parallel file loads in
+    :class:`~distspatial.node.loading.LoadingMixin`."""
 
     def __init__(self, node_id: int, threads: int = 1, compress: bool = False, device: str = "cpu") -> None:
         from ..kernels.backend import CpuBackend
