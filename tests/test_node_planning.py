@@ -120,3 +120,81 @@ def test_splits_while_batches_run_stay_exact(ray_local):
             t.join(timeout=120)
         assert not errors, errors
         assert len(splits) == 6 and c.metadata.n_partitions == 10
+
+
+def _read_parts(out_dir: str) -> tuple[np.ndarray, ...]:
+    import glob
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    files = sorted(glob.glob(f"{out_dir}/part-*.parquet"))
+    assert files, "no part files written"
+    t = pa.concat_tables([pq.read_table(f) for f in files])
+    q, rank, ids, dist = (t[c].to_numpy() for c in ("query", "rank", "id", "distance"))
+    o = np.lexsort((rank, q))
+    return q[o], rank[o], ids[o], dist[o], files
+
+
+def _write_queries(tmp_path, q: np.ndarray) -> str:
+    """Three query files (Parquet, CSV, Parquet) in one directory, in this order of rows."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    d = tmp_path / "queries"
+    d.mkdir()
+    a, b = len(q) // 3, 2 * len(q) // 3
+    pq.write_table(pa.table({"x": q[:a, 0], "y": q[:a, 1]}), d / "a.parquet", row_group_size=max(1, a // 3))
+    np.savetxt(d / "b.csv", q[a:b], delimiter=",", header="x,y", comments="", fmt="%.17g")
+    pq.write_table(pa.table({"x": q[b:, 0], "y": q[b:, 1]}), d / "c.parquet")
+    return str(d)
+
+
+def test_knn_join_files_to_a_directory_written_by_the_nodes(ray_local, tmp_path):
+    pts = skewed_points(50_000, 2, seed=12)
+    small = skewed_points(3_000, 2, seed=12, sample_seed=5)
+    large = skewed_points(12_000, 2, seed=12, sample_seed=6)
+    cfg = NodeConfig().with_node_count(2).replace(cpus_per_node=0.2)
+    tree = cKDTree(pts)
+    with DistributedSpatialCluster(cfg) as c:
+        c.distribute_data(pts)
+        received = []
+        for name, q in (("small", small), ("large", large)):
+            (tmp_path / name).mkdir()
+            src = _write_queries(tmp_path / name, q)
+            before = c._rt.comm.totals()["bytes_received"]
+            out = c.knn_join(src, k=5, output=str(tmp_path / name / "out") + "/", columns="x,y", chunk_rows=1_000)
+            received.append(c._rt.comm.totals()["bytes_received"] - before)
+            qid, rank, ids, dist, files = _read_parts(out)
+            assert all(f.rsplit("/", 1)[1].startswith("part-0000") for f in files)
+            np.testing.assert_array_equal(qid, np.repeat(np.arange(len(q)), 5))  # every query once, input order
+            np.testing.assert_array_equal(rank, np.tile(np.arange(5), len(q)))
+            assert_knn_ids_match(pts, q, dist.reshape(-1, 5), ids.reshape(-1, 5), 5)
+            ref_d, _ = tree.query(q, 5)
+            np.testing.assert_allclose(dist.reshape(-1, 5), ref_d, rtol=0, atol=1e-12)
+        # the client receives file lists only: not proportional to the queries (4x more queries here)
+        assert received[1] < 2 * received[0] + 4096, received
+        with pytest.raises(FileExistsError, match="part-"):
+            c.knn_join(src, k=5, output=str(tmp_path / "large" / "out") + "/", columns="x,y")
+
+
+def test_knn_join_to_a_directory_survives_a_dead_node(ray_local, tmp_path):
+    """A node is dead when the join starts (the client still lists it): its shares are read again by the
+    others, and the answers stay exact and complete."""
+    pts = skewed_points(40_000, 2, seed=13)
+    q = skewed_points(6_000, 2, seed=13, sample_seed=7)
+    cfg = NodeConfig().with_node_count(3).with_fault_tolerance(True).replace(cpus_per_node=0.2)
+    with DistributedSpatialCluster(cfg) as c:
+        c.distribute_data(pts)
+        src = _write_queries(tmp_path, q)
+        victim = c._rt.live_node_ids[1]
+        actor = c._rt.actors[victim]
+        ray.kill(actor, no_restart=True)
+        with pytest.raises(ray.exceptions.RayActorError):
+            ray.get(actor.ping.remote(), timeout=60)
+        out = c.knn_join(src, k=3, output=str(tmp_path / "out"), columns="x,y", chunk_rows=500)
+        qid, rank, ids, dist, files = _read_parts(out)
+        assert not any(f"part-{victim:05d}-" in f for f in files)
+        np.testing.assert_array_equal(qid, np.repeat(np.arange(len(q)), 3))
+        ref_d, _ = cKDTree(pts).query(q, 3)
+        np.testing.assert_allclose(dist.reshape(-1, 3), ref_d, rtol=0, atol=1e-12)

@@ -121,6 +121,9 @@ def knn_join(
         raise ValueError("pass other_points, or self_join=True for the all-kNN of the distributed set")
     meta = rt.require_data()
     check_k(k, meta.n_points - 1 if self_join else meta.n_points)
+    if output is not None and _is_directory_target(str(output)) and not self_join and not _is_array(other_points) \
+            and _is_file_source(other_points):
+        return join_to_directory(rt, other_points, k, str(output), columns, chunk_rows)
     gen = _join_chunks(rt, other_points, k, self_join, chunk_rows, columns)
     if output is not None:
         return _write_join(gen, str(output))
@@ -142,6 +145,72 @@ def knn_join(
             return np.empty((0, k)), np.empty((0, k), dtype=np.int64)
         return np.concatenate([p[1] for p in parts]), np.concatenate([p[2] for p in parts])
     return ((d, i) for _, d, i in gen)  # a stream: one (distances, ids) per chunk, nothing collected
+
+
+def _is_directory_target(output: str) -> bool:
+    """``output`` names a directory: ends with a separator, is one, or has no file extension."""
+    return output.endswith(("/", os.sep)) or os.path.isdir(output) or not os.path.splitext(output)[1]
+
+
+def _is_file_source(x: Any) -> bool:
+    return isinstance(x, (str, os.PathLike)) or (isinstance(x, (list, tuple)) and x and
+                                                 all(isinstance(p, (str, os.PathLike)) for p in x))
+
+
+def join_to_directory(rt: ClusterRuntime, source: Any, k: int, out_dir: str, columns: Any = None,
+                      block_rows: int = 250_000) -> str:
+    """kNN join of query files with the nodes reading and writing: shares of ``source`` (files, a directory, a
+    glob) go to the live nodes, each answers its queries through the nodes of their home partitions and writes
+    ``part-<node>-<n>.parquet`` files (``query`` = row in input order, ``rank``, ``id``, ``distance``) into
+    ``out_dir``, which every machine must reach. A node that dies meanwhile: its part files are removed and its
+    shares read again by another node. Returns ``out_dir``; nothing but share descriptions passes through here."""
+    import glob as _glob
+
+    from ..core.errors import NodeFailureError
+    from ..io.shares import plan_shares
+    from ..node.dispatch import NODE_FAILURES
+
+    os.makedirs(out_dir, exist_ok=True)
+    if _glob.glob(os.path.join(out_dir, "part-*.parquet")):
+        raise FileExistsError(f"{out_dir} already holds part-*.parquet files; pass a new or empty directory")
+    live = rt.live_node_ids
+    shares = plan_shares(source, 4 * len(live), columns)
+    if not shares:
+        return out_dir
+    # query ids are rows in input order: shares that do not say their row count are counted by the nodes
+    unknown = [s for s in shares if s.n_rows is None]
+    counts = {s.index: s.n_rows for s in shares if s.n_rows is not None}
+    if unknown:
+        per = [unknown[j::len(live)] for j in range(len(live))]
+        refs = [(n, part, rt.send(n, "count_shares", part, columns)) for n, part in zip(live, per) if part]
+        for n, part, ref in refs:
+            counts.update(zip((s.index for s in part), rt.recv(n, ref)))
+    offsets = dict(zip((s.index for s in shares), np.cumsum([0] + [counts[s.index] for s in shares])[:-1].tolist()))
+    pending = {n: [] for n in live}
+    for j, s in enumerate(sorted(shares, key=lambda s: -s.nbytes)):  # largest first, to the least loaded
+        pending[min(pending, key=lambda n: sum(x.nbytes for x in pending[n]))].append(s)
+    version = rt.version
+    for _ in range(rt.config.max_retries + 1):
+        calls = {n: rt.send(n, "join_shares", part, [offsets[s.index] for s in part], columns, k, out_dir, version,
+                            block_rows)
+                 for n, part in pending.items() if part}
+        retry: list = []
+        for n, ref in calls.items():
+            try:
+                rt.recv(n, ref)
+            except NODE_FAILURES as exc:
+                rt.mark_failed(n, f"join: {type(exc).__name__}")
+                for f in _glob.glob(os.path.join(out_dir, f"part-{n:05d}-*.parquet")):
+                    os.remove(f)
+                retry += pending[n]
+        if not retry:
+            return out_dir
+        live = [n for n in rt.live_node_ids]
+        if not live:
+            break
+        pending = {n: retry[j::len(live)] for j, n in enumerate(live)}
+    raise NodeFailureError(f"the join into {out_dir} lost its nodes {rt.config.max_retries + 1} times; part files "
+                           "of the shares answered remain")
 
 
 def _write_join(gen, path: str) -> str:

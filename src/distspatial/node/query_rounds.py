@@ -22,6 +22,7 @@ with ``allow_partial`` are left out and named in the answer.
 
 from __future__ import annotations
 
+import os
 import threading
 from typing import Any
 
@@ -33,12 +34,12 @@ from ..core.codec import encode_all, message_bytes
 from ..core.curves import curve_keys
 from ..core.errors import PartitionLostError, PartitionMovedError, StaleMetadataError
 from ..core.stats import CommunicationCounters
-from ..kernels.query_planning import ball_pairs, box_pairs, knn_followups, knn_home, merge_candidates
+from ..kernels.query_planning import Assignment, ball_pairs, box_pairs, knn_followups, knn_home, merge_candidates
 from ..kernels.routing import RoutingTable
 from .dispatch import Dispatcher
 from .messages import Segment, data_message
 
-__all__ = ["QueryRoundsMixin", "PEER_GROUP"]
+__all__ = ["QueryRoundsMixin", "JoinWriterMixin", "PEER_GROUP"]
 
 #: the concurrency group of a node in which peers' follow-up rounds run (never calls other nodes)
 PEER_GROUP = "peer"
@@ -226,6 +227,99 @@ class QueryRoundsMixin:
                 self.counters["bytes_out"] += tot["bytes_sent"]
                 self.counters["raw_bytes_out"] += tot["raw_bytes_sent"]
                 self.counters["bytes_in"] += tot["bytes_received"]
+
+
+class JoinWriterMixin:
+    """Node-written kNN joins: each node reads its share of the query files and writes its part files.
+
+    :meth:`join_shares` runs in the node's default concurrency group (it waits on other nodes' ``reads`` group,
+    never the other way round). For each block of its queries it splits them by home partition, sends each part
+    to a node holding it (itself included) as a ``knn_batch`` (which plans and merges the later round), and
+    writes the answers as ``part-<node>-<n>.parquet`` with the columns ``query`` (the row in input order),
+    ``rank``, ``id`` and ``distance``: a billion-row result never passes through one process. Uses
+    ``_rounds_at`` and the node's identity from :class:`QueryRoundsMixin`.
+    """
+
+    def join_shares(
+        self, shares: list[Any], offsets: list[int], columns: Any, k: int, out_dir: str, version: int,
+        block_rows: int = 250_000,
+    ) -> dict[str, Any]:
+        """Answer the queries of ``shares`` (query ids ``offsets[j] + row`` for share j) and write them under
+        ``out_dir``; returns ``{"rows": queries answered, "files": [paths]}``."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        from ..io.shares import read_share
+
+        files: list[str] = []
+        rows_done = 0
+        for share, offset in zip(shares, offsets):
+            q, _ = read_share(share, columns, None)
+            dim = self._rounds_at_latest(version)[0].dim
+            if q.shape[1] != dim:
+                raise ValueError(f"{share.describe()}: {q.shape[1]} coordinate columns, but the distributed data set "
+                                 f"has {dim} (pick them with columns=...)")
+            for b, a in enumerate(range(0, len(q), block_rows)):
+                block = q[a:a + block_rows]
+                dist, ids, version = self._join_block(block, k, version)
+                m = len(block)
+                # n = share * 10**4 + block: unique across nodes and across a share read again after a failure
+                path = os.path.join(out_dir, f"part-{self.node_id:05d}-{share.index * 10_000 + b:09d}.parquet")
+                table = pa.table({
+                    "query": np.repeat(np.arange(offset + a, offset + a + m, dtype=np.int64), k),
+                    "rank": np.tile(np.arange(k, dtype=np.int32), m),
+                    "id": ids.reshape(-1),
+                    "distance": dist.reshape(-1),
+                })
+                pq.write_table(table, path)
+                files.append(path)
+                rows_done += m
+        return {"rows": rows_done, "files": files, "node": self.node_id}
+
+    def count_shares(self, shares: list[Any], columns: Any) -> list[int]:
+        """Rows of each share (read through: CSV and LAS files do not say without it)."""
+        from ..io.shares import read_share
+
+        return [share.n_rows if share.n_rows is not None else len(read_share(share, columns, None)[0])
+                for share in shares]
+
+    def _rounds_at_latest(self, version: int) -> tuple[RoutingTable, Dispatcher]:
+        try:
+            return self._rounds_at(version)
+        except StaleMetadataError as exc:
+            return self._rounds_at(int(exc.version))
+
+    def _join_block(self, q: np.ndarray, k: int, version: int) -> tuple[np.ndarray, np.ndarray, int]:
+        """kNN of one block via the nodes of the queries' home partitions; re-planned on a newer version when
+        the layout changed meanwhile. Returns ``(dist, ids, the version answered on)``."""
+        for _ in range(100):
+            try:
+                routing, disp = self._rounds_at(version)
+            except StaleMetadataError as exc:  # data or layout changed since the client's plan: the newest
+                version = int(exc.version)
+                continue
+            keys = curve_keys(q, routing.lo, routing.hi, routing.curve, routing.bits)
+            home = Assignment.from_pairs(np.arange(len(q), dtype=np.int64), routing.home_partitions(keys), len(q))
+            groups = home.groups()
+            dist = np.full((len(q), k), np.inf)
+            ids = np.full((len(q), k), -1, dtype=np.int64)
+
+            def build(node: int, pids: list[int]):
+                rows, segs = _stack(groups, pids)
+                ref = disp.actors[node].knn_batch.options(concurrency_group="reads").remote(
+                    np.take(q, rows, axis=0), segs, k=k, version=version)
+                return ref, rows, 0
+
+            try:
+                for rows, (d_, i_, _) in disp.run(list(groups), routing, build, None, None, balance=True):
+                    dist[rows], ids[rows] = d_, i_
+                return dist, ids, version
+            except RayTaskError as exc:
+                cause = getattr(exc, "cause", None)
+                if not isinstance(cause, StaleMetadataError):
+                    raise
+                version = max(version + 1, int(cause.version))
+        raise StaleMetadataError(f"node {self.node_id}: the layout kept changing during a join block", version)
 
 
 def _stack(groups: dict[int, np.ndarray], pids: list[int]) -> tuple[np.ndarray, list[Segment]]:

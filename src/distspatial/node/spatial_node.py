@@ -24,13 +24,13 @@ from ..core.errors import PartitionMovedError, StaleMetadataError
 from ..kernels.local_index import LocalPartition
 from .loading import LoadingMixin
 from .messages import Segment, data_message
-from .query_rounds import QueryRoundsMixin
+from .query_rounds import JoinWriterMixin, QueryRoundsMixin
 
 __all__ = ["SpatialNode", "Segment"]
 
 
 
-class SpatialNode(LoadingMixin, QueryRoundsMixin):
+class SpatialNode(LoadingMixin, QueryRoundsMixin, JoinWriterMixin):
     """State and kernels of one logical node (see module docstring); query rounds of a batch in
     :class:`~distspatial.node.query_rounds.QueryRoundsMixin`, parallel file loads in
     :class:`~distspatial.node.loading.LoadingMixin`."""
