@@ -328,3 +328,20 @@ def test_read_share_reports_rows_of_the_file_not_of_the_share(tmp_path):
     e2 = pickle.loads(pickle.dumps(err.value))  # crosses Ray intact
     assert (e2.row, e2.column, str(e2)) == (2500, "y", str(err.value))
 
+
+def test_cli_reads_a_directory_through_the_nodes(ray_cluster, tmp_path, capsys):
+    from distspatial.ui.cli import main
+
+    pts = skewed_points(6_000, 2, seed=11)
+    (tmp_path / "in").mkdir()
+    _parquet(tmp_path / "in" / "p0.parquet", pts[:3500])
+    _csv(tmp_path / "in" / "p1.csv", pts[3500:])
+    q = np.random.default_rng(12).random((50, 2))
+    _csv(tmp_path / "q.csv", q)
+    rc = main(["knn", str(tmp_path / "in"), "--queries", str(tmp_path / "q.csv"), "-k", "4", "--nodes", "2",
+               "--no-progress", "-o", str(tmp_path / "knn.parquet")])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    assert "distribute_files over 2 nodes" in out.out and "the nodes read 6,000 points of 2 dimensions" in out.out
+    t = pq.read_table(tmp_path / "knn.parquet").to_pydict()
+    assert_knn_ids_match(pts, q, np.reshape(t["distance"], (50, 4)), np.reshape(t["id"], (50, 4)), 4)

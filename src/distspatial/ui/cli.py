@@ -693,7 +693,10 @@ def _input_options() -> argparse.ArgumentParser:
     p = _Parser(add_help=False)
     g = p.add_argument_group("input")
     g.add_argument("input", metavar="INPUT", nargs="?", default=None,
-                   help="point file: .npy, .csv/.tsv, .parquet, .las/.laz (not with --cluster)")
+                   help="point file (.npy, .csv/.tsv, .parquet, .las/.laz), a directory or glob of them, or a "
+                        "URI (s3://, gs://, hdfs://); not with --cluster. Several files, or one over 32 MiB on "
+                        "several nodes, are read by the nodes in parallel: on several machines every machine "
+                        "must reach them")
     g.add_argument("--columns", metavar="X,Y[,Z]", default=None,
                    help="coordinate columns (default: all but --id-column; LAS/LAZ: x,y,z; plain .npy and "
                         "headerless CSV columns are named 0,1,...)")
@@ -703,7 +706,11 @@ def _input_options() -> argparse.ArgumentParser:
                    help="rows read per chunk (default 1,048,576)")
     g.add_argument("--out-of-core", action="store_true",
                    help="never hold the whole input on this machine: read it twice, chunk by chunk, and ingest "
-                        "the chunks into the cluster (automatic when the file is larger than half the free memory)")
+                        "the chunks into the cluster (automatic when the file is larger than half the free memory; "
+                        "inputs the nodes read in parallel never pass through this machine anyway)")
+    g.add_argument("--read-here", action="store_true",
+                   help="read the input in this process and send it to the nodes, never in parallel by the nodes "
+                        "(for a file that only this machine has)")
     return p
 
 
@@ -779,10 +786,13 @@ def _run(cmd: Subcommand, args: argparse.Namespace, out) -> int:
     cfg = _config(args)  # bad cluster options fail before any file is read
     if cmd.named:
         cfg = cfg.with_name(args.name)
-    out_of_core = False
+    out_of_core = parallel = False
     if cmd.data:
-        out_of_core = _out_of_core(args)
-    if cmd.data and out_of_core:
+        parallel = _parallel_load(args, cfg)
+        out_of_core = not parallel and _out_of_core(args)
+    if cmd.data and parallel:
+        _probe_files(s, args)
+    elif cmd.data and out_of_core:
         from ..io.files import open_points
 
         src = open_points(args.input, args.columns, args.id_column)
@@ -798,7 +808,13 @@ def _run(cmd: Subcommand, args: argparse.Namespace, out) -> int:
     cluster = DistributedSpatialCluster(cfg)
     try:
         s.cluster = cluster
-        if cmd.data and out_of_core:
+        if cmd.data and parallel:
+            with s.timed(f"distribute_files over {cfg.node_count} nodes"):
+                meta = cluster.distribute_files(args.input, args.columns, args.id_column)
+            s.n_points = meta.n_points
+            s.say(f"the nodes read {meta.n_points:,} points of {meta.dim} dimensions ({', '.join(s.columns)}) "
+                  f"from {args.input}")
+        elif cmd.data and out_of_core:
             with s.timed(f"distribute_chunks over {cfg.node_count} nodes"):
                 cluster.distribute_chunks(args.input, args.columns, args.id_column, args.chunk_rows or (1 << 20))
             s.n_points = cluster.metadata.n_points
@@ -852,6 +868,49 @@ def _ls(args: argparse.Namespace, out) -> int:
     print(_preview({k: [str(r.get(k, "")) for r in rows] for k in ("name", "points", "dim", "partitions", "nodes",
                                                                     "version", "restarts")}, len(rows)), file=out)
     return EXIT_OK
+
+
+#: a single local input file at least this large is read by the nodes in parallel when there are several
+PARALLEL_MIN_BYTES = 32 << 20
+
+
+def _parallel_load(args: argparse.Namespace, cfg: Any) -> bool:
+    """Whether the nodes read the input (``DistributedSpatialCluster.distribute_files``) rather than this process:
+    always for a directory, glob, URI (a single process could not read those anyway), and on several nodes for a
+    file of :data:`PARALLEL_MIN_BYTES` or more (measured: as fast as reading it here on one node, faster on more,
+    and this process never holds the points). A small single file is read here, where every bad value is found
+    before Ray starts. ``--read-here`` forces reading here."""
+    from ..io.shares import is_uri
+
+    path = str(args.input)
+    if getattr(args, "read_here", False):
+        return False
+    if is_uri(path) or os.path.isdir(path) or any(c in path for c in "*?["):
+        return True
+    try:
+        return cfg.node_count > 1 and os.path.getsize(path) >= PARALLEL_MIN_BYTES
+    except OSError:  # missing: the reader names it
+        return False
+
+
+def _probe_files(s: Session, args: argparse.Namespace) -> None:
+    """Columns, dimensions and (where the metadata tells) the point count of an input the nodes will read, from
+    the files' metadata only (Parquet footers, .npy headers, a CSV file's first block): bad columns and mixed
+    dimensions fail here, before Ray starts; bad values when the nodes read them."""
+    from ..io.files import open_points
+    from ..io.shares import expand_source, is_uri, plan_shares, share_columns
+
+    shares = plan_shares(args.input, 1, args.columns, args.id_column)
+    first = shares[0].path if shares else expand_source(args.input)[0]
+    cols = share_columns(first, args.columns, args.id_column) if is_uri(first) else \
+        open_points(first, args.columns, args.id_column).columns
+    s.columns, s.dim = list(cols), len(cols)
+    known = [sh.n_rows for sh in shares]
+    s.n_points = int(sum(known)) if known and None not in known else None
+    files = len({sh.path for sh in shares})
+    s.say(f"the nodes will read {args.input} ({files} file(s), "
+          + (f"{s.n_points:,} points, " if s.n_points is not None else "")
+          + f"{s.dim} dimensions: {', '.join(s.columns)}) in parallel")
 
 
 def _out_of_core(args: argparse.Namespace) -> bool:
