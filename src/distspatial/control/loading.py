@@ -56,7 +56,7 @@ def assign_shares(shares: list[Share], nodes: list[int]) -> dict[int, list[Share
     >>> from distspatial.io.shares import Share
     >>> out = assign_shares([Share(i, f"f{i}", "csv", nbytes=b) for i, b in enumerate([5, 3, 3, 1])], [0, 1])
     >>> {n: [s.index for s in ss] for n, ss in out.items()}
-    {0: [0], 1: [1, 2, 3]}
+    {0: [0, 3], 1: [1, 2]}
     """
     load = {n: 0 for n in nodes}
     out: dict[int, list[Share]] = {n: [] for n in nodes}
@@ -72,8 +72,8 @@ def cut_at_sample_quantiles(sample_keys: np.ndarray, n_partitions: int) -> np.nd
     the sorted sample keys' quantiles as ``distribute_chunks`` does; repeated cuts (duplicate-heavy data) and a
     cut at the smallest key are dropped, so every partition holds at least the sample point at its cut.
 
-    >>> cut_at_sample_quantiles(np.array([5, 1, 1, 1, 9, 7], dtype=np.uint64), 3).tolist()
-    [5]
+    >>> cut_at_sample_quantiles(np.array([5, 1, 1, 1, 9, 7], dtype=np.uint64), 3).tolist()  # sorted: 1 1 1 5 7 9
+    [7]
     """
     keys = np.sort(np.asarray(sample_keys, dtype=np.uint64))
     p = max(1, min(int(n_partitions), len(keys)))
