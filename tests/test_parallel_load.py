@@ -145,7 +145,7 @@ def test_id_column_ids_and_duplicates(cluster, tmp_path):
     assert meta.n_points == 8000
     _check_exact(cluster, pts, row_ids=ids)
     np.testing.assert_array_equal(cluster.point_ids(), np.sort(ids))  # labels follow ascending ids
-    version = cluster.metadata.version
+    dataset = cluster.metadata.dataset_id  # (versions may move meanwhile: heartbeats, recovery)
     # a repeated id across two files: refused by the nodes' check, the data set above still answers
     dup = tmp_path / "dup"
     dup.mkdir()
@@ -153,7 +153,7 @@ def test_id_column_ids_and_duplicates(cluster, tmp_path):
     _parquet(dup / "b.parquet", pts[100:200], np.r_[ids[150], ids[101:200]])
     with pytest.raises(ValueError, match=r"repeated id.*" + str(ids[150])):
         cluster.distribute_files(dup, columns="x,y", id_column="id")
-    assert cluster.metadata.n_points == 8000 and cluster.metadata.version == version
+    assert cluster.metadata.n_points == 8000 and cluster.metadata.dataset_id == dataset
     _check_exact(cluster, pts, row_ids=ids, seed=1)
     assert not any(_staged(cluster).values())
 
@@ -191,7 +191,7 @@ def test_client_receives_the_same_bytes_whatever_n(cluster, tmp_path):
 def test_corrupt_csv_row_names_file_row_column_and_keeps_the_data_set(cluster, tmp_path):
     good = np.random.default_rng(7).random((3_000, 2))
     cluster.distribute_data(good)
-    version = cluster.metadata.version
+    dataset = cluster.metadata.dataset_id  # (versions may move meanwhile: heartbeats, recovery)
     bad = tmp_path / "in"
     bad.mkdir()
     _parquet(bad / "a.parquet", good[:2000])
@@ -203,7 +203,7 @@ def test_corrupt_csv_row_names_file_row_column_and_keeps_the_data_set(cluster, t
     e = err.value
     assert e.path.endswith("b.csv") and e.row == 57 and e.column == "y", str(e)
     assert "b.csv" in str(e) and "row 57" in str(e) and "'y'" in str(e) and "abc" in str(e)
-    assert cluster.metadata.version == version, "nothing was published"
+    assert cluster.metadata.dataset_id == dataset, "nothing was published"
     _check_exact(cluster, good)  # the previous data set still answers
     assert not any(_staged(cluster).values()), "staged data dropped on every node"
     # a non-finite value in a Parquet file: the row within that file
@@ -213,7 +213,7 @@ def test_corrupt_csv_row_names_file_row_column_and_keeps_the_data_set(cluster, t
     (bad / "b.csv").unlink()
     with pytest.raises(DataFileError, match=r"a\.parquet: row 1234 .*column 'x'.*inf"):
         cluster.distribute_files(bad)
-    assert cluster.metadata.version == version
+    assert cluster.metadata.dataset_id == dataset
 
 
 def test_mixed_dimensions_and_missing_files(cluster, tmp_path):
@@ -268,8 +268,8 @@ def test_node_killed_while_reading_fails_cleanly(ray_cluster, tmp_path):
         assert len(readers) == 1, readers
         victim = readers[0]
         ray.kill(cl.runtime.actors[victim], no_restart=True)
+        loader.join(120)  # the pipe stays open meanwhile: the reader never sees its end, only its death
         os.close(opened["fd"])
-        loader.join(120)
         err = out.get("error")
         assert isinstance(err, NodeFailureError), repr(err)
         assert f"node {victim}" in str(err) and "nothing was published" in str(err)
