@@ -37,7 +37,7 @@ from ..core.curves import curve_keys, default_bits
 from ..core.errors import NodeFailureError
 from ..io.shares import Share, check_same_columns, plan_shares, share_columns
 from ..node.dispatch import NODE_FAILURES
-from .metadata import GlobalIndexMetadata, PartitionInfo
+from ..core.metadata import GlobalIndexMetadata, PartitionInfo
 from .placement import place_partitions
 from .view import ClusterView
 
