@@ -264,3 +264,25 @@ def test_demo_kmeans_check_is_independent_and_finds_wrong_answers():
     assert problems == ["1 centroids are not the mean of their points (first: centroid 1)"], problems
     assert check_kmeans(pts, C2, lab, float(np.min(((pts[:, None] - C2[None]) ** 2).sum(-1), axis=1).sum()),
                         converged=False) == []  # not converged: centroids are not expected to be means yet
+
+
+def test_knn_output_directory_written_by_the_nodes(ray_local, data, capsys):
+    """``knn -o DIR/``: the nodes read the query file and write part files; their union equals cKDTree."""
+    d = data["dir"]
+    out_dir = str(d / "knn_parts") + "/"
+    rc = main(["knn", str(d / "pts.npy"), "--queries", str(d / "queries.csv"), "--query-columns", "x,y", "-k", "4",
+               "--nodes", "2", "--no-progress", "-o", out_dir])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    assert "part files written by the nodes" in out.out
+    files = sorted(os.listdir(out_dir))
+    assert files and all(f.startswith("part-") and f.endswith(".parquet") for f in files)
+    t = pa.concat_tables([pq.read_table(os.path.join(out_dir, f)) for f in files])
+    qq, rank, dist = t["query"].to_numpy(), t["rank"].to_numpy(), t["distance"].to_numpy()
+    o = np.lexsort((rank, qq))
+    ref_d, _ = cKDTree(data["pts"]).query(data["q"], 4)
+    np.testing.assert_array_equal(qq[o], np.repeat(np.arange(40), 4))
+    np.testing.assert_allclose(dist[o].reshape(40, 4), ref_d, rtol=0, atol=1e-12)
+    rc = main(["range", str(d / "pts.npy"), "--queries", str(d / "queries.csv"), "--query-columns", "x,y",
+               "--radius", "0.5", "--nodes", "2", "--no-progress", "-o", out_dir])
+    assert rc != 0 and "knn only" in capsys.readouterr().err

@@ -228,9 +228,16 @@ def _positive_float(text: str) -> float:
     return v
 
 
+def _is_dir_output(text: str | None) -> bool:
+    """``-o DIR/``: a directory of part files written by the nodes (knn only)."""
+    return bool(text) and (text.endswith(("/", os.sep)) or os.path.isdir(text))
+
+
 def _output_path(text: str) -> str:
     from ..io.files import DataFileError, WRITE_FORMATS, detect_format
 
+    if _is_dir_output(text):
+        return text
     try:
         detect_format(text, WRITE_FORMATS)
     except DataFileError as exc:
@@ -356,6 +363,9 @@ class Session:
 
         n = len(next(iter(table.values()))) if table else 0
         path = getattr(self.args, "output", None)
+        if _is_dir_output(path):
+            raise ValueError(f"--output {path} (a directory of part files written by the nodes) works with knn only; "
+                             f"give a .parquet or .csv file for the {what}")
         if path:
             with self.timed(f"wrote {n:,} rows of {what} ({', '.join(table)}) to {path}"):
                 write_results(path, table)
@@ -423,6 +433,11 @@ def _check_k(s: Session) -> None:
 
 def _prepare_knn(s: Session) -> None:
     _check_k(s)
+    if _is_dir_output(getattr(s.args, "output", None)):  # the nodes read the queries and write the answers
+        if s.args.query_id_column:
+            raise ValueError("--query-id-column does not apply with --output DIR/: the part files name each query by "
+                             "its row in the query file(s)")
+        return
     _read_queries(s)
 
 
@@ -440,6 +455,13 @@ _QUERY_ARGS = [
 def _knn(s: Session) -> int:
     from ..io.files import knn_table
 
+    a = s.args
+    if _is_dir_output(getattr(a, "output", None)):
+        with s.timed(f"knn: {a.queries} -> {a.output} (part files written by the nodes), k={a.k}"):
+            s.cluster.knn_join(a.queries, a.k, output=a.output, columns=a.query_columns or a.columns)
+        s.say(f"wrote part-<node>-<n>.parquet files (query = row in the query file(s), rank from 0 as knn_join "
+              f"writes it, id, distance) to {a.output}")
+        return EXIT_OK
     q = s.extra["queries"]
     with s.timed(f"knn: {len(q):,} queries, k={s.args.k}"):
         dist, ids = s.cluster.distributed_knn_search(q, s.args.k)
@@ -683,7 +705,7 @@ def _cluster_options() -> argparse.ArgumentParser:
                    help="copies of each partition on distinct nodes (default 1; <= --nodes)")
     o = p.add_argument_group("output")
     o.add_argument("--output", "-o", type=_output_path, default=None, metavar="PATH",
-                   help="write the results to PATH (.parquet or .csv)")
+                   help="write the results to PATH (.parquet or .csv); knn: DIR/ for part files written by the nodes")
     o.add_argument("--no-progress", action="store_true", help="no progress bars (they show only on a terminal)")
     o.add_argument("--traceback", action="store_true", help="show full tracebacks of errors")
     return p
