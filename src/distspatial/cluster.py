@@ -40,6 +40,7 @@ from .client import queries as _queries
 from .client.runtime import ClusterRuntime
 from .control.balancing import LoadMetrics, RebalancePlan, Strategy, TuningPolicy
 from .control.controller import NAMESPACE, ClusterController, controller_actor_name
+from .core.memory import release_free_memory
 from .core.metadata import GlobalIndexMetadata
 from .control.ray_connect import connect, disconnect, join
 from .control import state_store
@@ -407,7 +408,10 @@ class DistributedSpatialCluster:
             view = self._rt.call_controller("distribute", layout, refs, sizes, id_map, mean_variance,
                                             self._rt.new_token())
             self._rt.install(view)
-        log.info("distributed %d points in %d partitions in %.2f s", n, plan.n_partitions, t.seconds)
+            n_parts = plan.n_partitions
+            del plan, refs
+        release_free_memory()  # the cut's sorted copies
+        log.info("distributed %d points in %d partitions in %.2f s", n, n_parts, t.seconds)
         return view.meta
 
     def distribute_chunks(

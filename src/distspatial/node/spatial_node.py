@@ -21,6 +21,7 @@ import numpy as np
 
 from ..core.codec import encode
 from ..core.errors import PartitionMovedError, StaleMetadataError
+from ..core.memory import release_free_memory
 from ..kernels.local_index import LocalPartition
 from .loading import LoadingMixin
 from .messages import Segment, data_message
@@ -193,6 +194,8 @@ class SpatialNode(LoadingMixin, QueryRoundsMixin, JoinWriterMixin):
             # may exit): keep a copy of our own, so a partition never depends on another process
             pts, ids = (a if a.flags.writeable else a.copy() for a in (arrays[2 * j], arrays[2 * j + 1]))
             self.partitions[int(pid)] = LocalPartition(pts, ids)
+        del arrays, pts, ids
+        release_free_memory()  # the transient copies of the load (the heap keeps them otherwise)
         return [int(p) for p in partition_ids]
 
     @data_message()
