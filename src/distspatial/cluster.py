@@ -731,11 +731,15 @@ class DistributedSpatialCluster:
         Parquet, LAS; ``columns`` picks coordinates) or an iterable of ``(n, d)`` chunks -> a generator of
         ``(distances, ids)`` per chunk (nothing is collected on the driver). With ``output`` (``.parquet`` or
         ``.csv``) the answers are written chunk by chunk as rows ``(query, rank, id, distance)`` and the path is
-        returned. ``self_join=True`` (no ``other_points``): the all-kNN of the distributed set, each point
+        returned. With ``other_points`` a file, directory, glob or list of files and ``output`` a directory
+        (``"out/"``), the *nodes* read shares of the query files and each writes its own
+        ``part-<node>-<n>.parquet`` files there (same columns; ``query`` = row in input order): nothing passes
+        through this process; on several machines ``output`` must be storage every machine reaches. ``self_join=True`` (no ``other_points``): the all-kNN of the distributed set, each point
         excluding itself, rows in ``distribute_data`` order (``query`` = the point's id in a file).
 
         >>> dist, ids = cluster.knn_join(other, k=5)  # doctest: +SKIP
         >>> cluster.knn_join("big.parquet", k=5, columns="x,y", output="join.parquet")  # doctest: +SKIP
+        >>> cluster.knn_join("queries/", k=5, columns="x,y", output="join/")  # doctest: +SKIP
         """
         self._algorithm_start()
         return _join.knn_join(self._rt, other_points, k, self_join, output, chunk_rows, columns)
