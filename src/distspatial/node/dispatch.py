@@ -212,13 +212,18 @@ class Dispatcher:
             refs = [c[0] for c in calls]
             ready, _ = ray.wait(refs, num_returns=len(refs), timeout=self.timeout_s)
             waited = self.timeout_s
-            # no answer yet: a node that still answers a ping is busy, not gone -- wait on (bounded)
+            # no answer yet: a node that still answers a ping is busy (possibly waiting on a peer that is gone),
+            # not gone itself -- wait on for those (bounded); the ones that do not answer are given up below
+            silent: set[int] = set()
             while len(ready) < len(refs) and waited < self.busy_limit_s:
                 got = set(ready)
-                slow = [c for c in calls if c[0] not in got]
-                if not {c[1] for c in slow} <= self.alive({c[1] for c in slow}):
+                slow = [c for c in calls if c[0] not in got and c[1] not in silent]
+                alive = self.alive({c[1] for c in slow})
+                silent |= {c[1] for c in slow} - alive
+                busy = [c for c in slow if c[1] in alive]
+                if not busy:
                     break
-                more, _ = ray.wait([c[0] for c in slow], num_returns=len(slow), timeout=self.timeout_s)
+                more, _ = ray.wait([c[0] for c in busy], num_returns=len(busy), timeout=self.timeout_s)
                 ready = list(ready) + list(more)
                 waited += self.timeout_s
             ready_set = set(ready)
