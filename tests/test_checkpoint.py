@@ -140,6 +140,16 @@ def test_partition_lost_on_every_replica_comes_back_from_checkpoint(ray_local, t
         assert status.partial
         want = keep[((pts[keep] - q[0]) ** 2).sum(1) <= 0.04]
         np.testing.assert_array_equal(hits, want)
+        # batches: every query answered over the points still there, its home partition lost or not
+        found, status = c.range_search(q[:80], 0.05, allow_partial=True)
+        assert status.partial and list(status.missing_partitions) == sorted(lost)
+        near = ((pts[keep][None, :, :] - q[:80, None, :]) ** 2).sum(axis=2) <= 0.05 ** 2
+        for i, got in enumerate(found):
+            np.testing.assert_array_equal(got, keep[near[i]])
+        boxes, status = c.box_search(q[:80] - 0.03, q[:80] + 0.03, allow_partial=True)
+        inside = np.all(np.abs(pts[keep][None, :, :] - q[:80, None, :]) <= 0.03, axis=2)
+        for i, got in enumerate(boxes):
+            np.testing.assert_array_equal(got, keep[inside[i]])
         with pytest.raises(PartitionLostError):
             c.box_search(np.zeros(2), np.ones(2))
 

@@ -39,6 +39,15 @@ def knn(rt: ClusterRuntime, q: np.ndarray, k: int, missing: list[int] | None = N
     ):
         dist[rows], ids[rows] = d_, i_
         left_out.update(miss)
+    if missing:  # a partial answer: queries whose home partition is lost search every partition still there
+        groups = home.groups()
+        rows = np.concatenate([groups[p] for p in missing if p in groups] or [np.empty(0, np.int64)])
+        if len(rows):
+            node = rt.live_node_ids[0]
+            d_, i_, miss = rt.recv(node, rt.send(node, "knn_batch", np.take(q, rows, axis=0), [], k=k,
+                                                 version=version, allow_partial=True, homeless=True))
+            dist[rows], ids[rows] = d_, i_
+            left_out.update(miss)
     if missing is not None:
         missing.extend(sorted(left_out - set(missing)))
     return dist, ids
@@ -80,6 +89,19 @@ def _batch_hits(rt: ClusterRuntime, routing: Any, anchor: np.ndarray, arrays: tu
         id_parts.append(ids)
         pt_parts.append(pts)
         left_out.update(miss)
+    if missing:  # a partial answer: queries whose home partition is lost are gathered by any live node
+        groups = home.groups()
+        rows = np.concatenate([groups[p] for p in missing if p in groups] or [np.empty(0, np.int64)])
+        if len(rows):
+            node = rt.live_node_ids[0]
+            cnt, ids, pts, miss = rt.recv(node, rt.send(node, method, *(np.take(a, rows, axis=0) for a in arrays), [],
+                                                        return_points=return_points, version=version,
+                                                        allow_partial=True))
+            counts[rows] = cnt
+            per_rows.append((rows, cnt))
+            id_parts.append(ids)
+            pt_parts.append(pts)
+            left_out.update(miss)
     if missing is not None:
         missing.extend(sorted(left_out - set(missing)))
     # each node's hits come grouped by its rows in order, sorted by id within a row: place the groups

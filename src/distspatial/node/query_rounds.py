@@ -94,13 +94,22 @@ class QueryRoundsMixin:
     @data_message(compress_result=True)
     def knn_batch(
         self, queries: np.ndarray, segments: list[Segment], k: int, version: int,
-        allow_partial: bool = False,
+        allow_partial: bool = False, homeless: bool = False,
     ) -> tuple[np.ndarray, np.ndarray, list[int]]:
         """Exact k nearest neighbours of ``queries`` (whose home partitions, as ``segments`` name them, are held
         here), planned on metadata ``version``: ``(distances (m, k), ids (m, k), partitions left out)`` in the
-        order of ``queries``. Partitions are left out only with ``allow_partial`` (lost on every replica)."""
+        order of ``queries``. Partitions are left out only with ``allow_partial`` (lost on every replica).
+        ``homeless``: the queries' home partitions are lost (a partial answer): no first round, every partition
+        is searched (the answer is exact over the points still there)."""
         self._check_version(version)
         routing, disp = self._rounds_at(version)
+        if homeless:
+            m = len(queries)
+            dist, ids = np.full((m, k), np.inf), np.full((m, k), -1, dtype=np.int64)
+            missing: list[int] = []
+            self._followups(disp, routing, queries, dist, ids, np.full(m, np.inf), None, k, version,
+                            missing if allow_partial else None)
+            return dist, ids, missing
         held = {p for p, _, _ in segments}
         missing_home = sorted(held - set(self.partitions))
         if missing_home:
@@ -117,25 +126,33 @@ class QueryRoundsMixin:
         dist, ids = self._knn_local(qs, None, home_segments, k)  # round 1: the home partitions
         kth = dist[:, k - 1].copy()
         home_part = np.repeat(home.partitions, np.diff(home.starts))
-        follow = knn_followups(qs, kth, home_part, routing)
-        missing: list[int] = []
-        if follow.n_pairs:
-            groups = follow.groups()
-            local = [p for p in groups if p in self.partitions]
-            if local:
-                rows, segs = _stack(groups, local)
-                d_, i_ = self._knn_local(np.take(qs, rows, axis=0), kth[rows], segs, k)
-                merge_candidates(dist, ids, rows, d_, i_, k)
-            remote = [p for p in groups if p not in self.partitions]
-            if remote:
-                for rows, (d_, i_) in self._ask_peers(disp, routing, groups, remote, "knn", (qs, kth), {"k": k},
-                                                      version, missing if allow_partial else None):
-                    merge_candidates(dist, ids, rows, d_, i_, k)
+        missing = []
+        self._followups(disp, routing, qs, dist, ids, kth, home_part, k, version, missing if allow_partial else None)
         out_d = np.empty_like(dist)
         out_i = np.empty_like(ids)
         out_d[order] = dist
         out_i[order] = ids
         return out_d, out_i, missing
+
+    def _followups(self, disp: Dispatcher, routing: RoutingTable, qs: np.ndarray, dist: np.ndarray, ids: np.ndarray,
+                   kth: np.ndarray, home_part: np.ndarray | None, k: int, version: int,
+                   missing: list[int] | None) -> None:
+        """Round 2 of a kNN share: partitions closer than each query's k-th distance (``home_part`` excluded),
+        the ones held here searched here, the rest on peers; merged into ``(dist, ids)`` in place."""
+        follow = knn_followups(qs, kth, home_part, routing)
+        if not follow.n_pairs:
+            return
+        groups = follow.groups()
+        local = [p for p in groups if p in self.partitions]
+        if local:
+            rows, segs = _stack(groups, local)
+            d_, i_ = self._knn_local(np.take(qs, rows, axis=0), kth[rows], segs, k)
+            merge_candidates(dist, ids, rows, d_, i_, k)
+        remote = [p for p in groups if p not in self.partitions]
+        if remote:
+            for rows, (d_, i_) in self._ask_peers(disp, routing, groups, remote, "knn", (qs, kth), {"k": k},
+                                                  version, missing):
+                merge_candidates(dist, ids, rows, d_, i_, k)
 
     @data_message(compress_result=True)
     def ball_batch(
