@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import os
 
 import numpy as np
@@ -107,3 +109,23 @@ def assert_knn_ids_match(points, queries, dist, ids, k, row_ids=None, self_rows=
     frac = float(sep.mean())
     assert frac >= min_separated, f"only {frac:.3f} of the positions are separated: too many ties to compare ids"
     return frac
+
+
+@contextlib.contextmanager
+def raylet_cluster(n_workers: int = 2, num_cpus: int = 1, store_bytes: int = 150 * 1024**2):
+    """Several real raylets on this machine (``ray.cluster_utils.Cluster``: a head and ``n_workers`` more), the
+    driver connected to it; yields ``(cluster, worker nodes)`` and tears everything down after."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    if ray.is_initialized():
+        ray.shutdown()
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": num_cpus, "object_store_memory": store_bytes})
+    workers = [c.add_node(num_cpus=num_cpus, object_store_memory=store_bytes) for _ in range(n_workers)]
+    c.wait_for_nodes()
+    ray.init(address=c.address, logging_level="ERROR")
+    try:
+        yield c, workers
+    finally:
+        ray.shutdown()
+        c.shutdown()

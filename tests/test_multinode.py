@@ -5,27 +5,19 @@ import time
 import numpy as np
 import pytest
 import ray
-from ray.cluster_utils import Cluster
 from scipy.spatial import cKDTree
 from sklearn.cluster import KMeans
 
 from distspatial import DistributedSpatialCluster, NodeConfig
 from distspatial.io.datasets import skewed_points
 
-from .conftest import assert_knn_exact
+from .conftest import assert_knn_exact, raylet_cluster
 
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    if ray.is_initialized():
-        ray.shutdown()
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "object_store_memory": 150 * 1024**2})
-    workers = [c.add_node(num_cpus=1, object_store_memory=150 * 1024**2) for _ in range(2)]
-    c.wait_for_nodes()
-    ray.init(address=c.address, logging_level="ERROR")
-    yield c, workers
-    ray.shutdown()
-    c.shutdown()
+    with raylet_cluster(num_cpus=1) as cw:
+        yield cw
 
 
 def test_nodes_spread_and_exact_on_three_raylets(ray_cluster):

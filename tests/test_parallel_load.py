@@ -14,7 +14,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import ray
-from ray.cluster_utils import Cluster
 from scipy.spatial import cKDTree
 
 from distspatial import DistributedSpatialCluster, NodeConfig
@@ -23,7 +22,7 @@ from distspatial.io.datasets import skewed_points
 from distspatial.io.files import DataFileError
 from distspatial.io.shares import plan_shares, read_share
 
-from .conftest import assert_knn_ids_match
+from .conftest import assert_knn_ids_match, raylet_cluster
 
 
 # -- writing inputs ------------------------------------------------------------------------------------------------
@@ -60,16 +59,9 @@ def _mixed_dir(root, pts):
 # -- the Ray cluster: three raylets -------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def ray_cluster():
-    if ray.is_initialized():
-        ray.shutdown()
     # 2 logical CPUs per raylet: room for the module's cluster (3 x 0.5) and one more made by the CLI test
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "object_store_memory": 150 * 1024**2})
-    workers = [c.add_node(num_cpus=2, object_store_memory=150 * 1024**2) for _ in range(2)]
-    c.wait_for_nodes()
-    ray.init(address=c.address, logging_level="ERROR")
-    yield c, workers
-    ray.shutdown()
-    c.shutdown()
+    with raylet_cluster(num_cpus=2) as cw:
+        yield cw
 
 
 @pytest.fixture(scope="module")
