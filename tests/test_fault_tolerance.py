@@ -282,7 +282,9 @@ def test_auto_scale_follows_ray_nodes_joining(ray_cluster):
             if new.node_id not in machine.values():
                 return None
             counts = [len(meta.partitions_of(n)) for n in live]
-            return (meta, live, counts) if max(counts) - min(counts) <= 1 and min(counts) > 0 else None
+            # a migration copies a replica before it drops the old one: settled means two owners again, all live
+            settled = all(set(p.owners) <= set(live) and len(set(p.owners)) == 2 for p in meta.partitions)
+            return (meta, live, counts) if settled and max(counts) - min(counts) <= 1 and min(counts) > 0 else None
 
         # the counts come from one snapshot, once the new node is there and the rebalance has settled on it
         meta, live, counts = wait_until(balanced, 60, "a node on the Ray node that joined, replicas balanced")
