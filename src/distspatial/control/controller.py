@@ -237,12 +237,10 @@ class ClusterController(NodeMessages, WritesMixin, LoadingMixin, RecoveryMixin, 
             return
         state_store.save_blob(self.name, "idmap", pickle.dumps((encode(self.id_sorted), encode(self.id_rows))))
 
-    def publish(self, meta: GlobalIndexMetadata | None = None, *, layout: bool = False,
-                told: tuple[int, frozenset[int]] | None = None) -> int:
+    def publish(self, meta: GlobalIndexMetadata | None = None, *, layout: bool = False) -> int:
         """Make a change visible: a new version (metadata with it, routing derived from it), state stored, and
         every live node told the version before this returns (``layout``: the change altered what partition ids
-        hold; ``told``: ``(version, nodes)``, nodes that already learnt ``version`` with the write itself, as an
-        ingest's ``append`` does). Returns the version."""
+        hold). Returns the version."""
         with self.lock:
             base = meta if meta is not None else self.meta
             version = max(self.version + 1, base.version if base is not None else 0)
@@ -253,20 +251,23 @@ class ClusterController(NodeMessages, WritesMixin, LoadingMixin, RecoveryMixin, 
                 if new_meta is not None:
                     self.meta, self.routing = new_meta, routing
             self._persist()
-            self.tell_nodes(version, layout, skip=told[1] if told is not None and told[0] == version else frozenset())
+            self.tell_nodes(version, layout)
             with self.changed:
                 self.published = version  # views wait for this: every node knows the version
                 self.changed.notify_all()
             return version
 
-    def tell_nodes(self, version: int, layout: bool = False, skip: frozenset[int] = frozenset()) -> None:
-        """Every live node refuses queries planned on a version below ``version`` once this returns (``skip``:
-        nodes known to have it already)."""
-        live = [n for n in self.actors if n not in self.dispatch.failed_nodes and n not in skip]
+    def tell_nodes(self, version: int, layout: bool = False) -> None:
+        """Every live node refuses queries planned on a version below ``version`` once this returns."""
+        live = [n for n in self.actors if n not in self.dispatch.failed_nodes]
         if not live:
             return
-        refs = [self.actors[n].set_meta_version.options(concurrency_group="control").remote(version, layout)
-                for n in live]
+        # with the version, the metadata it publishes (the nodes plan query rounds on it: a query after a write
+        # then needs no routing fetch); ``self.meta`` is already that version's when publish() calls this
+        meta = self.meta if self.meta is not None and self.meta.version == version else None
+        failed = frozenset(self.dispatch.failed_nodes)
+        refs = [self.actors[n].set_meta_version.options(concurrency_group="control").remote(
+            version, layout, meta, self.members, failed) for n in live]
         try:
             ray.wait(refs, num_returns=len(refs), timeout=min(10.0, self.config.communication_timeout_ms / 1000))
         except Exception:  # a dead node answers nothing, stale or not; recovery handles it

@@ -52,6 +52,7 @@ class QueryRoundsMixin:
 
     _controller: Any = None
     _rounds_view: tuple[int, RoutingTable, Dispatcher] | None = None
+    _rounds_members = -1  # the controller's count of node-set changes the cached dispatcher's handles belong to
     _rounds_lock: threading.Lock | None = None
 
     def set_controller(self, controller: Any) -> None:
@@ -89,7 +90,19 @@ class QueryRoundsMixin:
                               CommunicationCounters(), on_failure=report)
             disp.failed_nodes.update(view.failed)
             self._rounds_view = (version, RoutingTable(view.meta), disp)
+            self._rounds_members = view.members
             return self._rounds_view[1], disp
+
+    def set_routing(self, version: int, meta: Any, members: int, failed: frozenset[int]) -> None:
+        """The metadata of ``version``, sent with the version itself (``set_meta_version``): keep its routing (the
+        peers' handles stay, unless the node set changed: then the next query fetches the whole view). Saves a
+        query arriving after a write the round trip to the controller."""
+        cached = self._rounds_view
+        if meta is None or cached is None or members != self._rounds_members or version <= cached[0]:
+            return
+        disp = cached[2]
+        disp.failed_nodes.update(failed)
+        self._rounds_view = (int(version), RoutingTable(meta), disp)
 
     @data_message(compress_result=True)
     def knn_batch(

@@ -146,13 +146,18 @@ class SpatialNode(LoadingMixin, QueryRoundsMixin, JoinWriterMixin):
             info["cpu_percent"] = 0.0
         return info
 
-    def set_meta_version(self, version: int, layout: bool = False) -> int:
+    def set_meta_version(self, version: int, layout: bool = False, meta: Any = None, members: int = -1,
+                         failed: frozenset[int] = frozenset()) -> int:
         """Refuse queries planned on a metadata version older than ``version`` from now on (never lowers it);
         ``layout``: the change alters what partition ids hold, so every round of an older plan is refused.
-        Called by the controller before it acknowledges a change; returns the node's version."""
+        Called by the controller before it acknowledges a change; returns the node's version. ``meta`` (that
+        version's metadata), ``members`` and ``failed`` refresh the routing the node plans query rounds on
+        (:meth:`~distspatial.node.query_rounds.QueryRoundsMixin.set_routing`)."""
         self.meta_version = max(self.meta_version, int(version))
         if layout:
             self.layout_version = max(self.layout_version, int(version))
+        if meta is not None:
+            self.set_routing(int(version), meta, members, failed)
         return self.meta_version
 
     def _check_version(self, version: int | None, layout: int | None = None) -> None:
@@ -260,14 +265,12 @@ class SpatialNode(LoadingMixin, QueryRoundsMixin, JoinWriterMixin):
     @data_message()
     def append(
         self, batch: int, points: np.ndarray, ids: np.ndarray, segments: list[Segment],
-        centers: np.ndarray | None = None, stat_partitions: list[int] | None = None, version: int | None = None,
+        centers: np.ndarray | None = None, stat_partitions: list[int] | None = None,
     ) -> tuple[list[tuple[int, int, np.ndarray, np.ndarray]], Any]:
         """Append ``points[start:stop]`` (ids alike) to each segment's partition, once per ``batch`` id (a
         replayed batch changes nothing). Returns ``[(pid, size after, new points' box lo, box hi)]`` and, with
         ``centers``, the per-cluster ``(sums, counts)`` of the new points of ``stat_partitions`` (streaming
-        k-means; each partition is counted by one replica only). ``version``: the metadata version that
-        publishes the batch; once the points are in, plans older than it are refused (as
-        :meth:`set_meta_version`; saves the controller a round of messages)."""
+        k-means; each partition is counted by one replica only)."""
         out = []
         for pid, a, b in segments:
             part = self._part(pid)
@@ -284,8 +287,6 @@ class SpatialNode(LoadingMixin, QueryRoundsMixin, JoinWriterMixin):
             points = np.take(points, np.concatenate(rows), axis=0) if rows else points[:0]
             _, sums, counts, _ = self.backend.kmeans_assign_sums(points, centers)
             stats = (sums, counts)
-        if version is not None:
-            self.set_meta_version(version)
         return out, stats
 
     @data_message()
