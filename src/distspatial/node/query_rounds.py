@@ -122,6 +122,7 @@ class QueryRoundsMixin:
             missing: list[int] = []
             self._followups(disp, routing, queries, dist, ids, np.full(m, np.inf), None, k, version,
                             missing if allow_partial else None)
+            self._check_version(None, layout=version)  # as below
             return dist, ids, missing
         held = {p for p, _, _ in segments}
         missing_home = sorted(held - set(self.partitions))
@@ -141,6 +142,9 @@ class QueryRoundsMixin:
         home_part = np.repeat(home.partitions, np.diff(home.starts))
         missing = []
         self._followups(disp, routing, qs, dist, ids, kth, home_part, k, version, missing if allow_partial else None)
+        # a split moves points between partition ids after raising layout_version: if one began while the
+        # partitions held here were searched, this answer may miss points (the client plans again)
+        self._check_version(None, layout=version)
         out_d = np.empty_like(dist)
         out_i = np.empty_like(ids)
         out_d[order] = dist
@@ -210,6 +214,7 @@ class QueryRoundsMixin:
         if remote:
             found += self._ask_peers(disp, routing, groups, remote, method, row_arrays, {"return_points": return_points},
                                      version, missing if allow_partial else None)
+        self._check_version(None, layout=version)  # a split during the local searches: plan again (as knn_batch)
         q_parts = [np.repeat(rows, res[0]) for rows, res in found]
         q_all = np.concatenate(q_parts) if q_parts else np.empty(0, np.int64)
         id_all = np.concatenate([res[1] for _, res in found]) if found else np.empty(0, np.int64)
