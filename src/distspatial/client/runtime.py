@@ -40,7 +40,7 @@ from ..core.errors import (ClusterGoneError, ControllerUnavailableError, NotDist
                            PartitionMovedError, StaleMetadataError)
 from ..core.stats import CommunicationCounters
 from ..node.dispatch import Dispatcher, NodeMessages
-from ..kernels.query_planning import Assignment
+from ..kernels.query_planning import Assignment, stack_groups
 
 log = logging.getLogger(__name__)
 
@@ -271,10 +271,7 @@ class ClusterRuntime(NodeMessages):
         compress = self.config.compression
 
         def build(node: int, pids: list[int]):
-            row_parts = [groups[p] for p in pids]
-            rows = np.concatenate(row_parts) if len(row_parts) > 1 else row_parts[0]
-            bounds = np.cumsum([0] + [len(r) for r in row_parts])
-            segments = [(p, int(bounds[i]), int(bounds[i + 1])) for i, p in enumerate(pids)]
+            rows, segments = stack_groups(groups, pids)
             args = encode_all(row_args(rows), compress)
             ref = getattr(self.actor(node), method).options(concurrency_group="reads").remote(
                 *args, segments, **options)

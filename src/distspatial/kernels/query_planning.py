@@ -21,7 +21,7 @@ import numpy as np
 from .local_index import merge_topk
 from .routing import RoutingTable
 
-__all__ = ["Assignment", "knn_home", "knn_followups", "ball_pairs", "box_pairs", "merge_candidates"]
+__all__ = ["Assignment", "knn_home", "knn_followups", "ball_pairs", "box_pairs", "merge_candidates", "stack_groups"]
 
 _CHUNK = 65_536  # queries per block of the (m, P) MINDIST matrix
 
@@ -237,3 +237,12 @@ def merge_candidates(dist: np.ndarray, ids: np.ndarray, rows: np.ndarray, d_: np
         rr = rows[take]
         dist[rr], ids[rr] = merge_topk(dist[rr], ids[rr], d_[take], i_[take], k)
         pending = np.setdiff1d(pending, take, assume_unique=True)
+
+
+def stack_groups(groups: dict[int, np.ndarray], pids: list[int]) -> tuple[np.ndarray, list[tuple[int, int, int]]]:
+    """The rows of partitions ``pids`` (from :meth:`Assignment.groups`) one after another, and the segments
+    ``(partition, start, stop)`` addressing them in that message: one message per node for several partitions."""
+    parts = [groups[p] for p in pids]
+    rows = np.concatenate(parts) if len(parts) > 1 else parts[0]
+    bounds = np.cumsum([0] + [len(r) for r in parts])
+    return rows, [(int(p), int(bounds[j]), int(bounds[j + 1])) for j, p in enumerate(pids)]

@@ -34,7 +34,8 @@ from ..core.codec import encode_all, message_bytes
 from ..core.curves import curve_keys
 from ..core.errors import PartitionLostError, PartitionMovedError, StaleMetadataError
 from ..core.stats import CommunicationCounters
-from ..kernels.query_planning import Assignment, ball_pairs, box_pairs, knn_followups, knn_home, merge_candidates
+from ..kernels.query_planning import (Assignment, ball_pairs, box_pairs, knn_followups, knn_home, merge_candidates,
+                                      stack_groups)
 from ..kernels.routing import RoutingTable
 from .dispatch import Dispatcher
 from .messages import Segment, data_message
@@ -162,7 +163,7 @@ class QueryRoundsMixin:
         groups = follow.groups()
         local = [p for p in groups if p in self.partitions]
         if local:
-            rows, segs = _stack(groups, local)
+            rows, segs = stack_groups(groups, local)
             d_, i_ = self._knn_local(np.take(qs, rows, axis=0), kth[rows], segs, k)
             merge_candidates(dist, ids, rows, d_, i_, k)
         remote = [p for p in groups if p not in self.partitions]
@@ -208,7 +209,7 @@ class QueryRoundsMixin:
         found: list[tuple[np.ndarray, tuple]] = []
         local = [p for p in groups if p in self.partitions]
         if local:
-            rows, segs = _stack(groups, local)
+            rows, segs = stack_groups(groups, local)
             found.append((rows, local_fn(*(np.take(a, rows, axis=0) for a in row_arrays), segs, return_points)))
         remote = [p for p in groups if p not in self.partitions]
         if remote:
@@ -233,7 +234,7 @@ class QueryRoundsMixin:
         compress = self.compress
 
         def build(node: int, part_ids: list[int]):
-            rows, segs = _stack(groups, part_ids)
+            rows, segs = stack_groups(groups, part_ids)
             args = encode_all(tuple(np.take(a, rows, axis=0) for a in row_arrays), compress)
             ref = getattr(disp.actors[node], method).options(concurrency_group=PEER_GROUP).remote(
                 *args, segs, **options, layout=version)
@@ -340,7 +341,7 @@ class JoinWriterMixin:
             ids = np.full((len(q), k), -1, dtype=np.int64)
 
             def build(node: int, pids: list[int]):
-                rows, segs = _stack(groups, pids)
+                rows, segs = stack_groups(groups, pids)
                 ref = disp.actors[node].knn_batch.options(concurrency_group="reads").remote(
                     np.take(q, rows, axis=0), segs, k=k, version=version)
                 return ref, rows, 0
@@ -356,10 +357,3 @@ class JoinWriterMixin:
                 version = max(version + 1, int(cause.version))
         raise StaleMetadataError(f"node {self.node_id}: the layout kept changing during a join block", version)
 
-
-def _stack(groups: dict[int, np.ndarray], pids: list[int]) -> tuple[np.ndarray, list[Segment]]:
-    """Rows of the partitions ``pids`` one after another, and the segments addressing them."""
-    parts = [groups[p] for p in pids]
-    rows = np.concatenate(parts) if len(parts) > 1 else parts[0]
-    bounds = np.cumsum([0] + [len(r) for r in parts])
-    return rows, [(int(p), int(bounds[j]), int(bounds[j + 1])) for j, p in enumerate(pids)]
