@@ -77,7 +77,7 @@ def test_knn_join_array_file_stream_and_self_join(cluster, tmp_path):
     assert len(t["query"]) == 4 * len(other) and t["query"].max() == len(other) - 1
     o = np.lexsort((t["rank"], t["query"]))
     np.testing.assert_array_equal(t["query"][o], np.repeat(np.arange(len(other)), 4))
-    np.testing.assert_array_equal(t["rank"][o], np.tile(np.arange(4), len(other)))
+    np.testing.assert_array_equal(t["rank"][o], np.tile(np.arange(1, 5), len(other)))
     assert_knn_ids_match(pts, other, t["distance"][o].reshape(-1, 4), t["id"][o].reshape(-1, 4), 4, min_separated=sep)
     # all-kNN of the distributed set itself, excluding each point
     sd, si = cluster.knn_join(k=3, self_join=True, chunk_rows=10_000)

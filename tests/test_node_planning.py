@@ -168,7 +168,7 @@ def test_knn_join_files_to_a_directory_written_by_the_nodes(ray_local, tmp_path)
             qid, rank, ids, dist, files = _read_parts(out)
             assert all(f.rsplit("/", 1)[1].startswith("part-0000") for f in files)
             np.testing.assert_array_equal(qid, np.repeat(np.arange(len(q)), 5))  # every query once, input order
-            np.testing.assert_array_equal(rank, np.tile(np.arange(5), len(q)))
+            np.testing.assert_array_equal(rank, np.tile(np.arange(1, 6), len(q)))  # rank from 1, as the CLI
             assert_knn_ids_match(pts, q, dist.reshape(-1, 5), ids.reshape(-1, 5), 5)
             ref_d, _ = tree.query(q, 5)
             np.testing.assert_allclose(dist.reshape(-1, 5), ref_d, rtol=0, atol=1e-12)

@@ -28,7 +28,8 @@ from ..client import queries
 from ..client.runtime import ClusterRuntime
 
 
-__all__ = ["knn_join", "distance_matrix", "DEFAULT_MEMORY_BUDGET"]
+__all__ = ["knn_join", "distance_matrix", "range_to_directory", "join_to_directory", "write_by_nodes",
+           "DEFAULT_MEMORY_BUDGET"]
 
 #: default limit for a distance matrix returned in memory
 DEFAULT_MEMORY_BUDGET = 2 * 1024**3
@@ -161,15 +162,66 @@ def join_to_directory(rt: ClusterRuntime, source: Any, k: int, out_dir: str, col
                       block_rows: int = 250_000) -> str:
     """kNN join of query files with the nodes reading and writing: shares of ``source`` (files, a directory, a
     glob) go to the live nodes, each answers its queries through the nodes of their home partitions and writes
-    ``part-<node>-<n>.parquet`` files (``query`` = row in input order, ``rank``, ``id``, ``distance``) into
-    ``out_dir``, which every machine must reach. A node that dies meanwhile: its part files are removed and its
-    shares read again by another node. Returns ``out_dir``; nothing but share descriptions passes through here."""
+    ``part-<node>-<n>.parquet`` files (``query`` = row in input order, ``rank`` from 1, ``id``, ``distance``)
+    into ``out_dir``, which every machine must reach. A node that dies meanwhile: its part files are removed and
+    its shares read again by another node. Returns ``out_dir``; nothing but share descriptions passes through
+    here."""
+    return write_by_nodes(rt, source, {"kind": "knn", "k": int(k)}, out_dir, columns, block_rows)
+
+
+def range_to_directory(rt: ClusterRuntime, source: Any, radius: float | str, out_dir: str, columns: Any = None,
+                       block_rows: int = 250_000) -> str:
+    """Range search of query files with the nodes reading and writing (as :func:`join_to_directory`): part files
+    with ``query`` (row in input order), ``id``, ``distance``, one row per point within the query's radius,
+    sorted by query then id within each file. ``radius``: a number, or the name of a column of the query files
+    holding each query's radius (``columns`` then names the coordinates; ``None``: every other column)."""
+    from ..core.validation import check_radius
+    from ..io.files import _parse_columns
+
+    if isinstance(radius, str):
+        cols = _parse_columns(columns)
+        if cols is None:
+            from ..io.shares import expand_source, share_columns
+
+            files = expand_source(_resolve(source))
+            cols = [c for c in share_columns(files[0]) if c != radius] if files else []
+        elif radius in cols:
+            raise ValueError(f"the radius column {radius!r} is also listed among the coordinate columns {cols}")
+        task = {"kind": "range", "radius": None, "radius_column": radius}
+        return write_by_nodes(rt, source, task, out_dir, [*cols, radius], block_rows)
+    r = float(check_radius(radius, 1)[0])
+    return write_by_nodes(rt, source, {"kind": "range", "radius": r}, out_dir, columns, block_rows)
+
+
+def _resolve(source: Any) -> Any:
+    """Local paths made absolute (the nodes run in other working directories); URIs as they are."""
+    from ..io.shares import is_uri
+
+    def one(p: Any) -> str:
+        s = os.fspath(p)
+        return s if is_uri(s) else os.path.abspath(os.path.expanduser(s))
+
+    return [one(p) for p in source] if isinstance(source, (list, tuple)) else one(source)
+
+
+def write_by_nodes(rt: ClusterRuntime, source: Any, task: dict[str, Any], out_dir: str, columns: Any = None,
+                   block_rows: int = 250_000) -> str:
+    """The driver loop of node-written results (kNN joins and range searches of query files): shares of
+    ``source`` go to the live nodes (largest first, to the least loaded), each node's ``join_shares`` reads its
+    shares, answers ``task`` block by block and writes ``part-<node>-<n>.parquet`` into ``out_dir``. Query ids are
+    rows in input order: shares whose metadata do not give their row count (CSV, LAS) are counted by the nodes
+    first. A node that dies meanwhile: its part files are removed and its shares read again by the others (up to
+    ``max_retries`` times). An ``out_dir`` already holding part files is refused. Returns ``out_dir``."""
     import glob as _glob
 
     from ..core.errors import NodeFailureError
     from ..io.shares import plan_shares
     from ..node.dispatch import NODE_FAILURES
 
+    if block_rows < 1:
+        raise ValueError(f"block_rows must be >= 1, got {block_rows}")
+    source = _resolve(source)
+    out_dir = os.path.abspath(os.path.expanduser(out_dir))  # the nodes run in other working directories
     os.makedirs(out_dir, exist_ok=True)
     if _glob.glob(os.path.join(out_dir, "part-*.parquet")):
         raise FileExistsError(f"{out_dir} already holds part-*.parquet files; pass a new or empty directory")
@@ -187,34 +239,34 @@ def join_to_directory(rt: ClusterRuntime, source: Any, k: int, out_dir: str, col
             counts.update(zip((s.index for s in part), rt.recv(n, ref)))
     offsets = dict(zip((s.index for s in shares), np.cumsum([0] + [counts[s.index] for s in shares])[:-1].tolist()))
     pending = {n: [] for n in live}
-    for j, s in enumerate(sorted(shares, key=lambda s: -s.nbytes)):  # largest first, to the least loaded
+    for s in sorted(shares, key=lambda s: -s.nbytes):  # largest first, to the least loaded
         pending[min(pending, key=lambda n: sum(x.nbytes for x in pending[n]))].append(s)
     version = rt.version
     for _ in range(rt.config.max_retries + 1):
-        calls = {n: rt.send(n, "join_shares", part, [offsets[s.index] for s in part], columns, k, out_dir, version,
-                            block_rows)
+        calls = {n: rt.send(n, "join_shares", part, [offsets[s.index] for s in part], columns, task, out_dir,
+                            version, block_rows)
                  for n, part in pending.items() if part}
         retry: list = []
         for n, ref in calls.items():
             try:
                 rt.recv(n, ref)
             except NODE_FAILURES as exc:
-                rt.mark_failed(n, f"join: {type(exc).__name__}")
+                rt.mark_failed(n, f"{task['kind']} into {out_dir}: {type(exc).__name__}")
                 for f in _glob.glob(os.path.join(out_dir, f"part-{n:05d}-*.parquet")):
                     os.remove(f)
                 retry += pending[n]
         if not retry:
             return out_dir
-        live = [n for n in rt.live_node_ids]
+        live = list(rt.live_node_ids)
         if not live:
             break
         pending = {n: retry[j::len(live)] for j, n in enumerate(live)}
-    raise NodeFailureError(f"the join into {out_dir} lost its nodes {rt.config.max_retries + 1} times; part files "
-                           "of the shares answered remain")
+    raise NodeFailureError(f"the {task['kind']} job into {out_dir} lost its nodes {rt.config.max_retries + 1} times; "
+                           "part files of the shares answered remain")
 
 
 def _write_join(gen, path: str) -> str:
-    """Write the join as a long table (query row, rank, id, distance), chunk by chunk."""
+    """Write the join as a long table (query row, rank from 1, id, distance), chunk by chunk."""
     import pyarrow as pa
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
@@ -229,7 +281,7 @@ def _write_join(gen, path: str) -> str:
             m, k = d.shape
             query = (np.arange(start, start + m) if qid is None else qid).repeat(k)
             start += m
-            table = pa.table({"query": query, "rank": np.tile(np.arange(k), m), "id": i.reshape(-1),
+            table = pa.table({"query": query, "rank": np.tile(np.arange(1, k + 1), m), "id": i.reshape(-1),
                               "distance": d.reshape(-1)})
             if writer is None:
                 writer = (pq.ParquetWriter(path, table.schema) if ext == "parquet"

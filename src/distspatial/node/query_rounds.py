@@ -266,50 +266,52 @@ class QueryRoundsMixin:
 
 
 class JoinWriterMixin:
-    """Node-written kNN joins: each node reads its share of the query files and writes its part files.
+    """Node-written results: each node reads its share of the query files and writes its part files.
 
     :meth:`join_shares` runs in the node's default concurrency group (it waits on other nodes' ``reads`` group,
-    never the other way round). For each block of its queries it splits them by home partition, sends each part
-    to a node holding it (itself included) as a ``knn_batch`` (which plans and merges the later round), and
-    writes the answers as ``part-<node>-<n>.parquet`` with the columns ``query`` (the row in input order),
-    ``rank``, ``id`` and ``distance``: a billion-row result never passes through one process. Uses
-    ``_rounds_at`` and the node's identity from :class:`QueryRoundsMixin`.
+    never the other way round). For each block of its queries it splits them by home partition and sends each
+    part to a node holding it (itself included) as a ``knn_batch`` or ``ball_batch`` (which plan and merge the
+    later rounds), and writes the answers as ``part-<node>-<n>.parquet``: a billion-row result never passes
+    through one process. kNN: columns ``query`` (the row in input order), ``rank`` (1 = nearest), ``id``,
+    ``distance``; range: ``query``, ``id``, ``distance``, sorted by query then id. Uses ``_rounds_at`` and the
+    node's identity from :class:`QueryRoundsMixin`.
     """
 
     def join_shares(
-        self, shares: list[Any], offsets: list[int], columns: Any, k: int, out_dir: str, version: int,
-        block_rows: int = 250_000,
+        self, shares: list[Any], offsets: list[int], columns: Any, task: dict[str, Any], out_dir: str,
+        version: int, block_rows: int = 250_000,
     ) -> dict[str, Any]:
         """Answer the queries of ``shares`` (query ids ``offsets[j] + row`` for share j) and write them under
-        ``out_dir``; returns ``{"rows": queries answered, "files": [paths]}``."""
-        import pyarrow as pa
+        ``out_dir``. ``task``: ``{"kind": "knn", "k": k}`` or ``{"kind": "range", "radius": r}`` (``r`` a float,
+        or ``None``: the last of ``columns`` is each query's radius, named ``task["radius_column"]``). Returns
+        ``{"rows": queries answered, "files": [paths], "node": node id}``."""
         import pyarrow.parquet as pq
 
         from ..io.shares import read_share
 
         files: list[str] = []
         rows_done = 0
+        knn = task["kind"] == "knn"
         for share, offset in zip(shares, offsets):
             q, _ = read_share(share, columns, None)
+            radius = None if knn else self._share_radii(share, q, task)
+            if radius is not None and task["radius"] is None:
+                q = np.ascontiguousarray(q[:, :-1])
             dim = self._rounds_at_latest(version)[0].dim
             if q.shape[1] != dim:
                 raise ValueError(f"{share.describe()}: {q.shape[1]} coordinate columns, but the distributed data set "
                                  f"has {dim} (pick them with columns=...)")
             for b, a in enumerate(range(0, len(q), block_rows)):
                 block = q[a:a + block_rows]
-                dist, ids, version = self._join_block(block, k, version)
-                m = len(block)
+                if knn:
+                    table, version = self._knn_part(block, offset + a, task["k"], version)
+                else:
+                    table, version = self._range_part(block, radius[a:a + block_rows], offset + a, version)
                 # n = share * 10**4 + block: unique across nodes and across a share read again after a failure
                 path = os.path.join(out_dir, f"part-{self.node_id:05d}-{share.index * 10_000 + b:09d}.parquet")
-                table = pa.table({
-                    "query": np.repeat(np.arange(offset + a, offset + a + m, dtype=np.int64), k),
-                    "rank": np.tile(np.arange(k, dtype=np.int32), m),
-                    "id": ids.reshape(-1),
-                    "distance": dist.reshape(-1),
-                })
                 pq.write_table(table, path)
                 files.append(path)
-                rows_done += m
+                rows_done += len(block)
         return {"rows": rows_done, "files": files, "node": self.node_id}
 
     def count_shares(self, shares: list[Any], columns: Any) -> list[int]:
@@ -319,15 +321,64 @@ class JoinWriterMixin:
         return [share.n_rows if share.n_rows is not None else len(read_share(share, columns, None)[0])
                 for share in shares]
 
+    @staticmethod
+    def _share_radii(share: Any, q: np.ndarray, task: dict[str, Any]) -> np.ndarray:
+        """Each query's radius: the task's scalar, or the share's last column (checked >= 0: a clear error naming
+        file, row and column)."""
+        from ..io.files import DataFileError
+
+        if task["radius"] is not None:
+            return np.full(len(q), float(task["radius"]))
+        r = np.ascontiguousarray(q[:, -1])
+        bad = np.flatnonzero(r < 0)  # finite already (read_share)
+        if len(bad):
+            col = task.get("radius_column")
+            row = share.row_start + int(bad[0])
+            raise DataFileError(share.path, f"negative radius {r[bad[0]]!r} in row {row}, column {col!r}",
+                                "every radius must be >= 0", row=row, column=col)
+        return r
+
     def _rounds_at_latest(self, version: int) -> tuple[RoutingTable, Dispatcher]:
         try:
             return self._rounds_at(version)
         except StaleMetadataError as exc:
             return self._rounds_at(int(exc.version))
 
-    def _join_block(self, q: np.ndarray, k: int, version: int) -> tuple[np.ndarray, np.ndarray, int]:
-        """kNN of one block via the nodes of the queries' home partitions; re-planned on a newer version when
-        the layout changed meanwhile. Returns ``(dist, ids, the version answered on)``."""
+    def _knn_part(self, q: np.ndarray, first: int, k: int, version: int) -> tuple[Any, int]:
+        """One kNN part file's table (rank from 1, as the command line's tables) and the version answered on."""
+        import pyarrow as pa
+
+        m = len(q)
+        dist = np.full((m, k), np.inf)
+        ids = np.full((m, k), -1, dtype=np.int64)
+        found, version = self._by_home(q, (), "knn_batch", {"k": k}, version)
+        for rows, (d_, i_, _) in found:
+            dist[rows], ids[rows] = d_, i_
+        return pa.table({
+            "query": np.repeat(np.arange(first, first + m, dtype=np.int64), k),
+            "rank": np.tile(np.arange(1, k + 1, dtype=np.int32), m),
+            "id": ids.reshape(-1),
+            "distance": dist.reshape(-1),
+        }), version
+
+    def _range_part(self, q: np.ndarray, radii: np.ndarray, first: int, version: int) -> tuple[Any, int]:
+        """One range part file's table (every point within each query's radius, sorted by query then id, with
+        its distance) and the version answered on."""
+        import pyarrow as pa
+
+        found, version = self._by_home(q, (radii,), "ball_batch", {"return_points": True}, version)
+        rows = np.concatenate([np.repeat(r, res[0]) for r, res in found])
+        ids = np.concatenate([res[1] for _, res in found])
+        diff = np.concatenate([res[2] for _, res in found]) - np.take(q, rows, axis=0)
+        dist = np.sqrt(np.einsum("ij,ij->i", diff, diff))
+        order = np.lexsort((ids, rows))
+        return pa.table({"query": rows[order] + first, "id": ids[order], "distance": dist[order]}), version
+
+    def _by_home(self, q: np.ndarray, extra: tuple[np.ndarray, ...], method: str, options: dict[str, Any],
+                 version: int) -> tuple[list[tuple[np.ndarray, Any]], int]:
+        """Send the rows of ``q`` (and the same rows of ``extra``) to nodes of their home partitions as ``method``
+        calls (``knn_batch``, ``ball_batch``: they plan and merge the later rounds); re-planned on a newer version
+        when the layout changed meanwhile. Returns ``([(rows, answer)], the version answered on)``."""
         for _ in range(100):
             try:
                 routing, disp = self._rounds_at(version)
@@ -337,23 +388,18 @@ class JoinWriterMixin:
             keys = curve_keys(q, routing.lo, routing.hi, routing.curve, routing.bits)
             home = Assignment.from_pairs(np.arange(len(q), dtype=np.int64), routing.home_partitions(keys), len(q))
             groups = home.groups()
-            dist = np.full((len(q), k), np.inf)
-            ids = np.full((len(q), k), -1, dtype=np.int64)
 
             def build(node: int, pids: list[int]):
                 rows, segs = stack_groups(groups, pids)
-                ref = disp.actors[node].knn_batch.options(concurrency_group="reads").remote(
-                    np.take(q, rows, axis=0), segs, k=k, version=version)
+                ref = getattr(disp.actors[node], method).options(concurrency_group="reads").remote(
+                    *(np.take(a, rows, axis=0) for a in (q, *extra)), segs, **options, version=version)
                 return ref, rows, 0
 
             try:
-                for rows, (d_, i_, _) in disp.run(list(groups), routing, build, None, None, balance=True):
-                    dist[rows], ids[rows] = d_, i_
-                return dist, ids, version
+                return disp.run(list(groups), routing, build, None, None, balance=True), version
             except RayTaskError as exc:
                 cause = getattr(exc, "cause", None)
                 if not isinstance(cause, StaleMetadataError):
                     raise
                 version = max(version + 1, int(cause.version))
-        raise StaleMetadataError(f"node {self.node_id}: the layout kept changing during a join block", version)
-
+        raise StaleMetadataError(f"node {self.node_id}: the layout kept changing during a block of a join", version)
