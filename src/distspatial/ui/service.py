@@ -953,7 +953,9 @@ def _version() -> str:
 def listen(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
     """A listening socket (``port`` 0: a free one); connections made before uvicorn accepts wait in the backlog."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # proto IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets whose proto says TCP, and without it a
+    # response written in two parts (headers, body) waits for the client's delayed ACK (~40 ms per request)
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
