@@ -28,7 +28,7 @@ from ..client import queries
 from ..client.runtime import ClusterRuntime
 
 
-__all__ = ["knn_join", "distance_matrix", "range_to_directory", "join_to_directory", "write_by_nodes",
+__all__ = ["knn_join", "distance_matrix", "range_to_directory", "range_to_file", "join_to_directory", "write_by_nodes",
            "DEFAULT_MEMORY_BUDGET"]
 
 #: default limit for a distance matrix returned in memory
@@ -268,6 +268,42 @@ def write_by_nodes(rt: ClusterRuntime, source: Any, task: dict[str, Any], out_di
 def _write_join(gen, path: str) -> str:
     """Write the join as a long table (query row, rank from 1, id, distance), chunk by chunk."""
     import pyarrow as pa
+
+    def tables():
+        start = 0
+        for qid, d, i in gen:
+            m, k = d.shape
+            query = (np.arange(start, start + m) if qid is None else qid).repeat(k)
+            start += m
+            yield pa.table({"query": query, "rank": np.tile(np.arange(1, k + 1), m), "id": i.reshape(-1),
+                            "distance": d.reshape(-1)})
+
+    return _write_tables(tables(), path)
+
+
+def range_to_file(rt: ClusterRuntime, centers: np.ndarray, radii: np.ndarray, path: str,
+                  chunk_rows: int = 250_000) -> str:
+    """Range search of an array of centres (``radii``: one per centre) written chunk by chunk to one Parquet or
+    CSV file: ``query`` (row), ``id``, ``distance``, one row per point found, sorted by query then id."""
+    import pyarrow as pa
+
+    def tables():
+        if not len(centers):
+            yield pa.table({"query": np.empty(0, np.int64), "id": np.empty(0, np.int64), "distance": np.empty(0)})
+        for a in range(0, len(centers), chunk_rows):
+            c, r = centers[a:a + chunk_rows], radii[a:a + chunk_rows]
+            found = rt.stable(lambda c=c, r=r: queries.ball(rt, c, r, True, None))
+            counts = np.fromiter((len(f[0]) for f in found), np.int64, len(found))
+            ids = np.concatenate([f[0] for f in found]).astype(np.int64, copy=False)
+            rows = np.repeat(np.arange(len(c)), counts)
+            diff = np.concatenate([f[1] for f in found]).reshape(len(ids), c.shape[1]) - c[rows]
+            yield pa.table({"query": rows + a, "id": ids, "distance": np.sqrt(np.einsum("ij,ij->i", diff, diff))})
+
+    return _write_tables(tables(), path)
+
+
+def _write_tables(tables: Iterable[Any], path: str) -> str:
+    """Write pyarrow tables of one schema one after the other into ``path`` (``.parquet`` or ``.csv``)."""
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
@@ -275,14 +311,8 @@ def _write_join(gen, path: str) -> str:
     if ext not in ("parquet", "csv"):
         raise ValueError(f"output must end in .parquet or .csv, got {path!r}")
     writer = None
-    start = 0
     try:
-        for qid, d, i in gen:
-            m, k = d.shape
-            query = (np.arange(start, start + m) if qid is None else qid).repeat(k)
-            start += m
-            table = pa.table({"query": query, "rank": np.tile(np.arange(1, k + 1), m), "id": i.reshape(-1),
-                              "distance": d.reshape(-1)})
+        for table in tables:
             if writer is None:
                 writer = (pq.ParquetWriter(path, table.schema) if ext == "parquet"
                           else pacsv.CSVWriter(path, table.schema))
