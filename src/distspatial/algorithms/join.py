@@ -9,6 +9,13 @@ answers are returned whole, yielded chunk by chunk, or written chunk by chunk to
 The self-join (all-kNN of the distributed set, each point excluding itself) reads the set partition by
 partition from the nodes.
 
+**Results written by the nodes** (:func:`write_by_nodes`, for :func:`join_to_directory` and
+:func:`range_to_directory`): query files (a file, directory, glob or list) and an output directory: the nodes
+read shares of the files and each writes its own ``part-<node>-<n>.parquet`` files (kNN: ``query, rank, id,
+distance``, rank from 1; range: ``query, id, distance``, sorted by query then id in each file); only share
+descriptions pass through the driver. :func:`range_to_file` writes the range search of an array of centres to
+one file through the driver.
+
 **Distance matrix** (:func:`distance_matrix`): tiles of ``cdist(a, b)`` computed on the nodes (round robin,
 bounded tiles in flight, failover to another node), assembled in memory when the matrix fits the memory budget,
 else written tile by tile into an ``.npy`` file (memory-mapped); a clear error when neither is possible.
