@@ -70,6 +70,11 @@ except ImportError as _exc:  # pragma: no cover - depends on the environment
         f"the HTTP service needs FastAPI and uvicorn ({_exc}); install them with: pip install 'distspatial[serve]'"
     ) from _exc
 
+try:  # a faster JSON library (the 'serve' extra); the standard json module otherwise, with the same answers
+    import orjson as _orjson
+except ImportError:  # pragma: no cover - depends on the environment
+    _orjson = None
+
 from ..core.errors import DistSpatialError, NotDistributedError
 
 __all__ = [
@@ -81,18 +86,26 @@ ARROW_STREAM = "application/vnd.apache.arrow.stream"
 JSON_TYPE = "application/json"
 DEFAULT_MAX_BODY_BYTES = 64 * 2**20
 DEFAULT_MAX_RESULTS = 20_000_000  # neighbours (m * k) one kNN answer may hold
+DEFAULT_BATCH_WAIT_MS = 1.0  # how long the first request of a coalesced batch waits for others
+DEFAULT_MAX_BATCH = 256  # most query points in one coalesced batch; larger requests go to the cluster alone
+DEFAULT_MAX_CONCURRENT_BATCHES = 2  # coalesced batches of one kind running at once; the next one fills meanwhile
+DEFAULT_MAX_QUEUE = 256  # requests admitted at once (queued + in flight); more get 503 with Retry-After
+DEFAULT_BODY_TIMEOUT_S = 10.0  # a request body must have arrived this long after its headers (else 408)
+DEFAULT_REQUEST_TIMEOUT_S = 30.0  # a request not answered this long after its body arrived gets 504
 #: node colours of the status page and :mod:`distspatial.ui.plots` (matplotlib's tab10), node id modulo 10.
 NODE_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd",
                "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
 
 
 class RequestError(Exception):
-    """A request the service refuses: ``status`` (4xx/503) and a message saying what is wrong."""
+    """A request the service refuses: ``status`` (4xx/503) and a message saying what is wrong (``headers``: extra
+    response headers, e.g. ``Retry-After``)."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.headers = headers
 
 
 def coordinate_names(dim: int) -> list[str]:
@@ -122,19 +135,48 @@ def _jsonable(obj: Any) -> Any:
     return str(obj)
 
 
-def _json_response(obj: Any, status: int = 200) -> Response:
-    body = json.dumps(obj, separators=(",", ":"), allow_nan=False)
-    return Response(body, status_code=status, media_type=JSON_TYPE)
+def _plain(obj: Any) -> Any:
+    """``obj`` with numpy arrays as lists (non-finite floats as None): what the json module can write."""
+    if isinstance(obj, np.ndarray):
+        if obj.dtype.kind == "f" and not np.isfinite(obj).all():
+            return _jsonable(obj)
+        return obj.tolist()
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return _jsonable(obj) if isinstance(obj, (np.generic, float)) else obj
 
 
-def _error_response(status: int, message: str) -> Response:
-    return _json_response({"detail": message}, status)
+def _dumps(obj: Any) -> bytes:
+    """Compact JSON of plain types and numpy arrays (written whole by orjson, no Python object per number; NaN
+    and infinities as null either way)."""
+    if _orjson is not None:
+        try:
+            return _orjson.dumps(obj, option=_orjson.OPT_SERIALIZE_NUMPY)
+        except TypeError:  # e.g. a non-contiguous array or an unusual dtype: the portable path below
+            pass
+    return json.dumps(_plain(obj), separators=(",", ":"), allow_nan=False).encode()
+
+
+def _json_response(obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(_dumps(obj), status_code=status, media_type=JSON_TYPE, headers=headers)
+
+
+def _error_response(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
+    return _json_response({"detail": message}, status, headers)
 
 
 # -- service metrics ----------------------------------------------------------------------------------------------
+#: labels of the batch-size histogram: requests per coalesced batch
+BATCH_SIZE_BUCKETS = ("1", "2-3", "4-7", "8-15", "16-31", "32-63", "64+")
+
+
 class ServiceMetrics:
     """Requests, queries and errors per endpoint, and their rates over the last ``window_s`` seconds (kept in
-    one-second buckets, so the cost does not grow with the request rate)."""
+    one-second buckets, so the cost does not grow with the request rate); coalesced batches per kind (how many,
+    requests and queries in them, a histogram of requests per batch); admission: requests refused when the queue
+    was full (503), body-read timeouts (408) and request timeouts (504)."""
 
     def __init__(self, window_s: float = 60.0) -> None:
         self.window_s = window_s
@@ -142,6 +184,31 @@ class ServiceMetrics:
         self._lock = threading.Lock()
         self._totals: dict[str, dict[str, float]] = {}
         self._buckets: deque[tuple[int, dict[str, list[int]]]] = deque()  # (second, {endpoint: [requests, queries]})
+        self._events = {"refused": 0, "body_timeouts": 0, "request_timeouts": 0}
+        self._batches: dict[str, dict[str, Any]] = {}
+        #: set by the app: its admission limit and a function giving the requests admitted now
+        self.max_queue: int | None = None
+        self.admitted: Callable[[], int] = lambda: 0
+
+    def count(self, event: str) -> None:
+        """One more ``refused``, ``body_timeouts`` or ``request_timeouts``."""
+        with self._lock:
+            self._events[event] = self._events.get(event, 0) + 1
+
+    def record_batch(self, kind: str, requests: int, queries: int, coalesced: bool = True) -> None:
+        """A batch of ``requests`` requests (``queries`` query points) sent to the cluster in one call
+        (``coalesced=False``: a large request that went alone, bypassing coalescing)."""
+        with self._lock:
+            b = self._batches.setdefault(kind, {"batches": 0, "requests": 0, "queries": 0, "max_requests": 0,
+                                                "bypassed": 0, "sizes": [0] * len(BATCH_SIZE_BUCKETS)})
+            if not coalesced:
+                b["bypassed"] += 1
+                return
+            b["batches"] += 1
+            b["requests"] += requests
+            b["queries"] += queries
+            b["max_requests"] = max(b["max_requests"], requests)
+            b["sizes"][min(len(BATCH_SIZE_BUCKETS) - 1, requests.bit_length() - 1)] += 1
 
     def record(self, endpoint: str, queries: int, seconds: float, ok: bool) -> None:
         now = time.time()
@@ -198,6 +265,13 @@ class ServiceMetrics:
             age = int(now) - sec
             if 0 <= age < n:
                 timeline[n - 1 - age] += sum(v[1] for v in b.values())
+        with self._lock:
+            events = dict(self._events)
+            batches = {}
+            for kind, b in sorted(self._batches.items()):
+                batches[kind] = {k: v for k, v in b.items() if k != "sizes"}
+                batches[kind]["mean_requests"] = b["requests"] / max(1, b["batches"])
+                batches[kind]["sizes"] = dict(zip(BATCH_SIZE_BUCKETS, b["sizes"]))
         return {
             "uptime_s": now - self.started,
             "endpoints": endpoints,
@@ -205,6 +279,8 @@ class ServiceMetrics:
             "errors": sum(int(t["errors"]) for t in totals.values()),
             "queries_per_s": sum(e["queries_per_s"] for e in endpoints),
             "timeline_queries_per_s": timeline,
+            "admission": {"max_queue": self.max_queue, "admitted": int(self.admitted()), **events},
+            "batches": batches,
         }
 
 
@@ -373,6 +449,14 @@ def _wants_arrow(request: Request, body_kind: str) -> bool:
 
 
 def _parse_json(body: bytes, example: str) -> dict[str, Any]:
+    if _orjson is not None:  # the fast path; anything it refuses (NaN, huge integers, bad UTF-8, malformed JSON)
+        try:               # is read again below, so the answer and its message are the json module's
+            obj = _orjson.loads(body)
+        except (_orjson.JSONDecodeError, RecursionError):
+            pass
+        else:
+            if isinstance(obj, dict):
+                return obj
     if not body.strip():
         raise RequestError(400, f"the request body is empty; send a JSON object such as {example}")
     try:
@@ -582,6 +666,151 @@ def _arrow_response(columns: dict[str, np.ndarray]) -> Response:
     return Response(sink.getvalue().to_pybytes(), media_type=ARROW_STREAM)
 
 
+# -- coalescing ---------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(eq=False)
+class _Item:
+    """One validated request waiting for its share of a batch: ``n`` query points, ``args`` (kNN ``(q, k)``,
+    range ``(q, radii)``, box ``(lo, hi)``), whether it was a single point and whether it wants Arrow back."""
+
+    n: int
+    args: tuple
+    single: bool
+    arrow: bool
+    future: Any = None
+    t_enq: float = 0.0
+
+
+class _Coalescer:
+    """Gathers concurrent requests of one kind into batches, as Ray Serve's ``@serve.batch`` does: the first
+    request of a batch waits at most ``wait_s`` for others; a batch leaves earlier once it holds ``max_points``
+    query points. At most ``max_concurrent`` batches run at once (in ``pool``; ``run(items)`` makes one cluster
+    call for all of them and returns one answer per item, or an exception for an item that failed alone); while
+    they run, the next batch fills. Lives on the event loop's thread (no locks)."""
+
+    def __init__(self, kind: str, run: Callable[[list[_Item]], list[Any]], pool: ThreadPoolExecutor,
+                 metrics: ServiceMetrics, wait_s: float, max_points: int, max_concurrent: int) -> None:
+        self.kind, self.run, self.pool, self.metrics = kind, run, pool, metrics
+        self.wait_s, self.max_points, self.max_concurrent = wait_s, max_points, max(1, max_concurrent)
+        self._queue: deque[_Item] = deque()
+        self._points = 0
+        self._running = 0
+        self._timer: asyncio.TimerHandle | None = None
+
+    def submit(self, item: _Item) -> asyncio.Future:
+        """Queue ``item``; the future gets its answer (or the batch's exception)."""
+        loop = asyncio.get_running_loop()
+        item.future = loop.create_future()
+        item.t_enq = loop.time()
+        self._queue.append(item)
+        self._points += item.n
+        self._kick(loop)
+        return item.future
+
+    def _kick(self, loop: asyncio.AbstractEventLoop) -> None:
+        while self._queue and self._running < self.max_concurrent:
+            if self._points < self.max_points:
+                due = self._queue[0].t_enq + self.wait_s
+                if loop.time() < due:
+                    if self._timer is None or self._timer.when() > due:
+                        if self._timer is not None:
+                            self._timer.cancel()
+                        self._timer = loop.call_at(due, self._on_timer, loop)
+                    return
+            batch: list[_Item] = []
+            points = 0
+            while self._queue and (not batch or points + self._queue[0].n <= self.max_points):
+                item = self._queue.popleft()
+                self._points -= item.n
+                if item.future.done():  # its request timed out (or its client left) while it waited
+                    continue
+                batch.append(item)
+                points += item.n
+            if not batch:
+                continue
+            self._running += 1
+            self.metrics.record_batch(self.kind, len(batch), points)
+            fut = loop.run_in_executor(self.pool, self.run, batch)
+            fut.add_done_callback(functools.partial(self._done, loop, batch))
+
+    def _on_timer(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._timer = None
+        self._kick(loop)
+
+    def _done(self, loop: asyncio.AbstractEventLoop, batch: list[_Item], fut: asyncio.Future) -> None:
+        self._running -= 1
+        exc = asyncio.CancelledError() if fut.cancelled() else fut.exception()
+        results = fut.result() if exc is None else [exc] * len(batch)
+        for item, res in zip(batch, results):
+            if item.future.done():
+                continue
+            if isinstance(res, BaseException):
+                item.future.set_exception(res)
+            else:
+                item.future.set_result(res)
+        self._kick(loop)
+
+
+def _ties_by_id(dist: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """kNN rows with equal distances put in id order (only the rows holding a tie are touched), so an answer
+    trimmed to fewer columns does not depend on which other requests shared its batch."""
+    if dist.ndim != 2 or dist.shape[1] < 2:
+        return dist, ids
+    rows = np.flatnonzero((dist[:, 1:] == dist[:, :-1]).any(axis=1))
+    if len(rows):
+        dist, ids = dist.copy(), ids.copy()
+        order = np.lexsort((ids[rows], dist[rows]))
+        dist[rows] = np.take_along_axis(dist[rows], order, axis=1)
+        ids[rows] = np.take_along_axis(ids[rows], order, axis=1)
+    return dist, ids
+
+
+def _splits(arrays: list[np.ndarray]) -> np.ndarray:
+    """Where each of ``arrays`` ends in their concatenation (for ``np.split``)."""
+    return np.cumsum(np.fromiter((len(a) for a in arrays), dtype=np.int64, count=len(arrays)))[:-1]
+
+
+class _Expired(Exception):
+    """The time given to a request (or to its body) ran out."""
+
+
+_HAS_TIMEOUT = hasattr(asyncio, "timeout")  # Python 3.11+
+
+
+async def _within(seconds: float | None, aw: Any) -> Any:
+    """``await aw``, raising :class:`_Expired` after ``seconds`` (``None`` or 0: no limit)."""
+    if not seconds:
+        return await aw
+    if _HAS_TIMEOUT:
+        cm = asyncio.timeout(seconds)
+        try:
+            async with cm:
+                return await aw
+        except TimeoutError:
+            if cm.expired():
+                raise _Expired() from None
+            raise
+    try:  # pragma: no cover - Python 3.10
+        return await asyncio.wait_for(aw, seconds)
+    except asyncio.TimeoutError:  # pragma: no cover
+        raise _Expired() from None
+
+
+def _request_error(exc: BaseException) -> BaseException:
+    """The answer a cluster call's exception gets: a :class:`RequestError` (422 for a request the cluster finds
+    invalid, 503 while it cannot answer), or ``exc`` itself for a bug (500)."""
+    if isinstance(exc, RequestError):
+        return exc
+    if isinstance(exc, NotDistributedError):
+        return RequestError(503, f"{exc}")
+    if isinstance(exc, ValueError):
+        return RequestError(422, " ".join(str(exc).split()))
+    if isinstance(exc, DistSpatialError):
+        return RequestError(503, f"{type(exc).__name__}: {' '.join(str(exc).split())}")
+    if isinstance(exc, RuntimeError) and "shut down" in str(exc):
+        return RequestError(503, str(exc))
+    return exc
+
+
 # -- OpenAPI descriptions ------------------------------------------------------------------------------------------
 _POINTS_SCHEMA = {
     "description": "a point [x, y, ...] or a list of points [[x, y, ...], ...]; finite numbers",
@@ -596,8 +825,11 @@ _ERRORS = {
                                                                                                       "JSON: ..."}}}},
     413: {"description": "body larger than the service's limit"},
     415: {"description": "unsupported Content-Type"},
+    408: {"description": "the request body did not arrive within the body timeout (the connection is closed)"},
     422: {"description": "wrong shape, dimension or values; the detail says which"},
-    503: {"description": "no data distributed yet, or partitions lost"},
+    503: {"description": "busy: the admission queue is full (retry after the Retry-After header's seconds); or no "
+                         "data distributed yet, or partitions lost"},
+    504: {"description": "not answered within the request timeout"},
 }
 
 
@@ -645,6 +877,27 @@ _INGEST_DOC = _doc(
 
 
 # -- the app -------------------------------------------------------------------------------------------------------
+class _ServiceApp(FastAPI):
+    """FastAPI with a short path for the query endpoints: ``POST /knn``, ``/range`` and ``/box`` go straight to
+    their handlers (the same code the FastAPI routes run; the routes stay for the OpenAPI spec), skipping the
+    middleware stack, routing and parameter injection, which cost more than the handler itself."""
+
+    _direct: dict[str, Callable[[Request], Any]]
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            path = scope["path"]
+            root = scope.get("root_path") or ""
+            if root and path.startswith(root):
+                path = path[len(root):]
+            direct = self._direct.get(path)
+            if direct is not None:
+                response = await direct(Request(scope, receive, send))
+                await response(scope, receive, send)
+                return
+        await super().__call__(scope, receive, send)
+
+
 def _status_page() -> str:
     return resources.files("distspatial").joinpath("ui/static/status.html").read_text(encoding="utf-8")
 
@@ -656,29 +909,61 @@ def create_app(
     workers: int = 8,
     max_results: int = DEFAULT_MAX_RESULTS,
     status_interval_s: float = 0.5,
+    coalesce: bool = True,
+    batch_wait_ms: float = DEFAULT_BATCH_WAIT_MS,
+    max_batch: int = DEFAULT_MAX_BATCH,
+    max_concurrent_batches: int = DEFAULT_MAX_CONCURRENT_BATCHES,
+    max_queue: int = DEFAULT_MAX_QUEUE,
+    retry_after_s: int = 1,
+    body_timeout_s: float | None = DEFAULT_BODY_TIMEOUT_S,
+    request_timeout_s: float | None = DEFAULT_REQUEST_TIMEOUT_S,
 ) -> FastAPI:
     """The ASGI app serving ``cluster`` (see the module docstring for the endpoints).
 
     Args:
         cluster: a running :class:`~distspatial.DistributedSpatialCluster` (data may be distributed later).
         max_body_bytes: larger request bodies get 413.
-        workers: threads running the cluster's (blocking) calls; more concurrent requests wait for one.
+        workers: threads running the cluster's (blocking) calls; more concurrent batches wait for one.
         max_results: most neighbours (points x k) one kNN request may ask for (422 above).
         status_interval_s: ``/status.json`` is recomputed at most this often, however many viewers poll it.
+        coalesce: gather concurrent ``/knn`` (and, separately, ``/range``, ``/box``) requests into one cluster
+            call each; ``False``: one call per request.
+        batch_wait_ms: how long the first request of a coalesced batch waits for others (0: none; requests
+            arriving while ``max_concurrent_batches`` batches run still gather).
+        max_batch: most query points in one coalesced batch; a request with more goes to the cluster alone.
+        max_concurrent_batches: coalesced batches of one kind running at once.
+        max_queue: requests admitted at once (``/knn``, ``/range``, ``/box``, ``/ingest``, ``/delete``, queued
+            or being answered, counted once their body arrived); more get 503 with ``Retry-After`` at once.
+        retry_after_s: the ``Retry-After`` header of those 503 answers (seconds).
+        body_timeout_s: a request whose body has not arrived this long after its headers gets 408 and its
+            connection is closed (``None``: no limit).
+        request_timeout_s: a request not answered this long after its headers arrived gets 504 (408 if its
+            body was still arriving; ``None``: no limit). A cluster call already under way finishes; its answer
+            is dropped.
 
     The app's ``state`` holds ``cluster``, ``metrics`` (:class:`ServiceMetrics`) and ``pool`` (the executor).
     """
+    for name, v in (("max_queue", max_queue), ("max_batch", max_batch), ("workers", workers),
+                    ("max_concurrent_batches", max_concurrent_batches)):
+        if int(v) < 1:
+            raise ValueError(f"{name} must be >= 1, got {v}")
+    if batch_wait_ms < 0:
+        raise ValueError(f"batch_wait_ms must be >= 0, got {batch_wait_ms}")
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="distspatial-http")
     metrics = ServiceMetrics()
     status = StatusCollector(cluster, metrics, status_interval_s)
     page = _status_page()
+    admitted = 0  # requests admitted now (the event loop's thread alone changes it)
+    metrics.max_queue = max_queue
+    metrics.admitted = lambda: admitted
+    retry_header = {"Retry-After": str(int(retry_after_s))}
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         yield
         pool.shutdown(wait=False, cancel_futures=True)
 
-    app = FastAPI(
+    app = _ServiceApp(
         title="distspatial query service",
         version=_version(),
         description="Exact kNN, range and box queries, live ingest, statistics and health of a distributed spatial "
@@ -688,8 +973,8 @@ def create_app(
     app.state.cluster, app.state.metrics, app.state.pool, app.state.status = cluster, metrics, pool, status
 
     @app.exception_handler(RequestError)
-    async def _request_error(request: Request, exc: RequestError) -> Response:
-        return _error_response(exc.status, exc.message)
+    async def _request_error_handler(request: Request, exc: RequestError) -> Response:
+        return _error_response(exc.status, exc.message, exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
@@ -703,20 +988,19 @@ def create_app(
         loop = asyncio.get_running_loop()
         try:
             return await loop.run_in_executor(pool, functools.partial(fn, *args, **kwargs))
-        except RequestError:
-            raise
-        except NotDistributedError as exc:
-            raise RequestError(503, f"{exc}") from None
-        except ValueError as exc:
-            raise RequestError(422, " ".join(str(exc).split())) from None
-        except DistSpatialError as exc:
-            raise RequestError(503, f"{type(exc).__name__}: {' '.join(str(exc).split())}") from None
-        except RuntimeError as exc:
-            if "shut down" in str(exc):
-                raise RequestError(503, str(exc)) from None
-            raise
+        except Exception as exc:
+            mapped = _request_error(exc)
+            if mapped is exc:
+                raise
+            raise mapped from None
 
     def meta() -> Any:
+        """The metadata of this client's view (no call to the controller: the query is planned on the same
+        view, and a node refuses a stale one); the controller is asked only while the view has no data."""
+        rt = cluster.runtime
+        m = None if rt.closed else rt.meta
+        if m is not None:
+            return m
         try:
             return cluster.metadata
         except NotDistributedError as exc:
@@ -725,22 +1009,58 @@ def create_app(
             raise RequestError(503, str(exc)) from None
 
     async def handle(request: Request, endpoint: str, work: Callable[[Request], Any]) -> Response:
-        """Run ``work`` (a coroutine function returning ``(response, n_queries)``), count and time it; errors
-        become their JSON answers."""
+        """Run ``work`` (a coroutine function returning ``(response, n_queries)``) within the request timeout,
+        count and time it; errors become their JSON answers."""
+        nonlocal admitted
         t0 = time.perf_counter()
+        scope = request.scope
         try:
-            response, n = await work(request)
+            response, n = await _within(request_timeout_s, work(request))
         except RequestError as exc:
             metrics.record(endpoint, 0, time.perf_counter() - t0, False)
-            return _error_response(exc.status, exc.message)
+            return _error_response(exc.status, exc.message, exc.headers)
+        except _Expired:
+            metrics.record(endpoint, 0, time.perf_counter() - t0, False)
+            if not scope.get("distspatial.body"):
+                metrics.count("body_timeouts")
+                return _error_response(408, f"the request body did not arrive within the request timeout "
+                                            f"({request_timeout_s:g} s)", {"Connection": "close"})
+            metrics.count("request_timeouts")
+            return _error_response(504, f"the request was not answered within {request_timeout_s:g} s (the "
+                                        f"service's request timeout); the cluster may be overloaded or "
+                                        f"recovering: retry later, or send smaller batches")
         except Exception as exc:  # a bug: say what, never hang the client
             metrics.record(endpoint, 0, time.perf_counter() - t0, False)
             return _error_response(500, f"internal error: {type(exc).__name__}: {' '.join(str(exc).split())[:500]}")
+        finally:
+            if scope.get("distspatial.admitted"):
+                admitted -= 1
         metrics.record(endpoint, n, time.perf_counter() - t0, True)
         return response
 
-    async def read(request: Request, example: str, fields: tuple[str, ...]) -> tuple[str, dict, Any]:
-        body = await _read_body(request, max_body_bytes)
+    def admit(request: Request) -> None:
+        """Count the request in, or refuse it at once (503, ``Retry-After``) when ``max_queue`` are in."""
+        nonlocal admitted
+        if admitted >= max_queue:
+            metrics.count("refused")
+            raise RequestError(503, f"the service is busy: {max_queue} requests are already queued or being answered "
+                                    f"(its admission limit, --max-queue); retry after {int(retry_after_s)} s",
+                               retry_header)
+        admitted += 1
+        request.scope["distspatial.admitted"] = True
+
+    async def read(request: Request, example: str, fields: tuple[str, ...],
+                   admission: bool = True) -> tuple[str, dict, Any]:
+        try:
+            body = await _within(body_timeout_s, _read_body(request, max_body_bytes))
+        except _Expired:
+            metrics.count("body_timeouts")
+            raise RequestError(408, f"the request body did not arrive within {body_timeout_s:g} s of its headers "
+                                    f"(the service's body timeout, --body-timeout-s); the connection is closed",
+                               {"Connection": "close"}) from None
+        request.scope["distspatial.body"] = True
+        if admission:
+            admit(request)
         kind = _body_kind(request)
         parse = functools.partial(_parse_json, body, example) if kind == "json" else functools.partial(_arrow_table,
                                                                                                         body)
@@ -751,97 +1071,176 @@ def create_app(
             return kind, parsed, None
         return kind, {}, parsed
 
+    # -- batches: one cluster call for many requests, answers cut back per request ---------------------------------
+    def answers(run: Callable[[list[_Item]], list[Any]]) -> Callable[[list[_Item]], list[Any]]:
+        """``run`` for a batch; when the cluster refuses the batch as invalid (a ValueError: e.g. ``k`` larger
+        than the points left after a delete), each request is tried alone, so only the faulty one fails."""
+        def batch(items: list[_Item]) -> list[Any]:
+            try:
+                return run(items)
+            except ValueError:
+                if len(items) == 1:
+                    raise
+            out: list[Any] = []
+            for item in items:
+                try:
+                    out.extend(run([item]))
+                except Exception as exc:  # noqa: BLE001 - this request's own error; the others still get their answers
+                    out.append(exc)
+            return out
+        return batch
+
+    def stacked(items: list[_Item], j: int) -> np.ndarray:
+        return items[0].args[j] if len(items) == 1 else np.concatenate([it.args[j] for it in items])
+
+    def run_knn(items: list[_Item]) -> list[Response]:
+        q = stacked(items, 0)
+        kmax = max(it.args[1] for it in items)
+        dist, ids = cluster.distributed_knn_search(q, kmax)
+        dist, ids = _ties_by_id(np.asarray(dist), np.asarray(ids))
+        out, off = [], 0
+        for it in items:
+            k = it.args[1]
+            d, i = dist[off:off + it.n, :k], ids[off:off + it.n, :k]
+            off += it.n
+            if it.arrow:
+                from ..io.files import knn_table
+
+                out.append(_arrow_response(knn_table(d, i)))
+            else:
+                d, i = (d[0], i[0]) if it.single else (d, i)
+                out.append(_json_response({"distances": np.ascontiguousarray(d), "ids": np.ascontiguousarray(i)}))
+        return out
+
+    def run_range(items: list[_Item]) -> list[Response]:
+        q = stacked(items, 0)
+        found = cluster.range_search(q, stacked(items, 1), return_points=True)
+        ids = [f[0] for f in found]
+        pts = [f[1] for f in found]
+        if ids:  # every hit's distance to its centre in one vectorized pass
+            allp = np.concatenate(pts).reshape(-1, q.shape[1])
+            centres = np.repeat(q, np.fromiter((len(p) for p in pts), dtype=np.int64, count=len(pts)), axis=0)
+            dists = np.split(np.sqrt(((allp - centres) ** 2).sum(axis=1)), _splits(pts))
+        else:
+            dists = []
+        out, off = [], 0
+        for it in items:
+            ii, dd = ids[off:off + it.n], dists[off:off + it.n]
+            off += it.n
+            if it.arrow:
+                from ..io.files import range_table
+
+                out.append(_arrow_response(range_table(ii, dd)))
+            else:
+                out.append(_json_response({"ids": ii[0], "distances": dd[0]} if it.single
+                                          else {"ids": ii, "distances": dd}))
+        return out
+
+    def run_box(items: list[_Item]) -> list[Response]:
+        found = cluster.box_search(stacked(items, 0), stacked(items, 1))
+        out, off = [], 0
+        for it in items:
+            ii = found[off:off + it.n]
+            off += it.n
+            if it.arrow:
+                from ..io.files import range_table
+
+                out.append(_arrow_response(range_table(ii)))
+            else:
+                out.append(_json_response({"ids": ii[0] if it.single else ii}))
+        return out
+
+    runners = {"knn": answers(run_knn), "range": answers(run_range), "box": answers(run_box)}
+    coalescers = {kind: _Coalescer(kind, run, pool, metrics, batch_wait_ms / 1e3, max_batch, max_concurrent_batches)
+                  for kind, run in runners.items()}
+
+    async def answer(kind: str, item: _Item) -> Response:
+        """The request's answer: through a coalesced batch, or alone when it is large (or coalescing is off)."""
+        if not coalesce or item.n > max_batch:
+            metrics.record_batch(kind, 1, item.n, coalesced=False)
+            res = (await blocking(runners[kind], [item]))[0]
+        else:
+            try:
+                res = await coalescers[kind].submit(item)
+            except Exception as exc:
+                mapped = _request_error(exc)
+                if mapped is exc:
+                    raise
+                raise mapped from None
+        if isinstance(res, BaseException):  # failed alone after its batch was refused
+            mapped = _request_error(res)
+            raise mapped from None
+        return res
+
     # -- kNN ------------------------------------------------------------------------------------------------------
+    async def knn_work(req: Request) -> tuple[Response, int]:
+        kind, obj, table = await read(req, '{"points": [[0.5, 0.5]], "k": 5}', ("points", "k"))
+        m = meta()
+        if kind == "json":
+            q, single = _json_coords(obj, "points", m.dim)
+        else:
+            q, single = _arrow_coords(table, _column_names(req, m.dim)), False
+        kk = _as_k(_param(obj, req, "k"), m.n_points)
+        if len(q) * kk > max_results:
+            raise RequestError(422, f"the answer would hold {len(q):,} x {kk} = {len(q) * kk:,} neighbours, more "
+                                    f"than this service's limit of {max_results:,} per request; send fewer points "
+                                    f"per request or a smaller k")
+        return await answer("knn", _Item(len(q), (q, kk), single, _wants_arrow(req, kind))), len(q)
+
     @app.post("/knn", summary="k nearest neighbours of each point", **_KNN_DOC)
     async def knn(request: Request,
                   k: int | None = Query(None, description="neighbours per point (Arrow bodies; JSON: field k)"),
                   columns: str | None = Query(None, description="coordinate columns of an Arrow body")) -> Response:
-        async def work(req: Request):
-            kind, obj, table = await read(req, '{"points": [[0.5, 0.5]], "k": 5}', ("points", "k"))
-            m = meta()
-            if kind == "json":
-                q, single = _json_coords(obj, "points", m.dim)
-            else:
-                q, single = _arrow_coords(table, _column_names(req, m.dim)), False
-            kk = _as_k(_param(obj, req, "k"), m.n_points)
-            if len(q) * kk > max_results:
-                raise RequestError(422, f"the answer would hold {len(q):,} x {kk} = {len(q) * kk:,} neighbours, more "
-                                        f"than this service's limit of {max_results:,} per request; send fewer points "
-                                        f"per request or a smaller k")
-            dist, ids = await blocking(cluster.distributed_knn_search, q, kk)
-            if _wants_arrow(req, kind):
-                from ..io.files import knn_table
-
-                return _arrow_response(knn_table(dist, ids)), len(q)
-            if single:
-                dist, ids = dist[0], ids[0]
-            dist_out = dist.tolist() if np.isfinite(dist).all() else _jsonable(dist)
-            return _json_response({"distances": dist_out, "ids": ids.tolist()}), len(q)
-
-        return await handle(request, "knn", work)
+        return await handle(request, "knn", knn_work)
 
     # -- range ----------------------------------------------------------------------------------------------------
+    async def range_work(req: Request) -> tuple[Response, int]:
+        kind, obj, table = await read(req, '{"points": [[0.5, 0.5]], "radius": 0.05}', ("points", "radius"))
+        m = meta()
+        if kind == "json":
+            q, single = _json_coords(obj, "points", m.dim)
+            r = _as_radius(_param(obj, req, "radius"), len(q))
+        else:
+            q, single = _arrow_coords(table, _column_names(req, m.dim)), False
+            r = _as_radius(_arrow_column(table, "radius").astype(np.float64) if "radius" in table.column_names
+                           else req.query_params.get("radius"), len(q))
+        return await answer("range", _Item(len(q), (q, r), single, _wants_arrow(req, kind))), len(q)
+
     @app.post("/range", summary="every point within a radius of each point", **_RANGE_DOC)
     async def range_(request: Request,
                      radius: float | None = Query(None, description="ball radius (Arrow bodies; JSON: field radius)"),
                      columns: str | None = Query(None)) -> Response:
-        async def work(req: Request):
-            kind, obj, table = await read(req, '{"points": [[0.5, 0.5]], "radius": 0.05}', ("points", "radius"))
-            m = meta()
-            if kind == "json":
-                q, single = _json_coords(obj, "points", m.dim)
-                r = _as_radius(_param(obj, req, "radius"), len(q))
-            else:
-                q, single = _arrow_coords(table, _column_names(req, m.dim)), False
-                r = _as_radius(_arrow_column(table, "radius").astype(np.float64) if "radius" in table.column_names
-                               else req.query_params.get("radius"), len(q))
-            found = await blocking(cluster.range_search, q, r, return_points=True)
-            ids = [f[0] for f in found]
-            dists = [np.sqrt(((f[1] - q[i]) ** 2).sum(axis=1)) for i, f in enumerate(found)]
-            if _wants_arrow(req, kind):
-                from ..io.files import range_table
-
-                return _arrow_response(range_table(ids, dists)), len(q)
-            out_i = [a.tolist() for a in ids]
-            out_d = [a.tolist() for a in dists]
-            if single:
-                out_i, out_d = out_i[0], out_d[0]
-            return _json_response({"ids": out_i, "distances": out_d}), len(q)
-
-        return await handle(request, "range", work)
+        return await handle(request, "range", range_work)
 
     # -- box ------------------------------------------------------------------------------------------------------
+    async def box_work(req: Request) -> tuple[Response, int]:
+        kind, obj, table = await read(req, '{"lo": [0.1, 0.1], "hi": [0.2, 0.3]}', ("lo", "hi"))
+        m = meta()
+        if kind == "json":
+            lo, single = _json_coords(obj, "lo", m.dim)
+            hi, single_hi = _json_coords(obj, "hi", m.dim)
+            if lo.shape != hi.shape or single != single_hi:
+                raise RequestError(422, f"lo and hi must have the same shape; got {len(lo)} and {len(hi)} "
+                                        f"corner(s)")
+        else:
+            names = _column_names(req, m.dim)
+            lo = _arrow_coords(table, [f"lo_{n}" for n in names], "box corners")
+            hi = _arrow_coords(table, [f"hi_{n}" for n in names], "box corners")
+            single = False
+        bad = np.flatnonzero((lo > hi).any(axis=1))
+        if len(bad):
+            raise RequestError(422, f"box {int(bad[0])} has lo > hi in some dimension (lo {lo[bad[0]].tolist()}, "
+                                    f"hi {hi[bad[0]].tolist()}); each box needs lo <= hi")
+        return await answer("box", _Item(len(lo), (lo, hi), single, _wants_arrow(req, kind))), len(lo)
+
     @app.post("/box", summary="every point inside each box lo <= p <= hi", **_BOX_DOC)
     async def box(request: Request, columns: str | None = Query(None, description="coordinate names x,y[,z]: the "
                                                                                "Arrow body has lo_<name> and hi_<name>")
                   ) -> Response:
-        async def work(req: Request):
-            kind, obj, table = await read(req, '{"lo": [0.1, 0.1], "hi": [0.2, 0.3]}', ("lo", "hi"))
-            m = meta()
-            if kind == "json":
-                lo, single = _json_coords(obj, "lo", m.dim)
-                hi, single_hi = _json_coords(obj, "hi", m.dim)
-                if lo.shape != hi.shape or single != single_hi:
-                    raise RequestError(422, f"lo and hi must have the same shape; got {len(lo)} and {len(hi)} "
-                                            f"corner(s)")
-            else:
-                names = _column_names(req, m.dim)
-                lo = _arrow_coords(table, [f"lo_{n}" for n in names], "box corners")
-                hi = _arrow_coords(table, [f"hi_{n}" for n in names], "box corners")
-                single = False
-            bad = np.flatnonzero((lo > hi).any(axis=1))
-            if len(bad):
-                raise RequestError(422, f"box {int(bad[0])} has lo > hi in some dimension (lo {lo[bad[0]].tolist()}, "
-                                        f"hi {hi[bad[0]].tolist()}); each box needs lo <= hi")
-            found = await blocking(cluster.box_search, lo, hi)
-            if _wants_arrow(req, kind):
-                from ..io.files import range_table
+        return await handle(request, "box", box_work)
 
-                return _arrow_response(range_table(found)), len(lo)
-            out = [a.tolist() for a in found]
-            return _json_response({"ids": out[0] if single else out}), len(lo)
-
-        return await handle(request, "box", work)
+    app._direct = {path: functools.partial(handle, endpoint=name, work=work) for path, name, work in
+                   (("/knn", "knn", knn_work), ("/range", "range", range_work), ("/box", "box", box_work))}
 
     # -- ingest / delete ------------------------------------------------------------------------------------------
     @app.post("/ingest", summary="add points to the live index", **_INGEST_DOC)

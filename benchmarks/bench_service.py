@@ -1,0 +1,299 @@
+"""Online queries (issue #15): the HTTP service against a plain FastAPI + cKDTree app, measured in one run.
+
+    python benchmarks/bench_service.py --http                  # 144,000 points, 16 and 64 clients, 10 s each
+    python benchmarks/bench_service.py --http --points 4000000 --nodes 2
+    python benchmarks/bench_service.py --http --quick          # 3 s per measurement
+
+Sections (one function each; with no section flag every section runs):
+
+* ``--http`` (:func:`section_http`): ``distspatial serve`` (a subprocess: embedded Ray runtime, ``--nodes``
+  nodes) over ``--points`` uniform 2-D points, and the peer: a plain FastAPI app around one scipy cKDTree
+  (pydantic request model, ``async def`` handler, ``tree.query`` per request), served by uvicorn with the same
+  settings in its own process. A separate load-generator process (asyncio, raw keep-alive sockets, one
+  coroutine per client: the same generator for both) sends single-point kNN requests (k=10, JSON) for
+  ``--duration`` seconds with 16 and with 64 concurrent clients and reports requests/s, p50, p99 and errors
+  (non-200 answers, broken connections). The peer is measured first and stopped before our service starts, so
+  neither competes with the other; the load generator shares the machine's cores with the server it drives.
+  A sample of the answers of both is checked against a cKDTree built here.
+
+Prints a Markdown table (and ``--json PATH`` writes the figures).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+K = 10
+
+
+# -- the peer: a plain FastAPI app around one cKDTree -------------------------------------------------------------
+def peer_app(points_file: str):
+    """What one would write without distspatial: load the points, build a cKDTree, answer /knn."""
+    from fastapi import FastAPI
+    from pydantic import BaseModel
+    from scipy.spatial import cKDTree
+
+    tree = cKDTree(np.load(points_file))
+    app = FastAPI()
+
+    class KnnRequest(BaseModel):
+        points: list[float] | list[list[float]]
+        k: int
+
+    async def knn(req: KnnRequest) -> dict:
+        d, i = tree.query(np.asarray(req.points, dtype=np.float64), req.k)
+        return {"distances": d.tolist(), "ids": i.tolist()}
+
+    knn.__annotations__["req"] = KnnRequest  # a local class: give FastAPI the type itself, not its name
+    app.post("/knn")(knn)
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok", "points": int(tree.n)}
+
+    return app
+
+
+def serve_peer(points_file: str) -> None:
+    """The peer's process: uvicorn on a free port (printed as ``serving on URL``) until SIGTERM."""
+    import uvicorn
+
+    sys.path.insert(0, os.path.join(HERE, "..", "src"))
+    from distspatial.ui.service import listen
+
+    app = peer_app(points_file)
+    sock = listen("127.0.0.1", 0)
+    print(f"serving on http://127.0.0.1:{sock.getsockname()[1]}", flush=True)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on"))
+    server.run(sockets=[sock])
+
+
+# -- the load generator (a separate process) ----------------------------------------------------------------------
+async def _client(host: str, port: int, bodies: list[bytes], stop_at: float, lat: list[float], errors: list[str],
+                  samples: list[tuple[int, bytes]], n_samples: int, seed: int) -> None:
+    rng = random.Random(seed)
+    reader = writer = None
+    head = (f"POST /knn HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+            f"Accept: application/json\r\n").encode()
+    while time.perf_counter() < stop_at:
+        j = rng.randrange(len(bodies))
+        body = bodies[j]
+        try:
+            if writer is None:
+                reader, writer = await asyncio.open_connection(host, port)
+            t0 = time.perf_counter()
+            writer.write(head + b"Content-Length: %d\r\n\r\n" % len(body) + body)
+            status_line_and_headers = await reader.readuntil(b"\r\n\r\n")
+            lines = status_line_and_headers.split(b"\r\n")
+            status = int(lines[0].split()[1])
+            length, close = 0, False
+            for ln in lines[1:]:
+                name, _, value = ln.partition(b":")
+                name = name.strip().lower()
+                if name == b"content-length":
+                    length = int(value)
+                elif name == b"connection" and value.strip().lower() == b"close":
+                    close = True
+            payload = await reader.readexactly(length)
+            dt = time.perf_counter() - t0
+            if status == 200:
+                lat.append(dt)
+                if len(samples) < n_samples:
+                    samples.append((j, payload))
+            else:
+                errors.append(f"{status}: {payload[:120]!r}")
+            if close:
+                writer.close()
+                reader = writer = None
+        except (OSError, asyncio.IncompleteReadError, ValueError, IndexError) as exc:
+            errors.append(f"{type(exc).__name__}: {exc}")
+            if writer is not None:
+                writer.close()
+            reader = writer = None
+            await asyncio.sleep(0.01)
+    if writer is not None:
+        writer.close()
+
+
+def load(url: str, clients: int, duration_s: float, queries_file: str, warmup_s: float = 1.0) -> dict:
+    """``clients`` keep-alive connections sending single-point kNN requests for ``duration_s`` seconds (after
+    ``warmup_s`` seconds not counted); requests/s, p50/p99 (ms), errors and a sample of answers."""
+    host, port = url.split("//")[1].split(":")
+    port = int(port)
+    q = np.load(queries_file)
+    bodies = [json.dumps({"points": p, "k": K}, separators=(",", ":")).encode() for p in q.tolist()]
+
+    async def run(seconds: float, lat: list, errors: list, samples: list, n_samples: int) -> None:
+        stop_at = time.perf_counter() + seconds
+        await asyncio.gather(*(_client(host, port, bodies, stop_at, lat, errors, samples, n_samples, seed=c)
+                               for c in range(clients)))
+
+    if warmup_s > 0:
+        asyncio.run(run(warmup_s, [], [], [], 0))
+    lat: list[float] = []
+    errors: list[str] = []
+    samples: list[tuple[int, bytes]] = []
+    t0 = time.perf_counter()
+    asyncio.run(run(duration_s, lat, errors, samples, 200))
+    elapsed = time.perf_counter() - t0
+    a = np.sort(np.asarray(lat)) * 1e3 if lat else np.array([np.nan])
+    return {
+        "clients": clients, "seconds": elapsed, "requests": len(lat), "requests_per_s": len(lat) / elapsed,
+        "p50_ms": float(np.percentile(a, 50)), "p99_ms": float(np.percentile(a, 99)), "max_ms": float(a[-1]),
+        "errors": len(errors), "error_examples": sorted(set(errors))[:5],
+        "samples": [(j, p.decode()) for j, p in samples],
+    }
+
+
+# -- helpers ------------------------------------------------------------------------------------------------------
+class _Server:
+    """A server subprocess; :attr:`url` once it printed ``serving on URL``."""
+
+    def __init__(self, cmd: list[str], timeout_s: float = 600.0) -> None:
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
+        self.lines: list[str] = []
+        deadline = time.monotonic() + timeout_s
+        self.url = None
+        while self.url is None:
+            line = self.proc.stdout.readline()
+            if not line:
+                raise RuntimeError(f"server exited ({self.proc.poll()}):\n{''.join(self.lines)}")
+            self.lines.append(line)
+            if "serving on " in line:
+                self.url = line.split("serving on ")[1].split()[0]
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError("server did not start:\n" + "".join(self.lines))
+        # keep draining its output so it never blocks on a full pipe
+        import threading
+
+        threading.Thread(target=lambda: self.lines.extend(iter(self.proc.stdout.readline, "")), daemon=True).start()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+
+
+def _drive(url: str, clients: int, duration_s: float, queries_file: str) -> dict:
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--load", url, "--clients", str(clients),
+                          "--duration", str(duration_s), "--queries-file", queries_file],
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _check(samples: list, q: np.ndarray, tree) -> int:
+    """Wrong answers among the sampled ones (ids must equal cKDTree's up to ties, distances to 1e-12)."""
+    wrong = 0
+    for j, payload in samples:
+        body = json.loads(payload)
+        d, i = tree.query(q[j], K)
+        got_d = np.asarray(body["distances"], dtype=float).reshape(-1)
+        got_i = np.asarray(body["ids"]).reshape(-1)
+        same_d = np.allclose(got_d, d, rtol=0, atol=1e-12)
+        wrong += not (same_d and np.array_equal(np.sort(got_i[got_d < d[-1]]), np.sort(i[d < d[-1]])))
+    return wrong
+
+
+# -- sections -----------------------------------------------------------------------------------------------------
+def section_http(args: argparse.Namespace) -> list[dict]:
+    """Ours (``distspatial serve``) and the peer (FastAPI + cKDTree), single-point kNN k=10 over HTTP."""
+    from scipy.spatial import cKDTree
+
+    rng = np.random.default_rng(0)
+    pts = rng.random((args.points, 2))
+    q = rng.random((10_000, 2))
+    tree = cKDTree(pts)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        pf, qf = os.path.join(tmp, "points.npy"), os.path.join(tmp, "queries.npy")
+        np.save(pf, pts)
+        np.save(qf, q)
+        servers = {
+            "peer (FastAPI + cKDTree)": [sys.executable, os.path.abspath(__file__), "--serve-peer", pf],
+            "distspatial serve": [sys.executable, "-m", "distspatial.ui.cli", "serve", pf, "--port", "0",
+                                  "--nodes", str(args.nodes), "--no-progress", *args.serve_args.split()],
+        }
+        for name, cmd in servers.items():
+            t0 = time.perf_counter()
+            srv = _Server(cmd)
+            print(f"# {name}: up in {time.perf_counter() - t0:.1f} s at {srv.url}", file=sys.stderr)
+            try:
+                for clients in args.clients:
+                    r = _drive(srv.url, clients, args.duration, qf)
+                    r["wrong"] = _check(r.pop("samples"), q, tree)
+                    r["server"] = name
+                    rows.append(r)
+                    print(f"#   {clients} clients: {r['requests_per_s']:,.0f} requests/s, p50 {r['p50_ms']:.2f} ms, "
+                          f"p99 {r['p99_ms']:.2f} ms, errors {r['errors']} {r['error_examples'][:2]}, "
+                          f"wrong {r['wrong']}", file=sys.stderr)
+            finally:
+                srv.stop()
+    print(f"\nHTTP, single-point kNN (k={K}, JSON), {args.points:,} uniform 2-D points, {args.nodes} nodes, "
+          f"{args.duration:g} s per row, load generator in its own process on the same {os.cpu_count()} cores\n")
+    print("| server | clients | requests/s | p50 ms | p99 ms | errors | wrong answers (of sample) |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['server']} | {r['clients']} | {r['requests_per_s']:,.0f} | {r['p50_ms']:.2f} | "
+              f"{r['p99_ms']:.2f} | {r['errors']} | {r['wrong']} |")
+    peer = {r["clients"]: r for r in rows if r["server"].startswith("peer")}
+    for r in rows:
+        if not r["server"].startswith("peer") and r["clients"] in peer:
+            ratio = r["requests_per_s"] / max(1e-9, peer[r["clients"]]["requests_per_s"])
+            print(f"\nours / peer at {r['clients']} clients: **{ratio:.2f}x** requests/s "
+                  f"(p99 {r['p99_ms']:.1f} vs {peer[r['clients']]['p99_ms']:.1f} ms)")
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--http", action="store_true", help="the HTTP section: ours against FastAPI + cKDTree")
+    ap.add_argument("--quick", action="store_true", help="short measurements (3 s each)")
+    ap.add_argument("--points", type=int, default=144_000, help="points in the index (144,000)")
+    ap.add_argument("--nodes", type=int, default=4, help="nodes of our cluster (4, as distspatial serve)")
+    ap.add_argument("--clients", type=lambda s: [int(x) for x in s.split(",")], default=[16, 64],
+                    help="concurrent clients, comma-separated (16,64)")
+    ap.add_argument("--duration", type=float, default=None, help="seconds per measurement (10; --quick: 3)")
+    ap.add_argument("--serve-args", default="", help="extra options of distspatial serve, e.g. '--batch-wait-ms 2'")
+    ap.add_argument("--json", metavar="PATH", help="write the figures as JSON")
+    # the subprocesses' modes
+    ap.add_argument("--serve-peer", metavar="POINTS_NPY", help=argparse.SUPPRESS)
+    ap.add_argument("--load", metavar="URL", help=argparse.SUPPRESS)
+    ap.add_argument("--queries-file", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.duration is None:
+        args.duration = 3.0 if args.quick else 10.0
+    if args.serve_peer:
+        serve_peer(args.serve_peer)
+        return
+    if args.load:
+        r = load(args.load, args.clients[0], args.duration, args.queries_file)
+        print(json.dumps(r))
+        return
+    sections = {"http": section_http}
+    chosen = [name for name in sections if getattr(args, name)] or list(sections)
+    results = {name: sections[name](args) for name in chosen}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
