@@ -115,7 +115,8 @@ def _routing_for(pts, n_parts, curve):
 
 @pytest.mark.parametrize("d", [1, 2, 3, 4, 5])
 @pytest.mark.parametrize("curve", ["hilbert", "morton"])
-def test_ball_pruning_never_drops_a_partition_that_holds_a_hit(d, curve):
+@pytest.mark.parametrize("batch", [None, 1, 8])  # None: one batch (cell test first); 1, 8: small batches (box first)
+def test_ball_pruning_never_drops_a_partition_that_holds_a_hit(d, curve, batch):
     from distspatial.io.datasets import skewed_points
     from distspatial.kernels.query_planning import ball_pairs
 
@@ -125,8 +126,12 @@ def test_ball_pruning_never_drops_a_partition_that_holds_a_hit(d, curve):
     rng = np.random.default_rng(d)
     centers = np.concatenate([pts[rng.choice(len(pts), 150)], rng.uniform(-0.3, 1.3, (50, d))])
     radii = rng.choice([0.0, 1e-4, 1e-3, 0.01, 0.05, 0.3], size=len(centers))
-    groups = ball_pairs(centers, radii, routing)
-    visited = {(int(r), int(p)) for p, rows in groups.groups().items() for r in rows}
+    step = batch or len(centers)
+    visited, n_pairs = set(), 0
+    for a in range(0, len(centers), step):
+        groups = ball_pairs(centers[a:a + step], radii[a:a + step], routing)
+        visited |= {(a + int(r), int(p)) for p, rows in groups.groups().items() for r in rows}
+        n_pairs += groups.n_pairs
     tree = cKDTree(pts)
     needed = 0
     for i, (c, r) in enumerate(zip(centers, radii)):
@@ -135,4 +140,4 @@ def test_ball_pruning_never_drops_a_partition_that_holds_a_hit(d, curve):
             assert (i, p) in visited, f"ball {i} (r={r}) misses partition {p} that holds a hit"
     assert needed > 0
     # pruning works: far fewer pairs than every query x every partition
-    assert groups.n_pairs < 0.5 * len(centers) * routing.n_partitions
+    assert n_pairs < 0.5 * len(centers) * routing.n_partitions

@@ -38,6 +38,7 @@ from .algorithms import kmeans as _kmeans
 from .algorithms.hierarchical import HierarchicalResult
 from .client import queries as _queries
 from .client.runtime import ClusterRuntime
+from .client.fast_path import OneHop
 from .control.balancing import LoadMetrics, RebalancePlan, Strategy, TuningPolicy
 from .control.controller import NAMESPACE, ClusterController, controller_actor_name
 from .core.memory import release_free_memory
@@ -116,6 +117,7 @@ class DistributedSpatialCluster:
             disconnect(self._started_ray)
             raise
         self._rt = ClusterRuntime(controller, view)
+        self._one_hop = OneHop(self._rt)
         self.config = view.config
 
     @staticmethod
@@ -183,6 +185,7 @@ class DistributedSpatialCluster:
         self.latency = LatencyRecorder()
         self.progress = True
         self._rt = ClusterRuntime(controller, view)
+        self._one_hop = OneHop(self._rt)
         self.config = view.config
         return self
 
@@ -593,7 +596,7 @@ class DistributedSpatialCluster:
         k = check_k(k, meta.n_points)
         missing: list[int] | None = [] if allow_partial else None
         with Timer() as t:
-            dist, ids = self._rt.stable(lambda: _queries.knn(self._rt, q, k, missing), missing)
+            dist, ids = self._rt.stable(lambda: _queries.knn(self._rt, q, k, missing, self._one_hop), missing)
         self.latency.record(t.seconds, len(q))
         out = (dist[0], ids[0]) if single else (dist, ids)
         return (out, QueryStatus.of(missing)) if allow_partial else out
@@ -613,7 +616,8 @@ class DistributedSpatialCluster:
         c, single = check_queries(center, meta.dim, "center")
         r = check_radius(radius, len(c))
         with Timer() as t:
-            out = self._rt.stable(lambda: _queries.ball(self._rt, c, r, return_points, missing), missing)
+            out = self._rt.stable(lambda: _queries.ball(self._rt, c, r, return_points, missing, self._one_hop),
+                                  missing)
         self.latency.record(t.seconds, len(c))
         out = out[0] if single else out
         return (out, QueryStatus.of(missing)) if allow_partial else out
@@ -636,7 +640,8 @@ class DistributedSpatialCluster:
         if len(bad):
             raise ValueError(f"box {int(bad[0])} has lo > hi in some dimension; each box needs lo <= hi")
         with Timer() as t:
-            out = self._rt.stable(lambda: _queries.box(self._rt, lo_a, hi_a, return_points, missing), missing)
+            out = self._rt.stable(lambda: _queries.box(self._rt, lo_a, hi_a, return_points, missing,
+                                                       self._one_hop), missing)
         self.latency.record(t.seconds, len(lo_a))
         out = out[0] if single else out
         return (out, QueryStatus.of(missing)) if allow_partial else out

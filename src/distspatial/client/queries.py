@@ -17,15 +17,22 @@ import numpy as np
 
 from ..core.curves import curve_keys
 from ..kernels.query_planning import Assignment
+from .fast_path import MAX_QUERIES, OneHop
 from .runtime import ClusterRuntime
 
 __all__ = ["knn", "ball", "box"]
 
 
-def knn(rt: ClusterRuntime, q: np.ndarray, k: int, missing: list[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+def knn(rt: ClusterRuntime, q: np.ndarray, k: int, missing: list[int] | None = None,
+        one_hop: OneHop | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Exact ``(distances (m, k), ids (m, k))`` of the batch ``q`` on the view cached now: each query goes to a
     node holding its home partition, which plans and merges the rest (:meth:`~distspatial.node.query_rounds.
-    QueryRoundsMixin.knn_batch`); here only keys, the split by partition and the answers put in place."""
+    QueryRoundsMixin.knn_batch`); here only keys, the split by partition and the answers put in place. Small
+    batches go through ``one_hop`` (:class:`~distspatial.client.fast_path.OneHop`) when it can take them."""
+    if one_hop is not None and missing is None and len(q) <= MAX_QUERIES:
+        out = one_hop.knn(q, k)
+        if out is not None:
+            return out
     meta, routing, version = rt.snapshot()
     m = len(q)
     keys = curve_keys(q, meta.lo, meta.hi, meta.curve, meta.bits)
@@ -54,21 +61,37 @@ def knn(rt: ClusterRuntime, q: np.ndarray, k: int, missing: list[int] | None = N
 
 
 def ball(rt: ClusterRuntime, c: np.ndarray, r: np.ndarray, return_points: bool,
-         missing: list[int] | None = None) -> list:
+         missing: list[int] | None = None, one_hop: OneHop | None = None) -> list:
     """Range search of the batch of centres ``c`` with radii ``r`` on the view cached now: each ball goes to a
     node of its centre's home partition, which plans and gathers its hits
-    (:meth:`~distspatial.node.query_rounds.QueryRoundsMixin.ball_batch`)."""
+    (:meth:`~distspatial.node.query_rounds.QueryRoundsMixin.ball_batch`); a small batch in one call
+    (``one_hop``)."""
+    if one_hop is not None and missing is None and len(c) <= MAX_QUERIES:
+        out = one_hop.hits("ball", c, (c, r), return_points)
+        if out is not None:
+            return _split_hits(*out, return_points)
     meta, routing, version = rt.snapshot()
     return _batch_hits(rt, routing, c, (c, r), "ball_batch", meta.dim, return_points, missing, version)
 
 
 def box(rt: ClusterRuntime, lo: np.ndarray, hi: np.ndarray, return_points: bool,
-        missing: list[int] | None = None) -> list:
+        missing: list[int] | None = None, one_hop: OneHop | None = None) -> list:
     """Box search of the batch of boxes ``[lo, hi]`` on the view cached now (a node of the home partition of
-    each box's centre plans and gathers it)."""
+    each box's centre plans and gathers it; a small batch in one call)."""
     meta, routing, version = rt.snapshot()
     centre = np.clip((lo + hi) / 2, meta.lo, meta.hi)
+    if one_hop is not None and missing is None and len(lo) <= MAX_QUERIES:
+        out = one_hop.hits("box", centre, (lo, hi), return_points)
+        if out is not None:
+            return _split_hits(*out, return_points)
     return _batch_hits(rt, routing, centre, (lo, hi), "box_batch", meta.dim, return_points, missing, version)
+
+
+def _split_hits(counts: np.ndarray, ids: np.ndarray, pts: np.ndarray | None, return_points: bool) -> list:
+    """One node's hits of a whole batch (each query's after those before it) as one array per query."""
+    cuts = np.cumsum(counts)[:-1]
+    id_lists = np.split(ids, cuts)
+    return list(zip(id_lists, np.split(pts, cuts))) if return_points else id_lists
 
 
 def _batch_hits(rt: ClusterRuntime, routing: Any, anchor: np.ndarray, arrays: tuple[np.ndarray, ...], method: str,

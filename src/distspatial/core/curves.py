@@ -23,11 +23,14 @@ never promotes to float.  Large inputs are processed in chunks of rows to bound 
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from functools import lru_cache
 
 import numpy as np
 
-__all__ = ["CURVES", "default_bits", "quantize", "morton_keys", "hilbert_keys", "curve_keys", "warm_compiled_kernels"]
+__all__ = ["CURVES", "default_bits", "quantize", "morton_keys", "hilbert_keys", "curve_keys", "warm_compiled_kernels",
+           "small_batch_keys"]
 
 #: Names accepted by :func:`curve_keys`.
 CURVES = ("hilbert", "morton")
@@ -173,6 +176,38 @@ def _have_numba() -> bool:
     except ImportError:  # pragma: no cover - numba is a dependency; keep the NumPy path as the fallback
         return False
     return True
+
+
+def _compiled_loaded(curve: str) -> bool:
+    """The compiled kernel of ``curve`` is loaded in this process already: small batches (a single query's key,
+    ~5 us compiled against ~0.4 ms of NumPy calls) use it then, but never pay its loading themselves."""
+    from . import _curves_compiled as cc
+
+    return (cc._kernel if curve == "hilbert" else cc._morton_kernel).cache_info().currsize > 0
+
+
+def small_batch_keys(lo: np.ndarray, hi: np.ndarray, curve: str, bits: int) -> Callable[[np.ndarray], np.ndarray]:
+    """A function ``points (m, d) -> keys (m,)`` equal to ``curve_keys(points, lo, hi, curve, bits)``, with the
+    bounds checked and the quantization set up once: for the keys of a few online queries per call (a few
+    microseconds with the compiled kernels loaded, instead of ~0.1 ms of argument handling)."""
+    lo_a, hi_a = np.asarray(lo, dtype=np.float64), np.asarray(hi, dtype=np.float64)
+    d = lo_a.shape[0]
+    if d > 64 or not _have_numba() or not (curve == "morton" or (curve == "hilbert" and d in _TABLE_DIMS)):
+        return functools.partial(curve_keys, lo=lo_a, hi=hi_a, curve=curve, bits=bits)
+    _as_bounds(np.zeros((1, d)), lo_a, hi_a)
+    q_lo, scale, top = _quant_params(lo_a, hi_a, _check_bits(bits, d))
+    tables = _small_tables(d) if curve == "hilbert" else None
+
+    def keys(points: np.ndarray) -> np.ndarray:
+        if not _compiled_loaded(curve):
+            return curve_keys(points, lo_a, hi_a, curve, bits)
+        from ._curves_compiled import hilbert_points, morton_points
+
+        if tables is not None:
+            return hilbert_points(points, q_lo, scale, top, bits, tables)
+        return morton_points(points, q_lo, scale, top, bits)
+
+    return keys
 
 
 def warm_compiled_kernels() -> None:
@@ -564,7 +599,8 @@ def curve_keys(
         bits = default_bits(d) if bits is None else _check_bits(bits, d)
     lo, scale, top = _quant_params(lo, hi, bits)
     use_table = curve == "hilbert" and d in _TABLE_DIMS
-    if n >= _COMPILED_MIN_POINTS and dims is None and (use_table or curve == "morton") and _have_numba():
+    if dims is None and (use_table or curve == "morton") and (n >= _COMPILED_MIN_POINTS or _compiled_loaded(curve)) \
+            and _have_numba():
         from ._curves_compiled import hilbert_points, morton_points
 
         if use_table:

@@ -45,6 +45,9 @@ __all__ = ["QueryRoundsMixin", "JoinWriterMixin", "PEER_GROUP"]
 #: the concurrency group of a node in which peers' follow-up rounds run (never calls other nodes)
 PEER_GROUP = "peer"
 
+#: batches of at most this many queries are answered in the client's split, without keys or sorting here
+SMALL_BATCH = 64
+
 
 class QueryRoundsMixin:
     """Node-side planning and merging of query batches (see module docstring). Mixed into
@@ -129,6 +132,8 @@ class QueryRoundsMixin:
         missing_home = sorted(held - set(self.partitions))
         if missing_home:
             raise PartitionMovedError(f"node {self.node_id} does not hold partitions {missing_home}")
+        if len(queries) <= SMALL_BATCH:
+            return self._knn_small(disp, routing, queries, segments, k, version, allow_partial)
         keys = curve_keys(queries, routing.lo, routing.hi, routing.curve, routing.bits)
         order = np.argsort(keys)
         qs = np.take(queries, order, axis=0)
@@ -151,6 +156,39 @@ class QueryRoundsMixin:
         out_d[order] = dist
         out_i[order] = ids
         return out_d, out_i, missing
+
+    def one_hop(self, request: tuple) -> tuple:
+        """A few online queries in one argument (the one-hop path of :mod:`distspatial.client.fast_path`):
+        ``("knn", queries, segments, k, version)`` answered as :meth:`knn_batch`, ``("ball", centers, radii,
+        return_points, version)`` as :meth:`ball_batch`, ``("box", lo, hi, return_points, version)`` as
+        :meth:`box_batch`. Ray serializes each argument of a call on its own: one argument instead of four or
+        five saves ~0.3-0.5 ms of a ~1 ms call."""
+        kind = request[0]
+        if kind == "knn":
+            return self.knn_batch(*request[1:])
+        if kind == "ball":
+            _, centers, radii, return_points, version = request
+            return self.ball_batch(centers, radii, [], return_points, version)
+        if kind == "box":
+            _, lo, hi, return_points, version = request
+            return self.box_batch(lo, hi, [], return_points, version)
+        raise ValueError(f"unknown one-hop query kind {kind!r}; expected 'knn', 'ball' or 'box'")
+
+    def _knn_small(self, disp: Dispatcher, routing: RoutingTable, queries: np.ndarray, segments: list[Segment],
+                   k: int, version: int, allow_partial: bool) -> tuple[np.ndarray, np.ndarray, list[int]]:
+        """:meth:`knn_batch` of a few queries (online ones, often one): the client's ``segments`` are the home
+        split itself (it computed them on ``version``'s routing, which this node holds), so no curve keys and no
+        sort; the follow-ups take the box test first (:func:`~distspatial.kernels.query_planning.knn_followups`),
+        and most queries end in their home partition."""
+        dist, ids = self._knn_local(queries, None, segments, k)
+        home_part = np.empty(len(queries), dtype=np.int64)
+        for p, a, b in segments:
+            home_part[a:b] = p
+        missing: list[int] = []
+        self._followups(disp, routing, queries, dist, ids, dist[:, k - 1].copy(), home_part, k, version,
+                        missing if allow_partial else None)
+        self._check_version(None, layout=version)  # as in knn_batch
+        return dist, ids, missing
 
     def _followups(self, disp: Dispatcher, routing: RoutingTable, qs: np.ndarray, dist: np.ndarray, ids: np.ndarray,
                    kth: np.ndarray, home_part: np.ndarray | None, k: int, version: int,

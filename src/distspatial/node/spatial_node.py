@@ -58,10 +58,16 @@ class SpatialNode(LoadingMixin, QueryRoundsMixin, JoinWriterMixin):
         import threading
 
         self._lock = threading.Lock()  # counters: updated by the query thread and the default thread
+        from ..core.curves import warm_compiled_kernels
         from ..kernels.curve_runs import warm_up
 
-        # the partitions' delta kernels (Numba): compiled or loaded now, off the path of the first live ingest
-        threading.Thread(target=warm_up, daemon=True, name="distspatial-warm-up").start()
+        def warm() -> None:
+            warm_up()
+            warm_compiled_kernels()
+
+        # the partitions' delta kernels and the curve-key kernels (Numba): compiled or loaded now, off the path
+        # of the first live ingest and of the first queries (a single query's key: ~5 us compiled, 0.4 ms not)
+        threading.Thread(target=warm, daemon=True, name="distspatial-warm-up").start()
         import gc
 
         # Everything imported so far (Ray, NumPy, SciPy, Numba: ~150K objects) never becomes garbage: keep it out
@@ -360,7 +366,8 @@ class SpatialNode(LoadingMixin, QueryRoundsMixin, JoinWriterMixin):
                     dd, rows = self.backend.knn(self._prep(pid), queries[a:b], k, bnd)
                     dist[a:b], ids[a:b] = dd, np.where(rows >= 0, part.ids[np.maximum(rows, 0)], -1)
             else:
-                dist[a:b], ids[a:b] = part.knn(queries[a:b], k, bnd, workers=self.threads)
+                # a few queries: no worker threads (starting them costs more than the queries)
+                dist[a:b], ids[a:b] = part.knn(queries[a:b], k, bnd, workers=self.threads if b - a >= 256 else 1)
             self._count(pid, b - a)
         return dist, ids
 
