@@ -283,6 +283,31 @@ def test_knn_output_directory_written_by_the_nodes(ray_local, data, capsys):
     ref_d, _ = cKDTree(data["pts"]).query(data["q"], 4)
     np.testing.assert_array_equal(qq[o], np.repeat(np.arange(40), 4))
     np.testing.assert_allclose(dist[o].reshape(40, 4), ref_d, rtol=0, atol=1e-12)
+    np.testing.assert_array_equal(rank[o], np.tile(np.arange(1, 5), 40))  # rank from 1, as in the file output
+    rc = main(["kmeans", str(d / "pts.npy"), "-k", "3", "--nodes", "2", "--no-progress", "-o", out_dir])
+    assert rc != 0 and "knn and range only" in capsys.readouterr().err
+
+
+def test_range_output_directory_written_by_the_nodes(ray_local, data, capsys):
+    """``range -o DIR/``: the nodes read the query file and write part files (query, id, distance); their union
+    equals cKDTree's query_ball_point, every (query, id) pair once."""
+    d = data["dir"]
+    out_dir = str(d / "range_parts") + "/"
     rc = main(["range", str(d / "pts.npy"), "--queries", str(d / "queries.csv"), "--query-columns", "x,y",
                "--radius", "0.5", "--nodes", "2", "--no-progress", "-o", out_dir])
-    assert rc != 0 and "knn only" in capsys.readouterr().err
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    assert "part files written by the nodes" in out.out
+    files = sorted(os.listdir(out_dir))
+    assert files and all(f.startswith("part-") and f.endswith(".parquet") for f in files)
+    t = pa.concat_tables([pq.read_table(os.path.join(out_dir, f)) for f in files])
+    assert t.column_names == ["query", "id", "distance"]
+    qq, ids, dist = t["query"].to_numpy(), t["id"].to_numpy(), t["distance"].to_numpy()
+    o = np.lexsort((ids, qq))
+    pts, q = data["pts"], data["q"]
+    hits = cKDTree(pts).query_ball_point(q, 0.5)
+    ref_q = np.repeat(np.arange(len(q)), [len(h) for h in hits])
+    ref_ids = np.concatenate([np.sort(h) for h in hits]).astype(np.int64)
+    np.testing.assert_array_equal(qq[o], ref_q)
+    np.testing.assert_array_equal(ids[o], ref_ids)
+    np.testing.assert_allclose(dist[o], np.linalg.norm(pts[ref_ids] - q[ref_q], axis=1), rtol=0, atol=1e-12)

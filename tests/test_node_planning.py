@@ -198,3 +198,130 @@ def test_knn_join_to_a_directory_survives_a_dead_node(ray_local, tmp_path):
         np.testing.assert_array_equal(qid, np.repeat(np.arange(len(q)), 3))
         ref_d, _ = cKDTree(pts).query(q, 3)
         np.testing.assert_allclose(dist.reshape(-1, 3), ref_d, rtol=0, atol=1e-12)
+
+
+def _read_range_parts(out_dir: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    """``(query, id, distance)`` of every part file, sorted by query then id (each file is sorted so already)."""
+    import glob
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    files = sorted(glob.glob(f"{out_dir}/part-*.parquet"))
+    assert files, "no part files written"
+    tables = [pq.read_table(f) for f in files]
+    for t in tables:
+        assert t.column_names == ["query", "id", "distance"]
+        qf, idf = t["query"].to_numpy(), t["id"].to_numpy()
+        assert np.all((np.diff(qf) > 0) | ((np.diff(qf) == 0) & (np.diff(idf) > 0))), "a part file is not sorted"
+    t = pa.concat_tables(tables)
+    q, ids, dist = (t[c].to_numpy() for c in ("query", "id", "distance"))
+    o = np.lexsort((ids, q))
+    return q[o], ids[o], dist[o], files
+
+
+def _range_ref(pts: np.ndarray, q: np.ndarray, r: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """cKDTree's answer as sorted ``(query, id, distance)`` rows."""
+    hits = cKDTree(pts).query_ball_point(q, r)
+    counts = np.array([len(h) for h in hits])
+    rows = np.repeat(np.arange(len(q)), counts)
+    ids = np.concatenate([np.sort(np.asarray(h, dtype=np.int64)) for h in hits])
+    return rows, ids, np.linalg.norm(pts[ids] - q[rows], axis=1)
+
+
+def test_range_search_files_to_a_directory_written_by_the_nodes(ray_local, tmp_path):
+    """Every (query, id) pair within the radius once, with its distance, against cKDTree over the union of the
+    query files: a scalar radius, and a radius per query read from a column of the files."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pts = skewed_points(40_000, 2, seed=21)
+    q = np.concatenate([pts[::20][:2_000], skewed_points(2_000, 2, seed=21, sample_seed=8)])
+    cfg = NodeConfig().with_node_count(2).replace(cpus_per_node=0.2)
+    with DistributedSpatialCluster(cfg) as c:
+        c.distribute_data(pts)
+        src = _write_queries(tmp_path, q)
+        r = 0.0002  # the data are very dense in places: ~30 hits a query
+        out = c.range_search(src, r, output=str(tmp_path / "out") + "/", columns="x,y", chunk_rows=700)
+        qid, ids, dist, files = _read_range_parts(out)
+        rq, rid, rd = _range_ref(pts, q, np.full(len(q), r))
+        assert len(rq) > 5 * len(q) and (np.bincount(rq, minlength=len(q)) == 0).any()  # many hits, some none
+        np.testing.assert_array_equal(qid, rq)
+        np.testing.assert_array_equal(ids, rid)
+        np.testing.assert_allclose(dist, rd, rtol=0, atol=1e-12)
+        assert len({f.rsplit("/", 1)[1][:10] for f in files}) == 2  # both nodes wrote
+        # kNN of query files through distributed_knn_search(output=): knn_join's directory output
+        out = c.distributed_knn_search(src, 4, output=str(tmp_path / "knn"), columns="x,y")
+        qk, rank, _, dk, _ = _read_parts(out)
+        np.testing.assert_array_equal(qk, np.repeat(np.arange(len(q)), 4))
+        np.testing.assert_array_equal(rank, np.tile(np.arange(1, 5), len(q)))
+        np.testing.assert_allclose(dk.reshape(-1, 4), cKDTree(pts).query(q, 4)[0], rtol=0, atol=1e-12)
+        # the radius from a column of the query files (coordinates: every other column)
+        radii = np.random.default_rng(3).uniform(0, 0.0004, len(q))
+        (tmp_path / "rq").mkdir()
+        pq.write_table(pa.table({"x": q[:3_000, 0], "y": q[:3_000, 1], "r": radii[:3_000]}), tmp_path / "rq" / "a.parquet",
+                       row_group_size=1_000)
+        pq.write_table(pa.table({"x": q[3_000:, 0], "y": q[3_000:, 1], "r": radii[3_000:]}), tmp_path / "rq" / "b.parquet")
+        out = c.range_search(str(tmp_path / "rq" / "*.parquet"), "r", output=str(tmp_path / "out_r"))
+        qid, ids, dist, _ = _read_range_parts(out)
+        rq, rid, rd = _range_ref(pts, q, radii)
+        np.testing.assert_array_equal(qid, rq)
+        np.testing.assert_array_equal(ids, rid)
+        np.testing.assert_allclose(dist, rd, rtol=0, atol=1e-12)
+        # an array of centres to one file, and the errors
+        out = c.range_search(q[:500], r, output=str(tmp_path / "few.parquet"), chunk_rows=200)
+        t = pq.read_table(out)
+        rq, rid, rd = _range_ref(pts, q[:500], np.full(500, r))
+        np.testing.assert_array_equal(t["query"].to_numpy(), rq)
+        np.testing.assert_array_equal(t["id"].to_numpy(), rid)
+        np.testing.assert_allclose(t["distance"].to_numpy(), rd, rtol=0, atol=1e-12)
+        with pytest.raises(FileExistsError, match="part-"):
+            c.range_search(src, r, output=str(tmp_path / "out"), columns="x,y")
+        with pytest.raises(ValueError, match="directory of part files"):
+            c.range_search(src, r, output=str(tmp_path / "x.parquet"), columns="x,y")
+        with pytest.raises(ValueError, match="return_points"):
+            c.range_search(src, r, return_points=True, output=str(tmp_path / "o2"), columns="x,y")
+        radii[3_100] = -1.0
+        pq.write_table(pa.table({"x": q[3_000:, 0], "y": q[3_000:, 1], "r": radii[3_000:]}), tmp_path / "rq" / "b.parquet")
+        with pytest.raises(ValueError, match=r"b.parquet: negative radius .* row 100, column 'r'"):
+            c.range_search(str(tmp_path / "rq"), "r", columns="x,y", output=str(tmp_path / "out_bad"))
+
+
+def test_range_search_to_a_directory_survives_a_node_killed_mid_job(ray_local, tmp_path):
+    """A node killed while the nodes write (once its first part file is there): its part files are removed,
+    its shares answered again by the others, and the union still equals cKDTree exactly."""
+    import os
+    import time
+
+    pts = skewed_points(40_000, 2, seed=23)
+    q = skewed_points(6_000, 2, seed=23, sample_seed=9)
+    cfg = NodeConfig().with_node_count(3).with_fault_tolerance(True).replace(cpus_per_node=0.2)
+    with DistributedSpatialCluster(cfg) as c:
+        c.distribute_data(pts)
+        src = _write_queries(tmp_path, q)
+        victim = c._rt.live_node_ids[1]
+        out_dir = str(tmp_path / "out")
+        os.makedirs(out_dir)
+        killed = threading.Event()
+
+        def kill_on_first_part():
+            end = time.monotonic() + 60
+            while time.monotonic() < end:
+                if any(f.startswith(f"part-{victim:05d}-") for f in os.listdir(out_dir)):
+                    ray.kill(c._rt.actors[victim], no_restart=True)
+                    killed.set()
+                    return
+                time.sleep(0.002)
+
+        t = threading.Thread(target=kill_on_first_part)
+        t.start()
+        c.range_search(src, 0.0003, output=out_dir, columns="x,y", chunk_rows=100)
+        t.join()
+        assert killed.is_set()
+        qid, ids, dist, files = _read_range_parts(out_dir)
+        assert not any(f"part-{victim:05d}-" in f for f in files)
+        rq, rid, rd = _range_ref(pts, q, np.full(len(q), 0.0003))
+        np.testing.assert_array_equal(qid, rq)
+        np.testing.assert_array_equal(ids, rid)
+        np.testing.assert_allclose(dist, rd, rtol=0, atol=1e-12)
+        assert victim in c.failed_node_ids

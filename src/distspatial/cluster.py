@@ -573,12 +573,21 @@ class DistributedSpatialCluster:
         return _ingest.update(self._rt, ids, points, timestamps)[0]
 
     # -- queries --------------------------------------------------------------------------------------------
-    def distributed_knn_search(self, query: Any, k: int, allow_partial: bool = False) -> tuple:
+    def distributed_knn_search(
+        self, query: Any, k: int, allow_partial: bool = False, *, output: str | os.PathLike | None = None,
+        columns: Any = None,
+    ) -> tuple | str:
         """Exact k nearest neighbours of one point or a batch.
 
         Args:
-            query: a point ``(d,)`` or a batch ``(m, d)``.
+            query: a point ``(d,)`` or a batch ``(m, d)``; with ``output``, also a query file, a directory, a glob
+                or a list of files (``columns`` picks the coordinates).
             k: neighbours per query, ``1 <= k <= n_points``.
+            output: write the answers instead of returning them (the path is returned), as :meth:`knn_join`
+                does (this is that call): a ``.parquet``/``.csv`` file, written here chunk by chunk, or, for query
+                files, a directory (``"out/"``) into which the *nodes* write ``part-<node>-<n>.parquet`` files
+                from their shares of the query files. Rows ``query`` (row in input order), ``rank`` (1 =
+                nearest), ``id``, ``distance``. Not with ``allow_partial``.
 
         Returns ``(distances, ids)``: shape ``(k,)`` each for one point, ``(m, k)`` for a batch, sorted by
         distance (Euclidean), ids as given to ``distribute_data``.
@@ -589,8 +598,16 @@ class DistributedSpatialCluster:
         (slots beyond the points found hold ``inf`` / ``-1``).
 
         >>> dist, ids = cluster.distributed_knn_search(np.array([0.5, 0.5]), 10)  # doctest: +SKIP
+        >>> cluster.distributed_knn_search("queries/", 10, columns="x,y", output="knn/")  # doctest: +SKIP
         """
         self._require_open()
+        if output is not None:
+            if allow_partial:
+                raise ValueError("allow_partial=True returns a partial answer with its status: it does not apply "
+                                 "with output=")
+            if not _join._is_file_source(query):
+                query = check_queries(query, self._rt.require_data().dim)[0]
+            return self.knn_join(query, k, output=os.fspath(output), columns=columns)
         meta = self._rt.require_data()
         q, single = check_queries(query, meta.dim)
         k = check_k(k, meta.n_points)
@@ -602,15 +619,40 @@ class DistributedSpatialCluster:
         return (out, QueryStatus.of(missing)) if allow_partial else out
 
     def range_search(
-        self, center: Any, radius: Any, return_points: bool = False, allow_partial: bool = False
-    ) -> np.ndarray | list[np.ndarray] | tuple:
+        self, center: Any, radius: Any, return_points: bool = False, allow_partial: bool = False, *,
+        output: str | os.PathLike | None = None, columns: Any = None, chunk_rows: int = 250_000,
+    ) -> np.ndarray | list[np.ndarray] | tuple | str:
         """Ids of all points within ``radius`` of ``center`` (inclusive), sorted by id.
 
         One centre ``(d,)`` gives an array; a batch ``(m, d)`` (radius scalar or ``(m,)``) gives a list of arrays.
         With ``return_points=True`` each result is ``(ids, points)``. ``allow_partial`` as in
         :meth:`distributed_knn_search`.
+
+        With ``output`` the answers are written, not returned (the path is returned), as a long table: ``query``
+        (the centre's row in input order), ``id``, ``distance``, one row per point found, sorted by query then id
+        (within each part file for a directory):
+
+        * ``center`` a query file, a directory, a glob or a list of files (``columns`` picks the coordinates) and
+          ``output`` a directory (``"out/"``): the *nodes* read shares of the query files and each writes its
+          own ``part-<node>-<n>.parquet`` files there (one Parquet dataset; nothing passes through this process;
+          on several machines every machine must reach the files and ``output``). ``radius`` is a number or the
+          name of a column of the query files holding each query's radius (``columns`` then names the
+          coordinates; by default every other column). A node dying meanwhile: its part files are removed and its
+          shares answered again by the others. A directory already holding part files is refused.
+        * ``center`` an array and ``output`` a ``.parquet``/``.csv`` file: answered here ``chunk_rows`` centres at
+          a time and written chunk by chunk.
+
+        Not with ``return_points`` or ``allow_partial``.
+
+        >>> ids = cluster.range_search(np.array([0.5, 0.5]), 0.01)  # doctest: +SKIP
+        >>> cluster.range_search("queries/*.parquet", 0.01, columns="x,y", output="hits/")  # doctest: +SKIP
+        >>> cluster.range_search("queries/", "r", columns="x,y", output="hits/")  # per-query radius column r
+        ...                                                                       # doctest: +SKIP
         """
         self._require_open()
+        if output is not None:
+            return self._range_to_output(center, radius, return_points, allow_partial, os.fspath(output), columns,
+                                         chunk_rows)
         meta = self._rt.require_data()
         missing: list[int] | None = [] if allow_partial else None
         c, single = check_queries(center, meta.dim, "center")
@@ -621,6 +663,29 @@ class DistributedSpatialCluster:
         self.latency.record(t.seconds, len(c))
         out = out[0] if single else out
         return (out, QueryStatus.of(missing)) if allow_partial else out
+
+    def _range_to_output(self, center: Any, radius: Any, return_points: bool, allow_partial: bool, output: str,
+                         columns: Any, chunk_rows: int) -> str:
+        if return_points or allow_partial:
+            raise ValueError("return_points and allow_partial do not apply with output=: the output holds query, id "
+                             "and distance")
+        if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, (int, np.integer)) or chunk_rows < 1:
+            raise ValueError(f"chunk_rows must be a positive int, got {chunk_rows!r}")
+        meta = self._algorithm_start()
+        if _join._is_file_source(center):
+            if not _join._is_directory_target(output):
+                raise ValueError(f"range_search of query files writes a directory of part files (the nodes write "
+                                 f"them): pass output='{os.path.splitext(output)[0]}/' (got {output!r})")
+            if not isinstance(radius, str) and np.ndim(radius) != 0:
+                raise ValueError("with query files, radius is a number or the name of a column of the files holding "
+                                 f"each query's radius, got an array of shape {np.shape(radius)}")
+            return _join.range_to_directory(self._rt, center, radius, output, columns, chunk_rows)
+        if _join._is_directory_target(output):
+            raise ValueError("a directory output is written by the nodes from query files: pass the queries as a "
+                             "file, directory or glob, or give output='x.parquet' for an array of centres")
+        c, _ = check_queries(center, meta.dim, "center")
+        r = check_radius(radius, len(c))
+        return _join.range_to_file(self._rt, c, r, output, int(chunk_rows))
 
     def box_search(
         self, lo: Any, hi: Any, return_points: bool = False, allow_partial: bool = False
@@ -735,8 +800,8 @@ class DistributedSpatialCluster:
         ``other_points``: an ``(m, d)`` array -> ``(distances (m, k), ids (m, k))``; a file path (``.npy``, CSV,
         Parquet, LAS; ``columns`` picks coordinates) or an iterable of ``(n, d)`` chunks -> a generator of
         ``(distances, ids)`` per chunk (nothing is collected on the driver). With ``output`` (``.parquet`` or
-        ``.csv``) the answers are written chunk by chunk as rows ``(query, rank, id, distance)`` and the path is
-        returned. With ``other_points`` a file, directory, glob or list of files and ``output`` a directory
+        ``.csv``) the answers are written chunk by chunk as rows ``(query, rank, id, distance)`` (rank 1 = the
+        nearest, as the command line's tables) and the path is returned. With ``other_points`` a file, directory, glob or list of files and ``output`` a directory
         (``"out/"``), the *nodes* read shares of the query files and each writes its own
         ``part-<node>-<n>.parquet`` files there (same columns; ``query`` = row in input order): nothing passes
         through this process; on several machines ``output`` must be storage every machine reaches. ``self_join=True`` (no ``other_points``): the all-kNN of the distributed set, each point

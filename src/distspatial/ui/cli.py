@@ -229,7 +229,7 @@ def _positive_float(text: str) -> float:
 
 
 def _is_dir_output(text: str | None) -> bool:
-    """``-o DIR/``: a directory of part files written by the nodes (knn only)."""
+    """``-o DIR/``: a directory of part files written by the nodes (knn and range)."""
     return bool(text) and (text.endswith(("/", os.sep)) or os.path.isdir(text))
 
 
@@ -364,8 +364,8 @@ class Session:
         n = len(next(iter(table.values()))) if table else 0
         path = getattr(self.args, "output", None)
         if _is_dir_output(path):
-            raise ValueError(f"--output {path} (a directory of part files written by the nodes) works with knn only; "
-                             f"give a .parquet or .csv file for the {what}")
+            raise ValueError(f"--output {path} (a directory of part files written by the nodes) works with knn and "
+                             f"range only; give a .parquet or .csv file for the {what}")
         if path:
             with self.timed(f"wrote {n:,} rows of {what} ({', '.join(table)}) to {path}"):
                 write_results(path, table)
@@ -433,7 +433,12 @@ def _check_k(s: Session) -> None:
 
 def _prepare_knn(s: Session) -> None:
     _check_k(s)
-    if _is_dir_output(getattr(s.args, "output", None)):  # the nodes read the queries and write the answers
+    _prepare_queries(s)
+
+
+def _prepare_queries(s: Session) -> None:
+    """Read the queries here, unless ``-o DIR/``: then the nodes read them and write the answers."""
+    if _is_dir_output(getattr(s.args, "output", None)):
         if s.args.query_id_column:
             raise ValueError("--query-id-column does not apply with --output DIR/: the part files name each query by "
                              "its row in the query file(s)")
@@ -459,8 +464,8 @@ def _knn(s: Session) -> int:
     if _is_dir_output(getattr(a, "output", None)):
         with s.timed(f"knn: {a.queries} -> {a.output} (part files written by the nodes), k={a.k}"):
             s.cluster.knn_join(a.queries, a.k, output=a.output, columns=a.query_columns or a.columns)
-        s.say(f"wrote part-<node>-<n>.parquet files (query = row in the query file(s), rank from 0 as knn_join "
-              f"writes it, id, distance) to {a.output}")
+        s.say(f"wrote part-<node>-<n>.parquet files (query = row in the query file(s), rank (1 = nearest), id, "
+              f"distance) to {a.output}")
         return EXIT_OK
     q = s.extra["queries"]
     with s.timed(f"knn: {len(q):,} queries, k={s.args.k}"):
@@ -469,12 +474,20 @@ def _knn(s: Session) -> int:
     return EXIT_OK
 
 
-@subcommand("range", "every point within a radius of each query point", prepare=_read_queries,
-            output="query, id, distance: one row per point found, sorted by query then id",
+@subcommand("range", "every point within a radius of each query point", prepare=_prepare_queries,
+            output="query, id, distance: one row per point found, sorted by query then id (DIR/: within each "
+                   "part file)",
             arguments=[*_QUERY_ARGS, arg("--radius", type=_nonneg_float, required=True, help="ball radius")])
 def _range(s: Session) -> int:
     from ..io.files import range_table
 
+    a = s.args
+    if _is_dir_output(getattr(a, "output", None)):
+        with s.timed(f"range: {a.queries} -> {a.output} (part files written by the nodes), radius {a.radius:g}"):
+            s.cluster.range_search(a.queries, a.radius, output=a.output, columns=a.query_columns or a.columns)
+        s.say(f"wrote part-<node>-<n>.parquet files (query = row in the query file(s), id, distance; sorted by "
+              f"query then id within each file) to {a.output}")
+        return EXIT_OK
     q = s.extra["queries"]
     with s.timed(f"range: {len(q):,} balls of radius {s.args.radius:g}"):
         found = s.cluster.range_search(q, s.args.radius, return_points=True)
@@ -705,7 +718,8 @@ def _cluster_options() -> argparse.ArgumentParser:
                    help="copies of each partition on distinct nodes (default 1; <= --nodes)")
     o = p.add_argument_group("output")
     o.add_argument("--output", "-o", type=_output_path, default=None, metavar="PATH",
-                   help="write the results to PATH (.parquet or .csv); knn: DIR/ for part files written by the nodes")
+                   help="write the results to PATH (.parquet or .csv); knn, range: DIR/ for part files written by the "
+                        "nodes")
     o.add_argument("--no-progress", action="store_true", help="no progress bars (they show only on a terminal)")
     o.add_argument("--traceback", action="store_true", help="show full tracebacks of errors")
     return p
@@ -806,6 +820,9 @@ def _run(cmd: Subcommand, args: argparse.Namespace, out) -> int:
     if cmd.data and args.input is None:
         raise ValueError("INPUT is missing: name a point file, or --cluster NAME for a running named cluster")
     cfg = _config(args)  # bad cluster options fail before any file is read
+    if _is_dir_output(getattr(args, "output", None)) and cmd.name not in ("knn", "range"):
+        raise ValueError(f"--output {args.output} (a directory of part files written by the nodes) works with knn "
+                         "and range only; give a .parquet or .csv file")
     if cmd.named:
         cfg = cfg.with_name(args.name)
     out_of_core = parallel = False
