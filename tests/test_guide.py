@@ -157,6 +157,27 @@ def check_join(ns, out, st):
     np.testing.assert_allclose(D, cdist(other[:500], other[:300]), rtol=0, atol=1e-12)
 
 
+def check_nodes_write(ns, out, st):
+    """The part files' union against cKDTree: every query's k nearest (rank from 1), every (query, id) pair
+    within its radius once, with its distance."""
+    tree, qs, radii = st["tree"], ns["qs"], ns["radii"]
+    knn, hits = ns["knn"], ns["hits"]
+    q, rank, dist = (knn[c].to_numpy() for c in ("query", "rank", "distance"))
+    o = np.lexsort((rank, q))
+    np.testing.assert_array_equal(q[o], np.repeat(np.arange(len(qs)), 3))
+    np.testing.assert_array_equal(rank[o], np.tile([1, 2, 3], len(qs)))
+    np.testing.assert_allclose(dist[o].reshape(-1, 3), tree.query(qs, 3)[0], rtol=0, atol=1e-12)
+    found = tree.query_ball_point(qs, radii)
+    ref_q = np.repeat(np.arange(len(qs)), [len(f) for f in found])
+    ref_id = np.concatenate([np.sort(f) for f in found]).astype(np.int64)
+    hq, hid, hd = (hits[c].to_numpy() for c in ("query", "id", "distance"))
+    o = np.lexsort((hid, hq))
+    np.testing.assert_array_equal(hq[o], ref_q)
+    np.testing.assert_array_equal(hid[o], ref_id)
+    np.testing.assert_allclose(hd[o], np.linalg.norm(ns["points"][ref_id] - qs[ref_q], axis=1), rtol=0, atol=1e-12)
+    assert f"{len(ref_q)} points in range" in out
+
+
 def check_typed(ns, out, st):
     res = ns["res"]
     assert res.distances.shape == res.ids.shape == (3, 2)
@@ -267,6 +288,7 @@ CHECKS = {
     "Exact queries": check_queries,
     "k-means, hierarchical clustering, DBSCAN": check_clustering,
     "kNN join and distance matrix": check_join,
+    "Results written by the nodes": check_nodes_write,
     "Typed queries": check_typed,
     "Live updates": check_live,
     "Streaming analytics": check_stream,
