@@ -439,6 +439,225 @@ def test_concurrent_clients_all_answers_exact(svc):
     assert elapsed < 60
 
 
+# -- coalescing, admission, timeouts -------------------------------------------------------------------------------
+def wait_until(cond, timeout_s: float = 30.0, what: str = "condition") -> None:
+    """Poll ``cond()`` until it holds (a state the test waits for, not a fixed sleep)."""
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.005)
+
+
+def assert_knn_exact(s, q, k, got_d, got_i) -> None:
+    """``(got_d, got_i)`` (k,) is q's exact kNN: distances equal cKDTree's; ids closer than the k-th distance
+    equal; ids at the k-th distance among the points at that distance; equal distances in id order."""
+    got_d, got_i = np.asarray(got_d, dtype=float), np.asarray(got_i)
+    d, i = cKDTree(s.points).query(q, min(len(s.points), k + 32))
+    np.testing.assert_allclose(got_d, d[:k], rtol=0, atol=1e-12)
+    kth = d[k - 1]
+    np.testing.assert_array_equal(np.sort(got_i[got_d < kth - 1e-12]), np.sort(s.ids[i[d < kth - 1e-12]]))
+    assert set(got_i[np.abs(got_d - kth) <= 1e-12]) <= set(s.ids[i[np.abs(d - kth) <= 1e-12]].tolist())
+    assert not ((got_d[1:] == got_d[:-1]) & (got_i[1:] < got_i[:-1])).any(), "ties not in id order"
+
+
+def fire(n: int, send) -> tuple[list, list[threading.Thread]]:
+    """``send(j)`` for j < n from n threads released together: the list their results (or exceptions) go to,
+    in order, and the threads."""
+    out: list = [None] * n
+    barrier = threading.Barrier(n)
+
+    def run(j: int) -> None:
+        barrier.wait()
+        try:
+            out[j] = send(j)
+        except Exception as exc:  # noqa: BLE001 - reported by the caller
+            out[j] = exc
+
+    threads = [threading.Thread(target=run, args=(j,)) for j in range(n)]
+    for t in threads:
+        t.start()
+    return out, threads
+
+
+def test_coalesced_batches_mixed_k_range_box_borders_duplicates(svc):
+    """Single-point kNN (mixed k), range and box requests sent together are answered in a few coalesced batches
+    (one cluster call each), every answer exact: queries on partition borders and at duplicated points."""
+    from distspatial.ui.service import create_app
+
+    # duplicates: 4 more copies of an existing point and 3 copies of a new one
+    dup_old, dup_new = svc.points[123], np.array([0.4321, 0.8765])
+    r = post(svc, "/ingest", json={"points": [dup_old.tolist()] * 4 + [dup_new.tolist()] * 3})
+    assert r.status_code == 200, r.text
+    svc.points = np.vstack([svc.points, [dup_old] * 4, [dup_new] * 3])
+    svc.ids = np.concatenate([svc.ids, r.json()["ids"]])
+
+    meta = svc.cluster.metadata
+    lo, hi = np.array([p.lo for p in meta.partitions]), np.array([p.hi for p in meta.partitions])
+    border = np.vstack([lo, hi, np.c_[lo[:, 0], (lo[:, 1] + hi[:, 1]) / 2], np.c_[(lo[:, 0] + hi[:, 0]) / 2, hi[:, 1]]])
+    rng = np.random.default_rng(41)
+    border = border[rng.permutation(len(border))[:24]] + rng.choice([-1e-9, 0.0, 1e-9], size=(min(24, len(border)), 2))
+    knn_q = np.vstack([border, [dup_old, dup_old, dup_new, dup_new + 1e-7], rng.random((6, 2))])
+    knn_k = [1 + (j * 5) % 13 for j in range(len(knn_q))]  # k from 1 to 13, mixed in one batch
+    knn_k[len(border)] = 2  # k=2 at a point held 5 times: ties cut at k
+    range_q, radii = rng.random((8, 2)), rng.uniform(0.0, 0.03, 8)
+    box_lo = rng.random((8, 2)) * 0.9
+    box_hi = box_lo + rng.random((8, 2)) * 0.08
+    jobs = ([("/knn", {"points": p.tolist(), "k": k}) for p, k in zip(knn_q, knn_k)]
+            + [("/range", {"points": p.tolist(), "radius": float(r)}) for p, r in zip(range_q, radii)]
+            + [("/box", {"lo": a.tolist(), "hi": b.tolist()}) for a, b in zip(box_lo, box_hi)])
+
+    # one worker thread, one batch of a kind at a time, no wait: while the first batch of each kind waits for
+    # the busy worker, every other request of that kind gathers into the next batch
+    app = create_app(svc.cluster, workers=1, max_concurrent_batches=1, batch_wait_ms=0)
+    block = threading.Event()
+    with BackgroundServer(app) as srv:
+        app.state.pool.submit(block.wait)  # the worker is busy (as during a slow cluster call) until released
+        try:
+            results, threads = fire(len(jobs), lambda j: requests.post(srv.url + jobs[j][0], json=jobs[j][1],
+                                                                         timeout=TIMEOUT))
+            wait_until(lambda: app.state.metrics.admitted() == len(jobs), what="every request admitted")
+        finally:
+            block.set()
+        for t in threads:
+            t.join(TIMEOUT)
+        service = requests.get(srv.url + "/stats", timeout=TIMEOUT).json()["service"]
+
+    for (path, body), r in zip(jobs, results):
+        assert not isinstance(r, Exception) and r.status_code == 200, (path, body, r)
+        got = r.json()
+        if path == "/knn":
+            assert_knn_exact(svc, np.array(body["points"]), body["k"], got["distances"], got["ids"])
+        elif path == "/range":
+            np.testing.assert_array_equal(got["ids"], ref_range(svc, np.array(body["points"]), body["radius"])[0])
+            rows = np.searchsorted(svc.ids, got["ids"]) if np.all(np.diff(svc.ids) > 0) else None
+            if rows is not None:
+                np.testing.assert_allclose(got["distances"], np.sqrt(((svc.points[rows] - body["points"]) ** 2)
+                                                                     .sum(axis=1)), rtol=0, atol=1e-12)
+        else:
+            np.testing.assert_array_equal(got["ids"], ref_box(svc, body["lo"], body["hi"])[0])
+    # the 5 copies of dup_old are all found at distance 0 by a k=13 query there
+    j = len(border) + 1
+    assert sorted(results[j].json()["ids"][:5]) == sorted(svc.ids[np.all(svc.points == dup_old, axis=1)].tolist())
+    batches = service["batches"]
+    n_of = {"knn": len(knn_q), "range": len(range_q), "box": len(box_lo)}
+    for kind, n in n_of.items():
+        b = batches[kind]
+        # the first request went alone (it found the worker busy), all the others in one batch after it
+        assert b["batches"] == 2 and b["requests"] == n and b["max_requests"] == n - 1, (kind, b)
+        assert b["sizes"]["1"] == 1 and sum(b["sizes"].values()) == 2
+    assert service["admission"]["admitted"] == 0 and service["admission"]["refused"] == 0
+
+
+def test_overload_gets_503_retry_after_accepted_exact(svc):
+    """More concurrent clients than the admission limit: the extra ones get 503 with Retry-After at once while
+    the admitted ones wait for a busy cluster call; the service keeps answering and the admitted answers are exact.
+    A request still waiting at the request timeout gets 504."""
+    from distspatial.ui.service import create_app
+
+    app = create_app(svc.cluster, workers=1, max_queue=4, retry_after_s=2, request_timeout_s=60)
+    block = threading.Event()
+    n = 12
+    q = queries(svc, n, seed=51)
+    ks = [1 + j % 6 for j in range(n)]
+    with BackgroundServer(app) as srv:
+        app.state.pool.submit(block.wait)
+        try:
+            results, threads = fire(n, lambda j: requests.post(srv.url + "/knn", json={"points": q[j].tolist(),
+                                                                                       "k": ks[j]}, timeout=TIMEOUT))
+            wait_until(lambda: app.state.metrics.admitted() == 4 and sum(r is not None for r in results) == n - 4,
+                       what="4 admitted and the others answered")
+            refused = [r for r in results if r is not None]
+            for r in refused:
+                assert r.status_code == 503 and r.headers["Retry-After"] == "2", r.text
+                assert r.headers["content-type"].startswith("application/json") and "busy" in r.json()["detail"]
+            # the service stays up: the page and further requests are answered at once (the latter refused)
+            assert requests.get(srv.url + "/", timeout=TIMEOUT).status_code == 200
+            t0 = time.perf_counter()
+            more = requests.post(srv.url + "/range", json={"points": [0.5, 0.5], "radius": 0.01}, timeout=TIMEOUT)
+            assert more.status_code == 503 and "Retry-After" in more.headers and time.perf_counter() - t0 < 5
+        finally:
+            block.set()
+        for t in threads:
+            t.join(TIMEOUT)
+        accepted = [j for j, r in enumerate(results) if r.status_code == 200]
+        assert len(accepted) == 4
+        for j in accepted:
+            assert_knn_exact(svc, q[j], ks[j], results[j].json()["distances"], results[j].json()["ids"])
+        adm = requests.get(srv.url + "/stats", timeout=TIMEOUT).json()["service"]["admission"]
+        assert adm["refused"] == n - 4 + 1 and adm["admitted"] == 0 and adm["max_queue"] == 4
+        # after the overload: exact answers again
+        r = requests.post(srv.url + "/knn", json={"points": [0.3, 0.7], "k": 3}, timeout=TIMEOUT)
+        assert r.status_code == 200
+        assert_knn_exact(svc, np.array([0.3, 0.7]), 3, r.json()["distances"], r.json()["ids"])
+
+    # the request timeout: a request that waits for a busy cluster longer than it gets 504; its slot is freed
+    app = create_app(svc.cluster, workers=1, request_timeout_s=0.5)
+    block = threading.Event()
+    with BackgroundServer(app) as srv:
+        app.state.pool.submit(block.wait)
+        try:
+            r = requests.post(srv.url + "/knn", json={"points": [0.5, 0.5], "k": 2}, timeout=TIMEOUT)
+            assert r.status_code == 504 and "request timeout" in r.json()["detail"], r.text
+        finally:
+            block.set()
+        r = requests.post(srv.url + "/knn", json={"points": [0.5, 0.5], "k": 2}, timeout=TIMEOUT)
+        assert r.status_code == 200
+        assert_knn_exact(svc, np.array([0.5, 0.5]), 2, r.json()["distances"], r.json()["ids"])
+        adm = requests.get(srv.url + "/stats", timeout=TIMEOUT).json()["service"]["admission"]
+        assert adm["request_timeouts"] == 1 and adm["admitted"] == 0
+
+
+def _raw_request_head(url: str, length: int) -> tuple[tuple[str, int], bytes]:
+    host, port = url.split("//")[1].rsplit(":", 1)
+    head = (f"POST /knn HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {length}\r\n\r\n").encode()
+    return (host, int(port)), head
+
+
+def _read_until_closed(sock: socket.socket) -> bytes:
+    chunks = []
+    while True:
+        b = sock.recv(65536)
+        if not b:
+            return b"".join(chunks)
+        chunks.append(b)
+
+
+def test_slow_body_client_times_out_without_blocking_others(svc):
+    """A client that sends the headers and part of the body, then stalls, gets 408 after the body timeout and its
+    connection is closed; other clients are answered meanwhile."""
+    import select
+
+    body = b'{"points": [[0.5, 0.5]], "k": 3}'
+    with BackgroundServer(svc.cluster, body_timeout_s=2.0) as srv:
+        addr, head = _raw_request_head(srv.url, len(body))
+        with socket.create_connection(addr, timeout=TIMEOUT) as slow, \
+                socket.create_connection(addr, timeout=TIMEOUT) as silent:
+            slow.sendall(head + body[:10])  # part of the body, then nothing
+            silent.sendall(head)  # the headers only
+            t0 = time.perf_counter()
+            with requests.Session() as sess:
+                for j in range(5):
+                    q = queries(svc, 1, seed=60 + j)[0]
+                    r = sess.post(srv.url + "/knn", json={"points": q.tolist(), "k": 4}, timeout=TIMEOUT)
+                    assert r.status_code == 200, r.text
+                    assert_knn_exact(svc, q, 4, r.json()["distances"], r.json()["ids"])
+            if time.perf_counter() - t0 < 1.5:  # answered while the slow clients still hold their connections
+                assert not select.select([slow, silent], [], [], 0)[0]
+            for sock in (slow, silent):
+                answer = _read_until_closed(sock)  # the server answers, then closes the connection
+                assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+                assert b"body timeout" in answer and b'"detail"' in answer
+            assert time.perf_counter() - t0 >= 1.9
+        adm = requests.get(srv.url + "/stats", timeout=TIMEOUT).json()["service"]["admission"]
+        assert adm["body_timeouts"] == 2 and adm["admitted"] == 0
+        # a complete body sent slowly in two parts, within the timeout, is answered
+        with socket.create_connection(addr, timeout=TIMEOUT) as ok:
+            ok.sendall(head + body[:10])
+            ok.sendall(body[10:])
+            assert ok.recv(65536).startswith(b"HTTP/1.1 200")
+
+
 # -- the status page in a real browser -----------------------------------------------------------------------------
 def _chromium() -> tuple[str, str] | None:
     browser = next((shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
