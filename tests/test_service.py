@@ -764,7 +764,8 @@ def test_cli_serve_subprocess(ray_local, svc, tmp_path):
     np.save(tmp_path / "pts.npy", pts)
     address = ray_local.get_runtime_context().gcs_address
     srv = ServeProcess([str(tmp_path / "pts.npy"), "--address", address, "--nodes", "2", "--port", "0",
-                        "--no-progress"], timeout_s=90)
+                        "--no-progress", "--batch-wait-ms", "2", "--max-batch", "64", "--max-queue", "32",
+                        "--body-timeout-s", "5", "--request-timeout-s", "20"], timeout_s=90)
     url = srv.url
     try:
         assert requests.get(url + "/health", timeout=TIMEOUT).json()["points"] == 3000
@@ -774,6 +775,8 @@ def test_cli_serve_subprocess(ray_local, svc, tmp_path):
         np.testing.assert_array_equal(r.json()["ids"], i)
         np.testing.assert_allclose(r.json()["distances"], d, rtol=0, atol=1e-12)
         assert 'id="map"' in requests.get(url + "/", timeout=TIMEOUT).text
+        adm = requests.get(url + "/stats", timeout=TIMEOUT).json()["service"]["admission"]
+        assert adm["max_queue"] == 32  # the options reached the service
         srv.proc.send_signal(signal.SIGTERM)
         assert srv.proc.wait(60) == 0, srv.output
     finally:

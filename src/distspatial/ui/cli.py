@@ -636,13 +636,29 @@ def _prepare_serve(s: Session) -> None:
                 arg("--port", type=_port, default=8000, help="TCP port (8000; 0: a free one, printed at start)"),
                 arg("--workers", type=_positive_int, default=8, help="threads running cluster calls (8)"),
                 arg("--max-body-mb", type=_positive_float, default=64.0, help="largest request body in MiB (64)"),
+                arg("--batch-wait-ms", type=_nonneg_float, default=1.0,
+                    help="concurrent /knn (and /range, /box) requests are gathered into one cluster call: the first "
+                         "of a batch waits at most this long for others (1.0; 0: no wait)"),
+                arg("--max-batch", type=_positive_int, default=256,
+                    help="most query points in one gathered batch; a request with more goes alone (256)"),
+                arg("--no-coalesce", action="store_true", help="one cluster call per request (no gathering)"),
+                arg("--max-queue", type=_positive_int, default=256,
+                    help="requests admitted at once (queued or being answered); more get 503 with Retry-After at "
+                         "once (256)"),
+                arg("--body-timeout-s", type=_positive_float, default=10.0,
+                    help="a request body not received this long after its headers gets 408 and the connection is "
+                         "closed (10)"),
+                arg("--request-timeout-s", type=_positive_float, default=30.0,
+                    help="a request not answered this long after its headers gets 504 (30)"),
             ])
 def _serve(s: Session) -> int:
     from .service import run_server
 
     a = s.args
     run_server(s.cluster, a.host, a.port, sock=s.extra["socket"], workers=a.workers,
-               max_body_bytes=int(a.max_body_mb * 2**20),
+               max_body_bytes=int(a.max_body_mb * 2**20), coalesce=not a.no_coalesce,
+               batch_wait_ms=a.batch_wait_ms, max_batch=a.max_batch, max_queue=a.max_queue,
+               body_timeout_s=a.body_timeout_s, request_timeout_s=a.request_timeout_s,
                on_ready=lambda url: s.say(f"serving on {url} (status page {url}/, API docs {url}/docs); "
                                           f"Ctrl-C stops"))
     s.say("stopped serving")
