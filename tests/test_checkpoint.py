@@ -7,6 +7,7 @@ import time
 import numpy as np
 import pytest
 import ray
+from scipy.spatial import cKDTree
 
 from distspatial import DistributedSpatialCluster, NodeConfig, PartitionLostError
 from distspatial.io.checkpoint_files import CheckpointError
@@ -130,6 +131,20 @@ def test_partition_lost_on_every_replica_comes_back_from_checkpoint(ray_local, t
         with pytest.raises(PartitionLostError) as err:
             c.distributed_knn_search(q, 5)
         assert sorted(err.value.partitions) == sorted(lost)
+        # single queries (the one-hop path): exact over all the points, or PartitionLostError; those whose home
+        # partition is lost always raise
+        tree = cKDTree(pts)
+        home_lost = np.isin(np.arange(len(pts)), lost_ids)
+        raised = 0
+        for x in np.concatenate([q[:30], pts[lost_ids[:10]]]):
+            try:
+                d1, i1 = c.distributed_knn_search(x, 5)
+            except PartitionLostError:
+                raised += 1
+                continue
+            np.testing.assert_allclose(d1, tree.query(x, 5)[0], rtol=0, atol=1e-12)
+            assert not home_lost[tree.query(x, 1)[1]], "a query inside a lost partition got an answer"
+        assert raised >= 10
         # a partial answer only when asked for, flagged, and exact over the points still there
         (dist, ids), status = c.distributed_knn_search(q, 5, allow_partial=True)
         assert status.partial and list(status.missing_partitions) == sorted(lost)
