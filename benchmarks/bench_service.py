@@ -7,7 +7,7 @@
 Sections (one function each; with no section flag every section runs):
 
 * ``--http`` (:func:`section_http`): ``distspatial serve`` (a subprocess: embedded Ray runtime, ``--nodes``
-  nodes) over ``--points`` uniform 2-D points, and the peer: a plain FastAPI app around one scipy cKDTree
+  nodes; ``--uncoalesced`` adds a row with ``--no-coalesce``) over ``--points`` uniform 2-D points, and the peer: a plain FastAPI app around one scipy cKDTree
   (pydantic request model, ``async def`` handler, ``tree.query`` per request), served by uvicorn with the same
   settings in its own process. A separate load-generator process (asyncio, raw keep-alive sockets, one
   coroutine per client: the same generator for both) sends single-point kNN requests (k=10, JSON) for
@@ -231,6 +231,8 @@ def section_http(args: argparse.Namespace) -> list[dict]:
             "distspatial serve": [sys.executable, "-m", "distspatial.ui.cli", "serve", pf, "--port", "0",
                                   "--nodes", str(args.nodes), "--no-progress", *args.serve_args.split()],
         }
+        if args.uncoalesced:
+            servers["distspatial serve --no-coalesce"] = servers["distspatial serve"] + ["--no-coalesce"]
         for name, cmd in servers.items():
             t0 = time.perf_counter()
             srv = _Server(cmd)
@@ -254,10 +256,12 @@ def section_http(args: argparse.Namespace) -> list[dict]:
         print(f"| {r['server']} | {r['clients']} | {r['requests_per_s']:,.0f} | {r['p50_ms']:.2f} | "
               f"{r['p99_ms']:.2f} | {r['errors']} | {r['wrong']} |")
     peer = {r["clients"]: r for r in rows if r["server"].startswith("peer")}
+    print()
     for r in rows:
         if not r["server"].startswith("peer") and r["clients"] in peer:
             ratio = r["requests_per_s"] / max(1e-9, peer[r["clients"]]["requests_per_s"])
-            print(f"\nours / peer at {r['clients']} clients: **{ratio:.2f}x** requests/s "
+            r["ratio_to_peer"] = ratio
+            print(f"{r['server']} / peer at {r['clients']} clients: **{ratio:.2f}x** requests/s "
                   f"(p99 {r['p99_ms']:.1f} vs {peer[r['clients']]['p99_ms']:.1f} ms)")
     return rows
 
@@ -272,6 +276,7 @@ def main() -> None:
                     help="concurrent clients, comma-separated (16,64)")
     ap.add_argument("--duration", type=float, default=None, help="seconds per measurement (10; --quick: 3)")
     ap.add_argument("--serve-args", default="", help="extra options of distspatial serve, e.g. '--batch-wait-ms 2'")
+    ap.add_argument("--uncoalesced", action="store_true", help="also measure our service with --no-coalesce")
     ap.add_argument("--json", metavar="PATH", help="write the figures as JSON")
     # the subprocesses' modes
     ap.add_argument("--serve-peer", metavar="POINTS_NPY", help=argparse.SUPPRESS)

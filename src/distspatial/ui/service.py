@@ -39,6 +39,16 @@ Bad requests get a 4xx answer ``{"detail": "what is wrong and how to fix it"}``:
 be answered (wrong shape or dimension, non-finite coordinates, ``k`` larger than the number of points, unknown
 fields); 503 while no data is distributed or partitions are lost. The cluster's methods block, so they run in a
 thread pool (``workers`` threads): concurrent clients are served concurrently, the event loop never waits.
+
+Concurrent ``/knn`` requests (and, separately, ``/range`` and ``/box``) are coalesced like Ray Serve's
+``@serve.batch``: the first request of a batch waits at most ``batch_wait_ms`` for others, a batch holds at most
+``max_batch`` query points (a larger request goes alone), and one cluster call answers it; kNN requests with
+different ``k`` share a batch answered with the largest ``k`` and cut back per request (equal distances in id
+order). Requests are validated before they join a batch, so a bad one never fails the others. Admission: at most
+``max_queue`` requests are queued or being answered at once; one more gets 503 with ``Retry-After`` right away.
+A body not received ``body_timeout_s`` after the headers gets 408 (connection closed); a request not answered
+within ``request_timeout_s`` gets 504. ``GET /stats`` counts batches (sizes), refusals and timeouts under
+``service``.
 """
 
 from __future__ import annotations
