@@ -47,6 +47,8 @@ from .control.ray_connect import connect, disconnect, join
 from .control import state_store
 from .core.codec import encode, wire_and_raw
 from .core.config import NodeConfig
+from .core.crs import CRSInfo, resolve_crs, to_unit
+from .core.geo import chord_to_metres, lonlat_box_to_unit_bounds, metres_to_chord, unit_to_lonlat
 from .core.errors import ClusterExistsError, ClusterGoneError, ClusterNotFoundError
 from .core.progress import make_bar
 from .core.stats import ClusterStatistics, LatencyRecorder, NodeStatistics, QueryStatus, Timer
@@ -320,6 +322,27 @@ class DistributedSpatialCluster:
         return m.n_points if m else 0
 
     @property
+    def crs(self) -> str | None:
+        """The data set's coordinate reference system (``"EPSG:4326"``, ...; before any data: the configured one;
+        ``None``: none). It travels with the data (metadata, checkpoints, clients that attach)."""
+        m = self._rt.meta
+        return m.crs if m is not None else self.config.crs
+
+    @property
+    def geographic(self) -> bool:
+        """Whether the data set is longitude/latitude (a geographic CRS): points in and out in degrees, every
+        distance in metres (great circle on the mean Earth radius; see the guide's "Geographic data")."""
+        m = self._rt.meta
+        return m.geographic if m is not None else bool(self.config.crs and _resolve(self.config.crs).geographic)
+
+    @property
+    def dim(self) -> int | None:
+        """Coordinates per point as given and returned: 2 (longitude, latitude) for geographic data, else the
+        data's dimension; ``None`` before any data."""
+        m = self._rt.meta
+        return m.user_dim if m is not None else None
+
+    @property
     def node_ids(self) -> list[int]:
         """Ids of every node started, failed ones included (see :meth:`statistics` for their status)."""
         return sorted(self._rt.actors)
@@ -374,18 +397,23 @@ class DistributedSpatialCluster:
         self._rt.call_controller("set_options", tuning_policy=value)
 
     # -- distribute -----------------------------------------------------------------------------------------
-    def distribute_data(self, points: Any, ids: Any = None) -> GlobalIndexMetadata:
+    def distribute_data(self, points: Any, ids: Any = None, crs: Any = None) -> GlobalIndexMetadata:
         """Partition ``points`` along the space-filling curve and load the partitions onto the nodes.
 
         Args:
             points: ``(n, d)`` numeric array, finite.
             ids: optional unique integer id per point; default: the row number. Every result speaks in these ids.
+            crs: the data's coordinate reference system (default: ``NodeConfig.crs``). A geographic one
+                (``"EPSG:4326"``, ``"OGC:CRS84"``) makes ``points`` ``(n, 2)`` longitude/latitude in degrees and
+                every distance great-circle metres (stored as 3-D unit vectors; see the guide's "Geographic
+                data"); a projected one is carried with the data.
 
         Returns the new :class:`GlobalIndexMetadata`. Replaces any previously distributed data set. Input is
         validated before anything changes, so a bad call leaves the cluster as it was.
         """
         self._require_open()
-        pts = check_points(points)
+        info = _resolve(crs if crs is not None else self.config.crs)
+        pts = check_points(to_unit(points, "points") if info is not None and info.geographic else points)
         n, d = pts.shape
         id_arr = check_ids(ids, n) if ids is not None else None
         cfg = self.config
@@ -402,7 +430,8 @@ class DistributedSpatialCluster:
             bar.close()
             layout = {"dim": d, "lo": plan.lo, "hi": plan.hi, "curve": cfg.curve, "bits": plan.bits,
                       "key_lo": plan.key_lo, "key_hi": plan.key_hi, "box_lo": plan.box_lo, "box_hi": plan.box_hi,
-                      "counts": np.diff(plan.cuts), "next_id": n if id_arr is None else int(id_arr.max()) + 1}
+                      "counts": np.diff(plan.cuts), "next_id": n if id_arr is None else int(id_arr.max()) + 1,
+                      "crs": None if info is None else info.name, "geographic": info is not None and info.geographic}
             id_map = None
             if id_arr is not None:
                 rows = np.argsort(id_arr, kind="stable")
@@ -419,7 +448,7 @@ class DistributedSpatialCluster:
 
     def distribute_chunks(
         self, source: Any, columns: Any = None, id_column: str | None = None, chunk_rows: int = 1 << 20,
-        sample_size: int = 200_000,
+        sample_size: int = 200_000, crs: Any = None,
     ) -> GlobalIndexMetadata:
         """Distribute a data set too large for the driver's memory, chunk by chunk.
 
@@ -427,15 +456,18 @@ class DistributedSpatialCluster:
         :func:`distspatial.io.open_points`) or a callable returning a fresh iterator of ``(n, d)`` chunks (or
         ``(points, ids)`` pairs): it is read twice, once for the bounds and a key sample that cut the
         partitions, once to ingest. Ids are the source's row numbers unless ``id_column`` / ids are given.
+        ``crs`` as in :meth:`distribute_data` (geographic: the chunks are longitude/latitude).
 
         >>> cluster.distribute_chunks("lidar.laz", chunk_rows=2_000_000)  # doctest: +SKIP
         """
         self._require_open()
         return _ingest.distribute_chunks(self._rt, source, columns, id_column, chunk_rows, sample_size,
-                                         progress=self.progress)
+                                         progress=self.progress,
+                                         crs=_resolve(crs if crs is not None else self.config.crs))
 
     def distribute_files(
         self, source: Any, columns: Any = None, id_column: str | None = None, *, sample_size: int = 200_000,
+        crs: Any = None,
     ) -> GlobalIndexMetadata:
         """Load point files with the nodes reading them in parallel; nothing passes through this process.
 
@@ -452,7 +484,8 @@ class DistributedSpatialCluster:
         file order), exactly as ``distribute_data`` of the concatenated input would number them; with
         ``id_column`` they are that column's values, which must be unique (checked by the nodes), and algorithm
         labels then follow :meth:`point_ids` (ascending ids). ``sample_size``: points of the uniform sample whose
-        curve-key quantiles cut the partitions.
+        curve-key quantiles cut the partitions. ``crs`` as in :meth:`distribute_data` (geographic: the columns are
+        longitude, latitude, converted by the nodes as they read; a bad coordinate names file and row).
 
         Replaces the data set. A bad file (missing, a corrupt row or a non-numeric value: the error names file,
         row and column; mixed dimensions), duplicate ids or a node dying while the files are read: an error, and
@@ -478,9 +511,11 @@ class DistributedSpatialCluster:
         if isinstance(sample_size, bool) or not isinstance(sample_size, (int, np.integer)) or sample_size < 1:
             raise ValueError(f"sample_size must be a positive int, got {sample_size!r}")
         seed = self.config.seed if self.config.seed is not None else 0
+        info = _resolve(crs if crs is not None else self.config.crs)
         with Timer() as t:
             view = self._rt.call_controller("distribute_files", src, columns, id_column, int(sample_size), seed,
-                                            self._rt.new_token())
+                                            self._rt.new_token(), None if info is None else info.name,
+                                            info is not None and info.geographic)
             self._rt.install(view)
         log.info("loaded %d points from %s in %.2f s", view.meta.n_points, source, t.seconds)
         return view.meta
@@ -498,12 +533,12 @@ class DistributedSpatialCluster:
                 ids.append(i)
                 pts.append(p)
         if not ids:
-            return np.empty(0, np.int64), np.empty((0, meta.dim))
+            return np.empty(0, np.int64), np.empty((0, meta.user_dim))
         ids, pts = np.concatenate(ids), np.concatenate(pts)
         if len(ids) > n:
             keep = np.sort(np.random.default_rng(seed).choice(len(ids), n, replace=False))
             ids, pts = ids[keep], np.take(pts, keep, axis=0)
-        return ids, pts
+        return ids, (unit_to_lonlat(pts) if meta.geographic else pts)
 
     def plot_partitions(self, **kwargs: Any) -> Any:
         """Draw the partitions, their nodes and the curve order (see :func:`distspatial.ui.plots.plot_partitions`;
@@ -590,7 +625,8 @@ class DistributedSpatialCluster:
                 nearest), ``id``, ``distance``. Not with ``allow_partial``.
 
         Returns ``(distances, ids)``: shape ``(k,)`` each for one point, ``(m, k)`` for a batch, sorted by
-        distance (Euclidean), ids as given to ``distribute_data``.
+        distance (Euclidean; for geographic data great-circle metres, queries longitude/latitude), ids as given to
+        ``distribute_data``.
 
         When every replica of some partitions is lost (and no checkpoint has them), the call raises
         :class:`PartitionLostError`; with ``allow_partial=True`` it answers from the partitions still there and
@@ -606,14 +642,16 @@ class DistributedSpatialCluster:
                 raise ValueError("allow_partial=True returns a partial answer with its status: it does not apply "
                                  "with output=")
             if not _join._is_file_source(query):
-                query = check_queries(query, self._rt.require_data().dim)[0]
+                query = check_queries(query, self._rt.require_data().user_dim)[0]
             return self.knn_join(query, k, output=os.fspath(output), columns=columns)
         meta = self._rt.require_data()
-        q, single = check_queries(query, meta.dim)
+        q, single = _queries_in(meta, query)
         k = check_k(k, meta.n_points)
         missing: list[int] | None = [] if allow_partial else None
         with Timer() as t:
             dist, ids = self._rt.stable(lambda: _queries.knn(self._rt, q, k, missing, self._one_hop), missing)
+        if meta.geographic:
+            dist = chord_to_metres(dist)
         self.latency.record(t.seconds, len(q))
         out = (dist[0], ids[0]) if single else (dist, ids)
         return (out, QueryStatus.of(missing)) if allow_partial else out
@@ -626,7 +664,8 @@ class DistributedSpatialCluster:
 
         One centre ``(d,)`` gives an array; a batch ``(m, d)`` (radius scalar or ``(m,)``) gives a list of arrays.
         With ``return_points=True`` each result is ``(ids, points)``. ``allow_partial`` as in
-        :meth:`distributed_knn_search`.
+        :meth:`distributed_knn_search`. Geographic data: centres longitude/latitude, ``radius`` in metres
+        (great circle, inclusive), points returned as longitude/latitude.
 
         With ``output`` the answers are written, not returned (the path is returned), as a long table: ``query``
         (the centre's row in input order), ``id``, ``distance``, one row per point found, sorted by query then id
@@ -655,11 +694,15 @@ class DistributedSpatialCluster:
                                          chunk_rows)
         meta = self._rt.require_data()
         missing: list[int] | None = [] if allow_partial else None
-        c, single = check_queries(center, meta.dim, "center")
+        c, single = _queries_in(meta, center, "center")
         r = check_radius(radius, len(c))
+        geo = meta.geographic
+        rq = metres_to_chord(r) if geo else r  # a chord a few ulps longer: filtered by metres below
         with Timer() as t:
-            out = self._rt.stable(lambda: _queries.ball(self._rt, c, r, return_points, missing, self._one_hop),
-                                  missing)
+            out = self._rt.stable(lambda: _queries.ball(self._rt, c, rq, return_points or geo, missing,
+                                                        self._one_hop), missing)
+            if geo:
+                out = _geo_ball_filter(out, c, r, return_points)
         self.latency.record(t.seconds, len(c))
         out = out[0] if single else out
         return (out, QueryStatus.of(missing)) if allow_partial else out
@@ -669,6 +712,9 @@ class DistributedSpatialCluster:
         if return_points or allow_partial:
             raise ValueError("return_points and allow_partial do not apply with output=: the output holds query, id "
                              "and distance")
+        if self.geographic:
+            raise ValueError("range_search(..., output=) is not available for a geographic data set yet; call it "
+                             "without output= (centres in longitude/latitude, radius in metres) and write the result")
         if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, (int, np.integer)) or chunk_rows < 1:
             raise ValueError(f"chunk_rows must be a positive int, got {chunk_rows!r}")
         meta = self._algorithm_start()
@@ -693,10 +739,17 @@ class DistributedSpatialCluster:
         """Ids of all points with ``lo <= p <= hi`` in every dimension, sorted by id.
 
         One box (``lo``, ``hi`` of shape ``(d,)``) gives an array; a batch ``(m, d)`` gives a list of arrays.
+
+        Geographic data: ``lo = (lon_lo, lat_lo)``, ``hi = (lon_hi, lat_hi)`` in degrees, edges inclusive;
+        ``lon_lo > lon_hi`` is a box across the antimeridian (``(170, -10)`` to ``(-170, 10)``: 20 degrees wide);
+        longitudes outside [-180, 180] are wrapped, a box 360 degrees wide or more holds every longitude; points
+        are returned as longitude/latitude.
         """
         self._require_open()
         meta = self._rt.require_data()
         missing: list[int] | None = [] if allow_partial else None
+        if meta.geographic:
+            return self._geo_box_search(lo, hi, return_points, missing)
         lo_a, single = check_queries(lo, meta.dim, "lo")
         hi_a, _ = check_queries(hi, meta.dim, "hi")
         if lo_a.shape != hi_a.shape:
@@ -710,6 +763,32 @@ class DistributedSpatialCluster:
         self.latency.record(t.seconds, len(lo_a))
         out = out[0] if single else out
         return (out, QueryStatus.of(missing)) if allow_partial else out
+
+    def _geo_box_search(self, lo: Any, hi: Any, return_points: bool, missing: list[int] | None) -> Any:
+        """Box search of longitude/latitude boxes: pruned by a 3-D box around each box's unit vectors, then
+        tested exactly on the candidates' longitude/latitude (antimeridian-crossing boxes, lon 180 == -180)."""
+        lo_a, single = _lonlat_corners(lo, "lo")
+        hi_a, _ = _lonlat_corners(hi, "hi")
+        if lo_a.shape != hi_a.shape:
+            raise ValueError(f"lo and hi must have the same shape, got {np.shape(lo)} and {np.shape(hi)}")
+        bad = np.flatnonzero(lo_a[:, 1] > hi_a[:, 1])
+        if len(bad):
+            raise ValueError(f"box {int(bad[0])} has latitude lo {lo_a[bad[0], 1]} > hi {hi_a[bad[0], 1]}; each box "
+                             f"needs lat_lo <= lat_hi (lon_lo > lon_hi is allowed: a box across the antimeridian)")
+        raw_lo = np.asarray(lo, dtype=np.float64).reshape(-1, 2)[:, 0]
+        raw_hi = np.asarray(hi, dtype=np.float64).reshape(-1, 2)[:, 0]
+        full = raw_hi - raw_lo >= 360.0  # every longitude (the wrap would make it a sliver)
+        lo_a[full, 0], hi_a[full, 0] = -180.0, 180.0
+        m = len(lo_a)
+        b3 = [lonlat_box_to_unit_bounds(lo_a[i], hi_a[i]) for i in range(m)]  # per box, not per point
+        lo3 = np.array([b[0] for b in b3]).reshape(m, 3)
+        hi3 = np.array([b[1] for b in b3]).reshape(m, 3)
+        with Timer() as t:
+            out = self._rt.stable(lambda: _queries.box(self._rt, lo3, hi3, True, missing, self._one_hop), missing)
+            out = _geo_box_filter(out, lo_a, hi_a, return_points)
+        self.latency.record(t.seconds, m)
+        out = out[0] if single else out
+        return (out, QueryStatus.of(missing)) if missing is not None else out
 
     # -- algorithms -----------------------------------------------------------------------------------------
     def _algorithm_start(self) -> GlobalIndexMetadata:
@@ -743,12 +822,24 @@ class DistributedSpatialCluster:
 
         Returns a :class:`~distspatial.algorithms.kmeans.KMeansResult` that unpacks to ``(centroids, labels)``; labels are
         in the order of the rows given to ``distribute_data``. It also has ``inertia`` and ``n_iter``.
+
+        Geographic data: k-means on the sphere, run on the stored 3-D unit vectors (Lloyd's in 3-D, squared chord
+        distances); the centroids returned are the cluster means projected onto the sphere (their mean
+        direction) as ``(k, 2)`` longitude/latitude, ``init`` an array is longitude/latitude, and ``inertia``
+        is the 3-D objective (sum of squared chords on the unit sphere, multiply by ``EARTH_RADIUS_M**2`` for m^2).
         """
         meta = self._algorithm_start()
-        return _kmeans.run_kmeans(
+        if meta.geographic and not isinstance(init, str):
+            init = to_unit(init, "init")
+        res = _kmeans.run_kmeans(
             self._rt, meta, k, max_iterations, tol, init, self.config.seed if seed is None else seed,
             oversampling_factor, init_rounds, self.progress,
         )
+        if meta.geographic:
+            c = np.asarray(res.centroids, dtype=np.float64)
+            norm = np.linalg.norm(c, axis=1, keepdims=True)
+            res.centroids = unit_to_lonlat(np.where(norm > 0, c / np.where(norm > 0, norm, 1.0), c))
+        return res
 
     def distributed_hierarchical(
         self,
@@ -767,8 +858,13 @@ class DistributedSpatialCluster:
 
         >>> labels, Z = cluster.distributed_hierarchical(n_clusters=5)  # doctest: +SKIP
         >>> scipy.cluster.hierarchy.dendrogram(Z, no_plot=True)  # doctest: +SKIP
+
+        Geographic data: Ward on the stored 3-D unit vectors (heights in those units), ``n_clusters`` only.
         """
-        self._algorithm_start()
+        meta = self._algorithm_start()
+        if meta.geographic and distance_threshold is not None:
+            raise ValueError("distance_threshold is a Ward height in the stored 3-D unit vectors for a geographic "
+                             "data set, not metres: pass n_clusters instead")
         return _hierarchical.run_hierarchical(self._rt, n_clusters, distance_threshold, linkage, int(n_micro_clusters),
                                               (self.config.seed or 0) if seed is None else seed)
 
@@ -782,8 +878,14 @@ class DistributedSpatialCluster:
 
         >>> res = cluster.distributed_dbscan(eps=0.01, min_samples=10)  # doctest: +SKIP
         >>> res.n_clusters, res.n_noise  # doctest: +SKIP
+
+        Geographic data: ``eps`` in metres (great circle), as ``DBSCAN(eps=eps / EARTH_RADIUS_M,
+        metric="haversine")`` on ``[lat, lon]`` radians.
         """
-        self._algorithm_start()
+        meta = self._algorithm_start()
+        if meta.geographic and isinstance(eps, (int, float, np.number)) and not isinstance(eps, bool) \
+                and np.isfinite(eps) and eps > 0:
+            eps = float(metres_to_chord(eps))
         return _dbscan.run_dbscan(self._rt, eps, min_samples)
 
     def knn_join(
@@ -805,13 +907,17 @@ class DistributedSpatialCluster:
         (``"out/"``), the *nodes* read shares of the query files and each writes its own
         ``part-<node>-<n>.parquet`` files there (same columns; ``query`` = row in input order): nothing passes
         through this process; on several machines ``output`` must be storage every machine reaches. ``self_join=True`` (no ``other_points``): the all-kNN of the distributed set, each point
-        excluding itself, rows in ``distribute_data`` order (``query`` = the point's id in a file).
+        excluding itself, rows in ``distribute_data`` order (``query`` = the point's id in a file). Geographic
+        data: queries longitude/latitude, distances metres (not yet with a directory output).
 
         >>> dist, ids = cluster.knn_join(other, k=5)  # doctest: +SKIP
         >>> cluster.knn_join("big.parquet", k=5, columns="x,y", output="join.parquet")  # doctest: +SKIP
         >>> cluster.knn_join("queries/", k=5, columns="x,y", output="join/")  # doctest: +SKIP
         """
-        self._algorithm_start()
+        meta = self._algorithm_start()
+        if meta.geographic and output is not None and _join._is_directory_target(str(output)):
+            raise ValueError("a kNN join written by the nodes into a directory is not available for a geographic "
+                             "data set yet: pass output='x.parquet' (written here chunk by chunk) or no output")
         return _join.knn_join(self._rt, other_points, k, self_join, output, chunk_rows, columns)
 
     def distance_matrix(
@@ -823,7 +929,8 @@ class DistributedSpatialCluster:
 
         Returned whole when ``rows(a) * rows(b) * 8`` bytes fit ``memory_budget`` (default 2 GiB); otherwise
         pass ``output="matrix.npy"`` and the tiles are written into that memory-mapped file as they arrive
-        (returned as a ``numpy.memmap``). Neither possible: :class:`MemoryError` (or :class:`OSError` when the
+        (returned as a ``numpy.memmap``). On a geographic cluster ``a`` and ``b`` are longitude/latitude and the
+        distances great-circle metres. Neither possible: :class:`MemoryError` (or :class:`OSError` when the
         disk is too small) saying so, before any work starts.
 
         >>> D = cluster.distance_matrix(a, b)  # doctest: +SKIP
@@ -1040,7 +1147,79 @@ class DistributedSpatialCluster:
             bytes_received=tot["bytes_received"] + sum(n.bytes_received for n in nodes),
             raw_bytes_sent=tot["raw_bytes_sent"] + sum(n.raw_bytes_sent for n in nodes),
             coordinator=tot,
+            crs=meta.crs if meta else None,
         )
+
+
+def _resolve(crs: Any) -> CRSInfo | None:
+    return resolve_crs(crs)
+
+
+def _queries_in(meta: GlobalIndexMetadata, q: Any, what: str = "query") -> tuple[np.ndarray, bool]:
+    """Queries as given -> as the nodes take them: ``(array (m, dim), single)``; a geographic data set's
+    longitude/latitude (validated, rows named) become unit vectors."""
+    if not meta.geographic:
+        return check_queries(q, meta.dim, what)
+    try:
+        a = np.asarray(q, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} must be longitude, latitude in degrees: (2,) or (m, 2) numbers") from None
+    return to_unit(a, what), a.ndim == 1
+
+
+def _lonlat_corners(x: Any, what: str) -> tuple[np.ndarray, bool]:
+    """Box corners ``(2,)`` / ``(m, 2)`` longitude/latitude, validated (rows named), longitudes wrapped."""
+    from .core.geo import check_lonlat
+
+    try:
+        a = np.asarray(x, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} must be longitude, latitude in degrees: (2,) or (m, 2) numbers") from None
+    single = a.ndim == 1
+    return check_lonlat(a.reshape(1, -1) if single else a, what), single
+
+
+def _hits(out: list) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``[(ids, points), ...]`` per query -> (counts, query of each hit, ids, points) concatenated."""
+    counts = np.array([len(i) for i, _ in out], dtype=np.int64)
+    ids = np.concatenate([i for i, _ in out]) if out else np.empty(0, np.int64)
+    pts = np.concatenate([p.reshape(-1, 3) for _, p in out]) if out else np.empty((0, 3))
+    return counts, np.repeat(np.arange(len(out)), counts), ids, pts
+
+
+def _regroup(keep: np.ndarray, counts: np.ndarray, qrow: np.ndarray, ids: np.ndarray, pts: np.ndarray | None,
+             return_points: bool) -> list:
+    """The hits kept, one id array (or ``(ids, lon/lat points)``) per query, in their order (sorted by id)."""
+    cuts = np.cumsum(np.bincount(qrow[keep], minlength=len(counts)))[:-1]
+    id_lists = np.split(ids[keep], cuts)
+    if not return_points:
+        return id_lists
+    return list(zip(id_lists, np.split(pts[keep], cuts)))
+
+
+def _geo_ball_filter(out: list, c: np.ndarray, r: np.ndarray, return_points: bool) -> list:
+    """Range hits of a geographic data set (searched with a chord a few ulps long) kept where the great-circle
+    distance in metres (as :func:`~distspatial.core.geo.chord_to_metres` of the 3-D chord) is <= the radius."""
+    counts, qrow, ids, pts = _hits(out)
+    chord = np.sqrt(np.square(pts - c[qrow]).sum(axis=1))
+    keep = np.flatnonzero(chord_to_metres(chord) <= r[qrow])
+    return _regroup(keep, counts, qrow, ids, unit_to_lonlat(pts) if return_points else None, return_points)
+
+
+def _geo_box_filter(out: list, lo: np.ndarray, hi: np.ndarray, return_points: bool) -> list:
+    """Box candidates (of the 3-D box around each lon/lat box) tested exactly on longitude/latitude: latitude in
+    [lat_lo, lat_hi]; longitude in [lon_lo, lon_hi], or outside (lon_hi, lon_lo) for a box across the
+    antimeridian; longitude 180 and -180 are the same meridian."""
+    counts, qrow, ids, pts = _hits(out)
+    ll = unit_to_lonlat(pts)
+    lon, lat = ll[:, 0], ll[:, 1]
+    a, b = lo[qrow, 0], hi[qrow, 0]
+    ok_lat = (lat >= lo[qrow, 1]) & (lat <= hi[qrow, 1])
+    alt = np.where(lon == -180.0, 180.0, np.where(lon == 180.0, -180.0, lon))
+    inside = ((lon >= a) & (lon <= b)) | ((alt >= a) & (alt <= b))
+    across = (lon >= a) | (lon <= b)
+    keep = np.flatnonzero(ok_lat & np.where(a <= b, inside, across))
+    return _regroup(keep, counts, qrow, ids, ll, return_points)
 
 
 def _absolute(path: str) -> str:

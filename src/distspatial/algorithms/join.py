@@ -30,6 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from ..core.crs import to_unit
+from ..core.geo import chord_to_metres
 from ..core.validation import check_k
 from ..client import queries
 from ..client.runtime import ClusterRuntime
@@ -89,8 +91,10 @@ def _self_chunks(rt: ClusterRuntime) -> Iterator[tuple[np.ndarray, np.ndarray]]:
 
 
 def _join_chunks(rt, other, k, self_join, chunk_rows, columns):
-    """Yield ``(query ids or None, distances, ids)`` per chunk."""
+    """Yield ``(query ids or None, distances, ids)`` per chunk. A geographic data set: queries are
+    longitude/latitude (converted to unit vectors, rows named), distances great-circle metres."""
     meta = rt.require_data()
+    geo = meta.geographic
     if self_join:
         k = check_k(k, meta.n_points - 1) if meta.n_points > 1 else check_k(k, 0)
         for pts, pids in _self_chunks(rt):
@@ -98,18 +102,23 @@ def _join_chunks(rt, other, k, self_join, chunk_rows, columns):
                 q, qid = pts[a:a + chunk_rows], pids[a:a + chunk_rows]
                 d, i = _knn(rt, q, k + 1)
                 d, i = _drop_self(d.reshape(len(q), k + 1), i.reshape(len(q), k + 1), qid, k)
-                yield qid, d, i
+                yield qid, (chord_to_metres(d) if geo else d), i
     else:
         k = check_k(k, meta.n_points)
+        row = 0
         for chunk in _chunks(other, chunk_rows, columns):
             chunk = np.asarray(chunk, dtype=np.float64)
             if chunk.size == 0:  # an empty chunk gets an empty answer: answers match chunks by position
                 yield None, np.empty((0, k)), np.empty((0, k), dtype=np.int64)
                 continue
-            if chunk.ndim != 2 or chunk.shape[1] != meta.dim:
-                raise ValueError(f"chunks of other_points must be (n, {meta.dim}) arrays, got shape {chunk.shape}")
+            if chunk.ndim != 2 or chunk.shape[1] != meta.user_dim:
+                raise ValueError(f"chunks of other_points must be (n, {meta.user_dim}) arrays"
+                                 f"{' of longitude, latitude' if geo else ''}, got shape {chunk.shape}")
+            if geo:
+                chunk = to_unit(chunk, "other_points", row)
+            row += len(chunk)
             d, i = _knn(rt, chunk, k)
-            yield None, d, i
+            yield None, (chord_to_metres(d) if geo else d), i
 
 
 def knn_join(
@@ -340,8 +349,13 @@ def distance_matrix(
 ) -> np.ndarray:
     from ..core.validation import check_points
 
-    A = check_points(a)
-    B = A if b is None else check_points(b)
+    geo = rt.meta is not None and rt.meta.geographic  # lon/lat rows, great-circle metres
+    if geo:
+        A = to_unit(a, "a")
+        B = A if b is None else to_unit(b, "b")
+    else:
+        A = check_points(a)
+        B = A if b is None else check_points(b)
     if A.shape[1] != B.shape[1]:
         raise ValueError(f"a has {A.shape[1]} columns and b has {B.shape[1]}: both need the same dimension")
     n, m = len(A), len(B)
@@ -365,6 +379,10 @@ def distance_matrix(
     tile = max(1, int(tile_rows))
     tiles = [(i, j) for i in range(0, n, tile) for j in range(0, m, tile)]
     _run_tiles(rt, A, B, tiles, tile, out)
+    if geo:  # chords -> metres, in place, a block of rows at a time (out may be a memory-mapped file)
+        step = max(1, (1 << 22) // max(1, m))
+        for r in range(0, n, step):
+            out[r:r + step] = chord_to_metres(out[r:r + step])
     if output is not None:
         out.flush()
         return out

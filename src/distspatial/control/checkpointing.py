@@ -42,7 +42,7 @@ class CheckpointMixin:
             manifest: dict[str, Any] = {
                 "dim": meta.dim, "lo": meta.lo.tolist(), "hi": meta.hi.tolist(), "curve": meta.curve,
                 "bits": meta.bits, "version": meta.version, "n_points": meta.n_points,
-                "mean_variance": self.mean_variance,
+                "mean_variance": self.mean_variance, "crs": meta.crs, "geographic": meta.geographic,
                 "partitions": [
                     {"id": p.partition_id, "key_lo": str(p.key_lo), "key_hi": str(p.key_hi), "lo": p.lo.tolist(),
                      "hi": p.hi.tolist(), "size": p.size, "nbytes": p.nbytes, **files[p.partition_id]}
@@ -114,6 +114,7 @@ class CheckpointMixin:
             meta = GlobalIndexMetadata(
                 dim=man["dim"], lo=np.array(man["lo"]), hi=np.array(man["hi"]), curve=man["curve"], bits=man["bits"],
                 partitions=parts, version=max(self.version, man["version"]) + 1, dataset_id=dataset,
+                crs=man.get("crs"), geographic=bool(man.get("geographic", False)),
             )
             if meta.n_points != man["n_points"]:
                 raise ck.CheckpointError(

@@ -295,7 +295,8 @@ class ClusterController(NodeMessages, WritesMixin, LoadingMixin, RecoveryMixin, 
     def info(self) -> dict[str, Any]:
         meta = self.meta
         return {"name": self.name, "version": self.version, "points": meta.n_points if meta else 0,
-                "partitions": meta.n_partitions if meta else 0, "dim": meta.dim if meta else None,
+                "partitions": meta.n_partitions if meta else 0, "dim": meta.user_dim if meta else None,
+                "crs": meta.crs if meta else None,
                 "nodes": len(self.live_node_ids), "restarts": self.restarts, "address": self.config.address}
 
     def view(self, min_version: int = 0, timeout_s: float = 30.0, light: bool = False) -> ClusterView:

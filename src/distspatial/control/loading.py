@@ -129,7 +129,7 @@ class LoadingMixin:
 
     def distribute_files(
         self, source: Any, columns: Any = None, id_column: str | None = None, sample_size: int = 200_000,
-        seed: int = 0, token: int | None = None,
+        seed: int = 0, token: int | None = None, crs: str | None = None, geographic: bool = False,
     ) -> ClusterView:
         """Load the point files of ``source`` onto the nodes, each node reading its own shares (module
         docstring); replaces the data set. Returns the light view of the new version.
@@ -153,7 +153,8 @@ class LoadingMixin:
             load_id = int(np.random.default_rng().integers(1, 1 << 62))
             loading = False  # owners began replacing their partitions: a failure then leaves no data set
             try:
-                load = self._stage(load_id, live, shares, by_node, columns, id_column, sample_size, seed)
+                load = self._stage(load_id, live, shares, by_node, columns, id_column, sample_size, seed,
+                                   crs, geographic)
                 loading = True
                 meta, state = load()
             except BaseException:
@@ -176,12 +177,13 @@ class LoadingMixin:
             return self.view(light=True)
 
     def _stage(self, load_id: int, live: list[int], shares: list[Share], by_node: dict[int, list[Share]],
-               columns: Any, id_column: str | None, sample_size: int, seed: int):
+               columns: Any, id_column: str | None, sample_size: int, seed: int, crs: str | None = None,
+               geographic: bool = False):
         """Stage, merge, cut, shuffle, check ids; returns a function that runs the load step (owners replace
         their partitions) and returns ``(metadata, state)``. Everything before it leaves the data set as it was."""
         # -- stage -------------------------------------------------------------------------------------------------
-        calls = {n: self.send(n, "stage_shares", load_id, by_node[n], columns, id_column, sample_size, int(seed))
-                 for n in live}
+        calls = {n: self.send(n, "stage_shares", load_id, by_node[n], columns, id_column, sample_size, int(seed),
+                              bool(geographic)) for n in live}
         summ = self._gather(calls, "reading its shares of the input")
         counts = np.zeros(len(shares), np.int64)
         dims: dict[int, tuple[int, str]] = {}
@@ -270,7 +272,8 @@ class LoadingMixin:
                               size=int(info[p][0]), nbytes=int(info[p][0]) * (d * 8 + 8), owners=owners[p])
                 for p in range(n_parts))
             meta = GlobalIndexMetadata(dim=d, lo=lo, hi=hi, curve=curve, bits=bits, partitions=parts_info,
-                                       version=self.version + 1, dataset_id=dataset)
+                                       version=self.version + 1, dataset_id=dataset, crs=crs,
+                                       geographic=bool(geographic))
             id_max = max((s["id_max"] for s in parts if s["id_max"] is not None), default=n - 1)
             state = {"modified": user_ids, "has_user_ids": user_ids, "mean_variance": mean_variance,
                      "next_id": int(id_max) + 1 if user_ids else n,

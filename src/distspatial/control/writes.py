@@ -104,7 +104,8 @@ class WritesMixin:
                 for p in range(n_parts)
             )
             meta = GlobalIndexMetadata(dim=d, lo=layout["lo"], hi=layout["hi"], curve=layout["curve"],
-                                       bits=layout["bits"], partitions=parts, version=self.version + 1, dataset_id=dataset)
+                                       bits=layout["bits"], partitions=parts, version=self.version + 1, dataset_id=dataset,
+                                       crs=layout.get("crs"), geographic=bool(layout.get("geographic", False)))
             self.modified, self.next_id = False, int(layout["next_id"])
             self.has_user_ids = id_map is not None
             self.id_sorted, self.id_rows = id_map if id_map is not None else (None, None)
@@ -117,7 +118,8 @@ class WritesMixin:
 
     def begin_chunked(
         self, d: int, lo: np.ndarray, hi: np.ndarray, bits: int, key_lo: np.ndarray,
-        key_hi: np.ndarray, mean_variance: float, has_user_ids: bool,
+        key_hi: np.ndarray, mean_variance: float, has_user_ids: bool, crs: str | None = None,
+        geographic: bool = False,
     ) -> ClusterView:
         """Start a chunked load: empty partitions with the given curve-key ranges (cut by the client from a key
         sample) on the nodes, published; the chunks then arrive by :func:`ingest`."""
@@ -133,7 +135,8 @@ class WritesMixin:
             self.next_id, self.modified = 0, False
             self.mean_variance = float(mean_variance)
             self.publish(GlobalIndexMetadata(dim=d, lo=lo, hi=hi, curve=self.config.curve, bits=bits, partitions=parts,
-                                            version=self.version + 1, dataset_id=dataset), layout=True)
+                                            version=self.version + 1, dataset_id=dataset, crs=crs,
+                                            geographic=bool(geographic)), layout=True)
             return self.view(light=True)
 
     def end_chunked(self, user_ids: bool, rows: int) -> ClusterView:

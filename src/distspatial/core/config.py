@@ -75,6 +75,9 @@ class NodeConfig:
             a named cluster runs in a local Ray runtime started on its own (``ray start --head``) if none runs.
         device: where node kernels run: ``"cpu"`` (default), ``"cuda"`` (needs PyTorch with CUDA on every node:
             ``pip install distspatial[gpu]``) or ``"auto"`` (cuda where a node has a GPU, else cpu).
+        crs: the coordinate reference system of the data sets distributed without ``crs=`` (canonical name, see
+            :func:`~distspatial.core.crs.resolve_crs`); a geographic one (``"EPSG:4326"``) means longitude/latitude
+            in degrees and great-circle distances in metres. ``None``: plain Euclidean coordinates.
     """
 
     node_count: int = 4
@@ -98,6 +101,7 @@ class NodeConfig:
     auto_scale: bool = False
     device: str = "cpu"
     name: str | None = None
+    crs: str | None = None
 
     def __post_init__(self) -> None:
         _check_int("node_count", self.node_count, 1, 4096)
@@ -136,6 +140,8 @@ class NodeConfig:
                              f"or digit), got {self.name!r}")
         if self.device not in DEVICES:
             raise ValueError(f"NodeConfig.device must be one of {DEVICES}, got {self.device!r}")
+        if self.crs is not None and not isinstance(self.crs, str):
+            raise ValueError(f"NodeConfig.crs must be a CRS name such as 'EPSG:4326' (use with_crs), got {self.crs!r}")
 
     def with_auto_scale(self, enabled: bool = True) -> NodeConfig:
         """Follow Ray nodes joining and leaving the Ray cluster (heartbeats are started for it)."""
@@ -192,6 +198,17 @@ class NodeConfig:
     def with_device(self, device: str) -> NodeConfig:
         """Run node kernels on ``"cpu"``, ``"cuda"`` or ``"auto"`` (cuda where available, else cpu)."""
         return self.replace(device=device)
+
+    def with_crs(self, crs: Any) -> NodeConfig:
+        """Give data sets a coordinate reference system (``"EPSG:4326"``, ``"OGC:CRS84"``, an EPSG code, a
+        ``pyproj.CRS``; ``None``: none). A geographic CRS makes points longitude/latitude in degrees and every
+        distance great-circle metres; a projected one is carried with the data (Euclidean distances in its
+        units). Validated here (``ValueError`` for an unknown CRS; any but the common lon/lat names need pyproj:
+        ``pip install distspatial[geo]``)."""
+        from .crs import resolve_crs
+
+        info = resolve_crs(crs)
+        return self.replace(crs=None if info is None else info.name)
 
     def with_replication_factor(self, r: int) -> NodeConfig:
         """Set the number of copies of each partition."""

@@ -54,7 +54,7 @@ def check_lonlat(lonlat: np.ndarray, what: str = "points") -> np.ndarray:
     bad = np.flatnonzero(np.abs(a[:, 1]) > 90.0)
     if len(bad):
         i = int(bad[0])
-        raise ValueError(f"{what} row {i}: latitude {a[i, 1]!r} is outside [-90, 90] (columns are longitude, "
+        raise ValueError(f"{what} row {i}: latitude {float(a[i, 1])!r} is outside [-90, 90] (columns are longitude, "
                          f"latitude: were they swapped?)")
     out = np.abs(a[:, 0]) > 180.0
     if out.any():  # wrap: 190 -> -170, -190 -> 170, 540 -> 180

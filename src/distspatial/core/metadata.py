@@ -55,6 +55,17 @@ class GlobalIndexMetadata:
     version: int = 1
     dataset_id: int = 0
     id_dtype: np.dtype = field(default_factory=lambda: np.dtype(np.int64))
+    #: the data set's coordinate reference system (canonical name, e.g. ``"EPSG:4326"``; ``None``: none given)
+    crs: str | None = None
+    #: a geographic CRS: users give and get longitude/latitude (``user_dim`` 2, distances in metres) while
+    #: ``dim``, ``lo``/``hi`` and every partition box are those of the stored 3-D unit vectors
+    geographic: bool = False
+
+    @property
+    def user_dim(self) -> int:
+        """Coordinates per point as users give them: 2 (longitude, latitude) for a geographic data set, else
+        ``dim``."""
+        return 2 if self.geographic else self.dim
 
     @property
     def n_points(self) -> int:
@@ -80,5 +91,6 @@ class GlobalIndexMetadata:
     def describe(self) -> str:
         return (
             f"GlobalIndexMetadata(v{self.version}, dim={self.dim}, points={self.n_points}, "
-            f"partitions={self.n_partitions}, curve={self.curve})"
+            f"partitions={self.n_partitions}, curve={self.curve}"
+            + (f", crs={self.crs}" if self.crs else "") + ")"
         )

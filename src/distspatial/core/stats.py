@@ -161,6 +161,7 @@ class ClusterStatistics:
     extra: dict = field(default_factory=dict)
     raw_bytes_sent: int = 0  # bytes sent before compression
     coordinator: dict = field(default_factory=dict)  # the driver's own messages/bytes sent and received
+    crs: str | None = None  # the data set's coordinate reference system (None: plain coordinates)
 
     @property
     def compression_ratio(self) -> float:

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from ..client.runtime import ClusterRuntime
+from ..core.crs import to_unit
 from ..core.curves import curve_keys, default_bits
 from ..core.progress import progress_bar
 from ..core.validation import check_ids, check_points
@@ -57,10 +58,12 @@ def _check_timestamps(timestamps: Any, n: int) -> np.ndarray | None:
 
 def ingest(
     rt: ClusterRuntime, points: Any, ids: Any = None, timestamps: Any = None, centers: np.ndarray | None = None,
+    stored: bool = False,
 ) -> tuple[np.ndarray, Any]:
-    """Append a batch; returns ``(ids, streaming k-means stats or None)``. See the module docstring."""
+    """Append a batch; returns ``(ids, streaming k-means stats or None)``. See the module docstring.
+    ``stored``: the points are already as the nodes store them (a geographic data set's unit vectors)."""
     meta = rt.require_data()
-    pts = check_points(points)
+    pts = check_points(points) if stored else _user_points(meta, points)
     n, d = pts.shape
     if d != meta.dim:
         raise ValueError(f"points have {d} columns but the distributed data set has {meta.dim}")
@@ -85,15 +88,23 @@ def update(
 ) -> tuple[int, np.ndarray, Any]:
     """Move points: delete ``ids`` and ingest them at ``points`` as one write; returns ``(how many of the ids
     existed, ids, streaming k-means stats or None)``."""
-    rt.require_data()
+    meta = rt.require_data()
     arr = check_ids(ids, len(np.asarray(ids)))
-    pts = check_points(points)
+    pts = _user_points(meta, points)
     if len(pts) != len(arr):
         raise ValueError(f"update needs one point per id: {len(arr)} ids, {len(pts)} points")
     _check_timestamps(timestamps, len(pts))
     existed, new_ids, stats, view = rt.call_controller("update", arr, pts, None, centers, rt.new_token())
     rt.install(view)
     return existed, new_ids, stats
+
+
+def _user_points(meta: Any, points: Any, row0: int = 0) -> np.ndarray:
+    """Points as the user gives them -> as the nodes store them: a geographic data set's longitude/latitude
+    (validated, rows named) become 3-D unit vectors (:func:`distspatial.core.crs.to_unit`)."""
+    if meta is not None and meta.geographic:
+        return to_unit(points, "points", row0)
+    return check_points(points)
 
 
 def _chunk_source(source: Any, columns: Any, id_column: str | None, chunk_rows: int):
@@ -119,21 +130,24 @@ def _chunk_source(source: Any, columns: Any, id_column: str | None, chunk_rows: 
 def distribute_chunks(
     rt: ClusterRuntime, source: Any, columns: Any = None, id_column: str | None = None,
     chunk_rows: int = 1 << 20, sample_size: int = 200_000, seed: int = 0, progress: bool = False,
+    crs: Any = None,
 ):
     """Distribute a data set too large for the driver, one chunk at a time (two passes over the source).
 
     Pass 1 reads every chunk once for the global bounds, the variance and a uniform sample of ``sample_size``
     points; the partitions' curve-key ranges are cut at the sample's key quantiles and created empty on the
     nodes. Pass 2 ingests chunk by chunk (each acknowledged by every replica). The driver holds one chunk and
-    the sample at a time.
+    the sample at a time. ``crs``: a resolved :class:`~distspatial.core.crs.CRSInfo` or ``None``; a geographic one
+    makes the chunks longitude/latitude, converted to unit vectors as they are read.
     """
     chunks = _chunk_source(source, columns, id_column, chunk_rows)
+    geographic = crs is not None and crs.geographic
     rng = np.random.default_rng(seed)
     lo = hi = None
     n, s1, s2 = 0, 0.0, 0.0
     sample, prio = None, None
     for pts, _ in chunks():
-        pts = check_points(pts)
+        pts = to_unit(pts, "points", n) if geographic else check_points(pts)
         clo, chi = pts.min(axis=0), pts.max(axis=0)
         lo = clo if lo is None else np.minimum(lo, clo)
         hi = chi if hi is None else np.maximum(hi, chi)
@@ -157,13 +171,18 @@ def distribute_chunks(
     key_lo = np.concatenate([[0], bounds]).astype(np.uint64)
     key_hi = np.concatenate([bounds.astype(np.int64) - 1, [np.iinfo(np.int64).max]])
     variance = float(np.mean(s2 / n - (s1 / n) ** 2))
-    rt.install(rt.call_controller("begin_chunked", d, lo, hi, bits, key_lo, key_hi, variance, id_column is not None))
+    rt.install(rt.call_controller("begin_chunked", d, lo, hi, bits, key_lo, key_hi, variance, id_column is not None,
+                                  None if crs is None else crs.name, geographic))
     row, user_ids = 0, False
     with progress_bar(n, "ingest", progress, unit="pts") as bar:
         for pts, ids in chunks():
             m = len(pts)
             user_ids |= ids is not None
-            ingest(rt, pts, np.arange(row, row + m, dtype=np.int64) if ids is None else ids)
+            if geographic:  # converted here (rows named in the whole source), stored as they are
+                ingest(rt, to_unit(pts, "points", row), np.arange(row, row + m, dtype=np.int64)
+                       if ids is None else ids, stored=True)
+            else:
+                ingest(rt, pts, np.arange(row, row + m, dtype=np.int64) if ids is None else ids)
             row += m
             bar.update(m)
     # without user ids the ids are the rows of the source, exactly as distribute_data would number them;

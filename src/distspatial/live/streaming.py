@@ -213,6 +213,11 @@ def run_stream(
 ) -> StreamHandle:
     if max_in_flight < 1:
         raise ValueError(f"max_in_flight must be >= 1, got {max_in_flight}")
+    meta = cluster.runtime.meta
+    if meta is not None and meta.geographic:
+        raise ValueError(f"streaming into a geographic data set ({meta.crs}, longitude/latitude) is not supported "
+                         "yet: its operators and streaming k-means work in planar coordinates. Ingest the batches "
+                         "with cluster.ingest(lonlat, ids) / cluster.update(ids, lonlat), which convert them")
     handle = StreamHandle()
     q: queue.Queue = queue.Queue(maxsize=max_in_flight)
     reader = threading.Thread(target=_reader, args=(source, q, handle._stop), daemon=True, name="distspatial-read")

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from ..io.files import DataFileError
+from ..core.crs import to_unit
 from ..io.shares import Share, check_same_columns, read_share, share_columns
 
 __all__ = ["LoadingMixin", "id_bucket"]
@@ -73,6 +74,7 @@ class LoadingMixin:
 
     def stage_shares(
         self, load_id: int, shares: list[Share], columns: Any, id_column: str | None, sample_size: int, seed: int,
+        geographic: bool = False,
     ) -> dict[str, Any]:
         """Read ``shares`` and keep them under ``load_id``; returns the summary (see module docstring):
         ``{"node", "host", "shares": [(index, rows, dim, path)], "n", "dim", "lo", "hi", "mean", "m2", "id_max",
@@ -90,6 +92,8 @@ class LoadingMixin:
             for share in shares:
                 try:
                     pts, ids = read_share(share, columns, id_column)
+                    if geographic:  # longitude/latitude -> the unit vectors a geographic data set stores
+                        pts = to_unit(pts, "points", share.row_start)
                 except Exception as exc:
                     raise self._reading_error(share, exc) from None
                 m = len(pts)
