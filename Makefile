@@ -10,7 +10,7 @@ PYTHON ?= python3
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[test,las,progress,serve,plots,webtest]"
+	$(PY) -m pip install -q -e ".[test,las,progress,serve,plots,webtest,geo]"
 	touch $@
 
 install: $(VENV)/.installed
