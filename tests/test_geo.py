@@ -284,6 +284,11 @@ def test_crs_survives_checkpoint_restore_and_attach(cluster, pts, tree, tmp_path
     try:
         assert restored.crs == "EPSG:4326" and restored.geographic
         assert restored.statistics().crs == "EPSG:4326"
+        pytest.importorskip("fastapi")
+        from distspatial.ui.service import ServiceMetrics, StatusCollector
+
+        status = StatusCollector(restored, ServiceMetrics()).get()["cluster"]
+        assert status["crs"] == "EPSG:4326" and status["dim"] == 2
         d, i = restored.distributed_knn_search(q, 3)
         assert_knn_haversine(tree, pts, q, d, i, 3)
     finally:
