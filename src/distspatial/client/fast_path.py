@@ -1,17 +1,18 @@
-"""One hop for small queries: a few online kNN queries go in one call to one node, with no planning here.
+"""One hop for small queries: a few online kNN, range or box queries go in one call to one node, no planning here.
 
 The regular path (:mod:`distspatial.client.queries`) is built for batches: it splits the batch by home partition
 through the dispatcher (failover, read balancing, counting), which costs about a millisecond of the client's time
-per call whatever the batch size. A single query, or a handful, whose home partitions one node holds needs none
-of that: :class:`OneHop` keeps, per metadata version, what the split needs (the quantization for curve keys, the
-partitions' key ranges and live owners), computes the keys, picks a replica of the home partition (rotating
-among the live ones), and sends the queries to it (:meth:`~distspatial.node.query_rounds.QueryRoundsMixin.
-knn_batch`, called with one argument: :meth:`~distspatial.node.query_rounds.QueryRoundsMixin.knn_one_hop`). That node answers in its home partition and, only when the k-th distance reaches past it, asks its
-peers (node-side planning, so the answer is exact).
+per call whatever the batch size. A single query, or a handful, needs none of that: :class:`OneHop` keeps, per
+metadata version, what the split needs (the quantization for curve keys, the partitions' key ranges and live
+owners), computes the keys, picks a replica of the home partition (rotating among the live ones), and sends the
+queries to it in one call with one argument
+(:meth:`~distspatial.node.query_rounds.QueryRoundsMixin.one_hop`). That node answers in its home partition and,
+only when the k-th distance reaches past it, asks its peers (node-side planning, so the answer is exact). A
+small kNN batch whose home partitions no single node holds goes as one call per node, all in flight together.
 
-What it does not handle it leaves to the regular path, by returning ``None``: queries whose home partitions lie
-on different nodes, a node that fails or does not answer within the communication timeout (the regular path
-then fails over to a replica), partial answers. A node that knows a newer metadata version refuses the call
+What it does not handle it leaves to the regular path, by returning ``None``: a node that fails, does not answer
+within the communication timeout, or no longer holds a partition (the regular path then fails over, re-routes or
+recovers), and partial answers. A node that knows a newer metadata version refuses the call
 (:class:`~distspatial.core.errors.StaleMetadataError`), which propagates, so the caller's
 :meth:`~distspatial.client.runtime.ClusterRuntime.stable` fetches the new view and plans again, as for any query.
 """
@@ -110,17 +111,48 @@ class OneHop:
             bounds = starts.tolist() + [m]
             segments = [(p, bounds[i], bounds[i + 1]) for i, p in enumerate(parts)]
         node = self._node_for(plan, parts)
-        if node is None:
-            return None
-        out = self._call(node, ("knn", q, segments, k, plan.version))
-        if out is None:
-            return None
-        dist, ids, _ = out
+        if node is not None:
+            out = self._call(node, ("knn", q, segments, k, plan.version))
+            if out is None:
+                return None
+            dist, ids, _ = out
+        else:  # the home partitions lie on several nodes: one call to each, all in flight together
+            got = self._knn_spread(plan, q, segments, k)
+            if got is None:
+                return None
+            dist, ids = got
         if order is None:
             return dist, ids
         out_d, out_i = np.empty_like(dist), np.empty_like(ids)
         out_d[order], out_i[order] = dist, ids
         return out_d, out_i
+
+    def _knn_spread(self, plan: _Plan, q: np.ndarray, segments: list[tuple[int, int, int]],
+                    k: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """kNN of rows sorted by home partition (``segments``) whose partitions no single live node holds: a
+        replica per partition (rotating), one ``one_hop`` call per node, answers put back in row order."""
+        per_node: dict[int, list[tuple[int, int, int]]] = {}
+        for p, a, b in segments:
+            owners = plan.owners[p]
+            if not owners:
+                return None
+            per_node.setdefault(owners[next(self._turn) % len(owners)], []).append((p, a, b))
+        calls = []
+        for node, segs in per_node.items():
+            rows = np.concatenate([np.arange(a, b) for _, a, b in segs])
+            local, at = [], 0
+            for p, a, b in segs:
+                local.append((p, at, at + b - a))
+                at += b - a
+            calls.append((node, rows, ("knn", q[rows], local, k, plan.version)))
+        outs = self._call_many([(node, req) for node, _, req in calls])
+        if outs is None:
+            return None
+        dist = np.empty((len(q), k))
+        ids = np.empty((len(q), k), dtype=np.int64)
+        for (_, rows, _), (d_, i_, _) in zip(calls, outs):
+            dist[rows], ids[rows] = d_, i_
+        return dist, ids
 
     def hits(self, kind: str, anchor: np.ndarray, arrays: tuple[np.ndarray, np.ndarray],
              return_points: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None] | None:
@@ -144,18 +176,26 @@ class OneHop:
         """``node.one_hop(request)`` in its "reads" group, counted; ``None`` when the node fails, does not
         answer within the communication timeout, or no longer holds a partition (the regular path handles
         those: failover, re-routing, recovery)."""
+        out = self._call_many([(node, request)])
+        return None if out is None else out[0]
+
+    def _call_many(self, calls: list[tuple[int, tuple]]) -> list[Any] | None:
+        """:meth:`_call` for several ``(node, request)`` at once (all sent, then all awaited)."""
         rt = self._rt
         try:
-            method = self._methods.get(node)
-            if method is None:  # the handle with its options, made once per node set (``options`` costs ~50 us)
-                method = self._methods[node] = rt.actor(node).one_hop.options(concurrency_group="reads")
-            rt.comm.sent(node, message_bytes(request))
-            out = rt.recv(node, method.remote(request), timeout=rt.dispatch.timeout_s)
+            refs = []
+            for node, request in calls:
+                method = self._methods.get(node)
+                if method is None:  # the handle with its options, made once per node set (``options``: ~50 us)
+                    method = self._methods[node] = rt.actor(node).one_hop.options(concurrency_group="reads")
+                rt.comm.sent(node, message_bytes(request))
+                refs.append(method.remote(request))
+            outs = [rt.recv(node, ref, timeout=rt.dispatch.timeout_s) for (node, _), ref in zip(calls, refs)]
         except (RayActorError, GetTimeoutError, PartitionMovedError, PartitionLostError):
             self.fallbacks += 1
             return None
         self.calls += 1
-        return out
+        return outs
 
     def _node_for(self, plan: _Plan, parts: list[int]) -> int | None:
         """A live node holding every partition of ``parts`` (rotating among replicas), or ``None``."""
