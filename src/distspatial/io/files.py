@@ -31,6 +31,8 @@ from typing import Any, Callable
 import numpy as np
 import pyarrow as pa
 
+from .common import DataFileError, _data_file_error, _to_table  # noqa: F401  (re-exported)
+
 __all__ = [
     "DataFileError",
     "PointSource",
@@ -52,34 +54,11 @@ DEFAULT_CHUNK_ROWS = 1 << 20
 _CSV_BLOCK = 8 << 20  # bytes per block of pyarrow's streaming CSV reader
 _COMPRESSED = (".gz", ".bz2", ".zst", ".lz4")
 READ_FORMATS = {".npy": "npy", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet", ".pq": "parquet",
-                ".las": "las", ".laz": "las"}
+                ".geoparquet": "parquet", ".las": "las", ".laz": "las"}
 WRITE_FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".tsv": "csv"}
+GEO_WRITE_SUFFIX = ".geoparquet"  # a result file with a point geometry column (write_results(..., points=...))
 _CSV_NULLS = ["", "NA", "N/A", "#N/A", "NULL", "null", "None"]  # "nan" is read as NaN and reported as non-finite
 _LAS_HINT = "install the optional extra: pip install 'distspatial[las]' (laspy with the lazrs LAZ backend)"
-
-
-class DataFileError(ValueError):
-    """A point or result file cannot be used. ``str(err)`` is ``"<path>: <problem>; <how to fix it>"``.
-
-    Attributes: ``path``, ``problem``, ``fix``, and where it applies ``row`` (0-based data row, the header of a
-    CSV file not counted) and ``column``.
-    """
-
-    def __init__(self, path: Any, problem: str, fix: str = "", *, row: int | None = None,
-                 column: str | None = None) -> None:
-        self.path = str(path)
-        self.problem = problem
-        self.fix = fix
-        self.row = row
-        self.column = column
-        super().__init__(f"{self.path}: {problem}" + (f"; {fix}" if fix else ""))
-
-    def __reduce__(self):  # pickled with its fields, so the error crosses Ray (raised on a node) intact
-        return (_data_file_error, (self.path, self.problem, self.fix, self.row, self.column))
-
-
-def _data_file_error(path: str, problem: str, fix: str, row: int | None, column: str | None) -> DataFileError:
-    return DataFileError(path, problem, fix, row=row, column=column)
 
 
 # -- format detection and column selection ----------------------------------------------------------------------
@@ -160,6 +139,18 @@ class PointSource:
     @property
     def dim(self) -> int:
         return len(self.columns)
+
+    @property
+    def geo(self) -> Any:
+        """The GeoParquet point column read (:class:`~distspatial.io.geoparquet.GeoColumn`: name, encoding, CRS,
+        bbox), or ``None`` for plain coordinate columns."""
+        return self._opts.get("geo")
+
+    @property
+    def read_columns(self) -> list[str]:
+        """The file's columns actually read: the coordinate columns (or the geometry column) and the id column."""
+        geo = self._opts.get("geo")
+        return ([geo.name] if geo is not None else list(self.columns)) + ([self.id_column] if self.id_column else [])
 
     def chunks(self, chunk_rows: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
         """``(points (n, d) float64, ids (n,) int64 or None)`` per chunk, every chunk ``chunk_rows`` rows but the
@@ -265,9 +256,15 @@ def _arrow_numeric(t: pa.DataType) -> bool:
 def _arrow_to_numpy(src: PointSource, batch: pa.RecordBatch | pa.Table, offset: int):
     """``(points, ids)`` from an Arrow batch; a null (missing) value raises with its row."""
     n = batch.num_rows
-    out = np.empty((n, src.dim), dtype=np.float64)
     names = batch.schema.names
-    for j, name in enumerate(src.columns):
+    geo = src._opts.get("geo")
+    if geo is not None:  # GeoParquet: the points of the geometry column
+        from .geoparquet import decode_points
+
+        out = decode_points(src.path, geo, batch.column(names.index(geo.name)), offset)
+    else:
+        out = np.empty((n, src.dim), dtype=np.float64)
+    for j, name in enumerate(src.columns if geo is None else ()):
         col = batch.column(names.index(name))
         if col.null_count:
             _raise_null(src, col, name, offset)
@@ -392,6 +389,13 @@ def _open_parquet(path: str, columns: list[str] | None, id_column: str | None, h
         raise DataFileError(path, f"not a valid Parquet file ({exc})", "write it with pyarrow or pandas") from None
     schema = pf.schema_arrow
     available = list(schema.names)
+    geo = _geoparquet_column(path, schema, columns, available)
+    if geo is not None:  # GeoParquet: coordinates x, y[, z] of the geometry column's points
+        if id_column is not None:
+            _check_present(path, [id_column], available, "id column")
+            _check_arrow_types(path, schema, [], id_column)
+        return PointSource(path, "parquet", geo.coordinate_names, available, id_column, int(pf.metadata.num_rows),
+                           {"file": pf, "geo": geo})
     if columns is None:
         columns = [c for c in available if c != id_column]
     _check_present(path, columns, available)
@@ -401,11 +405,33 @@ def _open_parquet(path: str, columns: list[str] | None, id_column: str | None, h
     return PointSource(path, "parquet", columns, available, id_column, int(pf.metadata.num_rows), {"file": pf})
 
 
+def _geoparquet_column(path: str, schema: pa.Schema, columns: list[str] | None, available: list[str]):
+    """The GeoParquet point column to read, when the file has ``geo`` metadata and ``columns`` ask for it: not
+    given, the geometry column's name, or ``x, y[, z]`` that are not plain columns of the file."""
+    if b"geo" not in (schema.metadata or {}):
+        return None
+    from .geoparquet import geo_column
+
+    if columns is not None and len(columns) == 1:
+        named = geo_column(path, schema, columns[0]) if columns[0] in available else None
+        if named is not None:
+            return named
+    if columns is not None and (all(c in available for c in columns) or
+                                not set(columns) <= {"x", "y", "z"}):
+        return None  # plain coordinate columns of a GeoParquet file
+    geo = geo_column(path, schema)
+    if geo is not None and columns is not None and columns != geo.coordinate_names:
+        raise DataFileError(path, f"columns {columns} do not match the geometry column {geo.name!r}, whose points "
+                            f"have the coordinates {geo.coordinate_names}",
+                            f"leave columns out (or give {','.join(geo.coordinate_names)}) to read its points",
+                            column=geo.name)
+    return geo
+
+
 def _read_parquet(src: PointSource, rows: int):
     pf = src._opts["file"]
-    want = src.columns + ([src.id_column] if src.id_column else [])
     offset = 0
-    for batch in pf.iter_batches(batch_size=rows, columns=want):
+    for batch in pf.iter_batches(batch_size=rows, columns=src.read_columns):
         yield _arrow_to_numpy(src, batch, offset)
         offset += batch.num_rows
 
@@ -650,38 +676,28 @@ def read_points(path: Any, columns: Any = None, chunk_rows: int | None = None, i
 
 
 # -- writing ------------------------------------------------------------------------------------------------------
-def _to_table(path: str, table_like: Any) -> pa.Table:
-    if isinstance(table_like, pa.Table):
-        return table_like
-    if isinstance(table_like, pa.RecordBatch):
-        return pa.Table.from_batches([table_like])
-    if isinstance(table_like, Mapping):
-        cols = {}
-        for name, values in table_like.items():
-            arr = np.asarray(values)
-            if arr.ndim != 1:
-                raise ValueError(f"column {name!r} of the results must be 1-D, got shape {arr.shape}")
-            cols[str(name)] = arr
-        lengths = {n: len(a) for n, a in cols.items()}
-        if len(set(lengths.values())) > 1:
-            raise ValueError(f"result columns differ in length: {lengths}")
-        return pa.table(cols)
-    try:
-        return pa.table(table_like)  # pandas DataFrames and other Arrow-compatible tables
-    except Exception as exc:
-        raise ValueError(f"cannot write a {type(table_like).__name__} to {path}: give a mapping of column name "
-                         f"to 1-D array or a pyarrow.Table ({exc})") from None
-
-
-def write_results(path: Any, table_like: Any) -> str:
-    """Write a result table to ``path`` as Parquet (``.parquet``/``.pq``) or CSV (``.csv``, ``.tsv``).
+def write_results(path: Any, table_like: Any, points: Any = None, crs: Any = None) -> str:
+    """Write a result table to ``path`` as Parquet (``.parquet``/``.pq``), GeoParquet (``.geoparquet``, or
+    ``.parquet`` with ``points``) or CSV (``.csv``, ``.tsv``).
 
     ``table_like``: a mapping of column name -> 1-D array (e.g. from :func:`knn_table`), a ``pyarrow.Table`` or
-    anything ``pyarrow.table`` accepts. The file is written next to its destination and renamed into place, so
-    a failed write leaves no partial file. Returns the path.
+    anything ``pyarrow.table`` accepts. ``points``: one ``(x, y[, z])`` per row, written as a WKB point
+    ``geometry`` column with GeoParquet metadata (``crs``: anything pyproj takes; ``None``: unknown) by
+    :func:`distspatial.io.geoparquet.write_geoparquet`. The file is written next to its destination and renamed
+    into place, so a failed write leaves no partial file. Returns the path.
     """
     p = os.fspath(path)
-    fmt = detect_format(p, WRITE_FORMATS)
+    fmt = "geoparquet" if _suffix(p) == (GEO_WRITE_SUFFIX, "") else detect_format(p, WRITE_FORMATS)
+    if fmt == "geoparquet" or (points is not None and fmt == "parquet"):
+        if points is None:
+            raise DataFileError(p, "a .geoparquet result needs the points' coordinates (points=...)",
+                                "pass points= (one per row) or write .parquet / .csv without geometry")
+        from .geoparquet import write_geoparquet
+
+        return write_geoparquet(p, table_like, points, crs)
+    if points is not None:
+        raise DataFileError(p, "points (a geometry column) can be written to GeoParquet only",
+                            "name the file .geoparquet or .parquet")
     parent = os.path.dirname(os.path.abspath(p))
     if not os.path.isdir(parent):
         raise DataFileError(p, f"cannot write: the directory {parent} does not exist", "create it first")

@@ -371,9 +371,9 @@ def _blocks(src: PointSource, share: Share) -> Iterator[tuple[np.ndarray, np.nda
     """``(points, ids, file row of the first)`` blocks of the share."""
     if share.kind == "parquet":
         pf = src._opts["file"]
-        want = src.columns + ([src.id_column] if src.id_column else [])
         at = share.row_start
-        for batch in pf.iter_batches(batch_size=BLOCK_ROWS, row_groups=list(share.row_groups or ()), columns=want):
+        for batch in pf.iter_batches(batch_size=BLOCK_ROWS, row_groups=list(share.row_groups or ()),
+                                     columns=src.read_columns):
             pts, ids = _arrow_to_numpy(src, batch, at)
             yield pts, ids, at
             at += batch.num_rows

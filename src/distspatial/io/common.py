@@ -1,0 +1,60 @@
+"""What the readers and writers of :mod:`distspatial.io` share: :class:`DataFileError` and the conversion of a
+result table to Arrow. (Kept apart so that :mod:`~distspatial.io.files` and
+:mod:`~distspatial.io.geoparquet` both use them without importing each other.)"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+__all__ = ["DataFileError"]
+
+
+class DataFileError(ValueError):
+    """A point or result file cannot be used. ``str(err)`` is ``"<path>: <problem>; <how to fix it>"``.
+
+    Attributes: ``path``, ``problem``, ``fix``, and where it applies ``row`` (0-based data row, the header of a
+    CSV file not counted) and ``column``.
+    """
+
+    def __init__(self, path: Any, problem: str, fix: str = "", *, row: int | None = None,
+                 column: str | None = None) -> None:
+        self.path = str(path)
+        self.problem = problem
+        self.fix = fix
+        self.row = row
+        self.column = column
+        super().__init__(f"{self.path}: {problem}" + (f"; {fix}" if fix else ""))
+
+    def __reduce__(self):  # pickled with its fields, so the error crosses Ray (raised on a node) intact
+        return (_data_file_error, (self.path, self.problem, self.fix, self.row, self.column))
+
+
+def _data_file_error(path: str, problem: str, fix: str, row: int | None, column: str | None) -> DataFileError:
+    return DataFileError(path, problem, fix, row=row, column=column)
+
+
+def _to_table(path: str, table_like: Any) -> pa.Table:
+    if isinstance(table_like, pa.Table):
+        return table_like
+    if isinstance(table_like, pa.RecordBatch):
+        return pa.Table.from_batches([table_like])
+    if isinstance(table_like, Mapping):
+        cols = {}
+        for name, values in table_like.items():
+            arr = np.asarray(values)
+            if arr.ndim != 1:
+                raise ValueError(f"column {name!r} of the results must be 1-D, got shape {arr.shape}")
+            cols[str(name)] = arr
+        lengths = {n: len(a) for n, a in cols.items()}
+        if len(set(lengths.values())) > 1:
+            raise ValueError(f"result columns differ in length: {lengths}")
+        return pa.table(cols)
+    try:
+        return pa.table(table_like)  # pandas DataFrames and other Arrow-compatible tables
+    except Exception as exc:
+        raise ValueError(f"cannot write a {type(table_like).__name__} to {path}: give a mapping of column name "
+                         f"to 1-D array or a pyarrow.Table ({exc})") from None
