@@ -35,6 +35,7 @@ from .algorithms import dbscan as _dbscan
 from .algorithms import hierarchical as _hierarchical
 from .algorithms import join as _join
 from .algorithms import kmeans as _kmeans
+from .algorithms import polygons as _polygons
 from .algorithms.hierarchical import HierarchicalResult
 from .client import queries as _queries
 from .client.runtime import ClusterRuntime
@@ -53,6 +54,7 @@ from .core.errors import ClusterExistsError, ClusterGoneError, ClusterNotFoundEr
 from .core.progress import make_bar
 from .core.stats import ClusterStatistics, LatencyRecorder, NodeStatistics, QueryStatus, Timer
 from .core.validation import check_ids, check_k, check_points, check_queries, check_radius
+from .io.geoparquet import is_geopandas, points_from_geopandas
 from .kernels.partitioning import partition_points
 from .live import ingest as _ingest
 
@@ -401,7 +403,9 @@ class DistributedSpatialCluster:
         """Partition ``points`` along the space-filling curve and load the partitions onto the nodes.
 
         Args:
-            points: ``(n, d)`` numeric array, finite.
+            points: ``(n, d)`` numeric array, finite; or a GeoPandas ``GeoDataFrame`` / ``GeoSeries`` of points
+                (its geometry's coordinates in row order; its CRS is the data set's unless ``crs`` is given; the
+                index is not used as ids: pass ``ids=gdf.index`` for that).
             ids: optional unique integer id per point; default: the row number. Every result speaks in these ids.
             crs: the data's coordinate reference system (default: ``NodeConfig.crs``). A geographic one
                 (``"EPSG:4326"``, ``"OGC:CRS84"``) makes ``points`` ``(n, 2)`` longitude/latitude in degrees and
@@ -412,6 +416,9 @@ class DistributedSpatialCluster:
         validated before anything changes, so a bad call leaves the cluster as it was.
         """
         self._require_open()
+        if is_geopandas(points):  # a GeoDataFrame / GeoSeries of points: its coordinates, and its CRS unless given
+            points, geo_crs = points_from_geopandas(points)
+            crs = crs if crs is not None else geo_crs
         info = _resolve(crs if crs is not None else self.config.crs)
         pts = check_points(to_unit(points, "points") if info is not None and info.geographic else points)
         n, d = pts.shape
@@ -789,6 +796,52 @@ class DistributedSpatialCluster:
         self.latency.record(t.seconds, m)
         out = out[0] if single else out
         return (out, QueryStatus.of(missing)) if missing is not None else out
+
+    # -- polygon queries ------------------------------------------------------------------------------------
+    def polygon_search(self, polygon: Any, predicate: str = "within", return_points: bool = False) -> Any:
+        """Ids (sorted) of the points in ``polygon``: a shapely Polygon / MultiPolygon (holes allowed), WKT, WKB or
+        a GeoJSON mapping. ``predicate``: ``"within"`` (interior: a point on an edge or vertex is not in it) or
+        ``"intersects"`` (interior or boundary), as ``geopandas.sjoin``. With ``return_points``: ``(ids,
+        points)``. For geographic data the polygon is in lon/lat degrees, edges straight in lon/lat (as in
+        GeoPandas). Needs ``distspatial[geo]`` (shapely). See :mod:`distspatial.algorithms.polygons`.
+
+        >>> ids = cluster.polygon_search("POLYGON ((0 0, 4 0, 4 4, 0 4, 0 0))")  # doctest: +SKIP
+        """
+        self._require_open()
+        self._rt.sync()
+        return _polygons.polygon_search(self._rt, polygon, predicate, self._polygons_geographic(), return_points)
+
+    def points_in_polygons(self, polygons: Any, predicate: str = "within", aggregate: str | None = None,
+                           return_points: bool = False) -> Any:
+        """For every point the polygon rows it falls in (a point-in-polygon join, as ``geopandas.sjoin(points,
+        polygons, predicate=predicate)``), or with ``aggregate="count"`` the number of points per polygon.
+
+        Args:
+            polygons: a GeoDataFrame / GeoSeries, a GeoParquet file (``.parquet``/``.geoparquet``), a list of
+                shapely geometries, WKT, WKB or GeoJSON mappings, or a GeoJSON FeatureCollection; Polygons and
+                MultiPolygons (holes allowed). A polygon's index is its 0-based row.
+            predicate: ``"within"`` (interior; points on an edge or vertex excluded) or ``"intersects"``
+                (boundary included).
+            aggregate: ``None`` or ``"count"``.
+            return_points: also return the matched points' coordinates (lon/lat for geographic data).
+
+        Returns a :class:`~distspatial.algorithms.polygons.PolygonJoin` (``id``, ``polygon``: int64 arrays, one
+        row per (point, polygon) pair, sorted by id then polygon; unpacks as ``ids, polygon_rows = ...``;
+        ``.table()`` for :func:`distspatial.io.write_results`), ``(PolygonJoin, points)`` with ``return_points``,
+        or with ``aggregate="count"`` an int64 array of one count per polygon. For geographic data polygons are
+        lon/lat with edges straight in lon/lat (as in GeoPandas). Needs ``distspatial[geo]`` (shapely).
+
+        >>> ids, rows = cluster.points_in_polygons(districts_gdf)                     # doctest: +SKIP
+        >>> counts = cluster.points_in_polygons("districts.parquet", aggregate="count")  # doctest: +SKIP
+        """
+        self._require_open()
+        self._rt.sync()
+        return _polygons.points_in_polygons(self._rt, polygons, predicate, aggregate, self._polygons_geographic(),
+                                            return_points)
+
+    def _polygons_geographic(self) -> bool:
+        """Whether polygon queries test lon/lat (a geographic data set stores unit vectors)."""
+        return bool(getattr(self, "geographic", False))
 
     # -- algorithms -----------------------------------------------------------------------------------------
     def _algorithm_start(self) -> GlobalIndexMetadata:

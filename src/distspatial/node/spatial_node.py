@@ -25,16 +25,18 @@ from ..core.memory import release_free_memory
 from ..kernels.local_index import LocalPartition
 from .loading import LoadingMixin
 from .messages import Segment, data_message
+from .polygon_rounds import PolygonRoundsMixin
 from .query_rounds import JoinWriterMixin, QueryRoundsMixin
 
 __all__ = ["SpatialNode", "Segment"]
 
 
 
-class SpatialNode(LoadingMixin, QueryRoundsMixin, JoinWriterMixin):
+class SpatialNode(LoadingMixin, QueryRoundsMixin, JoinWriterMixin, PolygonRoundsMixin):
     """State and kernels of one logical node (see module docstring); query rounds of a batch in
     :class:`~distspatial.node.query_rounds.QueryRoundsMixin`, parallel file loads in
-    :class:`~distspatial.node.loading.LoadingMixin`."""
+    :class:`~distspatial.node.loading.LoadingMixin`, polygon queries in
+    :class:`~distspatial.node.polygon_rounds.PolygonRoundsMixin`."""
 
     def __init__(self, node_id: int, threads: int = 1, compress: bool = False, device: str = "cpu") -> None:
         from ..kernels.backend import CpuBackend
