@@ -463,14 +463,15 @@ class DistributedSpatialCluster:
         :func:`distspatial.io.open_points`) or a callable returning a fresh iterator of ``(n, d)`` chunks (or
         ``(points, ids)`` pairs): it is read twice, once for the bounds and a key sample that cut the
         partitions, once to ingest. Ids are the source's row numbers unless ``id_column`` / ids are given.
-        ``crs`` as in :meth:`distribute_data` (geographic: the chunks are longitude/latitude).
+        ``crs`` as in :meth:`distribute_data` (geographic: the chunks are longitude/latitude); a GeoParquet file's
+        own CRS when not given.
 
         >>> cluster.distribute_chunks("lidar.laz", chunk_rows=2_000_000)  # doctest: +SKIP
         """
         self._require_open()
         return _ingest.distribute_chunks(self._rt, source, columns, id_column, chunk_rows, sample_size,
                                          progress=self.progress,
-                                         crs=_resolve(crs if crs is not None else self.config.crs))
+                                         crs=_resolve(crs if crs is not None else self._file_crs(source, columns)))
 
     def distribute_files(
         self, source: Any, columns: Any = None, id_column: str | None = None, *, sample_size: int = 200_000,
@@ -492,7 +493,9 @@ class DistributedSpatialCluster:
         ``id_column`` they are that column's values, which must be unique (checked by the nodes), and algorithm
         labels then follow :meth:`point_ids` (ascending ids). ``sample_size``: points of the uniform sample whose
         curve-key quantiles cut the partitions. ``crs`` as in :meth:`distribute_data` (geographic: the columns are
-        longitude, latitude, converted by the nodes as they read; a bad coordinate names file and row).
+        longitude, latitude, converted by the nodes as they read; a bad coordinate names file and row). A GeoParquet
+        source's points (``x, y[, z]`` of its geometry column) come with the CRS of its ``geo`` metadata, used when
+        ``crs`` is not given (GeoParquet's default when the file names none: OGC:CRS84, lon/lat).
 
         Replaces the data set. A bad file (missing, a corrupt row or a non-numeric value: the error names file,
         row and column; mixed dimensions), duplicate ids or a node dying while the files are read: an error, and
@@ -518,7 +521,7 @@ class DistributedSpatialCluster:
         if isinstance(sample_size, bool) or not isinstance(sample_size, (int, np.integer)) or sample_size < 1:
             raise ValueError(f"sample_size must be a positive int, got {sample_size!r}")
         seed = self.config.seed if self.config.seed is not None else 0
-        info = _resolve(crs if crs is not None else self.config.crs)
+        info = _resolve(crs if crs is not None else self._file_crs(src, columns))
         with Timer() as t:
             view = self._rt.call_controller("distribute_files", src, columns, id_column, int(sample_size), seed,
                                             self._rt.new_token(), None if info is None else info.name,
@@ -526,6 +529,15 @@ class DistributedSpatialCluster:
             self._rt.install(view)
         log.info("loaded %d points from %s in %.2f s", view.meta.n_points, source, t.seconds)
         return view.meta
+
+    def _file_crs(self, source: Any, columns: Any) -> Any:
+        """The CRS of a GeoParquet source's geometry column (its ``geo`` metadata), else ``NodeConfig.crs``."""
+        if callable(source):
+            return self.config.crs
+        from .io.shares import source_crs
+
+        found = source_crs(source, columns)
+        return found if found is not None else self.config.crs
 
     def sample_points(self, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """``(ids, points)`` of a uniform random sample of at most ``n`` points, drawn on the nodes (each

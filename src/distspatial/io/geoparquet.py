@@ -431,6 +431,7 @@ def points_from_geopandas(obj: Any, what: str = "points") -> tuple[np.ndarray, A
     def label(r: int) -> str:
         try:
             lab = obj.index[r]
+            lab = lab.item() if hasattr(lab, "item") else lab
         except Exception:  # pragma: no cover
             return f"row {r}"
         return f"row {r} (index {lab!r})" if lab != r else f"row {r}"

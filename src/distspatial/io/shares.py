@@ -58,7 +58,7 @@ from .files import (
 )
 
 __all__ = ["Share", "plan_shares", "read_share", "share_columns", "check_same_columns", "expand_source",
-           "is_uri"]
+           "is_uri", "source_crs"]
 
 #: rows read per block inside a share (bounded working memory besides the share's own arrays)
 BLOCK_ROWS = 1 << 20
@@ -442,3 +442,25 @@ def read_share(share: Share, columns: Any = None, id_column: str | None = None) 
     if id_column is not None:
         ids = pieces[0][1] if len(pieces) == 1 else np.concatenate([i for _, i in pieces])
     return np.ascontiguousarray(pts), ids
+
+
+def source_crs(source: Any, columns: Any = None) -> Any:
+    """The CRS a GeoParquet source declares for the points read from it (its first file's geometry column: a
+    name such as ``"EPSG:4326"`` / ``"OGC:CRS84"`` where the PROJJSON has an id, else the PROJJSON as a JSON
+    string), or ``None``: not GeoParquet, plain coordinate columns read, or the file says the CRS is unknown.
+    Reads metadata only."""
+    import json
+
+    try:
+        first = expand_source(source)[0]
+    except (DataFileError, TypeError, ValueError):
+        return None
+    if detect_format(first) != "parquet":
+        return None
+    geo = _open(first, "parquet", _parse_columns(columns), None).geo
+    if geo is None or geo.crs is None:
+        return None
+    name = geo.crs_name
+    if name is not None and ":" in name:
+        return name
+    return geo.crs if isinstance(geo.crs, str) else json.dumps(geo.crs)
