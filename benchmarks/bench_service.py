@@ -3,11 +3,18 @@
     python benchmarks/bench_service.py --http                  # 144,000 points, 16 and 64 clients, 10 s each
     python benchmarks/bench_service.py --http --points 4000000 --nodes 2
     python benchmarks/bench_service.py --http --quick          # 3 s per measurement
+    python benchmarks/bench_service.py --http --nodes 2 --replicated   # adds --replication 2 (every node: all)
+    python benchmarks/bench_service.py --api                   # Python API latency, 4,000,000 points, 2 nodes
 
 Sections (one function each; with no section flag every section runs):
 
+* ``--api`` (:func:`section_api`): single-point kNN (k=10) through the Python API on the embedded runtime, 2
+  nodes, ``--api-points`` uniform points, calls one after the other: p50/p99, next to a trivial Ray actor call
+  (the floor of any path with one hop) and the same query on one cKDTree.
+
 * ``--http`` (:func:`section_http`): ``distspatial serve`` (a subprocess: embedded Ray runtime, ``--nodes``
-  nodes; ``--uncoalesced`` adds a row with ``--no-coalesce``) over ``--points`` uniform 2-D points, and the peer: a plain FastAPI app around one scipy cKDTree
+  nodes; ``--uncoalesced`` adds a row with ``--no-coalesce``, ``--replicated`` one with ``--replication``
+  ``--nodes``) over ``--points`` uniform 2-D points, and the peer: a plain FastAPI app around one scipy cKDTree
   (pydantic request model, ``async def`` handler, ``tree.query`` per request), served by uvicorn with the same
   settings in its own process. A separate load-generator process (asyncio, raw keep-alive sockets, one
   coroutine per client: the same generator for both) sends single-point kNN requests (k=10, JSON) for
@@ -233,6 +240,9 @@ def section_http(args: argparse.Namespace) -> list[dict]:
         }
         if args.uncoalesced:
             servers["distspatial serve --no-coalesce"] = servers["distspatial serve"] + ["--no-coalesce"]
+        if args.replicated:
+            servers[f"distspatial serve --replication {args.nodes}"] = servers["distspatial serve"] + [
+                "--replication", str(args.nodes)]
         for name, cmd in servers.items():
             t0 = time.perf_counter()
             srv = _Server(cmd)
@@ -266,6 +276,62 @@ def section_http(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+def section_api(args: argparse.Namespace) -> list[dict]:
+    """Python API, single-point kNN (k=10) on the embedded runtime, 2 nodes: p50/p99 of calls one after the
+    other, next to the same call to one cKDTree and to a trivial Ray actor call (the floor of any one-hop path)."""
+    import ray
+    from scipy.spatial import cKDTree
+
+    from distspatial import DistributedSpatialCluster, NodeConfig
+
+    n = args.api_points
+    rng = np.random.default_rng(0)
+    pts = rng.random((n, 2))
+    q = rng.random((20_000, 2))
+    calls = 2_000 if args.quick else 10_000
+    tree = cKDTree(pts)
+
+    def timed(fn) -> np.ndarray:
+        lat = np.empty(calls)
+        for i in range(calls):
+            t = time.perf_counter()
+            fn(q[i])
+            lat[i] = time.perf_counter() - t
+        return lat * 1e3
+
+    cfg = NodeConfig().with_node_count(2).replace(num_cpus=os.cpu_count())
+    rows = []
+    with DistributedSpatialCluster(cfg) as c:
+        c.progress = False
+        c.distribute_data(pts)
+
+        @ray.remote(num_cpus=0)
+        class Echo:
+            def echo(self, x):
+                return x
+
+        echo = Echo.remote()
+        for i in range(500):  # warm-up: kernels loaded, routing cached on client and nodes
+            c.distributed_knn_search(q[i], 10)
+            ray.get(echo.echo.remote(q[i]))
+        d, _ = c.distributed_knn_search(q[:2000], 10)
+        assert np.allclose(d, tree.query(q[:2000], 10)[0]), "wrong kNN answers"
+        ours = timed(lambda x: c.distributed_knn_search(x, 10))
+        wrong = sum(not np.allclose(c.distributed_knn_search(x, 10)[0], tree.query(x, 10)[0]) for x in q[:300])
+        floor = timed(lambda x: ray.get(echo.echo.remote(x)))
+        one_hop = c._one_hop.calls
+    peer = timed(lambda x: tree.query(x, 10))
+    for name, lat in (("distspatial single-point kNN", ours), ("trivial Ray actor call (floor)", floor),
+                      ("one cKDTree, same query", peer)):
+        rows.append({"what": name, "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99))})
+    print(f"\nPython API, single-point kNN k=10, {n:,} points, 2 nodes, {calls:,} calls one after the other "
+          f"({one_hop:,} took the one-hop path; {wrong} of 300 checked answers wrong)")
+    print("| call | p50 ms | p99 ms |\n|---|---|---|")
+    for r in rows:
+        print(f"| {r['what']} | {r['p50_ms']:.3f} | {r['p99_ms']:.3f} |")
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--http", action="store_true", help="the HTTP section: ours against FastAPI + cKDTree")
@@ -277,6 +343,10 @@ def main() -> None:
     ap.add_argument("--duration", type=float, default=None, help="seconds per measurement (10; --quick: 3)")
     ap.add_argument("--serve-args", default="", help="extra options of distspatial serve, e.g. '--batch-wait-ms 2'")
     ap.add_argument("--uncoalesced", action="store_true", help="also measure our service with --no-coalesce")
+    ap.add_argument("--replicated", action="store_true",
+                    help="also measure our service with --replication = --nodes (every node holds every partition)")
+    ap.add_argument("--api", action="store_true", help="the Python API section: single-point kNN latency")
+    ap.add_argument("--api-points", type=int, default=4_000_000, help="points of the --api section (4,000,000)")
     ap.add_argument("--json", metavar="PATH", help="write the figures as JSON")
     # the subprocesses' modes
     ap.add_argument("--serve-peer", metavar="POINTS_NPY", help=argparse.SUPPRESS)
@@ -292,7 +362,7 @@ def main() -> None:
         r = load(args.load, args.clients[0], args.duration, args.queries_file)
         print(json.dumps(r))
         return
-    sections = {"http": section_http}
+    sections = {"api": section_api, "http": section_http}
     chosen = [name for name in sections if getattr(args, name)] or list(sections)
     results = {name: sections[name](args) for name in chosen}
     if args.json:
