@@ -41,6 +41,14 @@ K = 10
 
 
 # -- the open-loop load generator (its own process) ---------------------------------------------------------------
+async def _response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    """Status and body of one HTTP/1.1 response with a Content-Length."""
+    lines = (await reader.readuntil(b"\r\n\r\n")).split(b"\r\n")
+    length = next(int(v) for n_, _, v in (ln.partition(b":") for ln in lines[1:])
+                  if n_.strip().lower() == b"content-length")
+    return int(lines[0].split()[1]), await reader.readexactly(length)
+
+
 async def _soak_client(host: str, port: int, bodies: list[bytes], ref: np.ndarray, rate_each: float,
                        t_start: float, t_end: float, offset: float, out: list) -> None:
     """Requests at ``t_start + offset + i / rate_each`` on one keep-alive connection; records
@@ -64,12 +72,7 @@ async def _soak_client(host: str, port: int, bodies: list[bytes], ref: np.ndarra
             if writer is None:
                 reader, writer = await asyncio.open_connection(host, port)
             writer.write(head + b"Content-Length: %d\r\n\r\n" % len(body) + body)
-            hdr = await reader.readuntil(b"\r\n\r\n")
-            lines = hdr.split(b"\r\n")
-            status = int(lines[0].split()[1])
-            length = next(int(v) for n_, _, v in (ln.partition(b":") for ln in lines[1:])
-                          if n_.strip().lower() == b"content-length")
-            payload = await reader.readexactly(length)
+            status, payload = await _response(reader)
             if status == 200:
                 got = json.loads(payload)
                 d = np.asarray(got["distances"], dtype=float).reshape(-1)
@@ -103,12 +106,7 @@ async def _ingest_loop(host: str, port: int, t_start: float, t_end: float, out: 
         try:
             writer.write(b"POST /ingest HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d"
                          b"\r\n\r\n" % len(body) + body)
-            hdr = await reader.readuntil(b"\r\n\r\n")
-            lines = hdr.split(b"\r\n")
-            status = int(lines[0].split()[1])
-            length = next(int(v) for n_, _, v in (ln.partition(b":") for ln in lines[1:])
-                          if n_.strip().lower() == b"content-length")
-            await reader.readexactly(length)
+            status, _ = await _response(reader)
         except (OSError, asyncio.IncompleteReadError, ValueError, StopIteration):
             status = -1
             writer.close()
@@ -168,8 +166,6 @@ def main() -> None:
         return
     n = args.points or (200_000 if args.quick else 1_000_000)
     duration = args.duration or (40.0 if args.quick else 120.0)
-
-    import ray
 
     sys.path.insert(0, HERE)
     from bench_service import _drive  # the closed-loop load generator of the HTTP benchmark
