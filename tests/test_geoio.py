@@ -165,3 +165,24 @@ def test_geographic_geodataframe_and_polygons_against_sjoin(cluster, tmp_path):
     bad.loc[bad.index[7], "geometry"] = shapely.Point(10, 95)
     with pytest.raises(ValueError, match="row 7"):
         cluster.distribute_data(bad)
+
+
+def test_cli_knn_geoparquet_in_and_out(ray_local, tmp_path, capsys):
+    from scipy.spatial import cKDTree
+
+    from distspatial.ui.cli import main
+
+    rng = np.random.default_rng(6)
+    xy = rng.random((400, 2)) * 1000
+    ids = np.arange(400, dtype=np.int64) + 50
+    gpd.GeoDataFrame({"id": ids}, geometry=gpd.points_from_xy(xy[:, 0], xy[:, 1]),
+                     crs="EPSG:3857").to_parquet(tmp_path / "in.parquet")
+    out = tmp_path / "nn.geoparquet"
+    rc = main(["knn", str(tmp_path / "in.parquet"), "--id-column", "id", "-k", "2", "--queries",
+               str(tmp_path / "in.parquet"), "--nodes", "2", "--no-progress", "-o", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    g = gpd.read_parquet(out)
+    assert g.crs.to_epsg() == 3857  # the input's CRS, carried by the cluster
+    _, nn = cKDTree(xy).query(xy, 2)
+    assert np.array_equal(g["id"].to_numpy(), ids[nn.ravel()])
+    assert np.array_equal(shapely.get_coordinates(g.geometry.values), xy[nn.ravel()])

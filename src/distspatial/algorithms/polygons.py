@@ -251,7 +251,9 @@ def points_in_polygons(rt: Any, polygons: Any, predicate: str = "within", aggreg
         ids = np.concatenate([a[0] for a in answers])
         poly = np.concatenate([a[1] for a in answers])
         pts = np.concatenate([a[2] for a in answers]) if return_points else None
-    order = np.lexsort((poly, ids))
+    # every node's answer is sorted by id then polygon and an id lives on one node: a stable sort by id merges
+    # the sorted runs (timsort) and keeps each point's polygons in order
+    order = np.argsort(ids, kind="stable")
     res = PolygonJoin(ids[order], poly[order])
     return (res, pts[order]) if return_points else res
 

@@ -87,6 +87,17 @@ class GeoColumn:
             return f"{ident['authority']}:{ident['code']}"
         return c.get("name") if isinstance(c, dict) else None
 
+    @property
+    def crs_input(self) -> Any:
+        """The CRS as a data set takes it (``distribute_data(crs=...)``): ``"EPSG:4326"``-like where the PROJJSON
+        has an id, else the PROJJSON as a JSON string; ``None`` when unknown."""
+        if self.crs is None:
+            return None
+        name = self.crs_name
+        if name is not None and ":" in name:
+            return name
+        return self.crs if isinstance(self.crs, str) else json.dumps(self.crs)
+
 
 def geo_column(path: Any, schema: pa.Schema, column: str | None = None) -> GeoColumn | None:
     """The point column of a GeoParquet file's ``schema`` (its ``geo`` metadata): the primary column, or

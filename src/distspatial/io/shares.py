@@ -449,8 +449,6 @@ def source_crs(source: Any, columns: Any = None) -> Any:
     name such as ``"EPSG:4326"`` / ``"OGC:CRS84"`` where the PROJJSON has an id, else the PROJJSON as a JSON
     string), or ``None``: not GeoParquet, plain coordinate columns read, or the file says the CRS is unknown.
     Reads metadata only."""
-    import json
-
     try:
         first = expand_source(source)[0]
     except (DataFileError, TypeError, ValueError):
@@ -458,9 +456,4 @@ def source_crs(source: Any, columns: Any = None) -> Any:
     if detect_format(first) != "parquet":
         return None
     geo = _open(first, "parquet", _parse_columns(columns), None).geo
-    if geo is None or geo.crs is None:
-        return None
-    name = geo.crs_name
-    if name is not None and ":" in name:
-        return name
-    return geo.crs if isinstance(geo.crs, str) else json.dumps(geo.crs)
+    return None if geo is None else geo.crs_input

@@ -234,9 +234,9 @@ def _is_dir_output(text: str | None) -> bool:
 
 
 def _output_path(text: str) -> str:
-    from ..io.files import DataFileError, WRITE_FORMATS, detect_format
+    from ..io.files import GEO_WRITE_SUFFIX, DataFileError, WRITE_FORMATS, detect_format
 
-    if _is_dir_output(text):
+    if _is_dir_output(text) or text.lower().endswith(GEO_WRITE_SUFFIX):
         return text
     try:
         detect_format(text, WRITE_FORMATS)
@@ -367,13 +367,37 @@ class Session:
             raise ValueError(f"--output {path} (a directory of part files written by the nodes) works with knn and "
                              f"range only; give a .parquet or .csv file for the {what}")
         if path:
-            with self.timed(f"wrote {n:,} rows of {what} ({', '.join(table)}) to {path}"):
-                write_results(path, table)
+            points = self._geometry(table, path)
+            with self.timed(f"wrote {n:,} rows of {what} ({', '.join(table)}"
+                            f"{', geometry' if points is not None else ''}) to {path}"):
+                write_results(path, table, points=points,
+                              crs=getattr(self.cluster, "crs", None) if points is not None else None)
             return
         self.say(f"{what}: {n:,} rows; first {min(n, preview_rows)}:")
         self.say(_preview(table, preview_rows))
         if n > preview_rows:
             self.say(f"... (--output FILE.parquet or FILE.csv writes all {n:,} rows)")
+
+
+    def _geometry(self, table: dict, path: str) -> np.ndarray | None:
+        """``-o x.geoparquet``: the coordinates of each row's point (its ``id``) as read from the input, for the
+        GeoParquet geometry column; ``None`` for other outputs."""
+        from ..io.files import GEO_WRITE_SUFFIX
+
+        if not path.lower().endswith(GEO_WRITE_SUFFIX):
+            return None
+        if "id" not in table:
+            raise ValueError(f"--output {path}: these results have no point ids to draw a geometry from; write "
+                             ".parquet or .csv")
+        if self.points is None:
+            raise ValueError(f"--output {path}: a GeoParquet result takes the points' coordinates from the input "
+                             "read into this process, which was loaded by the nodes here; write .parquet or .csv "
+                             "(join the coordinates afterwards), or load the input in memory")
+        ids = np.asarray(table["id"], dtype=np.int64)
+        if self.ids is None:
+            return self.points[ids]
+        order = np.argsort(self.ids, kind="stable")
+        return self.points[order[np.searchsorted(self.ids, ids, sorter=order)]]
 
 
 class _Timed:
@@ -734,8 +758,8 @@ def _cluster_options() -> argparse.ArgumentParser:
                    help="copies of each partition on distinct nodes (default 1; <= --nodes)")
     o = p.add_argument_group("output")
     o.add_argument("--output", "-o", type=_output_path, default=None, metavar="PATH",
-                   help="write the results to PATH (.parquet or .csv); knn, range: DIR/ for part files written by the "
-                        "nodes")
+                   help="write the results to PATH (.parquet or .csv; .geoparquet: with each row's point as "
+                        "geometry); knn, range: DIR/ for part files written by the nodes")
     o.add_argument("--no-progress", action="store_true", help="no progress bars (they show only on a terminal)")
     o.add_argument("--traceback", action="store_true", help="show full tracebacks of errors")
     return p
@@ -875,7 +899,8 @@ def _run(cmd: Subcommand, args: argparse.Namespace, out) -> int:
             s.n_points = cluster.metadata.n_points
         elif cmd.data:
             with s.timed(f"distribute_data over {cfg.node_count} nodes"):
-                cluster.distribute_data(s.points, s.ids)
+                geo = getattr(src, "geo", None)  # a GeoParquet input: the CRS of its geo metadata
+                cluster.distribute_data(s.points, s.ids, crs=geo.crs_input if geo is not None else None)
         status = cmd.run(s)
     except BaseException:
         cluster.shutdown()
