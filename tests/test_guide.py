@@ -283,6 +283,30 @@ def check_balance_checkpoint_stats(ns, out, st):
         model.assert_knn(q, d, i, 5)
 
 
+def check_geo(ns, out, st):
+    from sklearn.cluster import DBSCAN
+    from sklearn.neighbors import BallTree
+
+    from distspatial.core.geo import EARTH_RADIUS_M as R
+
+    ll = ns["lonlat"]
+    rad = np.radians(ll[:, ::-1])  # sklearn's haversine: [lat, lon] radians
+    tree = BallTree(rad, metric="haversine")
+    q = np.radians(ns["suva"][::-1])[None]
+    rd, ri = tree.query(q, 5)
+    assert np.allclose(ns["geo_d"], rd[0] * R, rtol=1e-9) and np.array_equal(ns["geo_i"], ri[0])
+    assert np.array_equal(ns["geo_near"], np.sort(tree.query_radius(q, 250_000.0 / R)[0]))
+    lon, lat = ll[:, 0], ll[:, 1]
+    box = np.flatnonzero(((lon >= 177.0) | (lon <= -178.0)) & (lat >= -21.0) & (lat <= -15.0))
+    assert np.array_equal(ns["geo_box"], box) and len(box) > 0
+    c = ns["geo_km"].centroids
+    assert c.shape == (4, 2) and np.all(np.abs(c[:, 1]) <= 90)
+    ref = DBSCAN(eps=150_000.0 / R, min_samples=4, metric="haversine", algorithm="ball_tree").fit(rad)
+    assert np.array_equal(ns["geo_db"].core_sample_indices, ref.core_sample_indices_)
+    assert ns["geo_db"].n_clusters == ref.labels_.max() + 1
+    assert out.startswith("EPSG:4326")
+
+
 CHECKS = {
     "Start a cluster and distribute points": check_start,
     "Exact queries": check_queries,
@@ -295,6 +319,7 @@ CHECKS = {
     "Plots (needs `distspatial[plots]`)": check_plots,
     "HTTP service and status page (needs `distspatial[serve]`)": check_service,
     "Load balancing, checkpoints, statistics": check_balance_checkpoint_stats,
+    "Geographic data (longitude/latitude, metres)": check_geo,
 }
 
 
