@@ -5,6 +5,7 @@ from __future__ import annotations
 __all__ = [
     "DistSpatialError", "NotDistributedError", "NodeFailureError", "PartitionLostError", "PartitionMovedError",
     "StaleMetadataError", "ClusterNotFoundError", "ClusterExistsError", "ClusterGoneError", "ControllerUnavailableError",
+    "AccessDeniedError",
 ]
 
 
@@ -64,3 +65,9 @@ class ClusterGoneError(DistSpatialError, RuntimeError):
 class ControllerUnavailableError(DistSpatialError, RuntimeError):
     """The cluster's controller did not answer in time (it may be restarting); the call changed nothing that a
     retry would duplicate, so it is safe to retry."""
+
+
+class AccessDeniedError(DistSpatialError, PermissionError):
+    """A named cluster created with a token (``NodeConfig.with_token``) refused a write or a teardown from a
+    client without that token; queries stay open. Attach with the token
+    (``DistributedSpatialCluster.attach(name, token=...)`` or ``DISTSPATIAL_TOKEN``)."""
