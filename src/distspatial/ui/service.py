@@ -54,10 +54,17 @@ within ``request_timeout_s`` gets 504. ``GET /stats`` counts batches (sizes), re
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
+import datetime
 import functools
+import hashlib
+import ipaddress
 import json
+import logging
 import math
+import os
+import re
 import signal
 import socket
 import threading
@@ -85,12 +92,16 @@ try:  # a faster JSON library (the 'serve' extra); the standard json module othe
 except ImportError:  # pragma: no cover - depends on the environment
     _orjson = None
 
-from ..core.errors import DistSpatialError, NotDistributedError
+from ..core.access import TokenSet, load_token_file
+from ..core.errors import AccessDeniedError, DistSpatialError, NotDistributedError
 
 __all__ = [
     "create_app", "run_server", "BackgroundServer", "RequestError", "ServiceMetrics", "StatusCollector",
-    "coordinate_names", "listen", "ARROW_STREAM", "NODE_COLORS",
+    "coordinate_names", "listen", "ARROW_STREAM", "NODE_COLORS", "check_exposure", "is_loopback", "REFUSAL_REASONS",
 ]
+
+#: every write the service lets through is logged here (INFO): time, client, token name, endpoint, points
+audit_log = logging.getLogger("distspatial.audit")
 
 ARROW_STREAM = "application/vnd.apache.arrow.stream"
 JSON_TYPE = "application/json"
@@ -178,6 +189,10 @@ def _error_response(status: int, message: str, headers: dict[str, str] | None = 
 
 
 # -- service metrics ----------------------------------------------------------------------------------------------
+#: why access control refused a request (``GET /stats``: ``service.access.refused``): no token (401), a token
+#: that is not configured or a malformed Authorization header (401), a read token on a write (403), a write to a
+#: ``--read-only`` service (405), a write from another web origin (403: a page elsewhere in the user's browser)
+REFUSAL_REASONS = ("missing_token", "invalid_token", "insufficient_scope", "read_only", "cross_origin")
 #: labels of the batch-size histogram: requests per coalesced batch
 BATCH_SIZE_BUCKETS = ("1", "2-3", "4-7", "8-15", "16-31", "32-63", "64+")
 
@@ -196,6 +211,11 @@ class ServiceMetrics:
         self._buckets: deque[tuple[int, dict[str, list[int]]]] = deque()  # (second, {endpoint: [requests, queries]})
         self._events = {"refused": 0, "body_timeouts": 0, "request_timeouts": 0}
         self._batches: dict[str, dict[str, Any]] = {}
+        #: requests refused by access control, per reason (see :data:`REFUSAL_REASONS`), and writes let through
+        self._access = {reason: 0 for reason in REFUSAL_REASONS}
+        self._writes = 0
+        #: set by the app: how it controls access (``auth``: "token" or "none", ``read_only``, ``cors``)
+        self.access_mode: dict[str, Any] = {"auth": "none", "read_only": False, "cors": []}
         #: set by the app: its admission limit and a function giving the requests admitted now
         self.max_queue: int | None = None
         self.admitted: Callable[[], int] = lambda: 0
@@ -204,6 +224,15 @@ class ServiceMetrics:
         """One more ``refused``, ``body_timeouts`` or ``request_timeouts``."""
         with self._lock:
             self._events[event] = self._events.get(event, 0) + 1
+
+    def refuse(self, reason: str) -> None:
+        """One more request refused by access control for ``reason`` (one of :data:`REFUSAL_REASONS`)."""
+        with self._lock:
+            self._access[reason] = self._access.get(reason, 0) + 1
+
+    def write_accepted(self) -> None:
+        with self._lock:
+            self._writes += 1
 
     def record_batch(self, kind: str, requests: int, queries: int, coalesced: bool = True) -> None:
         """A batch of ``requests`` requests (``queries`` query points) sent to the cluster in one call
@@ -277,6 +306,7 @@ class ServiceMetrics:
                 timeline[n - 1 - age] += sum(v[1] for v in b.values())
         with self._lock:
             events = dict(self._events)
+            access = {**self.access_mode, "refused": dict(self._access), "writes_accepted": self._writes}
             batches = {}
             for kind, b in sorted(self._batches.items()):
                 batches[kind] = {k: v for k, v in b.items() if k != "sizes"}
@@ -291,6 +321,7 @@ class ServiceMetrics:
             "timeline_queries_per_s": timeline,
             "admission": {"max_queue": self.max_queue, "admitted": int(self.admitted()), **events},
             "batches": batches,
+            "access": access,
         }
 
 
@@ -813,6 +844,8 @@ def _request_error(exc: BaseException) -> BaseException:
         return exc
     if isinstance(exc, NotDistributedError):
         return RequestError(503, f"{exc}")
+    if isinstance(exc, AccessDeniedError):  # the named cluster behind the service wants its token
+        return RequestError(403, f"the cluster refused the write: {' '.join(str(exc).split())}")
     if isinstance(exc, ValueError):
         return RequestError(422, " ".join(str(exc).split()))
     if isinstance(exc, DistSpatialError):
@@ -888,19 +921,171 @@ _INGEST_DOC = _doc(
 
 
 # -- the app -------------------------------------------------------------------------------------------------------
+#: endpoints that change the data: the write scope, 405 on a read-only service
+WRITE_PATHS = frozenset(("/ingest", "/delete"))
+#: answered without a token: the status page's HTML (it holds no data; it asks for a token), the API docs and
+#: the OpenAPI spec, and /health (status and reason only, the details with a read token)
+PUBLIC_PATHS = frozenset(("/", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json", "/health"))
+_DOC_PAGES = frozenset(("/docs", "/docs/oauth2-redirect", "/redoc"))
+#: the interactive API pages load Swagger UI / ReDoc from their CDN and run an inline script
+_DOCS_CSP = ("default-src 'none'; script-src 'unsafe-inline' https://cdn.jsdelivr.net; style-src 'unsafe-inline' "
+             "https://cdn.jsdelivr.net https://fonts.googleapis.com; font-src https://fonts.gstatic.com; img-src "
+             "'self' data: https://fastapi.tiangolo.com https://cdn.redoc.ly; connect-src 'self'; worker-src blob:; "
+             "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+
+
+def _csp_hash(text: str) -> str:
+    return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode("utf-8")).digest()).decode() + "'"
+
+
+def _page_csp(page: str) -> str:
+    """The Content-Security-Policy of every answer but the API docs: nothing may load or run but the status
+    page's own inline script and style (allowed by their SHA-256, so an injected one would not run), fetches
+    to this origin only, no framing, no form submission, no plugins."""
+    scripts = " ".join(_csp_hash(t) for t in re.findall(r"<script>(.*?)</script>", page, re.S)) or "'none'"
+    styles = " ".join(_csp_hash(t) for t in re.findall(r"<style>(.*?)</style>", page, re.S)) or "'none'"
+    return (f"default-src 'none'; script-src {scripts}; style-src {styles}; connect-src 'self'; img-src 'self' "
+            f"data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+
+
+def _header(scope: Any, name: bytes) -> str | None:
+    for k, v in scope.get("headers") or ():
+        if k == name:
+            return v.decode("latin-1")
+    return None
+
+
+class _AccessGuard:
+    """Access control in front of every route (the FastAPI ones and the direct query path): tokens and their
+    scopes, read-only mode, writes from other web origins, CORS; and the security headers of every answer.
+
+    ``check(scope, path)`` returns ``None`` for a request that may go on (its token, a :class:`Token` or
+    ``None``, is left in ``scope["distspatial.principal"]``), else the response to send instead (401, 403, 405,
+    or a CORS preflight answer). Refusals are counted in ``metrics`` per reason."""
+
+    def __init__(self, tokens: TokenSet | None, read_only: bool, cors_origins: tuple[str, ...],
+                 metrics: ServiceMetrics, page_csp: str) -> None:
+        self.tokens, self.read_only, self.metrics = tokens, read_only, metrics
+        self.cors = tuple(o.rstrip("/") for o in cors_origins)
+        self.cors_any = "*" in self.cors
+        common = [(b"x-content-type-options", b"nosniff"), (b"x-frame-options", b"DENY"),
+                  (b"referrer-policy", b"no-referrer")]
+        self.headers = common + [(b"content-security-policy", page_csp.encode())]
+        self.doc_headers = common + [(b"content-security-policy", _DOCS_CSP.encode())]
+
+    def allowed_origin(self, origin: str) -> bool:
+        return self.cors_any or origin.rstrip("/") in self.cors
+
+    def sender(self, send: Callable, path: str, origin: str | None) -> Callable:
+        """``send`` adding the security headers (and CORS ones for an allowed origin) to the response start."""
+        extra = self.doc_headers if path in _DOC_PAGES else self.headers
+        if origin is not None and self.cors and self.allowed_origin(origin):
+            extra = extra + [(b"access-control-allow-origin", origin.encode("latin-1")), (b"vary", b"Origin"),
+                             (b"access-control-expose-headers", b"Retry-After, WWW-Authenticate")]
+
+        async def send_with_headers(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", ()), *extra]}
+            await send(message)
+
+        return send_with_headers
+
+    def refuse(self, reason: str, status: int, message: str, headers: dict[str, str] | None = None) -> Response:
+        self.metrics.refuse(reason)
+        return _error_response(status, message, headers)
+
+    def check(self, scope: Any, path: str, origin: str | None) -> Response | None:
+        method = scope["method"]
+        if method == "OPTIONS" and origin is not None and _header(scope, b"access-control-request-method"):
+            return self.preflight(origin)
+        write = path in WRITE_PATHS
+        if write and self.read_only:
+            return self.refuse("read_only", 405, f"this service is read-only (--read-only): {method} {path} changes "
+                                                 f"the data; send writes to a service that is not read-only",
+                               {"Allow": ""})
+        if (write and origin is not None and method not in ("GET", "HEAD")
+                and not self.same_origin(scope, origin) and not (self.cors and self.allowed_origin(origin))):
+            shown = origin if len(origin) <= 80 else origin[:80] + "..."
+            return self.refuse("cross_origin", 403, f"a {method} {path} from a web page at another origin ({shown}) "
+                                                    f"may not change the data here; start the service with "
+                                                    f"--cors-origin ORIGIN to allow a page's origin")
+        principal = None
+        auth = _header(scope, b"authorization") if self.tokens is not None else None
+        if auth is not None:
+            scheme, _, presented = auth.strip().partition(" ")
+            presented = presented.strip()
+            if scheme.lower() != "bearer" or not presented:
+                if path not in PUBLIC_PATHS:
+                    return self.refuse("invalid_token", 401, "the Authorization header must be 'Bearer <token>'",
+                                       {"WWW-Authenticate": 'Bearer realm="distspatial", error="invalid_request"'})
+            else:
+                principal = self.tokens.check(presented)
+                if principal is None and path not in PUBLIC_PATHS:
+                    return self.refuse("invalid_token", 401, "the token sent is not one this service accepts; check "
+                                                             "the token (a new token file needs a restart)",
+                                       {"WWW-Authenticate": 'Bearer realm="distspatial", error="invalid_token"'})
+        scope["distspatial.principal"] = principal
+        if self.tokens is None or path in PUBLIC_PATHS:
+            return None
+        if principal is None:
+            return self.refuse("missing_token", 401, "this service needs a token: send the header 'Authorization: "
+                                                     "Bearer <token>'",
+                               {"WWW-Authenticate": 'Bearer realm="distspatial"'})
+        if write and not principal.allows("write"):
+            return self.refuse("insufficient_scope", 403, f"token {principal.name!r} has the {principal.scope} "
+                                                          f"scope; {method} {path} changes the data and needs a "
+                                                          f"token with the write scope",
+                               {"WWW-Authenticate": 'Bearer realm="distspatial", error="insufficient_scope", '
+                                                    'scope="write"'})
+        return None
+
+    @staticmethod
+    def same_origin(scope: Any, origin: str) -> bool:
+        """The page that sent the request was served from here (its origin's host:port is the request's Host;
+        behind a proxy that keeps the Host header, the public name)."""
+        host = _header(scope, b"host")
+        if host is None:
+            return False
+        netloc = origin.split("://", 1)[-1].rstrip("/")
+        if netloc == host:
+            return True
+        defaults = {"http": "80", "https": "443"}
+        scheme = origin.split("://", 1)[0].lower()
+        return ":" not in netloc.rsplit("]", 1)[-1] and f"{netloc}:{defaults.get(scheme, '')}" == host
+
+    def preflight(self, origin: str) -> Response:
+        if not self.cors or not self.allowed_origin(origin):
+            return self.refuse("cross_origin", 403, "cross-origin requests are not allowed here (start the service "
+                                                    "with --cors-origin ORIGIN to allow a web page's origin)")
+        return Response(status_code=204, headers={
+            "Access-Control-Allow-Methods": "GET, POST", "Access-Control-Max-Age": "600",
+            "Access-Control-Allow-Headers": "Authorization, Content-Type, Accept"})
+
+
 class _ServiceApp(FastAPI):
     """FastAPI with a short path for the query endpoints: ``POST /knn``, ``/range`` and ``/box`` go straight to
     their handlers (the same code the FastAPI routes run; the routes stay for the OpenAPI spec), skipping the
-    middleware stack, routing and parameter injection, which cost more than the handler itself."""
+    middleware stack, routing and parameter injection, which cost more than the handler itself. Every HTTP
+    request, on either path, first passes :class:`_AccessGuard`."""
 
     _direct: dict[str, Callable[[Request], Any]]
+    _guard: _AccessGuard
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST":
-            path = scope["path"]
-            root = scope.get("root_path") or ""
-            if root and path.startswith(root):
-                path = path[len(root):]
+        if scope["type"] != "http":  # lifespan
+            await super().__call__(scope, receive, send)
+            return
+        path = scope["path"]
+        root = scope.get("root_path") or ""
+        if root and path.startswith(root):
+            path = path[len(root):]
+        origin = _header(scope, b"origin")
+        send = self._guard.sender(send, path, origin)
+        refused = self._guard.check(scope, path, origin)
+        if refused is not None:
+            await refused(scope, receive, send)
+            return
+        if scope["method"] == "POST":
             direct = self._direct.get(path)
             if direct is not None:
                 response = await direct(Request(scope, receive, send))
@@ -928,6 +1113,9 @@ def create_app(
     retry_after_s: int = 1,
     body_timeout_s: float | None = DEFAULT_BODY_TIMEOUT_S,
     request_timeout_s: float | None = DEFAULT_REQUEST_TIMEOUT_S,
+    tokens: TokenSet | str | os.PathLike | None = None,
+    read_only: bool = False,
+    cors_origins: tuple[str, ...] | list[str] = (),
 ) -> FastAPI:
     """The ASGI app serving ``cluster`` (see the module docstring for the endpoints).
 
@@ -951,6 +1139,18 @@ def create_app(
         request_timeout_s: a request not answered this long after its headers arrived gets 504 (408 if its
             body was still arriving; ``None``: no limit). A cluster call already under way finishes; its answer
             is dropped.
+        tokens: the tokens requests must carry (``Authorization: Bearer <token>``): a :class:`TokenSet` or the
+            path of a token file (:mod:`distspatial.core.access`). ``read`` tokens may query, ``write`` tokens
+            may also ingest and delete; 401 without a valid token, 403 for a read token on a write. ``None``:
+            no tokens (see :func:`check_exposure` before listening beyond this machine).
+        read_only: answer 405 to every write endpoint (a query replica).
+        cors_origins: web origins (``https://app.example.com``; ``*``: any) whose pages may call this service
+            from a browser (CORS). Default: none; writes from pages of other origins get 403.
+
+    Every answer carries ``X-Content-Type-Options: nosniff`` and a restrictive Content-Security-Policy; every
+    write let through is logged to the ``distspatial.audit`` logger (time, client address, token name,
+    endpoint, status, points affected), and ``GET /stats`` counts refused requests per reason under
+    ``service.access``.
 
     The app's ``state`` holds ``cluster``, ``metrics`` (:class:`ServiceMetrics`) and ``pool`` (the executor).
     """
@@ -964,6 +1164,11 @@ def create_app(
     metrics = ServiceMetrics()
     status = StatusCollector(cluster, metrics, status_interval_s)
     page = _status_page()
+    if tokens is not None and not isinstance(tokens, TokenSet):
+        tokens = load_token_file(tokens)
+    cors = tuple(str(o) for o in cors_origins)
+    metrics.access_mode = {"auth": "token" if tokens is not None else "none", "read_only": bool(read_only),
+                           "cors": list(cors), "tokens": tokens.scopes() if tokens is not None else {}}
     admitted = 0  # requests admitted now (the event loop's thread alone changes it)
     metrics.max_queue = max_queue
     metrics.admitted = lambda: admitted
@@ -982,6 +1187,18 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.cluster, app.state.metrics, app.state.pool, app.state.status = cluster, metrics, pool, status
+    app._guard = _AccessGuard(tokens, bool(read_only), cors, metrics, _page_csp(page))
+    if tokens is not None:  # the API docs page gets an "Authorize" button for the token
+        def openapi() -> dict[str, Any]:
+            if app.openapi_schema is None:
+                schema = FastAPI.openapi(app)
+                schema.setdefault("components", {})["securitySchemes"] = {
+                    "bearer": {"type": "http", "scheme": "bearer",
+                               "description": "a read token (queries) or a write token (also ingest, delete)"}}
+                schema["security"] = [{"bearer": []}]
+            return app.openapi_schema
+
+        app.openapi = openapi  # type: ignore[method-assign]
 
     @app.exception_handler(RequestError)
     async def _request_error_handler(request: Request, exc: RequestError) -> Response:
@@ -1254,6 +1471,24 @@ def create_app(
                    (("/knn", "knn", knn_work), ("/range", "range", range_work), ("/box", "box", box_work))}
 
     # -- ingest / delete ------------------------------------------------------------------------------------------
+    def audit(request: Request, response: Response) -> Response:
+        """Log a write that access control let through: when, from where, which token (its name), what, and
+        how many points it added or deleted (0 when it failed)."""
+        scope = request.scope
+        principal = scope.get("distspatial.principal")
+        client = scope.get("client")
+        status_code = response.status_code
+        points = scope.get("distspatial.affected", 0) if status_code < 400 else 0
+        if status_code < 400:
+            metrics.write_accepted()
+        audit_log.info(
+            "write time=%s client=%s token=%s method=%s endpoint=%s status=%d points=%d",
+            datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            f"{client[0]}:{client[1]}" if client else "-",
+            principal.name if principal is not None else ("-" if tokens is not None else "anonymous"),
+            scope.get("method", "?"), request.url.path, status_code, points)
+        return response
+
     @app.post("/ingest", summary="add points to the live index", **_INGEST_DOC)
     async def ingest(request: Request, columns: str | None = Query(None)) -> Response:
         async def work(req: Request):
@@ -1271,11 +1506,12 @@ def create_app(
                 ids = _arrow_column(table, "id", "integer").astype(np.int64) if "id" in table.column_names else None
                 ts = _arrow_column(table, "timestamp").astype(np.float64) if "timestamp" in table.column_names else None
             new_ids = await blocking(cluster.ingest, pts, ids, ts)
+            req.scope["distspatial.affected"] = len(pts)
             if _wants_arrow(req, kind):
                 return _arrow_response({"id": np.asarray(new_ids, dtype=np.int64)}), len(pts)
             return _json_response({"ids": np.asarray(new_ids).tolist(), "n_points": int(cluster.n_points)}), len(pts)
 
-        return await handle(request, "ingest", work)
+        return audit(request, await handle(request, "ingest", work))
 
     @app.post("/delete", summary="delete points by id",
               openapi_extra={"requestBody": {"required": True, "content": {JSON_TYPE: {"schema": {
@@ -1296,9 +1532,10 @@ def create_app(
                                             f"{', '.join(table.column_names) or 'no columns'}")
                 ids = _arrow_column(table, "id", "integer").astype(np.int64)
             n = await blocking(cluster.delete, ids)
+            req.scope["distspatial.affected"] = int(n)
             return _json_response({"deleted": int(n), "n_points": int(cluster.n_points)}), len(ids)
 
-        return await handle(request, "delete", work)
+        return audit(request, await handle(request, "delete", work))
 
     # -- read-only endpoints --------------------------------------------------------------------------------------
     @app.get("/stats", summary="cluster statistics (per node and totals)")
@@ -1318,7 +1555,7 @@ def create_app(
         async def work(req: Request):
             meta_, why = _current_meta(cluster)
             if meta_ is None and "shut down" in why:
-                return _json_response({"status": "unavailable", "reason": why}, 503), 0
+                return _json_response({"status": "unavailable", "reason": why}, 503), 0  # no details in it
             h = await blocking(cluster.health)
             failed = set(h.get("failed_nodes", []))
             lost = [p.partition_id for p in meta_.partitions if all(o in failed for o in p.owners)] if meta_ else []
@@ -1332,6 +1569,8 @@ def create_app(
                 state, reason = "ok", "every node answers"
             out = {"status": state, "reason": reason, "points": int(cluster.n_points),
                    "lost_partitions": lost, **_jsonable(h)}
+            if tokens is not None and req.scope.get("distspatial.principal") is None:
+                out = {"status": state, "reason": reason}  # the details need a token
             return _json_response(out, 503 if state == "unavailable" else 200), 0
 
         return await handle(request, "health", work)
@@ -1377,6 +1616,29 @@ def listen(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
     return sock
 
 
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` reaches this machine only (``127.0.0.0/8``, ``::1``, ``localhost``); every other address,
+    ``0.0.0.0``/``::`` (all interfaces) and names included, counts as exposed."""
+    h = host.strip().strip("[]").lower()
+    if h == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(h).is_loopback
+    except ValueError:
+        return False
+
+
+def check_exposure(host: str, tokens: Any = None, read_only: bool = False, insecure_no_auth: bool = False) -> None:
+    """Refuse (:class:`ValueError`, one line) to serve beyond this machine without tokens: on a non-loopback
+    ``host`` anyone who reaches the port could ingest and delete. ``read_only`` (nothing can be changed) or an
+    explicit ``insecure_no_auth`` allows it."""
+    if tokens is not None or read_only or insecure_no_auth or is_loopback(host):
+        return
+    raise ValueError(f"refusing to listen on {host or '0.0.0.0'} without authentication: anyone who reaches the port "
+                     f"could ingest and delete points; give --token-file FILE (or set DISTSPATIAL_TOKEN), "
+                     f"--read-only, or --insecure-no-auth")
+
+
 def _url(host: str, sock: socket.socket) -> str:
     port = sock.getsockname()[1]
     shown = {"0.0.0.0": "127.0.0.1", "::": "[::1]", "": "127.0.0.1"}.get(host, f"[{host}]" if ":" in host else host)
@@ -1398,12 +1660,23 @@ def run_server(
     access_log: bool = False,
     on_ready: Callable[[str], None] | None = None,
     sock: socket.socket | None = None,
+    insecure_no_auth: bool = False,
     **app_options: Any,
 ) -> None:
     """Serve ``cluster`` on ``host:port`` until SIGINT or SIGTERM (then return normally, after a graceful
     shutdown). ``port=0`` takes a free port; ``on_ready(url)`` is called once the socket listens. ``sock``: a
     socket from :func:`listen` to serve on instead (bound early, so a busy port fails before any work).
-    ``app_options`` go to :func:`create_app`."""
+    ``app_options`` go to :func:`create_app`. A non-loopback ``host`` needs ``tokens``, ``read_only`` or
+    ``insecure_no_auth`` (:func:`check_exposure`). Writes are audited to the ``distspatial.audit`` logger,
+    which gets a stderr handler here unless it has one."""
+    check_exposure(host, app_options.get("tokens"), bool(app_options.get("read_only")), insecure_no_auth)
+    if not audit_log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("distspatial audit: %(message)s"))
+        audit_log.addHandler(handler)
+        audit_log.propagate = False
+    if audit_log.level == logging.NOTSET:
+        audit_log.setLevel(logging.INFO)
     app = create_app(cluster, **app_options)
     sock = sock if sock is not None else listen(host, port)
     server = _server(app, log_level, access_log)
@@ -1427,7 +1700,12 @@ class BackgroundServer:
     """uvicorn serving ``cluster`` (or a ready app) in a daemon thread: ``with BackgroundServer(c) as s: s.url``."""
 
     def __init__(self, cluster_or_app: Any, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning",
-                 **app_options: Any) -> None:
+                 insecure_no_auth: bool = False, **app_options: Any) -> None:
+        guard = getattr(cluster_or_app, "_guard", None)
+        if guard is not None:  # a ready app: its own access settings
+            check_exposure(host, guard.tokens, guard.read_only, insecure_no_auth)
+        else:
+            check_exposure(host, app_options.get("tokens"), bool(app_options.get("read_only")), insecure_no_auth)
         self.app = cluster_or_app if isinstance(cluster_or_app, FastAPI) else create_app(cluster_or_app,
                                                                                        **app_options)
         self.host, self.port, self.log_level = host, port, log_level
