@@ -645,12 +645,41 @@ def _port(text: str) -> int:
 
 
 def _prepare_serve(s: Session) -> None:
-    """Fail before Ray starts: the service's packages are there and the port is free (the socket is kept)."""
+    """Fail before Ray starts: the service's packages are there, the tokens can be read, the address may be
+    served with them, and the port is free (the socket is kept)."""
     try:
-        from .service import listen
+        from .service import check_exposure, listen
     except ImportError as exc:
         raise RuntimeError(str(exc)) from None
-    s.extra["socket"] = listen(s.args.host, s.args.port)
+    import warnings
+
+    from ..core.access import TokenSet, load_token_file
+
+    a = s.args
+    if a.token is not None:
+        raise ValueError("tokens are not taken on the command line, where 'ps' shows them to every user: put them "
+                         "in a file given with --token-file FILE (lines 'read: TOKEN', 'write:NAME: TOKEN') or in "
+                         "the DISTSPATIAL_TOKEN environment variable")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tokens = load_token_file(a.token_file) if a.token_file else TokenSet.from_env()
+    for w in caught:  # a token file others can read: say so, serve anyway
+        print(f"distspatial serve: warning: {w.message}", file=sys.stderr)
+    if a.insecure_no_auth and tokens is not None:
+        raise ValueError("--insecure-no-auth with tokens configured (--token-file or DISTSPATIAL_TOKEN): choose one")
+    check_exposure(a.host, tokens, a.read_only, a.insecure_no_auth)
+    s.extra["tokens"] = tokens
+    if a.audit_log:
+        import logging
+
+        from .service import audit_log
+
+        handler = logging.FileHandler(a.audit_log, encoding="utf-8")
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        audit_log.addHandler(handler)
+        audit_log.setLevel(logging.INFO)
+        audit_log.propagate = False
+    s.extra["socket"] = listen(a.host, a.port)
 
 
 @subcommand("serve", "serve HTTP queries (kNN, range, box, ingest) and a live status page over the input "
@@ -674,6 +703,22 @@ def _prepare_serve(s: Session) -> None:
                          "closed (10)"),
                 arg("--request-timeout-s", type=_positive_float, default=30.0,
                     help="a request not answered this long after its headers gets 504 (30)"),
+                arg("--token-file", metavar="FILE", default=None,
+                    help="requests must carry 'Authorization: Bearer TOKEN' with a token of this file: lines "
+                         "'read: TOKEN' (queries, status page) and 'write[:NAME]: TOKEN' (also ingest, delete); "
+                         "chmod 600 it. Default: the write token in $DISTSPATIAL_TOKEN, if set"),
+                arg("--read-only", action="store_true",
+                    help="serve queries and the status page only; writes get 405 (a query replica)"),
+                arg("--insecure-no-auth", action="store_true",
+                    help="listen on a non-loopback --host without any token (anyone who reaches the port may "
+                         "ingest and delete); without it such a --host needs --token-file or --read-only"),
+                arg("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                    help="let web pages of ORIGIN (https://app.example.com; '*': any) call the service from a "
+                         "browser (repeatable); default: no CORS"),
+                arg("--audit-log", metavar="FILE", default=None,
+                    help="append the audit log of writes (time, client, token name, endpoint, points) to FILE "
+                         "(default: stderr)"),
+                arg("--token", default=None, help=argparse.SUPPRESS),  # refused with a pointer to --token-file
             ])
 def _serve(s: Session) -> int:
     from .service import run_server
@@ -683,10 +728,29 @@ def _serve(s: Session) -> int:
                max_body_bytes=int(a.max_body_mb * 2**20), coalesce=not a.no_coalesce,
                batch_wait_ms=a.batch_wait_ms, max_batch=a.max_batch, max_queue=a.max_queue,
                body_timeout_s=a.body_timeout_s, request_timeout_s=a.request_timeout_s,
+               tokens=s.extra["tokens"], read_only=a.read_only, insecure_no_auth=a.insecure_no_auth,
+               cors_origins=tuple(a.cors_origin),
                on_ready=lambda url: s.say(f"serving on {url} (status page {url}/, API docs {url}/docs); "
-                                          f"Ctrl-C stops"))
+                                          f"{_access_summary(s)}; Ctrl-C stops"))
     s.say("stopped serving")
     return EXIT_OK
+
+
+def _access_summary(s: Session) -> str:
+    """How the service controls access, in a few words (token names, never tokens)."""
+    a, tokens = s.args, s.extra.get("tokens")
+    parts = []
+    if tokens is not None:
+        scopes = tokens.scopes()
+        parts.append("tokens required (" + ", ".join(f"{scope}: {', '.join(names)}" for scope, names in scopes.items()
+                                                     if names) + ")")
+    else:
+        parts.append("no tokens" + (" (--insecure-no-auth)" if a.insecure_no_auth else ""))
+    if a.read_only:
+        parts.append("read-only")
+    if a.cors_origin:
+        parts.append(f"CORS for {', '.join(a.cors_origin)}")
+    return ", ".join(parts)
 
 
 @subcommand("up", "start a named cluster holding INPUT's points and return once it serves; other commands then "
