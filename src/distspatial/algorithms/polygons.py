@@ -30,7 +30,7 @@ import ray
 
 from ..core.codec import message_bytes
 from ..core.geo import lonlat_box_to_unit_bounds
-from ..kernels.polygon_kernels import PREDICATES, polygon_bounds, polygons_to_wkb
+from ..kernels.polygon_kernels import PREDICATES, polygon_bounds, polygons_to_wkb, sort_pairs
 
 __all__ = ["PolygonJoin", "as_polygons", "polygon_search", "points_in_polygons", "AGGREGATES"]
 
@@ -251,10 +251,8 @@ def points_in_polygons(rt: Any, polygons: Any, predicate: str = "within", aggreg
         ids = np.concatenate([a[0] for a in answers])
         poly = np.concatenate([a[1] for a in answers])
         pts = np.concatenate([a[2] for a in answers]) if return_points else None
-    # every node's answer is sorted by id then polygon and an id lives on one node: a stable sort by id merges
-    # the sorted runs (timsort) and keeps each point's polygons in order
-    order = np.argsort(ids, kind="stable")
-    res = PolygonJoin(ids[order], poly[order])
+    ids, poly, order = sort_pairs(ids, poly, len(geoms), permutation=return_points)  # by id, then polygon
+    res = PolygonJoin(ids, poly)
     return (res, pts[order]) if return_points else res
 
 

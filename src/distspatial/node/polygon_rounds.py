@@ -35,8 +35,8 @@ class PolygonRoundsMixin:
         return_points: bool, partition_ids: list[int], version: int | None = None,
     ) -> Any:
         """Points of ``partition_ids`` in the polygons (WKB ``blob`` cut at ``offsets``), by ``predicate``
-        (``"within"`` / ``"intersects"``). Returns ``(ids, polygon indices, points or None)`` sorted by id then
-        polygon, or with ``aggregate="count"`` an int64 count per polygon."""
+        (``"within"`` / ``"intersects"``). Returns ``(ids, polygon indices, points or None)``, partition by
+        partition (unsorted), or with ``aggregate="count"`` an int64 count per polygon."""
         from ..kernels.polygon_kernels import polygon_bounds, polygon_pairs, polygons_from_wkb
 
         self._check_version(version)
@@ -56,16 +56,14 @@ class PolygonRoundsMixin:
             if counts is not None:
                 counts += np.bincount(poly, minlength=len(geoms))
                 continue
-            hit = ids[rows]
-            o = np.argsort(hit, kind="stable")  # by id; a point's polygons stay in order (stable)
-            ids_out.append(hit[o])
-            poly_out.append(poly[o])
+            ids_out.append(ids[rows])
+            poly_out.append(poly)
             if return_points:
-                pts_out.append(xy[rows[o]])
+                pts_out.append(xy[rows])
         if counts is not None:
             return counts
         if not ids_out:
             return np.empty(0, np.int64), np.empty(0, np.int64), (np.empty((0, 2)) if return_points else None)
-        ids_all, poly_all = np.concatenate(ids_out), np.concatenate(poly_out)
-        o = np.argsort(ids_all, kind="stable")  # sorted runs (one per partition): a cheap merge
-        return ids_all[o], poly_all[o], np.concatenate(pts_out)[o] if return_points else None
+        # not sorted here: the client sorts all answers once (a packed int64 key, one vectorized sort)
+        return (np.concatenate(ids_out), np.concatenate(poly_out),
+                np.concatenate(pts_out) if return_points else None)
