@@ -307,6 +307,38 @@ def check_geo(ns, out, st):
     assert out.startswith("EPSG:4326")
 
 
+def check_geoparquet(ns, out, st):
+    import geopandas as gpd
+    import shapely
+
+    town, ids = ns["town"], ns["town_gdf"]["id"].to_numpy()
+    assert np.array_equal(ns["town_xy"], town)
+    lo, hi = np.array([2000.0, 2000.0]), np.array([3000.0, 2600.0])
+    inside = np.flatnonzero(np.all((town >= lo) & (town <= hi), axis=1))
+    assert len(inside) and np.array_equal(ns["town_ids"], ids[inside])  # ids ascend with the rows here
+    assert np.array_equal(ns["town_pts"], town[inside])
+    hits = ns["town_hits"]
+    assert isinstance(hits, gpd.GeoDataFrame) and np.array_equal(shapely.get_coordinates(hits.geometry.values),
+                                                                  town[inside])
+    back = gpd.read_parquet(ns["town_out"])
+    assert back.crs.to_epsg() == 3857 and np.array_equal(shapely.get_coordinates(back.geometry.values), town[inside])
+    assert out.startswith("EPSG:3857")
+
+
+def check_polygons(ns, out, st):
+    import geopandas as gpd
+
+    g, d = ns["town_gdf"], ns["districts"]
+    for predicate, res in (("within", ns["pip"]), ("intersects", ns["pip_border"])):
+        j = gpd.sjoin(g, d, predicate=predicate)
+        ref = np.stack([j["id"].to_numpy(), j["index_right"].to_numpy()], 1)
+        ref = ref[np.lexsort((ref[:, 1], ref[:, 0]))]
+        assert np.array_equal(np.stack([res.id, res.polygon], 1), ref)
+        if predicate == "within":
+            assert np.array_equal(ns["pip_counts"], np.bincount(ref[:, 1], minlength=len(d)))
+            assert np.array_equal(ns["hole_ids"], ref[ref[:, 1] == 0, 0])
+
+
 CHECKS = {
     "Start a cluster and distribute points": check_start,
     "Exact queries": check_queries,
@@ -320,6 +352,8 @@ CHECKS = {
     "HTTP service and status page (needs `distspatial[serve]`)": check_service,
     "Load balancing, checkpoints, statistics": check_balance_checkpoint_stats,
     "Geographic data (longitude/latitude, metres)": check_geo,
+    "GeoParquet and GeoPandas": check_geoparquet,
+    "Polygon queries": check_polygons,
 }
 
 
