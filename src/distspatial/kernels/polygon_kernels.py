@@ -63,8 +63,8 @@ def polygon_bounds(geoms: np.ndarray) -> np.ndarray:
 
 def polygon_pairs(xy: np.ndarray, geoms: np.ndarray, bounds: np.ndarray | None = None,
                   predicate: str = "within") -> tuple[np.ndarray, np.ndarray]:
-    """``(point rows, polygon indices)`` of every (point, polygon) pair with ``point <predicate> polygon``, sorted
-    by point row then polygon. ``xy``: ``(n, 2)`` coordinates; ``geoms``: prepared shapely geometries (see
+    """``(point rows, polygon indices)`` of every (point, polygon) pair with ``point <predicate> polygon``, in no
+    particular order (callers sort what they return: :func:`sort_pairs`). ``xy``: ``(n, 2)`` coordinates; ``geoms``: prepared shapely geometries (see
     :func:`polygons_from_wkb`); ``bounds``: their :func:`polygon_bounds` (computed when ``None``)."""
     import shapely
 
@@ -101,9 +101,7 @@ def polygon_pairs(xy: np.ndarray, geoms: np.ndarray, bounds: np.ndarray | None =
         rows, poly = _dense(xy, g, cell, gx, gy, lo, csx, csy, predicate, shapely)
     else:
         rows, poly = _sparse(xy, g, bk, cell, gx, gy, lo, csx, csy, predicate, shapely)
-    poly = keep[poly]
-    order = np.lexsort((poly, rows))
-    return rows[order], poly[order]
+    return rows, keep[poly]
 
 
 def sort_pairs(ids: np.ndarray, poly: np.ndarray, n_polygons: int, permutation: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
@@ -136,8 +134,16 @@ def _expand(starts: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndar
 
 
 def _test(g: np.ndarray, pi: np.ndarray, xy: np.ndarray, pts: np.ndarray, predicate: str, shapely: Any) -> np.ndarray:
+    """``predicate(point pts[i], polygon pi[i])`` for every pair, evaluated in polygon order: consecutive tests on
+    the same prepared polygon keep its index in cache (7x faster than in point order for 50K small polygons)."""
     fn = shapely.contains_xy if predicate == "within" else shapely.intersects_xy
-    return fn(g[pi], xy[pts, 0], xy[pts, 1])
+    if len(pi) == 0:
+        return np.zeros(0, dtype=bool)
+    o = np.argsort(pi, kind="stable")
+    p = pts[o]
+    out = np.empty(len(pi), dtype=bool)
+    out[o] = fn(g[pi[o]], xy[p, 0], xy[p, 1])
+    return out
 
 
 def _dense(xy, g, cell, gx, gy, lo, csx, csy, predicate, shapely):
