@@ -374,3 +374,60 @@ def test_command_line_up_query_serve_down(ray_head, tmp_path):
     assert "cli" not in [x["name"] for x in DistributedSpatialCluster.list_clusters(address)]
     gone = _cli("down", "cli", "--address", address, env=env)
     assert gone.returncode == 2 and "no cluster named 'cli'" in gone.stderr, gone.stderr
+
+
+def test_a_token_guards_writes_and_teardown_of_a_named_cluster(ray_head, monkeypatch):
+    """A cluster created with a token: a client attached without it (or with a wrong one) may query but not
+    ingest, delete or tear down; with it (given, or in DISTSPATIAL_TOKEN) it may. Only a salted hash is stored,
+    and the check survives a controller restart."""
+    import secrets
+
+    from ray.experimental import internal_kv
+
+    from distspatial.core.errors import AccessDeniedError
+
+    address, _ = ray_head
+    monkeypatch.delenv("DISTSPATIAL_TOKEN", raising=False)
+    token = secrets.token_urlsafe(24)
+    pts = _base()[:5000]
+    owner = DistributedSpatialCluster(_cfg("guarded", address).with_token(token))
+    try:
+        owner.distribute_data(pts)
+        assert owner.config.token is None and token not in repr(_cfg("x", address).with_token(token))
+        raw = internal_kv._internal_kv_get(b"guarded/state", namespace="distspatial")
+        assert raw and token.encode() not in raw  # the stored state holds a salted HMAC, not the token
+        stranger = DistributedSpatialCluster.attach("guarded", address)
+        d, i = stranger.distributed_knn_search(pts[:20], 1)  # reads stay open
+        np.testing.assert_array_equal(i[:, 0], np.arange(20))
+        with pytest.raises(AccessDeniedError, match="created with a token and ingest needs it"):
+            stranger.ingest(_batch(0, 10))
+        with pytest.raises(AccessDeniedError, match="delete needs it"):
+            stranger.delete([0, 1])
+        with pytest.raises(AccessDeniedError, match="shutdown needs it"):
+            stranger.shutdown()
+        with pytest.raises(AccessDeniedError):
+            stranger.rebalance()
+        assert "guarded" in [x["name"] for x in DistributedSpatialCluster.list_clusters(address)]
+        assert stranger.n_points == len(pts)  # nothing changed, and the refused client still works
+        wrong = DistributedSpatialCluster.attach("guarded", address, token=secrets.token_urlsafe(24))
+        with pytest.raises(AccessDeniedError, match="not the one it was created with"):
+            wrong.ingest(_batch(0, 10))
+        wrong.close()
+
+        ray.kill(ray.get_actor("guarded:controller", namespace="distspatial"), no_restart=False)
+        with pytest.raises(AccessDeniedError):  # the restarted controller read its verifier back
+            stranger.delete([0])
+        holder = DistributedSpatialCluster.attach("guarded", address, token=token)
+        new = holder.ingest(_batch(1, 10))
+        assert holder.delete(new[:4]) == 4 and holder.n_points == len(pts) + 6
+        monkeypatch.setenv("DISTSPATIAL_TOKEN", token)
+        from_env = DistributedSpatialCluster.attach("guarded", address)
+        assert from_env.delete(new[4:]) == 6
+        from_env.close()
+        stranger.close()
+        holder.shutdown()
+        assert "guarded" not in [x["name"] for x in DistributedSpatialCluster.list_clusters(address)]
+    finally:
+        if "guarded" in [x["name"] for x in DistributedSpatialCluster.list_clusters(address)]:
+            DistributedSpatialCluster.attach("guarded", address, token=token).shutdown()
+        owner.close()

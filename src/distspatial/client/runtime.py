@@ -31,7 +31,7 @@ import numpy as np
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
-from ..control.controller import ClusterView
+from ..control.controller import ClusterView, is_guarded
 from ..core.metadata import GlobalIndexMetadata
 from ..kernels.routing import RoutingTable
 from ..core.codec import encode_all, message_bytes
@@ -61,6 +61,8 @@ class ClusterRuntime(NodeMessages):
         self.controller_timeout_s = controller_timeout_s
         self.comm = CommunicationCounters()
         self.closed: str | None = None  # why this client may not be used any more (None: open)
+        #: the cluster's token, sent with every state-changing call (the controller checks it); None: none held
+        self.token: str | None = None
         cfg = view.config
         self.dispatch = Dispatcher(dict(view.actors), cfg.communication_timeout_ms / 1000.0, cfg.max_retries,
                                    self.comm, on_failure=self._report_failure)
@@ -173,11 +175,16 @@ class ClusterRuntime(NodeMessages):
     # -- the controller -------------------------------------------------------------------------------------
     def call_controller(self, method: str, *args: Any, timeout_s: float | None = None, **kwargs: Any) -> Any:
         """``controller.method(*args, **kwargs)``, waiting up to ``timeout_s`` (``None``: as long as it takes);
-        the controller's own errors are raised as they are."""
+        the controller's own errors are raised as they are. A state-changing method goes through the
+        controller's token check with :attr:`token` (:class:`~distspatial.core.errors.AccessDeniedError` when
+        refused)."""
         if self.closed:
             raise RuntimeError(self.closed)
         try:
-            ref = getattr(self.controller, method).remote(*args, **kwargs)
+            if is_guarded(method, args):
+                ref = self.controller.guarded.remote(self.token, method, *args, **kwargs)
+            else:
+                ref = getattr(self.controller, method).remote(*args, **kwargs)
             return ray.get(ref, timeout=timeout_s)
         except RayTaskError as exc:
             cause = getattr(exc, "cause", None)

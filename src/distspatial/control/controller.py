@@ -19,6 +19,14 @@ actors again by name and carries on with a version above any it handed out. Writ
 are idempotent, so a call that Ray retries after a restart is applied once. An unnamed cluster's controller and
 nodes belong to the process that created them and die with it (no state is stored).
 
+A cluster created with a token (``NodeConfig.with_token`` or ``DISTSPATIAL_TOKEN``) is given a salted HMAC of it
+(:func:`~distspatial.core.access.make_verifier`; the token itself never reaches the controller's arguments or
+its stored state). Clients send every state-changing call (:data:`GUARDED`) through :meth:`ClusterController.guarded`
+with their token, checked in constant time; a missing or wrong token raises
+:class:`~distspatial.core.errors.AccessDeniedError`. Reads (views, queries to the nodes, health, metrics) stay open.
+This guards distspatial's API, not Ray: whoever can reach the Ray cluster can run any code in it (Ray's own token
+authentication, ``RAY_AUTH_MODE=token``, guards its ports).
+
 The work itself is grouped by concern: :mod:`~distspatial.control.writes` (data set and live updates),
 :mod:`~distspatial.control.recovery` (replication, recovery, elastic scaling),
 :mod:`~distspatial.control.balance_rounds` (load metrics, splits, read replicas, migrations) and
@@ -38,8 +46,9 @@ from typing import Any
 import numpy as np
 import ray
 
+from ..core.access import verify
 from ..core.config import NodeConfig
-from ..core.errors import NotDistributedError
+from ..core.errors import AccessDeniedError, NotDistributedError
 from ..core.stats import CommunicationCounters
 from ..core.codec import decode_all, encode, message_bytes
 from ..node.actors import (NAMESPACE, free_cpus, gpus_per_node, node_actor_name, start_node_actor,
@@ -59,7 +68,23 @@ from .writes import WritesMixin
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ClusterController", "ClusterView", "controller_actor_name", "NAMESPACE", "RECENT_WRITES"]
+__all__ = ["ClusterController", "ClusterView", "controller_actor_name", "NAMESPACE", "RECENT_WRITES", "GUARDED",
+           "is_guarded"]
+
+#: controller methods that change the cluster (its data, layout, settings, or its existence): clients call them
+#: through :meth:`ClusterController.guarded`, which checks the cluster's token first
+GUARDED = frozenset((
+    "distribute", "distribute_files", "load_checkpoint", "begin_chunked", "end_chunked", "ingest", "delete", "update",
+    "set_options", "add_nodes", "remove_node", "move_partition", "split_partition", "add_read_replica", "rebalance",
+    "restore_redundancy", "follow_ray_cluster", "checkpoint", "shutdown",
+))
+
+
+def is_guarded(method: str, args: tuple = ()) -> bool:
+    """Whether a client's call of controller ``method`` needs the token (a dry-run rebalance only plans)."""
+    if method == "rebalance" and args and args[0] is True:
+        return False
+    return method in GUARDED
 
 #: outcomes of this many recent writes are kept (and stored), so a write retried after a restart is applied once
 RECENT_WRITES = 2048
@@ -78,10 +103,11 @@ class ClusterController(NodeMessages, WritesMixin, LoadingMixin, RecoveryMixin, 
         config: the cluster's :class:`NodeConfig`.
     """
 
-    def __init__(self, name: str | None, config: NodeConfig) -> None:
+    def __init__(self, name: str | None, config: NodeConfig, verifier: tuple[bytes, bytes] | None = None) -> None:
         self.name = name
         self.named = name is not None
         self.config = config
+        self.verifier = verifier  # (salt, HMAC of the token) or None: no token needed
         self.lock = threading.RLock()  # serialises every change of the state below (held for a whole write)
         # guards the published version, notified on every new one; views are read under it alone, so a client
         # asking for a view never waits for a write in progress
@@ -217,7 +243,7 @@ class ClusterController(NodeMessages, WritesMixin, LoadingMixin, RecoveryMixin, 
 
     _PERSISTED = ("version", "meta", "node_info", "dataset_counter", "next_id", "has_user_ids", "modified",
                   "mean_variance", "recent", "checkpoint_info", "data_changes", "part_stamp", "members", "cpus_per_node", "balance_threshold", "node_capacity",
-                  "tuning_policy", "restarts", "autoscale_skip")
+                  "tuning_policy", "restarts", "autoscale_skip", "verifier")
 
     def _persist(self) -> None:
         if not self.named:
@@ -287,6 +313,29 @@ class ClusterController(NodeMessages, WritesMixin, LoadingMixin, RecoveryMixin, 
         while len(self.recent) > RECENT_WRITES:
             self.recent.popitem(last=False)
 
+    # -- access -------------------------------------------------------------------------------------------
+    def guarded(self, token: str | None, method: str, *args: Any, **kwargs: Any) -> Any:
+        """Carry out state-changing ``method`` (one of :data:`GUARDED`) for a client holding ``token``."""
+        if method not in GUARDED:
+            raise ValueError(f"{method!r} is not a guarded controller method")
+        self.authorize(token, method)
+        return getattr(self, method)(*args, **kwargs)
+
+    def authorize(self, token: str | None, what: str) -> None:
+        """Raise :class:`AccessDeniedError` unless this cluster needs no token or ``token`` is its token."""
+        if self.verifier is None:
+            return
+        name = self.name or "(unnamed)"
+        if token is None:
+            raise AccessDeniedError(
+                f"cluster {name!r} was created with a token and {what} needs it; attach with "
+                f"DistributedSpatialCluster.attach({name!r}, token=...) or set DISTSPATIAL_TOKEN (queries need no "
+                f"token)")
+        if not verify(self.verifier, token):
+            log.warning("distspatial: cluster %r refused %s: wrong token", name, what)
+            raise AccessDeniedError(f"the token given for cluster {name!r} is not the one it was created with; "
+                                    f"{what} refused")
+
     # -- what clients ask ---------------------------------------------------------------------------------
     def ready(self) -> dict[str, Any]:
         """Liveness and a summary (name, version, points, nodes, restarts)."""
@@ -297,7 +346,8 @@ class ClusterController(NodeMessages, WritesMixin, LoadingMixin, RecoveryMixin, 
         return {"name": self.name, "version": self.version, "points": meta.n_points if meta else 0,
                 "partitions": meta.n_partitions if meta else 0, "dim": meta.user_dim if meta else None,
                 "crs": meta.crs if meta else None,
-                "nodes": len(self.live_node_ids), "restarts": self.restarts, "address": self.config.address}
+                "nodes": len(self.live_node_ids), "restarts": self.restarts, "address": self.config.address,
+                "token": self.verifier is not None}
 
     def view(self, min_version: int = 0, timeout_s: float = 30.0, light: bool = False) -> ClusterView:
         """The current :class:`ClusterView`, waiting up to ``timeout_s`` until its version is ``min_version``

@@ -78,6 +78,11 @@ class NodeConfig:
         crs: the coordinate reference system of the data sets distributed without ``crs=`` (canonical name, see
             :func:`~distspatial.core.crs.resolve_crs`); a geographic one (``"EPSG:4326"``) means longitude/latitude
             in degrees and great-circle distances in metres. ``None``: plain Euclidean coordinates.
+        token: a named cluster created with a token lets only clients holding it write (distribute, ingest,
+            delete, update, rebalance, checkpoint, settings) and tear it down; queries stay open. ``None``: the
+            ``DISTSPATIAL_TOKEN`` environment variable when set, else no token. Set it with :meth:`with_token`;
+            it is not shown by ``repr``, and the controller keeps only a salted hash of it (the config the
+            cluster stores and hands to clients has ``token=None``).
     """
 
     node_count: int = 4
@@ -102,6 +107,7 @@ class NodeConfig:
     device: str = "cpu"
     name: str | None = None
     crs: str | None = None
+    token: str | None = dataclasses.field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         _check_int("node_count", self.node_count, 1, 4096)
@@ -140,6 +146,10 @@ class NodeConfig:
                              f"or digit), got {self.name!r}")
         if self.device not in DEVICES:
             raise ValueError(f"NodeConfig.device must be one of {DEVICES}, got {self.device!r}")
+        if self.token is not None:
+            from .access import check_token
+
+            check_token(self.token, "NodeConfig.token")
         if self.crs is not None and not isinstance(self.crs, str):
             raise ValueError(f"NodeConfig.crs must be a CRS name such as 'EPSG:4326' (use with_crs), got {self.crs!r}")
 
@@ -182,6 +192,11 @@ class NodeConfig:
     def with_name(self, name: str | None) -> NodeConfig:
         """Name the cluster: it outlives its creator and other processes attach to it (see ``name``)."""
         return self.replace(name=name)
+
+    def with_token(self, token: str | None) -> NodeConfig:
+        """Require ``token`` for writes and teardown of the named cluster created with this config (see
+        ``token``; at least 16 random characters, e.g. ``secrets.token_urlsafe(32)``); ``None``: no token."""
+        return self.replace(token=token)
 
     def with_address(self, address: str | None) -> NodeConfig:
         """Join an existing Ray cluster (``"auto"``, ``"ray://host:port"``); ``None`` = embedded runtime."""
