@@ -113,3 +113,13 @@ def test_polygon_inputs_and_errors(setup, tmp_path):
         cluster.polygon_search("POLYGON ((0 0, 1")
     with pytest.raises(ValueError, match="one polygon"):
         cluster.polygon_search([shapely.box(0, 0, 1, 1), shapely.box(1, 1, 2, 2)])
+
+
+def test_polygons_in_another_crs_are_refused(ray_local):
+    cfg = NodeConfig().with_node_count(1).with_partitions_per_node(1).replace(cpus_per_node=0.2)
+    with DistributedSpatialCluster(cfg) as c:
+        c.distribute_data(np.array([[1000.0, 1000.0], [5000.0, 5000.0]]), crs="EPSG:3857")
+        polys = gpd.GeoDataFrame(geometry=[shapely.box(0, 0, 2000, 2000)], crs="EPSG:3857")
+        assert np.array_equal(c.polygon_search(polys.geometry), [0])
+        with pytest.raises(ValueError, match=r"reproject them first, e.g. polygons.to_crs\('EPSG:3857'\)"):
+            c.points_in_polygons(polys.set_crs("EPSG:4326", allow_override=True))

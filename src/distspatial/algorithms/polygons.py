@@ -168,6 +168,23 @@ def as_polygons(polygons: Any, single: bool = False) -> np.ndarray:
     return geoms
 
 
+def check_polygon_crs(polygons: Any, crs: Any) -> None:
+    """A GeoDataFrame / GeoSeries of polygons in another CRS than the points': ValueError saying to reproject
+    (``polygons.to_crs(crs)``). Nothing is checked when either CRS is unknown."""
+    pcrs = getattr(polygons, "crs", None) if type(polygons).__name__ in ("GeoDataFrame", "GeoSeries") else None
+    if pcrs is None or crs is None:
+        return
+    try:
+        import pyproj
+
+        same = pyproj.CRS.from_user_input(crs) == pyproj.CRS.from_user_input(pcrs)
+    except Exception:  # an unknown CRS name: nothing to compare
+        return
+    if not same:
+        raise ValueError(f"the polygons are in {pcrs.to_string() if hasattr(pcrs, 'to_string') else pcrs}, the "
+                         f"points in {crs}: reproject them first, e.g. polygons.to_crs({str(crs)!r})")
+
+
 def _check(predicate: str, aggregate: Any = None) -> None:
     if predicate not in PREDICATES:
         raise ValueError(f"predicate must be 'within' (interior; boundary points excluded) or 'intersects' "
@@ -233,9 +250,11 @@ def _run(rt: Any, geoms: np.ndarray, predicate: str, aggregate: str | None, geog
 
 
 def points_in_polygons(rt: Any, polygons: Any, predicate: str = "within", aggregate: str | None = None,
-                       geographic: bool = False, return_points: bool = False) -> Any:
-    """See ``DistributedSpatialCluster.points_in_polygons``."""
+                       geographic: bool = False, return_points: bool = False, crs: Any = None) -> Any:
+    """See ``DistributedSpatialCluster.points_in_polygons``; ``crs``: the points' (checked against a
+    GeoDataFrame's)."""
     _check(predicate, aggregate)
+    check_polygon_crs(polygons, crs)
     geoms = as_polygons(polygons)
     rt.require_data()
     answers = _run(rt, geoms, predicate, aggregate, geographic, return_points and aggregate is None)
@@ -257,9 +276,10 @@ def points_in_polygons(rt: Any, polygons: Any, predicate: str = "within", aggreg
 
 
 def polygon_search(rt: Any, polygon: Any, predicate: str = "within", geographic: bool = False,
-                   return_points: bool = False) -> Any:
+                   return_points: bool = False, crs: Any = None) -> Any:
     """See ``DistributedSpatialCluster.polygon_search``."""
     _check(predicate)
+    check_polygon_crs(polygon, crs)
     geoms = as_polygons(polygon, single=True)
     rt.require_data()
     answers = _run(rt, geoms, predicate, None, geographic, return_points)
