@@ -11,6 +11,9 @@ controller, which orders them.
   the process: ``close()`` disconnects and leaves it running, ``shutdown()`` tears it down.
 * ``DistributedSpatialCluster.attach("cities")`` attaches another process to a running named cluster;
   ``DistributedSpatialCluster.list_clusters()`` lists them.
+* A named cluster created with a token (``NodeConfig().with_token(t)``, or ``DISTSPATIAL_TOKEN`` in the
+  environment) takes writes and ``shutdown()`` only from clients holding it (``attach(name, token=t)`` or the
+  same environment variable); others may query. Ray's own authentication guards the Ray cluster itself.
 
 Example::
 
@@ -47,10 +50,11 @@ from .core.metadata import GlobalIndexMetadata
 from .control.ray_connect import connect, disconnect, join
 from .control import state_store
 from .core.codec import encode, wire_and_raw
+from .core.access import check_token, env_token, make_verifier
 from .core.config import NodeConfig
 from .core.crs import CRSInfo, resolve_crs, to_unit
 from .core.geo import chord_to_metres, lonlat_box_to_unit_bounds, metres_to_chord, unit_to_lonlat
-from .core.errors import ClusterExistsError, ClusterGoneError, ClusterNotFoundError
+from .core.errors import AccessDeniedError, ClusterExistsError, ClusterGoneError, ClusterNotFoundError
 from .core.progress import make_bar
 from .core.stats import ClusterStatistics, LatencyRecorder, NodeStatistics, QueryStatus, Timer
 from .core.validation import check_ids, check_k, check_points, check_queries, check_radius
@@ -114,18 +118,22 @@ class DistributedSpatialCluster:
         self._closed = False
         self.latency = LatencyRecorder()
         self.progress = True  # progress bars for long work (shown only when stderr is a terminal)
+        # a named cluster takes DISTSPATIAL_TOKEN when the config has no token; the token itself stays here
+        token = config.token if config.token is not None else (env_token() if config.name is not None else None)
         try:
-            controller = self._create_controller(config, exist_ok)
+            controller = self._create_controller(config.replace(token=None), exist_ok,
+                                                 make_verifier(token) if token is not None else None)
             view = ray.get(controller.view.remote())
         except BaseException:
             disconnect(self._started_ray)
             raise
         self._rt = ClusterRuntime(controller, view)
+        self._rt.token = token
         self._one_hop = OneHop(self._rt)
         self.config = view.config
 
     @staticmethod
-    def _create_controller(config: NodeConfig, exist_ok: bool) -> Any:
+    def _create_controller(config: NodeConfig, exist_ok: bool, verifier: tuple[bytes, bytes] | None = None) -> Any:
         name = config.name
         if name is not None:
             found = _find_controller(name)
@@ -138,7 +146,8 @@ class DistributedSpatialCluster:
                     f"(distspatial down {name})")
             state_store.delete_cluster(name)  # state left by a cluster of that name that is gone
         try:
-            controller = ray.remote(ClusterController).options(**_controller_options(name)).remote(name, config)
+            controller = ray.remote(ClusterController).options(**_controller_options(name)).remote(name, config,
+                                                                                                  verifier)
             ray.get(controller.ready.remote())
         except ValueError as exc:  # created by another process in the meantime
             if name is not None and "already exists" in str(exc):
@@ -156,9 +165,12 @@ class DistributedSpatialCluster:
         return controller
 
     @classmethod
-    def attach(cls, name: str, address: str | None = None) -> DistributedSpatialCluster:
+    def attach(cls, name: str, address: str | None = None, token: str | None = None) -> DistributedSpatialCluster:
         """A client of the running named cluster ``name`` (on the Ray cluster at ``address``: ``None`` or
         ``"auto"`` the local one, or ``"ray://host:port"`` / ``"host:port"``). Only metadata is fetched.
+        ``token``: the cluster's token, if it was created with one (default: ``DISTSPATIAL_TOKEN``); without it
+        the client may query, while writes and :meth:`shutdown` raise
+        :class:`~distspatial.core.errors.AccessDeniedError`.
 
         Raises :class:`~distspatial.core.errors.ClusterNotFoundError` (listing the running clusters) when no
         cluster of that name runs.
@@ -171,6 +183,7 @@ class DistributedSpatialCluster:
             raise ClusterNotFoundError(f"no cluster named {name!r}: no Ray runtime runs at "
                                        f"{address or 'this machine (address auto)'}") from None
         try:
+            token = check_token(token, "attach: token") if token is not None else env_token()
             controller = _find_controller(name)
             if controller is None:
                 running = _running_clusters()
@@ -189,6 +202,7 @@ class DistributedSpatialCluster:
         self.latency = LatencyRecorder()
         self.progress = True
         self._rt = ClusterRuntime(controller, view)
+        self._rt.token = token
         self._one_hop = OneHop(self._rt)
         self.config = view.config
         return self
@@ -251,16 +265,22 @@ class DistributedSpatialCluster:
 
     def shutdown(self) -> None:
         """Tear the cluster down: its nodes, its controller and its stored state (a named cluster too, for
-        every client attached to it), and the Ray runtime if this client started it. Idempotent."""
+        every client attached to it), and the Ray runtime if this client started it. Idempotent.
+
+        A cluster created with a token is torn down only by a client holding it: others get
+        :class:`~distspatial.core.errors.AccessDeniedError`, and the cluster and this client stay as they were."""
         if self._closed:
             return
-        self._closed = True
         rt = getattr(self, "_rt", None)
         if rt is not None:
             try:
                 rt.call_controller("shutdown", timeout_s=60)
+            except AccessDeniedError:
+                raise  # nothing was stopped
             except (ClusterGoneError, Exception) as exc:  # already gone: nothing left to stop
                 log.debug("distspatial: shutdown: %s", exc)
+        self._closed = True
+        if rt is not None:
             try:
                 ray.kill(rt.controller, no_restart=True)
             except Exception:
