@@ -49,6 +49,17 @@ order). Requests are validated before they join a batch, so a bad one never fail
 A body not received ``body_timeout_s`` after the headers gets 408 (connection closed); a request not answered
 within ``request_timeout_s`` gets 504. ``GET /stats`` counts batches (sizes), refusals and timeouts under
 ``service``.
+
+Access control (``create_app(tokens=..., read_only=..., cors_origins=...)``, in front of every route and the direct
+query path): with tokens (:mod:`distspatial.core.access`: ``read`` for queries, statistics and the status page,
+``write`` also for ``/ingest`` and ``/delete``) a request needs ``Authorization: Bearer <token>``: 401 without a
+valid one, 403 with a read token on a write, both with ``{"detail": ...}`` and ``WWW-Authenticate``. ``/``,
+``/docs``, ``/openapi.json`` and ``/health`` (status and reason only) need none. ``read_only``: 405 on writes.
+A write from a web page of another origin gets 403 unless ``cors_origins`` allows it; there are no CORS headers
+otherwise. Every answer carries ``X-Content-Type-Options: nosniff`` and a restrictive Content-Security-Policy.
+Writes let through are logged to ``distspatial.audit``; ``GET /stats`` counts refusals per reason under
+``service.access``. :func:`run_server` and :class:`BackgroundServer` refuse a non-loopback host without tokens
+unless ``read_only`` or ``insecure_no_auth`` (:func:`check_exposure`).
 """
 
 from __future__ import annotations
@@ -921,8 +932,9 @@ _INGEST_DOC = _doc(
 
 
 # -- the app -------------------------------------------------------------------------------------------------------
-#: endpoints that change the data: the write scope, 405 on a read-only service
-WRITE_PATHS = frozenset(("/ingest", "/delete"))
+#: endpoints that change the data: the write scope, 405 on a read-only service (every path not listed here or in
+#: PUBLIC_PATHS needs the read scope: a new endpoint that changes the data must be added here)
+WRITE_PATHS = frozenset(("/ingest", "/delete", "/update"))
 #: answered without a token: the status page's HTML (it holds no data; it asks for a token), the API docs and
 #: the OpenAPI spec, and /health (status and reason only, the details with a read token)
 PUBLIC_PATHS = frozenset(("/", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json", "/health"))
