@@ -1010,7 +1010,8 @@ def _ls(args: argparse.Namespace, out) -> int:
         print("no named clusters are running", file=out)
         return EXIT_OK
     print(_preview({k: [str(r.get(k, "")) for r in rows] for k in ("name", "points", "dim", "partitions", "nodes",
-                                                                    "version", "restarts")}, len(rows)), file=out)
+                                                                    "version", "restarts", "token")}, len(rows)),
+          file=out)  # token: True when writes and teardown need the cluster's token
     return EXIT_OK
 
 
