@@ -322,7 +322,7 @@ def _projjson(crs: Any) -> Any:
     try:
         import pyproj
     except ImportError:
-        raise ImportError(f"writing a CRS into GeoParquet needs pyproj; {GEO_HINT}") from None
+        raise ImportError(f"writing the CRS {crs!r} into GeoParquet needs pyproj; {GEO_HINT}") from None
     return json.loads(pyproj.CRS.from_user_input(crs).to_json())
 
 
@@ -331,8 +331,9 @@ def _geo_metadata(name: str, pts: np.ndarray, crs: Any, encoding: str) -> bytes:
     bbox = (list(pts.min(axis=0)) + list(pts.max(axis=0))) if len(pts) else None
     if bbox is not None and d == 3:
         bbox = [bbox[0], bbox[1], bbox[2], bbox[3], bbox[4], bbox[5]]
-    col: dict = {"encoding": encoding, "geometry_types": ["Point" if d == 2 else "Point Z"],
-                 "crs": _projjson(crs)}
+    col: dict = {"encoding": encoding, "geometry_types": ["Point" if d == 2 else "Point Z"]}
+    if not (isinstance(crs, str) and crs.upper() in ("OGC:CRS84", "CRS84")):  # CRS84: the key left out (default)
+        col["crs"] = _projjson(crs)
     if bbox is not None:
         col["bbox"] = [float(v) for v in bbox]
     return json.dumps({"version": "1.1.0", "primary_column": name, "columns": {name: col}}).encode()
