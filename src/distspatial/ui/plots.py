@@ -13,6 +13,12 @@ servers and notebooks alike. Save with ``fig.savefig("out.png")``.
 
 Node colours are those of the HTTP status page (matplotlib's ``tab10``, node id modulo 10).
 
+Geographic data (longitude/latitude, a cluster with a geographic CRS; ``geographic=True`` for
+:func:`plot_clusters`) is drawn with longitude on x and latitude on y: in an equirectangular projection true to
+scale at the drawn points' middle latitude (``set_aspect(1 / cos(lat))``) when they span at most 60 degrees of
+latitude within 75 degrees of the equator, else in plate carree (one degree of longitude as wide as one of
+latitude); the axis labels and the title say which.
+
 >>> from distspatial.ui.plots import plot_partitions
 >>> plot_partitions(cluster).savefig("partitions.png", dpi=120)  # doctest: +SKIP
 """
@@ -31,7 +37,8 @@ try:
 except ImportError as _exc:  # pragma: no cover - depends on the environment
     raise ImportError(f"plotting needs matplotlib ({_exc}); install it with: pip install 'distspatial[plots]'") from _exc
 
-__all__ = ["plot_partitions", "plot_clusters", "plot_heatmap", "NODE_COLORS", "sample_cluster_points"]
+__all__ = ["plot_partitions", "plot_clusters", "plot_heatmap", "NODE_COLORS", "sample_cluster_points",
+           "lonlat_aspect"]
 
 #: node colours (matplotlib's tab10), shared with the HTTP status page; node ``n`` gets ``NODE_COLORS[n % 10]``.
 NODE_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd",
@@ -89,6 +96,26 @@ def sample_cluster_points(cluster: Any, max_points: int = 200_000, seed: int = 0
     return pts[_subsample(len(pts), max_points, seed)]
 
 
+def lonlat_aspect(ax: Any, lonlat: np.ndarray) -> str:
+    """Draw ``ax`` as a lon/lat map: axis labels in degrees and an aspect ratio true to the Earth's shape
+    (equirectangular at the middle latitude, or plate carree for wide latitude ranges); returns the projection's
+    name for titles. The aspect is set with ``adjustable="datalim"``."""
+    lat = np.asarray(lonlat, dtype=np.float64).reshape(-1, 2)[:, 1]
+    lat = lat[np.isfinite(lat)]
+    lo, hi = (float(lat.min()), float(lat.max())) if len(lat) else (0.0, 0.0)
+    mid = (lo + hi) / 2
+    if hi - lo <= 60.0 and abs(mid) <= 75.0:
+        aspect = 1.0 / np.cos(np.radians(mid))
+        name = f"equirectangular, true scale at {abs(mid):.1f}\N{DEGREE SIGN}{'N' if mid >= 0 else 'S'}"
+    else:
+        aspect = 1.0
+        name = "plate carree"
+    ax.set_aspect(aspect, adjustable="datalim")
+    ax.set_xlabel(f"longitude (\N{DEGREE SIGN}; {name})")
+    ax.set_ylabel("latitude (\N{DEGREE SIGN})")
+    return name
+
+
 def _home_partitions(meta: Any, points: np.ndarray) -> np.ndarray:
     """The partition each point belongs to, by its curve key (as the index routes it)."""
     from ..core.curves import curve_keys
@@ -129,6 +156,9 @@ def plot_partitions(
     from ..core.metadata import GlobalIndexMetadata
 
     meta = cluster if isinstance(cluster, GlobalIndexMetadata) else cluster.metadata
+    if getattr(meta, "geographic", False):
+        return _plot_geo_partitions(cluster, meta, ax, max_points, points, show_points, show_curve,
+                                    label_partitions, seed, title, figsize)
     dx, dy = _check_dims(dims, meta.dim)
     fig, ax = _axes(ax, figsize)
     parts = meta.partitions
@@ -206,6 +236,70 @@ def plot_partitions(
     return fig
 
 
+def _plot_geo_partitions(cluster: Any, meta: Any, ax: Any, max_points: int | None, points: Any, show_points: bool,
+                         show_curve: bool, label_partitions: bool | None, seed: int, title: str | None,
+                         figsize: tuple[float, float]) -> Any:
+    """:func:`plot_partitions` of a geographic data set: the partitions' boxes are 3-D (unit vectors on the
+    sphere), so the points are drawn in lon/lat coloured by partition, each partition labelled at the (spherical)
+    mean of its drawn points, the curve order through those."""
+    from ..core.geo import lonlat_to_unit, unit_to_lonlat
+    from ..core.metadata import GlobalIndexMetadata
+
+    if points is None:
+        if isinstance(cluster, GlobalIndexMetadata):
+            raise ValueError("plot_partitions(metadata) needs points=...; or pass the cluster itself")
+        pts = sample_cluster_points(cluster, max_points or meta.n_points, seed)
+    else:
+        pts = np.asarray(points, dtype=np.float64)
+        if pts.ndim != 2 or pts.shape[1] != 2:
+            raise ValueError(f"points of a geographic data set are (n, 2) longitude, latitude; got {pts.shape}")
+        pts = pts[_subsample(len(pts), max_points, seed)]
+    fig, ax = _axes(ax, figsize)
+    parts = meta.partitions
+    xyz = lonlat_to_unit(pts) if len(pts) else np.empty((0, 3))
+    home = _home_partitions(meta, xyz) if len(pts) else np.empty(0, dtype=np.int64)
+    if show_points and len(pts):
+        cmap = matplotlib.colormaps["tab20"]
+        ax.scatter(pts[:, 0], pts[:, 1], s=_marker_size(len(pts)), c=cmap(home % cmap.N), linewidths=0, alpha=0.6,
+                   rasterized=True, zorder=1)
+    # each partition's drawn points: their mean direction, back to lon/lat (vectorized per coordinate)
+    n_parts = max((p.partition_id for p in parts), default=-1) + 1
+    counts = np.bincount(home, minlength=n_parts)
+    sums = np.stack([np.bincount(home, weights=xyz[:, j], minlength=n_parts) for j in range(3)], axis=1) \
+        if len(pts) else np.zeros((n_parts, 3))
+    centre = unit_to_lonlat(sums) if n_parts else np.empty((0, 2))
+    by_id = {p.partition_id: p for p in parts}
+    nodes = sorted({o for p in parts for o in p.owners})
+    label = label_partitions if label_partitions is not None else len(parts) <= 64
+    if label:
+        for pid in np.flatnonzero(counts):
+            p = by_id.get(int(pid))
+            owner = p.owners[0] if p is not None and p.owners else -1
+            color = NODE_COLORS[owner % len(NODE_COLORS)] if owner >= 0 else "#000000"
+            owners = ",".join(str(o) for o in p.owners) if p is not None else "?"
+            ax.text(centre[pid, 0], centre[pid, 1], f"p{pid}\nn{owners}", ha="center", va="center", fontsize=7,
+                    color=color, zorder=5, bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none",
+                                                 "alpha": 0.7})
+    if show_curve and len(parts) > 1:
+        order = [p.partition_id for p in sorted(parts, key=lambda p: p.key_lo) if counts[p.partition_id]]
+        if order:
+            ax.plot(centre[order, 0], centre[order, 1], color="#1d2330", linewidth=1.0, alpha=0.8, marker=".",
+                    markersize=4, zorder=4)
+            ax.plot(centre[order[:1], 0], centre[order[:1], 1], color="#1d2330", marker="o", markersize=7,
+                    linestyle="none", zorder=4)
+    handles = [Line2D([], [], color=NODE_COLORS[n % len(NODE_COLORS)], linewidth=2.5, label=f"node {n}")
+               for n in nodes] if label else []
+    if handles:
+        ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False,
+                  title="primary owner (labels)", title_fontsize=8)
+    name = lonlat_aspect(ax, pts)
+    shown = f", {len(pts):,} shown" if len(pts) < meta.n_points else ""
+    ax.set_title(title if title is not None else
+                 f"{meta.n_points:,} points{shown} ({meta.crs}, lon/lat, {name}), {len(parts)} partitions on "
+                 f"{len(nodes)} nodes ({meta.curve}); colour: partition", fontsize=10)
+    return fig
+
+
 def plot_clusters(
     points: Any,
     labels: Any = None,
@@ -217,8 +311,12 @@ def plot_clusters(
     seed: int = 0,
     title: str | None = None,
     figsize: tuple[float, float] = (8.0, 7.0),
+    geographic: bool = False,
 ) -> Any:
     """Points coloured by cluster label; returns the ``Figure``.
+
+    ``geographic=True``: the points (and centroids) are longitude, latitude in degrees, drawn as a lon/lat map
+    (:func:`lonlat_aspect`: equirectangular true to scale at the middle latitude, or plate carree).
 
     ``labels`` is one integer per point (``-1``: noise, drawn grey), or a result with ``labels`` (and
     ``centroids``), such as :class:`~distspatial.KMeansResult`; ``centroids`` (``(k, d)``) are drawn as
@@ -253,7 +351,13 @@ def plot_clusters(
                 ax.annotate(str(j), (c[j, dx], cy[j]), xytext=(6, 6), textcoords="offset points", fontsize=8,
                             zorder=4)
     noise = int((lab < 0).sum())
-    if dy is not None:
+    projection = ""
+    if geographic:
+        if (dx, dy) != (0, 1) or pts.shape[1] != 2:
+            raise ValueError(f"geographic=True draws (n, 2) longitude, latitude points with dims (0, 1); got points "
+                             f"{pts.shape}, dims {tuple(dims)}")
+        projection = f" (lon/lat, {lonlat_aspect(ax, p)})"
+    elif dy is not None:
         ext = np.ptp(pts[:, [dx, dy]], axis=0) if len(pts) else np.ones(2)
         if ext.min() > 0 and ext.max() / ext.min() < 8:
             ax.set_aspect("equal", adjustable="datalim")
@@ -261,7 +365,8 @@ def plot_clusters(
         ax.set_yticks([])
     shown = f", {len(p):,} shown" if len(p) < len(pts) else ""
     ax.set_title(title if title is not None else
-                 f"{len(pts):,} points{shown}, {k} clusters" + (f", {noise:,} noise" if noise else ""), fontsize=10)
+                 f"{len(pts):,} points{shown}{projection}, {k} clusters" + (f", {noise:,} noise" if noise else ""),
+                 fontsize=10)
     return fig
 
 
