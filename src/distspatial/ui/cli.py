@@ -1,11 +1,15 @@
 """Command line: ``distspatial <command>``.
 
 Commands: ``demo`` (the README's main job), ``knn``, ``range``, ``kmeans``, ``dbscan``, ``hierarchical``,
-``stats``, ``serve`` (an HTTP query
+``polygons`` (a point-in-polygon join), ``stats``, ``serve`` (an HTTP query
 service and status page, :mod:`distspatial.ui.service`) (on a point file: ``.npy``, ``.csv``, ``.parquet``,
 ``.las``/``.laz``, or with ``--cluster NAME`` on a running named cluster), ``up`` / ``down`` / ``ls`` (start a
 named cluster with the data of a file and return once it serves; tear one down; list them) and ``bench`` (kNN
 against scipy's cKDTree on generated data). ``distspatial <command> --help`` lists the options.
+
+Geographic data: ``--crs EPSG:4326`` (or a GeoParquet input, whose CRS comes from the file) makes the coordinate
+columns longitude, latitude in degrees; every distance, ``--radius`` and ``--eps`` is then in metres (great circle
+on the mean Earth radius), and results come back as longitude/latitude.
 
 Exit status: 0 success; 1 failure (a runtime error, or a check that did not hold); 2 bad usage or bad input
 (an unknown option, a missing file or column, a non-numeric or non-finite value), reported as one line on stderr;
@@ -228,6 +232,16 @@ def _positive_float(text: str) -> float:
     return v
 
 
+def _crs(text: str) -> str:
+    """``--crs``: a CRS pyproj (or, without it, the built-in lon/lat names) recognises; its canonical name."""
+    from ..core.crs import resolve_crs
+
+    try:
+        return resolve_crs(text).name
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _is_dir_output(text: str | None) -> bool:
     """``-o DIR/``: a directory of part files written by the nodes (knn and range)."""
     return bool(text) and (text.endswith(("/", os.sep)) or os.path.isdir(text))
@@ -357,8 +371,9 @@ class Session:
             pts, ids = src.read(getattr(self.args, "chunk_rows", None), bar.update)
         return pts, ids, src
 
-    def emit(self, table: dict, what: str, preview_rows: int = 10) -> None:
-        """Write ``table`` to ``--output`` if given, else print its first rows."""
+    def emit(self, table: dict, what: str, preview_rows: int = 10, points: np.ndarray | None = None) -> None:
+        """Write ``table`` to ``--output`` if given, else print its first rows. ``points``: each row's point, the
+        geometry of a ``.geoparquet`` output (default: the points of the rows' ids, from the input read)."""
         from ..io.files import write_results
 
         n = len(next(iter(table.values()))) if table else 0
@@ -367,7 +382,10 @@ class Session:
             raise ValueError(f"--output {path} (a directory of part files written by the nodes) works with knn and "
                              f"range only; give a .parquet or .csv file for the {what}")
         if path:
-            points = self._geometry(table, path)
+            from ..io.files import GEO_WRITE_SUFFIX
+
+            if points is None or not path.lower().endswith(GEO_WRITE_SUFFIX):
+                points = self._geometry(table, path)
             with self.timed(f"wrote {n:,} rows of {what} ({', '.join(table)}"
                             f"{', geometry' if points is not None else ''}) to {path}"):
                 write_results(path, table, points=points,
@@ -378,6 +396,16 @@ class Session:
         if n > preview_rows:
             self.say(f"... (--output FILE.parquet or FILE.csv writes all {n:,} rows)")
 
+
+    @property
+    def geographic(self) -> bool:
+        """The data set is longitude/latitude (distances in metres)."""
+        return bool(getattr(self.cluster, "geographic", False))
+
+    @property
+    def units(self) -> str:
+        """What distances are measured in, for messages: ``"m"`` for geographic data, else ``""``."""
+        return " m" if self.geographic else ""
 
     def _geometry(self, table: dict, path: str) -> np.ndarray | None:
         """``-o x.geoparquet``: the coordinates of each row's point (its ``id``) as read from the input, for the
@@ -479,7 +507,7 @@ _QUERY_ARGS = [
 
 
 @subcommand("knn", "exact k nearest neighbours of every query point", prepare=_prepare_knn,
-            output="query, rank (1 = nearest), id, distance: one row per neighbour",
+            output="query, rank (1 = nearest), id, distance (metres for a geographic CRS): one row per neighbour",
             arguments=[*_QUERY_ARGS, arg("-k", type=_positive_int, default=10, help="neighbours per query (10)")])
 def _knn(s: Session) -> int:
     from ..io.files import knn_table
@@ -499,9 +527,12 @@ def _knn(s: Session) -> int:
 
 
 @subcommand("range", "every point within a radius of each query point", prepare=_prepare_queries,
-            output="query, id, distance: one row per point found, sorted by query then id (DIR/: within each "
-                   "part file)",
-            arguments=[*_QUERY_ARGS, arg("--radius", type=_nonneg_float, required=True, help="ball radius")])
+            output="query, id, distance (metres for a geographic CRS): one row per point found, sorted by query then "
+                   "id (DIR/: within each part file)",
+            arguments=[*_QUERY_ARGS, arg("--radius", type=_nonneg_float, required=True,
+                                         help="ball radius: in metres (great circle) for a geographic CRS (--crs "
+                                              "EPSG:4326 or a lon/lat GeoParquet input), else in the coordinates' "
+                                              "units")])
 def _range(s: Session) -> int:
     from ..io.files import range_table
 
@@ -513,13 +544,27 @@ def _range(s: Session) -> int:
               f"query then id within each file) to {a.output}")
         return EXIT_OK
     q = s.extra["queries"]
-    with s.timed(f"range: {len(q):,} balls of radius {s.args.radius:g}"):
+    with s.timed(f"range: {len(q):,} balls of radius {s.args.radius:g}{s.units}"):
         found = s.cluster.range_search(q, s.args.radius, return_points=True)
     hits = [ids for ids, _ in found]
-    dists = [np.sqrt(((pts - q[i]) ** 2).sum(axis=1)) for i, (_, pts) in enumerate(found)]
+    dists = _hit_distances(q, [pts for _, pts in found], s.geographic)
     s.say(f"points found: {sum(len(h) for h in hits):,} in total")
     s.emit(range_table(hits, dists, s.extra["query_ids"]), "points found")
     return EXIT_OK
+
+
+def _hit_distances(centres: np.ndarray, points: list[np.ndarray], geographic: bool) -> list[np.ndarray]:
+    """The distance of every hit to its centre, in one vectorized pass: great-circle metres for lon/lat, else
+    Euclidean."""
+    from ..core.geo import great_circle_metres
+
+    counts = np.fromiter((len(p) for p in points), dtype=np.int64, count=len(points))
+    if not counts.sum():
+        return [np.empty(0) for _ in points]
+    allp = np.concatenate([np.asarray(p).reshape(-1, centres.shape[1]) for p in points])
+    c = np.repeat(centres, counts, axis=0)
+    d = great_circle_metres(allp, c) if geographic else np.sqrt(((allp - c) ** 2).sum(axis=1))
+    return np.split(d, np.cumsum(counts)[:-1])
 
 
 @subcommand("kmeans", "distributed k-means (k-means|| init, Lloyd iterations)", prepare=_check_k,
@@ -555,14 +600,15 @@ def _kmeans(s: Session) -> int:
         from .plots import plot_clusters
 
         rows, pts = s.sample()
-        _save_plot(s, plot_clusters(pts, res.labels[rows], res.centroids))
+        _save_plot(s, plot_clusters(pts, res.labels[rows], res.centroids, geographic=s.geographic))
     return EXIT_OK
 
 
 @subcommand("dbscan", "exact DBSCAN (the same clusters as scikit-learn's), labels per point",
             output="id, label: one row per input point (-1 = noise)",
             arguments=[
-                arg("--eps", type=_positive_float, required=True, help="neighbourhood radius"),
+                arg("--eps", type=_positive_float, required=True,
+                    help="neighbourhood radius (metres for a geographic CRS)"),
                 arg("--min-samples", type=_positive_int, default=5, help="points within eps that make a core point"
                     " (5, the point itself included)"),
                 arg("--plot", type=_plot_path, metavar="PNG", help="also draw the clusters into this image"),
@@ -571,7 +617,7 @@ def _dbscan(s: Session) -> int:
     from ..io.files import labels_table
 
     a = s.args
-    with s.timed(f"dbscan: eps={a.eps}, min_samples={a.min_samples}"):
+    with s.timed(f"dbscan: eps={a.eps}{s.units}, min_samples={a.min_samples}"):
         res = s.cluster.distributed_dbscan(a.eps, a.min_samples)
     s.say(f"{res.n_clusters} clusters, {len(res.core_sample_indices):,} core points, {res.n_noise:,} noise points")
     s.emit(labels_table(res.labels, s.row_ids()), "labels")
@@ -579,7 +625,7 @@ def _dbscan(s: Session) -> int:
         from .plots import plot_clusters
 
         rows, pts = s.sample()
-        _save_plot(s, plot_clusters(pts, res.labels[rows]))
+        _save_plot(s, plot_clusters(pts, res.labels[rows], geographic=s.geographic))
     return EXIT_OK
 
 
@@ -587,7 +633,8 @@ def _dbscan(s: Session) -> int:
             output="id, label: one row per input point",
             arguments=[
                 arg("--n-clusters", type=_positive_int, default=None, help="clusters to cut the tree into"),
-                arg("--distance-threshold", type=_nonneg_float, default=None, help="or: cut at this Ward height"),
+                arg("--distance-threshold", type=_nonneg_float, default=None,
+                    help="or: cut at this Ward height (not for a geographic CRS: use --n-clusters)"),
                 arg("--micro-clusters", type=_positive_int, default=2000, help="leaves of the tree (2000)"),
                 arg("--linkage-output", type=_output_path, metavar="PATH",
                     help="also write the linkage matrix (idx1, idx2, distance, count) here"),
@@ -612,7 +659,130 @@ def _hierarchical(s: Session) -> int:
         from .plots import plot_clusters
 
         rows, pts = s.sample()
-        _save_plot(s, plot_clusters(pts, res.labels[rows]))
+        _save_plot(s, plot_clusters(pts, res.labels[rows], geographic=s.geographic))
+    return EXIT_OK
+
+
+POLYGON_SUFFIXES = {".parquet": "geoparquet", ".geoparquet": "geoparquet", ".pq": "geoparquet",
+                    ".geojson": "geojson", ".json": "geojson", ".wkt": "wkt", ".txt": "wkt"}
+
+
+def read_polygon_file(path: str) -> tuple[np.ndarray, Any]:
+    """``(polygons, crs)`` of a polygon file: GeoParquet (its primary geometry column and its CRS), GeoJSON (a
+    FeatureCollection, a Feature or a geometry; longitude/latitude by RFC 7946: crs ``None`` here, not checked) or
+    WKT (one Polygon / MultiPolygon per non-empty line). Every row must be a Polygon or MultiPolygon; errors name
+    the file and the row (a :class:`~distspatial.io.files.DataFileError`, a ValueError)."""
+    import json
+
+    from ..algorithms.polygons import as_polygons
+    from ..io.files import DataFileError
+
+    ext = os.path.splitext(path)[1].lower()
+    kind = POLYGON_SUFFIXES.get(ext)
+    if kind is None:
+        raise DataFileError(path, f"{ext or 'no suffix'} is not a polygon file format this command reads",
+                            "give GeoParquet (.parquet, .geoparquet), GeoJSON (.geojson, .json) or WKT (.wkt, one "
+                            "polygon per line)")
+    if not os.path.isfile(path):
+        raise DataFileError(path, "no such file", "check the path of POLYGONS")
+    crs = None
+    try:
+        if kind == "geoparquet":
+            import pyarrow.parquet as pq
+
+            from ..io.geoparquet import _CRS84
+
+            geoms = as_polygons(path)
+            geo = json.loads((pq.read_schema(path).metadata or {}).get(b"geo", b"{}") or b"{}")
+            col = geo.get("columns", {}).get(geo.get("primary_column", ""), {})
+            crs = col.get("crs", _CRS84) if col else None
+            if isinstance(crs, dict):
+                ident = crs.get("id") or {}
+                crs = f"{ident['authority']}:{ident['code']}" if "authority" in ident else json.dumps(crs)
+        elif kind == "geojson":
+            with open(path, encoding="utf-8") as f:
+                try:
+                    obj = json.load(f)
+                except json.JSONDecodeError as exc:
+                    raise DataFileError(path, f"not valid JSON ({exc.msg} at line {exc.lineno})",
+                                        "give a GeoJSON FeatureCollection, Feature or Polygon geometry") from None
+            if not isinstance(obj, dict) or "type" not in obj:
+                raise DataFileError(path, "not a GeoJSON object (no 'type')",
+                                    "give a GeoJSON FeatureCollection, Feature or Polygon geometry")
+            geoms = as_polygons(obj)
+        else:
+            with open(path, encoding="utf-8") as f:
+                lines = [line.strip() for line in f]
+            geoms = as_polygons([line for line in lines if line])
+    except DataFileError:
+        raise
+    except (ValueError, TypeError) as exc:
+        raise DataFileError(path, " ".join(str(exc).split()), "every row must be a Polygon or MultiPolygon") from None
+    return geoms, crs
+
+
+def _prepare_polygons(s: Session) -> None:
+    """Read and check POLYGONS before Ray starts: the format, every geometry, and its CRS against the points'."""
+    from ..core.crs import resolve_crs
+
+    a = s.args
+    if s.dim != 2:
+        raise ValueError(f"polygon queries take 2-D points (x, y) or longitude/latitude; the input has {s.dim} "
+                         f"dimensions ({', '.join(s.columns)}): pick two with --columns")
+    if a.count and a.output and a.output.lower().endswith(".geoparquet"):
+        raise ValueError(f"--count writes one row per polygon (polygon, count): give --output as .parquet or .csv, "
+                         f"not {a.output}")
+    geoms, crs = read_polygon_file(a.polygons)
+    points_crs = getattr(s.cluster, "crs", None) if s.cluster is not None else None
+    points_crs = points_crs or getattr(a, "crs", None) or s.extra.get("crs")
+    if crs is not None and points_crs is not None:
+        try:
+            pc, qc = resolve_crs(points_crs).name, resolve_crs(crs).name
+        except ValueError:
+            pc = qc = None
+        if pc is not None and pc != qc and not {pc, qc} <= {"EPSG:4326", "OGC:CRS84"}:
+            raise ValueError(f"the polygons of {a.polygons} are in {qc}, the points in {pc}: reproject the polygons "
+                             f"first (e.g. geopandas: gdf.to_crs({pc!r}).to_parquet(...))")
+    s.extra["polygons"] = geoms
+    s.say(f"read {len(geoms):,} polygons from {a.polygons}")
+
+
+@subcommand("polygons", "which polygons each point lies in: a point-in-polygon join, as geopandas.sjoin "
+            "(needs distspatial[geo])", prepare=_prepare_polygons,
+            output="id, polygon (the polygon's 0-based row in POLYGONS), then the point's coordinates (INPUT's "
+                   "coordinate columns; .geoparquet: as the geometry column): one row per point and polygon it lies "
+                   "in, sorted by id then polygon. --count: polygon, count (one row per polygon)",
+            arguments=[
+                arg("polygons", metavar="POLYGONS",
+                    help="polygon file: GeoParquet (.parquet/.geoparquet), GeoJSON (.geojson/.json: a "
+                         "FeatureCollection, Feature or geometry) or WKT (.wkt: one polygon per line); Polygons and "
+                         "MultiPolygons, holes allowed, in the points' CRS (lon/lat for geographic data, edges "
+                         "straight in lon/lat as in GeoPandas)"),
+                arg("--predicate", choices=["within", "intersects"], default="within",
+                    help="within: the polygon's interior (a point on an edge or vertex is not in it); intersects: "
+                         "interior or boundary"),
+                arg("--count", action="store_true", help="write the number of points per polygon instead"),
+            ])
+def _polygons(s: Session) -> int:
+    a = s.args
+    geoms = s.extra["polygons"]
+    if a.count:
+        with s.timed(f"points_in_polygons: {len(geoms):,} polygons, predicate {a.predicate}, counts"):
+            counts = s.cluster.points_in_polygons(geoms, a.predicate, aggregate="count")
+        s.say(f"{int(counts.sum()):,} (point, polygon) pairs; {int((counts > 0).sum()):,} polygons hold points")
+        s.emit({"polygon": np.arange(len(geoms), dtype=np.int64), "count": counts}, "counts per polygon")
+        return EXIT_OK
+    with s.timed(f"points_in_polygons: {len(geoms):,} polygons, predicate {a.predicate}"):
+        join, pts = s.cluster.points_in_polygons(geoms, a.predicate, return_points=True)
+    s.say(f"{len(join.id):,} (point, polygon) pairs; {len(np.unique(join.id)):,} points lie in some polygon")
+    table = {"id": join.id, "polygon": join.polygon}
+    path = getattr(a, "output", None)
+    if not (path and path.lower().endswith(".geoparquet")):
+        pts = np.asarray(pts).reshape(len(join.id), -1)
+        names = ["lon", "lat"] if s.geographic and s.columns == ["x", "y"] else list(s.columns)
+        for j, name in enumerate(names):
+            table[name if name not in table else f"point_{name}"] = pts[:, j]
+    s.emit(table, "points in polygons", points=np.asarray(pts))
     return EXIT_OK
 
 
@@ -624,8 +794,17 @@ def _stats(s: Session) -> int:
     st = s.cluster.statistics()
     meta = s.cluster.metadata
     lo, hi = meta.lo, meta.hi
-    s.say(f"input: {meta.n_points:,} points, {meta.dim} dimensions ({', '.join(s.columns)}); "
-          f"bounds {np.array2string(lo, precision=6)} .. {np.array2string(hi, precision=6)}")
+    if meta.geographic:
+        where = ""
+        if s.points is not None:
+            lo, hi = s.points.min(axis=0), s.points.max(axis=0)
+            where = f"; longitude {lo[0]:.6g} .. {hi[0]:.6g}, latitude {lo[1]:.6g} .. {hi[1]:.6g}"
+        s.say(f"input: {meta.n_points:,} points, longitude/latitude ({', '.join(s.columns)}) in {meta.crs}: "
+              f"distances in metres (great circle), stored as 3-D unit vectors{where}")
+    else:
+        s.say(f"input: {meta.n_points:,} points, {meta.dim} dimensions ({', '.join(s.columns)})"
+              + (f" in {meta.crs}" if meta.crs else "")
+              + f"; bounds {np.array2string(lo, precision=6)} .. {np.array2string(hi, precision=6)}")
     s.say(str(st))
     if s.args.output:
         rows = [dataclasses.asdict(n) for n in st.nodes]
@@ -758,7 +937,9 @@ def _access_summary(s: Session) -> str:
 def _up(s: Session) -> int:
     c = s.cluster
     meta = c.metadata
-    s.say(f"cluster {c.name!r} serves {meta.n_points:,} points of {meta.dim} dimensions in {meta.n_partitions} "
+    s.say(f"cluster {c.name!r} serves {meta.n_points:,} points of {meta.user_dim} dimensions"
+          + (f" ({meta.crs}: longitude/latitude, distances in metres)" if meta.geographic else "")
+          + f" in {meta.n_partitions} "
           f"partitions on {len(c.live_node_ids)} nodes; query it with --cluster {c.name} or "
           f"DistributedSpatialCluster.attach({c.name!r}); stop it with 'distspatial down {c.name}'")
     return EXIT_OK
@@ -833,7 +1014,8 @@ def _input_options() -> argparse.ArgumentParser:
     p = _Parser(add_help=False)
     g = p.add_argument_group("input")
     g.add_argument("input", metavar="INPUT", nargs="?", default=None,
-                   help="point file (.npy, .csv/.tsv, .parquet, .las/.laz), a directory or glob of them, or a "
+                   help="point file (.npy, .csv/.tsv, .parquet (GeoParquet: its point geometry and CRS), .las/.laz), a "
+                        "directory or glob of them, or a "
                         "URI (s3://, gs://, hdfs://); not with --cluster. Several files, or one over 32 MiB on "
                         "several nodes, are read by the nodes in parallel: on several machines every machine "
                         "must reach them")
@@ -842,6 +1024,11 @@ def _input_options() -> argparse.ArgumentParser:
                         "headerless CSV columns are named 0,1,...)")
     g.add_argument("--id-column", metavar="NAME", default=None,
                    help="integer id column; results report these ids (default: the input row number)")
+    g.add_argument("--crs", type=_crs, default=None, metavar="CRS",
+                   help="coordinate reference system of INPUT (EPSG:4326, OGC:CRS84, an EPSG code; others need "
+                        "pyproj). A geographic one makes the coordinate columns longitude, latitude in degrees "
+                        "(--columns lon,lat) and every distance, --radius and --eps great-circle metres; a projected "
+                        "one is carried with the data. Default: a GeoParquet input's own CRS, else none (planar)")
     g.add_argument("--chunk-rows", type=_positive_int, default=None, metavar="N",
                    help="rows read per chunk (default 1,048,576)")
     g.add_argument("--out-of-core", action="store_true",
@@ -907,7 +1094,42 @@ def _config(args: argparse.Namespace):
             raise ValueError(f"--replication {args.replication} needs at least that many nodes; "
                              f"--nodes is {cfg.node_count}")
         cfg = cfg.with_replication_factor(args.replication)
+    if getattr(args, "crs", None) is not None:
+        cfg = cfg.with_crs(args.crs)
     return cfg.with_curve(args.curve).with_address(args.address)
+
+
+def _check_crs(s: Session, args: argparse.Namespace, file_crs: Any) -> Any:
+    """The input's CRS (``--crs``, else a GeoParquet file's own; ``None``: none), checked before Ray starts: a
+    ``--crs`` that contradicts the file's, or a geographic CRS on other than two columns, is refused. Says which
+    CRS and units the run uses. Returns what ``distribute_data(crs=...)`` takes."""
+    from ..core.crs import resolve_crs
+
+    given = getattr(args, "crs", None)
+    if given is not None and file_crs is not None:
+        wgs84 = {"EPSG:4326", "OGC:CRS84"}  # the same lon/lat data (only the official axis order differs)
+        try:
+            found = resolve_crs(file_crs).name
+            same = found == given or {found, given} <= wgs84
+        except ValueError:
+            same = False
+        if not same:
+            shown = file_crs if len(str(file_crs)) <= 60 else str(file_crs)[:60] + "..."
+            raise ValueError(f"--crs {given} contradicts the CRS of {args.input} ({shown}): reprojection is not "
+                             f"offered; drop --crs to use the file's, or reproject the file first")
+    crs = given if given is not None else file_crs
+    info = resolve_crs(crs) if crs is not None else None
+    if info is not None and info.geographic:
+        if s.dim != 2:
+            raise ValueError(f"a geographic CRS ({info.name}) takes two coordinate columns, longitude and latitude; "
+                             f"the input has {s.dim} ({', '.join(s.columns)}): pick them with --columns lon,lat")
+        if _is_dir_output(getattr(args, "output", None)):
+            raise ValueError(f"--output {args.output} (part files written by the nodes) is not available for "
+                             f"geographic data yet; give a .parquet, .csv or .geoparquet file")
+        s.say(f"coordinates: longitude, latitude in degrees ({info.name}); distances in metres (great circle)")
+    elif info is not None:
+        s.say(f"coordinates: {info.name} ({info.description}), distances in {info.units}")
+    return crs
 
 
 def _run(cmd: Subcommand, args: argparse.Namespace, out) -> int:
@@ -933,19 +1155,26 @@ def _run(cmd: Subcommand, args: argparse.Namespace, out) -> int:
     if cmd.data:
         parallel = _parallel_load(args, cfg)
         out_of_core = not parallel and _out_of_core(args)
+    crs = None
     if cmd.data and parallel:
+        from ..io.shares import source_crs
+
         _probe_files(s, args)
+        crs = _check_crs(s, args, source_crs(args.input, args.columns))
     elif cmd.data and out_of_core:
         from ..io.files import open_points
 
         src = open_points(args.input, args.columns, args.id_column)
         s.columns, s.dim, s.n_points = src.columns, src.dim, src.n_rows
         s.say(f"out of core: {args.input} is read twice in chunks and ingested into the cluster")
+        crs = _check_crs(s, args, src.geo.crs_input if src.geo is not None else None)
     elif cmd.data:
         s.points, s.ids, src = s.read(args.input, args.columns, args.id_column)
         s.columns, s.dim, s.n_points = src.columns, s.points.shape[1], len(s.points)
         s.say(f"read {len(s.points):,} points of {s.points.shape[1]} dimensions ({', '.join(s.columns)}) "
               f"from {args.input}")
+        crs = _check_crs(s, args, src.geo.crs_input if src.geo is not None else None)
+    s.extra["crs"] = crs
     if cmd.prepare is not None:
         cmd.prepare(s)
     cluster = DistributedSpatialCluster(cfg)
@@ -953,18 +1182,18 @@ def _run(cmd: Subcommand, args: argparse.Namespace, out) -> int:
         s.cluster = cluster
         if cmd.data and parallel:
             with s.timed(f"distribute_files over {cfg.node_count} nodes"):
-                meta = cluster.distribute_files(args.input, args.columns, args.id_column)
+                meta = cluster.distribute_files(args.input, args.columns, args.id_column, crs=crs)
             s.n_points = meta.n_points
             s.say(f"the nodes read {meta.n_points:,} points of {meta.dim} dimensions ({', '.join(s.columns)}) "
                   f"from {args.input}")
         elif cmd.data and out_of_core:
             with s.timed(f"distribute_chunks over {cfg.node_count} nodes"):
-                cluster.distribute_chunks(args.input, args.columns, args.id_column, args.chunk_rows or (1 << 20))
+                cluster.distribute_chunks(args.input, args.columns, args.id_column, args.chunk_rows or (1 << 20),
+                                          crs=crs)
             s.n_points = cluster.metadata.n_points
         elif cmd.data:
             with s.timed(f"distribute_data over {cfg.node_count} nodes"):
-                geo = getattr(src, "geo", None)  # a GeoParquet input: the CRS of its geo metadata
-                cluster.distribute_data(s.points, s.ids, crs=geo.crs_input if geo is not None else None)
+                cluster.distribute_data(s.points, s.ids, crs=crs)  # --crs, else a GeoParquet input's own
         status = cmd.run(s)
     except BaseException:
         cluster.shutdown()
@@ -981,9 +1210,13 @@ def _run_on_cluster(cmd: Subcommand, s: Session, cluster: Any) -> int:
     try:
         s.cluster = cluster
         meta = cluster.metadata
-        s.dim, s.n_points = meta.dim, meta.n_points
-        s.columns = [str(j) for j in range(meta.dim)]
-        s.say(f"cluster {cluster.name!r}: {meta.n_points:,} points of {meta.dim} dimensions")
+        if getattr(s.args, "crs", None) is not None:
+            raise ValueError(f"--crs does not apply with --cluster: the running cluster's data set has its own CRS "
+                             f"({meta.crs or 'none'})")
+        s.dim, s.n_points = meta.user_dim, meta.n_points
+        s.columns = ["lon", "lat"] if meta.geographic else [str(j) for j in range(meta.dim)]
+        s.say(f"cluster {cluster.name!r}: {meta.n_points:,} points of {meta.user_dim} dimensions"
+              + (f" (longitude/latitude in {meta.crs}: distances in metres)" if meta.geographic else ""))
         if cmd.prepare is not None:
             cmd.prepare(s)
         return cmd.run(s)
