@@ -16,6 +16,8 @@ Endpoints (the OpenAPI spec is at ``/openapi.json``, an interactive page at ``/d
 ``POST /range``             ``{"points": [[x, y], ...], "radius": r}`` (or one radius per point) ->
                             ``{"ids": [[...]], "distances": [[...]]}``, hits sorted by id
 ``POST /box``               ``{"lo": [x0, y0], "hi": [x1, y1]}`` (or lists of boxes) -> ``{"ids": [...]}``
+``POST /polygon``           a GeoJSON Polygon / MultiPolygon geometry or Feature (``?predicate=within`` or
+                            ``intersects``, or a ``"predicate"`` member) -> ``{"ids": [...], "count": n}``
 ``POST /ingest``            ``{"points": [[x, y], ...], "ids": [...]}`` (ids optional) -> ``{"ids": [...]}``
 ``POST /delete``            ``{"ids": [...]}`` -> ``{"deleted": n}``
 ``GET /stats``              the cluster's :class:`~distspatial.core.stats.ClusterStatistics` as JSON
@@ -23,6 +25,13 @@ Endpoints (the OpenAPI spec is at ``/openapi.json``, an interactive page at ``/d
 ``GET /status.json``        what the status page shows (nodes, partitions, load, query rates)
 ``GET /``                   the live status page (HTML; polls ``/status.json`` every second)
 ==========================  ==========================================================================
+
+Geographic data sets (a geographic CRS such as EPSG:4326, :mod:`distspatial.core.crs`) are served in
+longitude/latitude degrees: points ``[lon, lat]``, radii and every distance in metres (great circle on the mean
+Earth radius, as the cluster answers them), boxes ``lo = [lon_lo, lat_lo]``, ``hi = [lon_hi, lat_hi]`` where
+``lon_lo > lon_hi`` is a box across the antimeridian, polygons in lon/lat with edges straight in lon/lat (as in
+GeoPandas). Arrow bodies may name the coordinates ``lon, lat`` (or ``x, y``). ``/status.json`` and the status
+page say the CRS and the units.
 
 A single point (``"points": [x, y]``) gets a single answer (``"ids": [...]``); a list of points gets a list of
 answers, in order. Batches can also travel as Arrow IPC streams (``Content-Type:
@@ -109,6 +118,7 @@ from ..core.errors import AccessDeniedError, DistSpatialError, NotDistributedErr
 __all__ = [
     "create_app", "run_server", "BackgroundServer", "RequestError", "ServiceMetrics", "StatusCollector",
     "coordinate_names", "listen", "ARROW_STREAM", "NODE_COLORS", "check_exposure", "is_loopback", "REFUSAL_REASONS",
+    "GEOJSON_TYPE",
 ]
 
 #: every write the service lets through is logged here (INFO): time, client, token name, endpoint, points
@@ -116,6 +126,7 @@ audit_log = logging.getLogger("distspatial.audit")
 
 ARROW_STREAM = "application/vnd.apache.arrow.stream"
 JSON_TYPE = "application/json"
+GEOJSON_TYPE = "application/geo+json"
 DEFAULT_MAX_BODY_BYTES = 64 * 2**20
 DEFAULT_MAX_RESULTS = 20_000_000  # neighbours (m * k) one kNN answer may hold
 DEFAULT_BATCH_WAIT_MS = 1.0  # how long the first request of a coalesced batch waits for others
@@ -344,6 +355,26 @@ def _current_meta(cluster: Any) -> tuple[Any, str]:
         return None, " ".join(str(exc).split())
 
 
+def _units(meta: Any) -> dict[str, Any]:
+    """What ``/status.json`` says about coordinates and distances: ``geographic``, ``coordinate_units`` (e.g.
+    ``"degree (longitude, latitude)"``), ``distance_units`` (``"metre"`` for geographic data; ``None``: as the
+    coordinates, no CRS)."""
+    if meta is None:
+        return {"geographic": None, "coordinate_units": None, "distance_units": None}
+    if meta.geographic:
+        return {"geographic": True, "coordinate_units": "degree (longitude, latitude)",
+                "distance_units": "metre (great circle)"}
+    units = None
+    if meta.crs:
+        try:
+            from ..core.crs import resolve_crs
+
+            units = resolve_crs(meta.crs).units
+        except ValueError:
+            units = None
+    return {"geographic": False, "coordinate_units": units, "distance_units": units}
+
+
 # -- status snapshot ------------------------------------------------------------------------------------------------
 class StatusCollector:
     """Builds what ``/status.json`` returns, at most once per ``min_interval_s`` (viewers share a snapshot).
@@ -430,6 +461,7 @@ class StatusCollector:
                 "points": st.n_points, "partitions": st.n_partitions, "metadata_version": st.metadata_version,
                 "dim": meta.user_dim if meta is not None else None, "curve": c.config.curve,
                 "crs": meta.crs if meta is not None else None,
+                **_units(meta),
                 "replication": c.config.replication_factor, "bounds": bounds,
                 "load_balance_score": st.load_balance_score,
             },
@@ -579,6 +611,18 @@ def _json_coords(obj: dict, name: str, dim: int) -> tuple[np.ndarray, bool]:
     return arr, single
 
 
+def _check_lonlat(arr: np.ndarray, name: str, geographic: bool) -> np.ndarray:
+    """A geographic data set's coordinates ``(m, 2)``: longitude, latitude in degrees, |latitude| <= 90 (422
+    naming the row otherwise); longitudes outside [-180, 180] are wrapped by the cluster."""
+    if geographic:
+        bad = np.flatnonzero(np.abs(arr[:, 1]) > 90.0)
+        if len(bad):
+            i = int(bad[0])
+            raise RequestError(422, f"{name}: row {i} has latitude {float(arr[i, 1])!r} outside [-90, 90]; this data "
+                                    f"set is longitude, latitude in degrees (longitude first: were they swapped?)")
+    return arr
+
+
 def _param(obj: dict, request: Request, name: str) -> Any:
     """A parameter from the JSON body, else from the query string (``None`` when absent)."""
     if name in obj:
@@ -698,9 +742,14 @@ def _arrow_coords(table: Any, names: list[str], what: str = "points") -> np.ndar
     return np.ascontiguousarray(arr)
 
 
-def _column_names(request: Request, dim: int) -> list[str]:
+def _column_names(request: Request, dim: int, table: Any = None, geographic: bool = False,
+                  prefix: str = "") -> list[str]:
+    """Coordinate columns of an Arrow body: ``?columns=``, else ``x, y[, z]`` (a geographic data set's table may
+    name them ``lon, lat`` instead; ``prefix``: ``lo_`` / ``hi_`` of box corners)."""
     given = request.query_params.get("columns")
     if not given:
+        if geographic and table is not None and all(f"{prefix}{n}" in table.column_names for n in ("lon", "lat")):
+            return ["lon", "lat"]
         return coordinate_names(dim)
     names = [c.strip() for c in given.split(",") if c.strip()]
     if len(names) != dim:
@@ -920,6 +969,32 @@ _BOX_DOC = _doc(
     {"type": "object", "properties": {"ids": {"type": "array"}}},
     "columns query, id (request columns lo_x, lo_y, hi_x, hi_y)",
 )
+_POLYGON_SCHEMA = {
+    "type": "object", "required": ["type"],
+    "description": "a GeoJSON Polygon or MultiPolygon geometry (holes allowed), or a Feature holding one; longitude/"
+                   "latitude degrees for a geographic data set (edges straight in lon/lat, as in GeoPandas). "
+                   "Optional member predicate (or ?predicate=): 'within' (interior: points on an edge or vertex "
+                   "are not in it; default) or 'intersects' (interior or boundary), as geopandas.sjoin",
+    "properties": {"type": {"type": "string", "enum": ["Polygon", "MultiPolygon", "Feature"]},
+                   "coordinates": {"type": "array"}, "geometry": {"type": "object"},
+                   "properties": {"type": "object"},
+                   "predicate": {"type": "string", "enum": ["within", "intersects"]}},
+    "example": {"type": "Polygon", "coordinates": [[[0.1, 0.1], [0.4, 0.1], [0.4, 0.3], [0.1, 0.1]]]},
+}
+_POLYGON_DOC = {
+    "openapi_extra": {"requestBody": {"required": True, "content": {JSON_TYPE: {"schema": _POLYGON_SCHEMA},
+                                                                    GEOJSON_TYPE: {"schema": _POLYGON_SCHEMA}}}},
+    "responses": {200: {"description": "the ids of the points in the polygon, sorted", "content": {
+        JSON_TYPE: {"schema": {"type": "object", "properties": {
+            "ids": {"type": "array", "items": {"type": "integer"}}, "count": {"type": "integer"}}}},
+        ARROW_STREAM: {"schema": {"type": "string", "format": "binary", "description": "column id"}}}},
+        **{k: v for k, v in _ERRORS.items() if k != 415},
+        415: {"description": "a body that is not JSON (application/json or application/geo+json)"},
+        501: {"description": "the service lacks shapely (pip install 'distspatial[geo]')"}},
+}
+#: GeoJSON members /polygon reads (collections' members too, so that their type gets the message)
+_POLYGON_FIELDS = ("type", "coordinates", "geometry", "properties", "id", "bbox", "predicate", "features",
+                   "geometries")
 _INGEST_DOC = _doc(
     {"type": "object", "required": ["points"], "properties": {
         "points": _POINTS_SCHEMA, "ids": {"type": "array", "items": {"type": "integer"}},
@@ -1194,8 +1269,9 @@ def create_app(
     app = _ServiceApp(
         title="distspatial query service",
         version=_version(),
-        description="Exact kNN, range and box queries, live ingest, statistics and health of a distributed spatial "
-                    "index. JSON or Arrow IPC stream bodies (Content-Type application/vnd.apache.arrow.stream).",
+        description="Exact kNN, range, box and polygon queries, live ingest, statistics and health of a distributed "
+                    "spatial index. JSON or Arrow IPC stream bodies (Content-Type application/vnd.apache.arrow.stream)"
+                    ". A geographic data set takes longitude/latitude degrees and answers distances in metres.",
         lifespan=lifespan,
     )
     app.state.cluster, app.state.metrics, app.state.pool, app.state.status = cluster, metrics, pool, status
@@ -1330,6 +1406,10 @@ def create_app(
             return out
         return batch
 
+    def geographic() -> bool:
+        m = cluster.runtime.meta
+        return bool(m is not None and m.geographic)
+
     def stacked(items: list[_Item], j: int) -> np.ndarray:
         return items[0].args[j] if len(items) == 1 else np.concatenate([it.args[j] for it in items])
 
@@ -1357,10 +1437,16 @@ def create_app(
         found = cluster.range_search(q, stacked(items, 1), return_points=True)
         ids = [f[0] for f in found]
         pts = [f[1] for f in found]
-        if ids:  # every hit's distance to its centre in one vectorized pass
+        if ids:  # every hit's distance to its centre in one vectorized pass (lon/lat: great-circle metres)
             allp = np.concatenate(pts).reshape(-1, q.shape[1])
             centres = np.repeat(q, np.fromiter((len(p) for p in pts), dtype=np.int64, count=len(pts)), axis=0)
-            dists = np.split(np.sqrt(((allp - centres) ** 2).sum(axis=1)), _splits(pts))
+            if geographic():
+                from ..core.geo import great_circle_metres
+
+                flat = great_circle_metres(allp, centres)
+            else:
+                flat = np.sqrt(((allp - centres) ** 2).sum(axis=1))
+            dists = np.split(flat, _splits(pts))
         else:
             dists = []
         out, off = [], 0
@@ -1417,9 +1503,10 @@ def create_app(
         kind, obj, table = await read(req, '{"points": [[0.5, 0.5]], "k": 5}', ("points", "k"))
         m = meta()
         if kind == "json":
-            q, single = _json_coords(obj, "points", m.dim)
+            q, single = _json_coords(obj, "points", m.user_dim)
         else:
-            q, single = _arrow_coords(table, _column_names(req, m.dim)), False
+            q, single = _arrow_coords(table, _column_names(req, m.user_dim, table, m.geographic)), False
+        _check_lonlat(q, "points", m.geographic)
         kk = _as_k(_param(obj, req, "k"), m.n_points)
         if len(q) * kk > max_results:
             raise RequestError(422, f"the answer would hold {len(q):,} x {kk} = {len(q) * kk:,} neighbours, more "
@@ -1438,12 +1525,13 @@ def create_app(
         kind, obj, table = await read(req, '{"points": [[0.5, 0.5]], "radius": 0.05}', ("points", "radius"))
         m = meta()
         if kind == "json":
-            q, single = _json_coords(obj, "points", m.dim)
+            q, single = _json_coords(obj, "points", m.user_dim)
             r = _as_radius(_param(obj, req, "radius"), len(q))
         else:
-            q, single = _arrow_coords(table, _column_names(req, m.dim)), False
+            q, single = _arrow_coords(table, _column_names(req, m.user_dim, table, m.geographic)), False
             r = _as_radius(_arrow_column(table, "radius").astype(np.float64) if "radius" in table.column_names
                            else req.query_params.get("radius"), len(q))
+        _check_lonlat(q, "points", m.geographic)
         return await answer("range", _Item(len(q), (q, r), single, _wants_arrow(req, kind))), len(q)
 
     @app.post("/range", summary="every point within a radius of each point", **_RANGE_DOC)
@@ -1457,20 +1545,29 @@ def create_app(
         kind, obj, table = await read(req, '{"lo": [0.1, 0.1], "hi": [0.2, 0.3]}', ("lo", "hi"))
         m = meta()
         if kind == "json":
-            lo, single = _json_coords(obj, "lo", m.dim)
-            hi, single_hi = _json_coords(obj, "hi", m.dim)
+            lo, single = _json_coords(obj, "lo", m.user_dim)
+            hi, single_hi = _json_coords(obj, "hi", m.user_dim)
             if lo.shape != hi.shape or single != single_hi:
                 raise RequestError(422, f"lo and hi must have the same shape; got {len(lo)} and {len(hi)} "
                                         f"corner(s)")
         else:
-            names = _column_names(req, m.dim)
+            names = _column_names(req, m.user_dim, table, m.geographic, "lo_")
             lo = _arrow_coords(table, [f"lo_{n}" for n in names], "box corners")
             hi = _arrow_coords(table, [f"hi_{n}" for n in names], "box corners")
             single = False
-        bad = np.flatnonzero((lo > hi).any(axis=1))
-        if len(bad):
-            raise RequestError(422, f"box {int(bad[0])} has lo > hi in some dimension (lo {lo[bad[0]].tolist()}, "
-                                    f"hi {hi[bad[0]].tolist()}); each box needs lo <= hi")
+        if m.geographic:  # lon_lo > lon_hi: a box across the antimeridian; latitudes must be ordered
+            _check_lonlat(lo, "lo", True)
+            _check_lonlat(hi, "hi", True)
+            bad = np.flatnonzero(lo[:, 1] > hi[:, 1])
+            if len(bad):
+                raise RequestError(422, f"box {int(bad[0])} has latitude lo {lo[bad[0], 1]} > hi {hi[bad[0], 1]}; "
+                                        f"each box needs lat_lo <= lat_hi (lon_lo > lon_hi is allowed: a box across "
+                                        f"the antimeridian)")
+        else:
+            bad = np.flatnonzero((lo > hi).any(axis=1))
+            if len(bad):
+                raise RequestError(422, f"box {int(bad[0])} has lo > hi in some dimension (lo {lo[bad[0]].tolist()}, "
+                                        f"hi {hi[bad[0]].tolist()}); each box needs lo <= hi")
         return await answer("box", _Item(len(lo), (lo, hi), single, _wants_arrow(req, kind))), len(lo)
 
     @app.post("/box", summary="every point inside each box lo <= p <= hi", **_BOX_DOC)
@@ -1478,6 +1575,49 @@ def create_app(
                                                                                "Arrow body has lo_<name> and hi_<name>")
                   ) -> Response:
         return await handle(request, "box", box_work)
+
+    # -- polygon ----------------------------------------------------------------------------------------------------
+    async def polygon_work(req: Request) -> tuple[Response, int]:
+        kind, obj, _ = await read(req, '{"type": "Polygon", "coordinates": [[[0, 0], [1, 0], [1, 1], [0, 0]]]}',
+                                  _POLYGON_FIELDS)
+        if kind != "json":
+            raise RequestError(415, f"/polygon takes a GeoJSON body ({JSON_TYPE} or {GEOJSON_TYPE}): a Polygon or "
+                                    f"MultiPolygon geometry or a Feature holding one")
+        gtype = obj.get("type")
+        if gtype == "Feature":
+            geom = obj.get("geometry")
+            gtype = geom.get("type") if isinstance(geom, dict) else None
+        else:
+            geom = {k: v for k, v in obj.items() if k in ("type", "coordinates")}
+        if gtype not in ("Polygon", "MultiPolygon"):
+            many = " (one polygon per request: for many, use 'distspatial polygons' or cluster.points_in_polygons)" \
+                if gtype in ("FeatureCollection", "GeometryCollection") else ""
+            raise RequestError(422, f"the body must be a GeoJSON Polygon or MultiPolygon geometry, or a Feature "
+                                    f"holding one; got type {json.dumps(gtype)}{many}")
+        predicate = _param(obj, req, "predicate") or "within"
+        if predicate not in ("within", "intersects"):
+            raise RequestError(422, f"predicate must be 'within' (interior; points on an edge or vertex are not in "
+                                    f"it) or 'intersects' (interior or boundary), got {json.dumps(predicate)}")
+        meta()
+        try:
+            ids = await blocking(cluster.polygon_search, geom, predicate)
+        except ImportError as exc:
+            raise RequestError(501, f"this service cannot answer polygon queries: {exc}") from None
+        except TypeError as exc:  # e.g. coordinates that are not numbers
+            raise RequestError(422, f"not a valid GeoJSON polygon: {' '.join(str(exc).split())}") from None
+        ids = np.asarray(ids, dtype=np.int64)
+        if len(ids) > max_results:
+            raise RequestError(422, f"the polygon holds {len(ids):,} points, more than this service's limit of "
+                                    f"{max_results:,} per answer; split the polygon, or run 'distspatial polygons' "
+                                    f"(which writes a file)")
+        if _wants_arrow(req, kind):
+            return _arrow_response({"id": ids}), 1
+        return _json_response({"ids": ids, "count": int(len(ids))}), 1
+
+    @app.post("/polygon", summary="ids of the points in a GeoJSON polygon", **_POLYGON_DOC)
+    async def polygon(request: Request,
+                      predicate: str | None = Query(None, description="within (default) or intersects")) -> Response:
+        return await handle(request, "polygon", polygon_work)
 
     app._direct = {path: functools.partial(handle, endpoint=name, work=work) for path, name, work in
                    (("/knn", "knn", knn_work), ("/range", "range", range_work), ("/box", "box", box_work))}
@@ -1509,14 +1649,15 @@ def create_app(
             m = meta()
             ts = None
             if kind == "json":
-                pts, _ = _json_coords(obj, "points", m.dim)
+                pts, _ = _json_coords(obj, "points", m.user_dim)
                 ids = _as_ids(obj["ids"], len(pts)) if obj.get("ids") is not None else None
                 if obj.get("timestamps") is not None:
                     ts = _as_numbers(obj["timestamps"], len(pts), "timestamps")
             else:
-                pts = _arrow_coords(table, _column_names(req, m.dim))
+                pts = _arrow_coords(table, _column_names(req, m.user_dim, table, m.geographic))
                 ids = _arrow_column(table, "id", "integer").astype(np.int64) if "id" in table.column_names else None
                 ts = _arrow_column(table, "timestamp").astype(np.float64) if "timestamp" in table.column_names else None
+            _check_lonlat(pts, "points", m.geographic)
             new_ids = await blocking(cluster.ingest, pts, ids, ts)
             req.scope["distspatial.affected"] = len(pts)
             if _wants_arrow(req, kind):
