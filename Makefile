@@ -18,8 +18,11 @@ install: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(VENV)/bin/distspatial demo
 
+# the suite runs its modules on TEST_WORKERS processes (pytest-xdist; each module whole on one, with its own Ray
+# runtime): most tests wait on Ray, so two workers on two cores cut the wall time
+TEST_WORKERS ?= 2
 test: $(VENV)/.installed
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_core.py
