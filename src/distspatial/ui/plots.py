@@ -295,8 +295,8 @@ def _plot_geo_partitions(cluster: Any, meta: Any, ax: Any, max_points: int | Non
     name = lonlat_aspect(ax, pts)
     shown = f", {len(pts):,} shown" if len(pts) < meta.n_points else ""
     ax.set_title(title if title is not None else
-                 f"{meta.n_points:,} points{shown} ({meta.crs}, lon/lat, {name}), {len(parts)} partitions on "
-                 f"{len(nodes)} nodes ({meta.curve}); colour: partition", fontsize=10)
+                 f"{meta.n_points:,} points{shown}, {len(parts)} partitions on {len(nodes)} nodes ({meta.curve})\n"
+                 f"{meta.crs} lon/lat, {name}; colour: partition", fontsize=10)
     return fig
 
 
@@ -356,7 +356,7 @@ def plot_clusters(
         if (dx, dy) != (0, 1) or pts.shape[1] != 2:
             raise ValueError(f"geographic=True draws (n, 2) longitude, latitude points with dims (0, 1); got points "
                              f"{pts.shape}, dims {tuple(dims)}")
-        projection = f" (lon/lat, {lonlat_aspect(ax, p)})"
+        projection = f"\nlon/lat, {lonlat_aspect(ax, p)}"
     elif dy is not None:
         ext = np.ptp(pts[:, [dx, dy]], axis=0) if len(pts) else np.ones(2)
         if ext.min() > 0 and ext.max() / ext.min() < 8:
@@ -365,7 +365,7 @@ def plot_clusters(
         ax.set_yticks([])
     shown = f", {len(p):,} shown" if len(p) < len(pts) else ""
     ax.set_title(title if title is not None else
-                 f"{len(pts):,} points{shown}{projection}, {k} clusters" + (f", {noise:,} noise" if noise else ""),
+                 f"{len(pts):,} points{shown}, {k} clusters" + (f", {noise:,} noise" if noise else "") + projection,
                  fontsize=10)
     return fig
 
