@@ -60,16 +60,11 @@ class SpatialNode(LoadingMixin, QueryRoundsMixin, JoinWriterMixin, PolygonRounds
         import threading
 
         self._lock = threading.Lock()  # counters: updated by the query thread and the default thread
-        from ..core.curves import warm_compiled_kernels
         from ..kernels.curve_runs import warm_up
 
-        def warm() -> None:
-            warm_up()
-            warm_compiled_kernels()
-
-        # the partitions' delta kernels and the curve-key kernels (Numba): compiled or loaded now, off the path
-        # of the first live ingest and of the first queries (a single query's key: ~5 us compiled, 0.4 ms not)
-        threading.Thread(target=warm, daemon=True, name="distspatial-warm-up").start()
+        # the partitions' delta kernels (Numba): compiled or loaded now, off the path of the first live ingest
+        # (the curve-key kernels load with the first large batch; small ones need no keys here)
+        threading.Thread(target=warm_up, daemon=True, name="distspatial-warm-up").start()
         import gc
 
         # Everything imported so far (Ray, NumPy, SciPy, Numba: ~150K objects) never becomes garbage: keep it out
