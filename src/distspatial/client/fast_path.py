@@ -5,7 +5,7 @@ through the dispatcher (failover, read balancing, counting), which costs about a
 per call whatever the batch size. A single query, or a handful, needs none of that: :class:`OneHop` keeps, per
 metadata version, what the split needs (the quantization for curve keys, the partitions' key ranges and live
 owners), computes the keys, picks a replica of the home partition (rotating among the live ones), and sends the
-queries to it in one call with one argument
+queries to it in one call with one pickled argument
 (:meth:`~distspatial.node.query_rounds.QueryRoundsMixin.one_hop`). That node answers in its home partition and,
 only when the k-th distance reaches past it, asks its peers (node-side planning, so the answer is exact). A
 small kNN batch whose home partitions no single node holds goes as one call per node, all in flight together.
@@ -20,15 +20,17 @@ recovers), and partial answers. A node that knows a newer metadata version refus
 from __future__ import annotations
 
 import itertools
+import pickle
 import threading
 from dataclasses import dataclass
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 
-from ..core.codec import message_bytes
+from ..core.codec import decode_all
 from ..core.curves import small_batch_keys, warm_compiled_kernels
 from ..core.errors import PartitionLostError, PartitionMovedError
 from .runtime import ClusterRuntime
@@ -188,9 +190,14 @@ class OneHop:
                 method = self._methods.get(node)
                 if method is None:  # the handle with its options, made once per node set (``options``: ~50 us)
                     method = self._methods[node] = rt.actor(node).one_hop.options(concurrency_group="reads")
-                rt.comm.sent(node, message_bytes(request))
-                refs.append(method.remote(request))
-            outs = [rt.recv(node, ref, timeout=rt.dispatch.timeout_s) for (node, _), ref in zip(calls, refs)]
+                blob = pickle.dumps(request, protocol=pickle.HIGHEST_PROTOCOL)  # one bytes object: see one_hop
+                rt.comm.sent(node, len(blob))
+                refs.append(method.remote(blob))
+            outs = []
+            for (node, _), ref in zip(calls, refs):
+                blob = ray.get(ref, timeout=rt.dispatch.timeout_s)
+                rt.comm.received(node, len(blob))
+                outs.append(decode_all(pickle.loads(blob)))
         except (RayActorError, GetTimeoutError, PartitionMovedError, PartitionLostError):
             self.fallbacks += 1
             return None

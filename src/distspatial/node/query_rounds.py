@@ -23,6 +23,7 @@ with ``allow_partial`` are left out and named in the answer.
 from __future__ import annotations
 
 import os
+import pickle
 import threading
 from typing import Any
 
@@ -157,22 +158,27 @@ class QueryRoundsMixin:
         out_i[order] = ids
         return out_d, out_i, missing
 
-    def one_hop(self, request: tuple) -> tuple:
-        """A few online queries in one argument (the one-hop path of :mod:`distspatial.client.fast_path`):
+    def one_hop(self, request: bytes) -> bytes:
+        """A few online queries in one pickled message (the one-hop path of :mod:`distspatial.client.fast_path`):
         ``("knn", queries, segments, k, version)`` answered as :meth:`knn_batch`, ``("ball", centers, radii,
         return_points, version)`` as :meth:`ball_batch`, ``("box", lo, hi, return_points, version)`` as
-        :meth:`box_batch`. Ray serializes each argument of a call on its own: one argument instead of four or
-        five saves ~0.3-0.5 ms of a ~1 ms call."""
-        kind = request[0]
+        :meth:`box_batch`; the answer pickled likewise. Small messages as one ``bytes`` object: Ray serializes
+        each argument on its own and NumPy arrays as out-of-band buffers, which costs more than the query (a
+        round trip ~0.45 ms shorter than the same tuple of arrays, ~0.3 ms more for separate arguments). Ray
+        unpickles every message anyway: no new trust boundary."""
+        req = pickle.loads(request)
+        kind = req[0]
         if kind == "knn":
-            return self.knn_batch(*request[1:])
-        if kind == "ball":
-            _, centers, radii, return_points, version = request
-            return self.ball_batch(centers, radii, [], return_points, version)
-        if kind == "box":
-            _, lo, hi, return_points, version = request
-            return self.box_batch(lo, hi, [], return_points, version)
-        raise ValueError(f"unknown one-hop query kind {kind!r}; expected 'knn', 'ball' or 'box'")
+            out = self.knn_batch(*req[1:])
+        elif kind == "ball":
+            _, centers, radii, return_points, version = req
+            out = self.ball_batch(centers, radii, [], return_points, version)
+        elif kind == "box":
+            _, lo, hi, return_points, version = req
+            out = self.box_batch(lo, hi, [], return_points, version)
+        else:
+            raise ValueError(f"unknown one-hop query kind {kind!r}; expected 'knn', 'ball' or 'box'")
+        return pickle.dumps(out, protocol=pickle.HIGHEST_PROTOCOL)
 
     def _knn_small(self, disp: Dispatcher, routing: RoutingTable, queries: np.ndarray, segments: list[Segment],
                    k: int, version: int, allow_partial: bool) -> tuple[np.ndarray, np.ndarray, list[int]]:
