@@ -87,6 +87,39 @@ def test_single_range_and_box_queries_take_one_hop_and_equal_references(one_hop_
         np.testing.assert_array_equal(g, np.sort(tree.query_ball_point(x, 0.03)))
 
 
+def test_one_hop_queries_during_ingest_resend_without_a_view_fetch_and_stay_exact(one_hop_cluster):
+    """Every ingest is a new metadata version, and nodes refuse calls planned on an older one. With the layout
+    unchanged, the one-hop path sends the same plan again under the node's version instead of fetching the view.
+    Points are ingested far from the queries (x in [3, 4]), so every answer must equal cKDTree over the base
+    points. (Runs after the other tests of the module's cluster: it adds points.)"""
+    c, pts, _ = one_hop_cluster
+    tree = cKDTree(pts)
+    rng = np.random.default_rng(12)
+    q = rng.random((400, 2))
+    resent0, replans0 = c._one_hop.resent, c._rt.replans
+    stop = threading.Event()
+    wrong: list[int] = []
+
+    def query() -> None:
+        for i, x in enumerate(q):
+            if not np.allclose(c.distributed_knn_search(x, 5)[0], tree.query(x, 5)[0], rtol=0, atol=1e-12):
+                wrong.append(i)
+        stop.set()
+
+    t = threading.Thread(target=query)
+    t.start()
+    n_ingests = 0
+    while not stop.is_set():
+        c.ingest(np.column_stack([rng.uniform(3, 4, 20), rng.random(20)]))
+        n_ingests += 1
+    t.join(120)
+    assert not wrong, f"{len(wrong)} answers differ from cKDTree"
+    assert n_ingests >= 5
+    resent = c._one_hop.resent - resent0
+    assert resent > 0, "no refused call was resent under the newer version"
+    assert c._rt.replans - replans0 <= resent, "refused one-hop calls fetched the view instead of resending"
+
+
 def test_a_node_killed_under_one_hop_queries_answers_stay_exact(ray_local):
     """Single queries run in a thread while a node is killed: each answer is exact (a replica serves it) or an
     error; never a silently partial one. With two replicas every answer must be exact."""

@@ -19,6 +19,7 @@ recovers), and partial answers. A node that knows a newer metadata version refus
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import pickle
 import threading
@@ -32,7 +33,7 @@ from ray.exceptions import GetTimeoutError, RayActorError
 
 from ..core.codec import decode_all
 from ..core.curves import small_batch_keys, warm_compiled_kernels
-from ..core.errors import PartitionLostError, PartitionMovedError
+from ..core.errors import PartitionLostError, PartitionMovedError, StaleMetadataError
 from .runtime import ClusterRuntime
 
 __all__ = ["OneHop", "MAX_QUERIES"]
@@ -54,7 +55,8 @@ def _warm_in_background() -> None:
 class _Plan:
     """What a one-hop call needs of one metadata version."""
 
-    version: int
+    version: int  # the metadata version calls are sent with (may be newer than the view's: see _resend)
+    base: int  # the version of the client's view the plan was made from
     keys: Callable[[np.ndarray], np.ndarray]
     key_lo: np.ndarray  # partitions' first keys, in curve order
     by_key: np.ndarray  # partition index of each position in curve order
@@ -73,19 +75,20 @@ class OneHop:
         self._members = -1  # the node set those handles belong to
         self.calls = 0
         self.fallbacks = 0
+        self.resent = 0  # calls sent again under a newer version with the layout unchanged (no view fetch)
 
     def _plan_now(self) -> _Plan:
         meta, routing, version = self._rt.snapshot()
         failed = frozenset(self._rt.failed_nodes)
         plan = self._plan
-        if plan is not None and plan.version == version and plan.failed == failed:
+        if plan is not None and plan.base == version and plan.failed == failed:
             return plan
         _warm_in_background()
         if plan is None or plan.failed != failed or self._members != self._rt.view.members:
             self._methods = {}
             self._members = self._rt.view.members
         owners = tuple(tuple(n for n in o if n not in failed) for o in routing.owners)
-        plan = _Plan(version, small_batch_keys(meta.lo, meta.hi, meta.curve, meta.bits), routing.key_lo,
+        plan = _Plan(version, version, small_batch_keys(meta.lo, meta.hi, meta.curve, meta.bits), routing.key_lo,
                      routing.by_key, owners, failed)
         self._plan = plan
         return plan
@@ -182,7 +185,22 @@ class OneHop:
         return None if out is None else out[0]
 
     def _call_many(self, calls: list[tuple[int, tuple]]) -> list[Any] | None:
-        """:meth:`_call` for several ``(node, request)`` at once (all sent, then all awaited)."""
+        """:meth:`_call` for several ``(node, request)`` at once (all sent, then all awaited). A node that knows
+        a newer metadata version but no newer partition layout than the plan's (live ingest: every batch is a
+        version, the key ranges and owners stay) gets the same requests again under that version, once, without
+        a fetch from the controller; otherwise the refusal propagates (the caller fetches the view and plans
+        again)."""
+        try:
+            return self._send_and_wait(calls)
+        except StaleMetadataError as exc:
+            plan = self._plan
+            if plan is None or exc.layout is None or exc.layout > plan.base or exc.version <= plan.version:
+                raise
+            self._plan = dataclasses.replace(plan, version=exc.version)
+            self.resent += 1
+            return self._send_and_wait([(node, (*req[:-1], exc.version)) for node, req in calls])
+
+    def _send_and_wait(self, calls: list[tuple[int, tuple]]) -> list[Any] | None:
         rt = self._rt
         try:
             refs = []
@@ -193,11 +211,17 @@ class OneHop:
                 blob = pickle.dumps(request, protocol=pickle.HIGHEST_PROTOCOL)  # one bytes object: see one_hop
                 rt.comm.sent(node, len(blob))
                 refs.append(method.remote(blob))
-            outs = []
-            for (node, _), ref in zip(calls, refs):
-                blob = ray.get(ref, timeout=rt.dispatch.timeout_s)
+            outs, first_error = [], None
+            for (node, _), ref in zip(calls, refs):  # every answer fetched, errors too (none left unhandled)
+                try:
+                    blob = ray.get(ref, timeout=rt.dispatch.timeout_s)
+                except Exception as exc:  # noqa: BLE001 - the first one is raised below
+                    first_error = first_error or exc
+                    continue
                 rt.comm.received(node, len(blob))
                 outs.append(decode_all(pickle.loads(blob)))
+            if first_error is not None:
+                raise first_error
         except (RayActorError, GetTimeoutError, PartitionMovedError, PartitionLostError):
             self.fallbacks += 1
             return None

@@ -40,14 +40,17 @@ class PartitionMovedError(DistSpatialError, KeyError):
 class StaleMetadataError(DistSpatialError):
     """A node was sent work planned on a metadata version older than the newest one it was told of (another
     client or the controller changed the layout or the data since); ``version`` is the node's. The client
-    fetches that version from the controller and plans the query again, so answers stay exact."""
+    fetches that version from the controller and plans the query again, so answers stay exact. ``layout``, when
+    the node says it: the version in which its partition layout last changed (a client whose plan is at least that
+    new may resend the same plan under ``version`` without fetching anything)."""
 
-    def __init__(self, message: str, version: int) -> None:
+    def __init__(self, message: str, version: int, layout: int | None = None) -> None:
         super().__init__(message)
         self.version = int(version)
+        self.layout = None if layout is None else int(layout)
 
     def __reduce__(self):
-        return (type(self), (str(self), self.version))
+        return (type(self), (str(self), self.version, self.layout))
 
 
 class ClusterNotFoundError(DistSpatialError, LookupError):

@@ -169,7 +169,7 @@ class SpatialNode(LoadingMixin, QueryRoundsMixin, JoinWriterMixin, PolygonRounds
         if version is not None and version < self.meta_version:
             raise StaleMetadataError(
                 f"node {self.node_id}: query planned on metadata version {version}, the newest is "
-                f"{self.meta_version}", self.meta_version)
+                f"{self.meta_version}", self.meta_version, self.layout_version)
         if layout is not None and layout < self.layout_version:
             raise StaleMetadataError(
                 f"node {self.node_id}: a round planned on version {layout}, but partitions changed in version "
