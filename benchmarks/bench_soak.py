@@ -41,6 +41,18 @@ K = 10
 
 
 # -- the open-loop load generator (its own process) ---------------------------------------------------------------
+async def _ticks(first: float, step: float, t_end: float):
+    """Scheduled wall times ``first, first + step, ...`` before ``t_end``, each yielded once it has come (open
+    loop: a late answer does not delay the next request's schedule)."""
+    i = 0
+    while (sched := first + i * step) < t_end:
+        i += 1
+        delay = sched - time.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        yield sched
+
+
 async def _response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
     """Status and body of one HTTP/1.1 response with a Content-Length."""
     lines = (await reader.readuntil(b"\r\n\r\n")).split(b"\r\n")
@@ -55,16 +67,8 @@ async def _soak_client(host: str, port: int, bodies: list[bytes], ref: np.ndarra
     ``(scheduled wall time, latency from schedule, status, wrong)``."""
     head = (f"POST /knn HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n").encode()
     reader = writer = None
-    i = 0
     rng = np.random.default_rng(int(offset * 1e6))
-    while True:
-        sched = t_start + offset + i / rate_each
-        if sched >= t_end:
-            break
-        i += 1
-        now = time.time()
-        if sched > now:
-            await asyncio.sleep(sched - now)
+    async for sched in _ticks(t_start + offset, 1.0 / rate_each, t_end):
         j = int(rng.integers(len(bodies)))
         body = bodies[j]
         status, wrong = 0, False
@@ -92,15 +96,7 @@ async def _soak_client(host: str, port: int, bodies: list[bytes], ref: np.ndarra
 async def _ingest_loop(host: str, port: int, t_start: float, t_end: float, out: list) -> None:
     rng = np.random.default_rng(99)
     reader, writer = await asyncio.open_connection(host, port)
-    i = 0
-    while True:
-        sched = t_start + i * 0.05
-        if sched >= t_end:
-            break
-        i += 1
-        now = time.time()
-        if sched > now:
-            await asyncio.sleep(sched - now)
+    async for sched in _ticks(t_start, 0.05, t_end):
         pts = np.column_stack([rng.uniform(2, 3, 500), rng.random(500)])
         body = json.dumps({"points": pts.tolist()}).encode()
         try:
