@@ -349,3 +349,65 @@ def test_distribute_chunks_and_files_geographic(cluster, pts, tree, tmp_path):
     with pytest.raises(ValueError, match="row 7000"):
         cluster.distribute_files(str(tmp_path / "bad.parquet"), columns="lon,lat")
     cluster.distribute_data(pts)  # as the other tests expect
+
+
+def _read_parts(d):
+    import glob
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    files = sorted(glob.glob(str(d / "part-*.parquet")))
+    assert files
+    return pa.concat_tables([pq.read_table(f) for f in files]).to_pandas()
+
+
+def test_node_written_outputs_geographic(cluster, pts, tree, tmp_path):
+    """kNN join and range search of a Parquet query file (lon/lat) written by the nodes into a directory:
+    distances in metres against BallTree(haversine); range inclusive, by metres; a bad row named."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    q = make_queries(7)
+    rng = np.random.default_rng(8)
+    radii = rng.choice([1_000.0, 20_000.0, 300_000.0], len(q))
+    qf = tmp_path / "q.parquet"
+    pq.write_table(pa.table({"lon": q[:, 0], "lat": q[:, 1], "r": radii}), qf, row_group_size=100)
+    k = 4
+    out = cluster.knn_join(str(qf), k=k, columns="lon,lat", output=str(tmp_path / "j") + "/")
+    t = _read_parts(tmp_path / "j").sort_values(["query", "rank"])
+    assert len(t) == len(q) * k and t["rank"].min() == 1 and t["rank"].max() == k
+    assert out == str(tmp_path / "j")
+    assert_knn_haversine(tree, pts, q, t["distance"].to_numpy().reshape(-1, k), t["id"].to_numpy().reshape(-1, k), k)
+
+    def check_range(t, r):
+        ref = tree.query_radius(rad(q), r / R)
+        got = t.sort_values(["query", "id"])
+        counts = np.bincount(got["query"].to_numpy(), minlength=len(q))
+        np.testing.assert_array_equal(counts, [len(x) for x in ref])
+        np.testing.assert_array_equal(got["id"].to_numpy(), np.concatenate([np.sort(x) for x in ref]))
+        qi = got["query"].to_numpy()
+        a, b = rad(q)[qi], rad(pts)[got["id"].to_numpy()]  # haversine of each hit, independent of our chord
+        h = (np.sin((b[:, 0] - a[:, 0]) / 2) ** 2
+             + np.cos(a[:, 0]) * np.cos(b[:, 0]) * np.sin((b[:, 1] - a[:, 1]) / 2) ** 2)
+        own = 2 * R * np.arcsin(np.sqrt(np.minimum(h, 1.0)))
+        np.testing.assert_allclose(got["distance"].to_numpy(), own, rtol=1e-9, atol=1e-5)
+        assert (got["distance"].to_numpy() <= r[qi]).all()
+
+    cluster.range_search(str(qf), 50_000.0, columns="lon,lat", output=str(tmp_path / "r1") + "/")
+    check_range(_read_parts(tmp_path / "r1"), np.full(len(q), 50_000.0))
+    cluster.range_search(str(qf), "r", columns="lon,lat", output=str(tmp_path / "r2") + "/")
+    check_range(_read_parts(tmp_path / "r2"), radii)
+    # an array of centres into one file: metres too
+    f = cluster.range_search(q, 50_000.0, output=str(tmp_path / "r3.parquet"))
+    check_range(pq.read_table(f).to_pandas(), np.full(len(q), 50_000.0))
+    # inclusive at the radius: a point at exactly the reported kNN distance is found
+    d = float(t["distance"].to_numpy()[2])
+    pq.write_table(pa.table({"lon": q[:1, 0], "lat": q[:1, 1]}), tmp_path / "one.parquet")
+    cluster.range_search(str(tmp_path / "one.parquet"), d, output=str(tmp_path / "r4") + "/")
+    assert int(t["id"].to_numpy()[2]) in set(_read_parts(tmp_path / "r4")["id"])
+    bad = q.copy()
+    bad[150, 1] = 95.0
+    pq.write_table(pa.table({"lon": bad[:, 0], "lat": bad[:, 1]}), tmp_path / "bad.parquet", row_group_size=100)
+    with pytest.raises(ValueError, match=r"bad\.parquet.*row 150"):
+        cluster.knn_join(str(tmp_path / "bad.parquet"), k=2, output=str(tmp_path / "jb") + "/")

@@ -178,8 +178,6 @@ def test_cli_polygons_against_geopandas_sjoin(geo, capsys):
      "--count writes one row per polygon"),
     (["knn", "{d}/pts.csv", "--crs", "EPSG:4326", "--queries", "{d}/q.csv"], "takes two coordinate columns"),
     (["knn", "{d}/pts.csv", "--crs", "EPSG:999999", "--queries", "{d}/q.csv"], "EPSG:999999"),
-    (["range", "{d}/pts.csv", "--columns", "lon,lat", "--crs", "EPSG:4326", "--queries", "{d}/q.csv",
-      "--radius", "1", "-o", "{d}/parts/"], "not available for geographic data"),
 ])
 def test_cli_geo_input_errors_exit_2_with_one_line(geo, args, says, capsys):
     rc = main([a.format(d=geo.dir) for a in args] + ["--no-progress"])

@@ -751,9 +751,6 @@ class DistributedSpatialCluster:
         if return_points or allow_partial:
             raise ValueError("return_points and allow_partial do not apply with output=: the output holds query, id "
                              "and distance")
-        if self.geographic:
-            raise ValueError("range_search(..., output=) is not available for a geographic data set yet; call it "
-                             "without output= (centres in longitude/latitude, radius in metres) and write the result")
         if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, (int, np.integer)) or chunk_rows < 1:
             raise ValueError(f"chunk_rows must be a positive int, got {chunk_rows!r}")
         meta = self._algorithm_start()
@@ -768,9 +765,9 @@ class DistributedSpatialCluster:
         if _join._is_directory_target(output):
             raise ValueError("a directory output is written by the nodes from query files: pass the queries as a "
                              "file, directory or glob, or give output='x.parquet' for an array of centres")
-        c, _ = check_queries(center, meta.dim, "center")
+        c, _ = _queries_in(meta, center, "center")
         r = check_radius(radius, len(c))
-        return _join.range_to_file(self._rt, c, r, output, int(chunk_rows))
+        return _join.range_to_file(self._rt, c, r, output, int(chunk_rows), meta.geographic)
 
     def box_search(
         self, lo: Any, hi: Any, return_points: bool = False, allow_partial: bool = False
@@ -996,16 +993,13 @@ class DistributedSpatialCluster:
         ``part-<node>-<n>.parquet`` files there (same columns; ``query`` = row in input order): nothing passes
         through this process; on several machines ``output`` must be storage every machine reaches. ``self_join=True`` (no ``other_points``): the all-kNN of the distributed set, each point
         excluding itself, rows in ``distribute_data`` order (``query`` = the point's id in a file). Geographic
-        data: queries longitude/latitude, distances metres (not yet with a directory output).
+        data: queries longitude/latitude (file columns too), distances metres.
 
         >>> dist, ids = cluster.knn_join(other, k=5)  # doctest: +SKIP
         >>> cluster.knn_join("big.parquet", k=5, columns="x,y", output="join.parquet")  # doctest: +SKIP
         >>> cluster.knn_join("queries/", k=5, columns="x,y", output="join/")  # doctest: +SKIP
         """
         meta = self._algorithm_start()
-        if meta.geographic and output is not None and _join._is_directory_target(str(output)):
-            raise ValueError("a kNN join written by the nodes into a directory is not available for a geographic "
-                             "data set yet: pass output='x.parquet' (written here chunk by chunk) or no output")
         return _join.knn_join(self._rt, other_points, k, self_join, output, chunk_rows, columns)
 
     def distance_matrix(

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from ..core.crs import to_unit
-from ..core.geo import chord_to_metres
+from ..core.geo import chord_to_metres, metres_to_chord
 from ..core.validation import check_k
 from ..client import queries
 from ..client.runtime import ClusterRuntime
@@ -236,6 +236,8 @@ def write_by_nodes(rt: ClusterRuntime, source: Any, task: dict[str, Any], out_di
 
     if block_rows < 1:
         raise ValueError(f"block_rows must be >= 1, got {block_rows}")
+    if rt.meta is not None and rt.meta.geographic:  # the nodes read lon/lat, search unit vectors, write metres
+        task = {**task, "geographic": True}
     source = _resolve(source)
     out_dir = os.path.abspath(os.path.expanduser(out_dir))  # the nodes run in other working directories
     os.makedirs(out_dir, exist_ok=True)
@@ -298,22 +300,32 @@ def _write_join(gen, path: str) -> str:
 
 
 def range_to_file(rt: ClusterRuntime, centers: np.ndarray, radii: np.ndarray, path: str,
-                  chunk_rows: int = 250_000) -> str:
+                  chunk_rows: int = 250_000, geographic: bool = False) -> str:
     """Range search of an array of centres (``radii``: one per centre) written chunk by chunk to one Parquet or
-    CSV file: ``query`` (row), ``id``, ``distance``, one row per point found, sorted by query then id."""
+    CSV file: ``query`` (row), ``id``, ``distance``, one row per point found, sorted by query then id.
+    ``geographic``: ``centers`` are unit vectors and ``radii`` metres (searched with chords a few ulps longer,
+    kept where the great-circle metres are <= the radius); distances are written in metres."""
     import pyarrow as pa
+
+    search_r = metres_to_chord(radii) if geographic else radii
 
     def tables():
         if not len(centers):
             yield pa.table({"query": np.empty(0, np.int64), "id": np.empty(0, np.int64), "distance": np.empty(0)})
         for a in range(0, len(centers), chunk_rows):
-            c, r = centers[a:a + chunk_rows], radii[a:a + chunk_rows]
+            c, r = centers[a:a + chunk_rows], search_r[a:a + chunk_rows]
             found = rt.stable(lambda c=c, r=r: queries.ball(rt, c, r, True, None))
             counts = np.fromiter((len(f[0]) for f in found), np.int64, len(found))
             ids = np.concatenate([f[0] for f in found]).astype(np.int64, copy=False)
             rows = np.repeat(np.arange(len(c)), counts)
             diff = np.concatenate([f[1] for f in found]).reshape(len(ids), c.shape[1]) - c[rows]
-            yield pa.table({"query": rows + a, "id": ids, "distance": np.sqrt(np.einsum("ij,ij->i", diff, diff))})
+            if geographic:  # the chord as the kNN kernels and the facade compute it: inclusive at a reported distance
+                dist = chord_to_metres(np.sqrt(np.square(diff).sum(axis=1)))
+                keep = dist <= radii[a:a + chunk_rows][rows]
+                rows, ids, dist = rows[keep], ids[keep], dist[keep]
+            else:
+                dist = np.sqrt(np.einsum("ij,ij->i", diff, diff))
+            yield pa.table({"query": rows + a, "id": ids, "distance": dist})
 
     return _write_tables(tables(), path)
 

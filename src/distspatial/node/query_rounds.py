@@ -336,21 +336,24 @@ class JoinWriterMixin:
         files: list[str] = []
         rows_done = 0
         knn = task["kind"] == "knn"
+        geo = bool(task.get("geographic"))  # lon/lat rows in, great-circle metres out (radii in metres)
         for share, offset in zip(shares, offsets):
             q, _ = read_share(share, columns, None)
             radius = None if knn else self._share_radii(share, q, task)
             if radius is not None and task["radius"] is None:
                 q = np.ascontiguousarray(q[:, :-1])
             dim = self._rounds_at_latest(version)[0].dim
+            if geo:
+                q = self._share_unit(share, q)
             if q.shape[1] != dim:
                 raise ValueError(f"{share.describe()}: {q.shape[1]} coordinate columns, but the distributed data set "
                                  f"has {dim} (pick them with columns=...)")
             for b, a in enumerate(range(0, len(q), block_rows)):
                 block = q[a:a + block_rows]
                 if knn:
-                    table, version = self._knn_part(block, offset + a, task["k"], version)
+                    table, version = self._knn_part(block, offset + a, task["k"], version, geo)
                 else:
-                    table, version = self._range_part(block, radius[a:a + block_rows], offset + a, version)
+                    table, version = self._range_part(block, radius[a:a + block_rows], offset + a, version, geo)
                 # n = share * 10**4 + block: unique across nodes and across a share read again after a failure
                 path = os.path.join(out_dir, f"part-{self.node_id:05d}-{share.index * 10_000 + b:09d}.parquet")
                 pq.write_table(table, path)
@@ -382,14 +385,33 @@ class JoinWriterMixin:
                                 "every radius must be >= 0", row=row, column=col)
         return r
 
+    @staticmethod
+    def _share_unit(share: Any, q: np.ndarray) -> np.ndarray:
+        """A share's longitude/latitude rows (a geographic data set) as unit vectors: checked (a clear error naming
+        file and row: two columns, finite, |latitude| <= 90), longitudes wrapped into [-180, 180]."""
+        from ..core.geo import check_lonlat, lonlat_to_unit
+        from ..io.files import DataFileError
+
+        if q.ndim != 2 or q.shape[1] != 2:
+            raise DataFileError(share.path, f"{q.shape[1]} coordinate columns for a geographic data set",
+                                "give two columns, longitude and latitude in degrees (pick them with columns=...)")
+        bad = np.flatnonzero(~np.isfinite(q).all(axis=1) | (np.abs(q[:, 1]) > 90.0))
+        if len(bad):
+            row = share.row_start + int(bad[0])
+            raise DataFileError(share.path, f"row {row}: longitude/latitude {q[bad[0]].tolist()} is not a valid "
+                                f"position (latitude outside [-90, 90] or not finite)",
+                                "columns are longitude, latitude in degrees (were they swapped?)", row=row)
+        return lonlat_to_unit(check_lonlat(q, share.describe()))
+
     def _rounds_at_latest(self, version: int) -> tuple[RoutingTable, Dispatcher]:
         try:
             return self._rounds_at(version)
         except StaleMetadataError as exc:
             return self._rounds_at(int(exc.version))
 
-    def _knn_part(self, q: np.ndarray, first: int, k: int, version: int) -> tuple[Any, int]:
-        """One kNN part file's table (rank from 1, as the command line's tables) and the version answered on."""
+    def _knn_part(self, q: np.ndarray, first: int, k: int, version: int, geo: bool = False) -> tuple[Any, int]:
+        """One kNN part file's table (rank from 1, as the command line's tables) and the version answered on.
+        ``geo``: ``q`` are unit vectors, distances written in great-circle metres."""
         import pyarrow as pa
 
         m = len(q)
@@ -398,6 +420,10 @@ class JoinWriterMixin:
         found, version = self._by_home(q, (), "knn_batch", {"k": k}, version)
         for rows, (d_, i_, _) in found:
             dist[rows], ids[rows] = d_, i_
+        if geo:
+            from ..core.geo import chord_to_metres
+
+            dist = chord_to_metres(dist)
         return pa.table({
             "query": np.repeat(np.arange(first, first + m, dtype=np.int64), k),
             "rank": np.tile(np.arange(1, k + 1, dtype=np.int32), m),
@@ -405,16 +431,29 @@ class JoinWriterMixin:
             "distance": dist.reshape(-1),
         }), version
 
-    def _range_part(self, q: np.ndarray, radii: np.ndarray, first: int, version: int) -> tuple[Any, int]:
+    def _range_part(self, q: np.ndarray, radii: np.ndarray, first: int, version: int,
+                    geo: bool = False) -> tuple[Any, int]:
         """One range part file's table (every point within each query's radius, sorted by query then id, with
-        its distance) and the version answered on."""
+        its distance) and the version answered on. ``geo``: ``q`` are unit vectors and ``radii`` metres: searched
+        with chords a few ulps longer, kept where the great-circle metres are <= the radius, written in metres."""
         import pyarrow as pa
 
-        found, version = self._by_home(q, (radii,), "ball_batch", {"return_points": True}, version)
+        if geo:
+            from ..core.geo import chord_to_metres, metres_to_chord
+
+            found, version = self._by_home(q, (metres_to_chord(radii),), "ball_batch", {"return_points": True},
+                                           version)
+        else:
+            found, version = self._by_home(q, (radii,), "ball_batch", {"return_points": True}, version)
         rows = np.concatenate([np.repeat(r, res[0]) for r, res in found])
         ids = np.concatenate([res[1] for _, res in found])
         diff = np.concatenate([res[2] for _, res in found]) - np.take(q, rows, axis=0)
-        dist = np.sqrt(np.einsum("ij,ij->i", diff, diff))
+        if geo:  # the chord as the kNN kernels and the facade compute it: inclusive at a reported distance
+            dist = chord_to_metres(np.sqrt(np.square(diff).sum(axis=1)))
+            keep = dist <= radii[rows]
+            rows, ids, dist = rows[keep], ids[keep], dist[keep]
+        else:
+            dist = np.sqrt(np.einsum("ij,ij->i", diff, diff))
         order = np.lexsort((ids, rows))
         return pa.table({"query": rows[order] + first, "id": ids[order], "distance": dist[order]}), version
 

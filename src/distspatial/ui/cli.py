@@ -1123,9 +1123,6 @@ def _check_crs(s: Session, args: argparse.Namespace, file_crs: Any) -> Any:
         if s.dim != 2:
             raise ValueError(f"a geographic CRS ({info.name}) takes two coordinate columns, longitude and latitude; "
                              f"the input has {s.dim} ({', '.join(s.columns)}): pick them with --columns lon,lat")
-        if _is_dir_output(getattr(args, "output", None)):
-            raise ValueError(f"--output {args.output} (part files written by the nodes) is not available for "
-                             f"geographic data yet; give a .parquet, .csv or .geoparquet file")
         s.say(f"coordinates: longitude, latitude in degrees ({info.name}); distances in metres (great circle)")
     elif info is not None:
         s.say(f"coordinates: {info.name} ({info.description}), distances in {info.units}")
