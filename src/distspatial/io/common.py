@@ -4,7 +4,9 @@ result table to Arrow. (Kept apart so that :mod:`~distspatial.io.files` and
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import os
+import tempfile
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -58,3 +60,22 @@ def _to_table(path: str, table_like: Any) -> pa.Table:
     except Exception as exc:
         raise ValueError(f"cannot write a {type(table_like).__name__} to {path}: give a mapping of column name "
                          f"to 1-D array or a pyarrow.Table ({exc})") from None
+
+
+def write_atomically(path: str, write: Callable[[str], None], error: Callable[[str, str, str], Exception]) -> str:
+    """``write(tmp)`` into a temporary file beside ``path``, then rename it to ``path`` (readers never see a
+    half-written file; a failed write leaves nothing behind). ``error(path, problem, fix)`` makes the exception for
+    a missing directory. Returns ``path``."""
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise error(path, f"cannot write: the directory {parent} does not exist", "create it first")
+    fd, tmp = tempfile.mkstemp(prefix=".distspatial-", suffix=os.path.basename(path), dir=parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path

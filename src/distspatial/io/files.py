@@ -23,7 +23,6 @@ to Parquet or CSV by the file's extension; :func:`knn_table`, :func:`range_table
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -31,7 +30,7 @@ from typing import Any, Callable
 import numpy as np
 import pyarrow as pa
 
-from .common import DataFileError, _data_file_error, _to_table  # noqa: F401  (re-exported)
+from .common import DataFileError, _data_file_error, _to_table, write_atomically  # noqa: F401  (re-exported)
 
 __all__ = [
     "DataFileError",
@@ -698,36 +697,28 @@ def write_results(path: Any, table_like: Any, points: Any = None, crs: Any = Non
     if points is not None:
         raise DataFileError(p, "points (a geometry column) can be written to GeoParquet only",
                             "name the file .geoparquet or .parquet")
-    parent = os.path.dirname(os.path.abspath(p))
-    if not os.path.isdir(parent):
-        raise DataFileError(p, f"cannot write: the directory {parent} does not exist", "create it first")
     table = _to_table(p, table_like)
-    fd, tmp = tempfile.mkstemp(prefix=".distspatial-", suffix=os.path.basename(p), dir=parent)
-    os.close(fd)
-    try:
+
+    def write(tmp: str) -> None:
         if fmt == "parquet":
             import pyarrow.parquet as pq
 
             pq.write_table(table, tmp, compression="zstd")
-        else:
-            import pyarrow.csv as pv
+            return
+        import pyarrow.csv as pv
 
-            delim = "\t" if _suffix(p)[0] == ".tsv" else ","
-            opts: dict = {"delimiter": delim, "quoting_style": "needed"}
-            if not any(ch in name for name in table.column_names for ch in (delim, '"', "\n", "\r")):
-                opts["quoting_header"] = "none"  # plain names: a header line without quotes
-            try:
-                wo = pv.WriteOptions(**opts)
-            except TypeError:  # pyarrow without quoting_header
-                opts.pop("quoting_header", None)
-                wo = pv.WriteOptions(**opts)
-            pv.write_csv(table, tmp, write_options=wo)
-        os.replace(tmp, p)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return p
+        delim = "\t" if _suffix(p)[0] == ".tsv" else ","
+        opts: dict = {"delimiter": delim, "quoting_style": "needed"}
+        if not any(ch in name for name in table.column_names for ch in (delim, '"', "\n", "\r")):
+            opts["quoting_header"] = "none"  # plain names: a header line without quotes
+        try:
+            wo = pv.WriteOptions(**opts)
+        except TypeError:  # pyarrow without quoting_header
+            opts.pop("quoting_header", None)
+            wo = pv.WriteOptions(**opts)
+        pv.write_csv(table, tmp, write_options=wo)
+
+    return write_atomically(p, write, DataFileError)
 
 
 def _query_labels(m: int, query_ids: Any) -> np.ndarray:

@@ -30,12 +30,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+
+from .common import write_atomically
 
 __all__ = ["GeoColumn", "geo_column", "decode_points", "encode_wkb_points", "write_geoparquet", "to_geodataframe",
            "points_from_geopandas", "GEO_HINT", "WKB_TYPES"]
@@ -378,20 +379,8 @@ def write_geoparquet(path: Any, table_like: Any, points: Any, crs: Any = None, g
     import pyarrow.parquet as pq
 
     p = os.fspath(path)
-    parent = os.path.dirname(os.path.abspath(p))
-    if not os.path.isdir(parent):
-        raise _geo_error(p, f"cannot write: the directory {parent} does not exist", "create it first")
     table = geoparquet_table(table_like, points, crs, geometry, encoding)
-    fd, tmp = tempfile.mkstemp(prefix=".distspatial-", suffix=os.path.basename(p), dir=parent)
-    os.close(fd)
-    try:
-        pq.write_table(table, tmp, compression="zstd")
-        os.replace(tmp, p)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return p
+    return write_atomically(p, lambda tmp: pq.write_table(table, tmp, compression="zstd"), _geo_error)
 
 
 # -- GeoPandas ---------------------------------------------------------------------------------------------------
