@@ -140,6 +140,13 @@ def test_geodataframe_in_and_out_and_parallel_load(cluster, tmp_path):
 
 def test_geographic_geodataframe_and_polygons_against_sjoin(cluster, tmp_path):
     xy, ids, g = _gdf(4000, seed=5)  # EPSG:4326: the data set becomes geographic
+    # and points exactly on the polygons' edges and vertices (a 2.5-degree grid, the triangle's vertices): a
+    # geographic data set stores unit vectors, and these must come back exactly to be classified as sjoin does
+    grid = np.stack(np.meshgrid(np.arange(-180.0, 180.0, 2.5), np.arange(-80.0, 80.5, 2.5)), -1).reshape(-1, 2)
+    grid = np.concatenate([grid, [[170.0, -10.0], [179.5, 0.0], [170.0, 10.0], [174.75, -5.0]]])
+    xy = np.concatenate([xy, grid])
+    ids = np.concatenate([ids, 100_000 + np.arange(len(grid))])
+    g = gpd.GeoDataFrame({"id": ids}, geometry=gpd.points_from_xy(xy[:, 0], xy[:, 1]), crs="EPSG:4326")
     cluster.distribute_data(g, ids=ids)
     assert cluster.geographic
     polys = [shapely.box(-20, -10, 40, 30),

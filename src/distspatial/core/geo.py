@@ -78,12 +78,39 @@ def lonlat_to_unit(lonlat: np.ndarray) -> np.ndarray:
     return out
 
 
+#: recovered coordinates are snapped to this many decimals when that reproduces the stored vector exactly
+SNAP_DECIMALS = 10
+
+
 def unit_to_lonlat(xyz: np.ndarray) -> np.ndarray:
-    """``(n, 3)`` unit vectors -> ``(n, 2)`` lon/lat degrees (atan2 both ways: accurate near the poles too)."""
+    """``(n, 3)`` unit vectors -> ``(n, 2)`` lon/lat degrees (atan2 both ways: accurate near the poles too).
+
+    The inverse is exact to ~1e-14 degrees; on top of that, a coordinate whose value rounded to
+    :data:`SNAP_DECIMALS` decimals converts (:func:`lonlat_to_unit`) to the stored vector (to an ulp of each
+    component) is returned rounded: among the inputs the stored vector cannot tell apart, the one with at most 10
+    decimals. So inputs as
+    people write them (8, 50.25, 4.3517) come back exactly, and a point given exactly on a polygon or box edge is
+    tested exactly there.
+
+        >>> unit_to_lonlat(lonlat_to_unit(np.array([[8.0, 50.0], [4.3517, 50.8503]]))).tolist()
+        [[8.0, 50.0], [4.3517, 50.8503]]
+    """
     x, y, z = xyz[:, 0], xyz[:, 1], xyz[:, 2]
     out = np.empty((len(xyz), 2))
     out[:, 0] = np.degrees(np.arctan2(y, x))
     out[:, 1] = np.degrees(np.arctan2(z, np.hypot(x, y)))
+    rounded = np.round(out, SNAP_DECIMALS)
+    near = np.abs(rounded - out) <= 1e-11  # the inverse is off by ~1e-14: farther ones are not such inputs
+    rows = np.flatnonzero(near.any(axis=1))
+    if len(rows):
+        o, r, nr, x = out[rows], rounded[rows], near[rows], xyz[rows]
+        ulp = np.spacing(np.abs(x))  # NumPy's vectorized sin/cos may differ by an ulp between array positions
+        done = np.zeros(len(rows), dtype=bool)
+        for use in ((True, True), (True, False), (False, True)):
+            cand = np.where(nr & np.array(use), r, o)
+            same = ~done & (np.abs(lonlat_to_unit(cand) - x) <= ulp).all(axis=1) & (cand != o).any(axis=1)
+            out[rows[same]] = cand[same]
+            done |= same
     return out
 
 
