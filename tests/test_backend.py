@@ -24,7 +24,6 @@ from distspatial.kernels.backend import (
     AssignLloydState,
     CpuBackend,
     GpuUnavailableError,
-    KernelBackend,
     cpu_assign_sums,
     csr_to_lists,
     cuda_available,

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from distspatial.live.continuous import GeofenceEvent, GeofenceMonitor, KnnWatch, points_in_polygon
+from distspatial.live.continuous import GeofenceMonitor, KnnWatch, points_in_polygon
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -5,12 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import os
 import shutil
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from types import SimpleNamespace

@@ -999,7 +999,7 @@ class DistributedSpatialCluster:
         >>> cluster.knn_join("big.parquet", k=5, columns="x,y", output="join.parquet")  # doctest: +SKIP
         >>> cluster.knn_join("queries/", k=5, columns="x,y", output="join/")  # doctest: +SKIP
         """
-        meta = self._algorithm_start()
+        self._algorithm_start()
         return _join.knn_join(self._rt, other_points, k, self_join, output, chunk_rows, columns)
 
     def distance_matrix(

@@ -150,7 +150,7 @@ def run_demo(
             f"(init {res.init_seconds:.2f} s), inertia {res.inertia:.6g}")
         converged = res.n_iter < max_iter
         problems = check_kmeans(pts, res.centroids, res.labels, res.inertia, converged)
-        say(f"  checked with numpy: labels are the nearest centroids, inertia "
+        say("  checked with numpy: labels are the nearest centroids, inertia "
             + ("and centroids are the means of their points" if converged else
                f"(not converged in {max_iter} iterations: centroids not checked)")
             + (": exact" if not problems else ": WRONG"))
