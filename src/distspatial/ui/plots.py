@@ -125,6 +125,22 @@ def _home_partitions(meta: Any, points: np.ndarray) -> np.ndarray:
     return RoutingTable(meta).home_partitions(keys)
 
 
+def _points_to_draw(cluster: Any, meta: Any, points: Any, dim: int, max_points: int | None, seed: int,
+                    shape_error: str) -> np.ndarray:
+    """The points a partition plot draws: ``points`` checked to be ``(n, dim)`` (``shape_error`` says what is
+    expected) and subsampled to ``max_points``, or a sample from ``cluster``."""
+    from ..core.metadata import GlobalIndexMetadata
+
+    if points is None:
+        if isinstance(cluster, GlobalIndexMetadata):
+            raise ValueError("plot_partitions(metadata) needs points=...; or pass the cluster itself")
+        return sample_cluster_points(cluster, max_points or meta.n_points, seed)
+    pts = np.asarray(points, dtype=np.float64)
+    if pts.ndim != 2 or pts.shape[1] != dim:
+        raise ValueError(f"{shape_error}, got {pts.shape}")
+    return pts[_subsample(len(pts), max_points, seed)]
+
+
 def plot_partitions(
     cluster: Any,
     ax: Any = None,
@@ -164,15 +180,8 @@ def plot_partitions(
     parts = meta.partitions
     n_drawn = 0
     if show_points:
-        if points is None:
-            if isinstance(cluster, GlobalIndexMetadata):
-                raise ValueError("plot_partitions(metadata) needs points=...; or pass the cluster itself")
-            pts = sample_cluster_points(cluster, max_points or meta.n_points, seed)
-        else:
-            pts = np.asarray(points, dtype=np.float64)
-            if pts.ndim != 2 or pts.shape[1] != meta.dim:
-                raise ValueError(f"points must have shape (n, {meta.dim}) like the index, got {pts.shape}")
-            pts = pts[_subsample(len(pts), max_points, seed)]
+        pts = _points_to_draw(cluster, meta, points, meta.dim, max_points, seed,
+                              f"points must have shape (n, {meta.dim}) like the index")
         if len(pts):
             home = _home_partitions(meta, pts)
             cmap = matplotlib.colormaps["tab20"]
@@ -243,17 +252,9 @@ def _plot_geo_partitions(cluster: Any, meta: Any, ax: Any, max_points: int | Non
     sphere), so the points are drawn in lon/lat coloured by partition, each partition labelled at the (spherical)
     mean of its drawn points, the curve order through those."""
     from ..core.geo import lonlat_to_unit, unit_to_lonlat
-    from ..core.metadata import GlobalIndexMetadata
 
-    if points is None:
-        if isinstance(cluster, GlobalIndexMetadata):
-            raise ValueError("plot_partitions(metadata) needs points=...; or pass the cluster itself")
-        pts = sample_cluster_points(cluster, max_points or meta.n_points, seed)
-    else:
-        pts = np.asarray(points, dtype=np.float64)
-        if pts.ndim != 2 or pts.shape[1] != 2:
-            raise ValueError(f"points of a geographic data set are (n, 2) longitude, latitude; got {pts.shape}")
-        pts = pts[_subsample(len(pts), max_points, seed)]
+    pts = _points_to_draw(cluster, meta, points, 2, max_points, seed,
+                          "points of a geographic data set are (n, 2) longitude, latitude")
     fig, ax = _axes(ax, figsize)
     parts = meta.partitions
     xyz = lonlat_to_unit(pts) if len(pts) else np.empty((0, 3))
