@@ -43,19 +43,18 @@ from .algorithms.hierarchical import HierarchicalResult
 from .client import queries as _queries
 from .client.runtime import ClusterRuntime
 from .client.fast_path import OneHop
+from .client.upload import upload_partitions
 from .control.balancing import LoadMetrics, RebalancePlan, Strategy, TuningPolicy
 from .control.controller import NAMESPACE, ClusterController, controller_actor_name
 from .core.memory import release_free_memory
 from .core.metadata import GlobalIndexMetadata
 from .control.ray_connect import connect, disconnect, join
 from .control import state_store
-from .core.codec import encode, wire_and_raw
 from .core.access import check_token, env_token, make_verifier
 from .core.config import NodeConfig
 from .core.crs import CRSInfo, resolve_crs, to_unit
 from .core.geo import chord_to_metres, lonlat_box_to_unit_bounds, metres_to_chord, unit_to_lonlat
 from .core.errors import AccessDeniedError, ClusterExistsError, ClusterGoneError, ClusterNotFoundError
-from .core.progress import make_bar
 from .core.stats import ClusterStatistics, LatencyRecorder, NodeStatistics, QueryStatus, Timer
 from .core.validation import check_ids, check_k, check_points, check_queries, check_radius
 from .io.geoparquet import is_geopandas, points_from_geopandas
@@ -446,15 +445,6 @@ class DistributedSpatialCluster:
         cfg = self.config
         with Timer() as t:
             plan = partition_points(pts, cfg.partition_count, id_arr, cfg.curve)
-            # one object per partition array in Ray's object store; each owner node reads it from there
-            refs, sizes = [], []
-            bar = make_bar(plan.n_partitions, "distribute", self.progress, unit="part")
-            for p in range(plan.n_partitions):
-                objs = [encode(a) if cfg.compression else a for a in plan.part(p)]
-                sizes.append(tuple(np.sum([wire_and_raw(o) for o in objs], axis=0)))
-                refs.append(tuple(ray.put(o) for o in objs))
-                bar.update(1)
-            bar.close()
             layout = {"dim": d, "lo": plan.lo, "hi": plan.hi, "curve": cfg.curve, "bits": plan.bits,
                       "key_lo": plan.key_lo, "key_hi": plan.key_hi, "box_lo": plan.box_lo, "box_hi": plan.box_hi,
                       "counts": np.diff(plan.cuts), "next_id": n if id_arr is None else int(id_arr.max()) + 1,
@@ -464,11 +454,12 @@ class DistributedSpatialCluster:
                 rows = np.argsort(id_arr, kind="stable")
                 id_map = (id_arr[rows], rows)
             mean_variance = float(np.mean([pts[:, j].var() for j in range(d)]))
-            view = self._rt.call_controller("distribute", layout, refs, sizes, id_map, mean_variance,
-                                            self._rt.new_token())
+            # through Ray's object store, in bounded waves when large; each owner node copies its partitions
+            view = upload_partitions(self._rt, plan, layout, id_map, mean_variance, compression=cfg.compression,
+                                     progress=self.progress)
             self._rt.install(view)
             n_parts = plan.n_partitions
-            del plan, refs
+            del plan
         release_free_memory()  # the cut's sorted copies
         log.info("distributed %d points in %d partitions in %.2f s", n, n_parts, t.seconds)
         return view.meta

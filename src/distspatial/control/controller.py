@@ -74,7 +74,7 @@ __all__ = ["ClusterController", "ClusterView", "controller_actor_name", "NAMESPA
 #: controller methods that change the cluster (its data, layout, settings, or its existence): clients call them
 #: through :meth:`ClusterController.guarded`, which checks the cluster's token first
 GUARDED = frozenset((
-    "distribute", "distribute_files", "load_checkpoint", "begin_chunked", "end_chunked", "ingest", "delete", "update",
+    "distribute", "begin_distribute", "stage_partitions", "distribute_files", "load_checkpoint", "begin_chunked", "end_chunked", "ingest", "delete", "update",
     "set_options", "add_nodes", "remove_node", "move_partition", "split_partition", "add_read_replica", "rebalance",
     "restore_redundancy", "follow_ray_cluster", "checkpoint", "shutdown",
 ))
@@ -121,6 +121,7 @@ class ClusterController(NodeMessages, WritesMixin, LoadingMixin, RecoveryMixin, 
         self.actors: dict[int, Any] = {}
         self.node_info: dict[int, dict] = {}
         self.dataset_counter = 0
+        self._staged: dict | None = None  # a distribute arriving in waves (WritesMixin.begin_distribute)
         self.next_id = 0  # next automatic id for ingested points
         self.has_user_ids = False  # distribute_data was given ids: ingest needs them too
         self.modified = False  # points were ingested or deleted since distribute_data / restore

@@ -25,6 +25,18 @@ _KWARGS: dict = {
 }
 
 
+#: settings of a Ray runtime we start. The raylet frees objects that went out of scope in batches, by default
+#: once a second: a load sending a few hundred MB through the object store in that second would leave all of it
+#: touched in the store's shared memory (whose pages stay allocated), instead of reusing a bounded amount.
+#: For a cluster started by ``ray start``, pass the same with ``--system-config``.
+SYSTEM_CONFIG: dict = {"free_objects_period_milliseconds": 50}
+
+
+def _system_config() -> dict:
+    """:data:`SYSTEM_CONFIG` less what the environment sets (``RAY_<name>`` wins)."""
+    return {k: v for k, v in SYSTEM_CONFIG.items() if f"RAY_{k}" not in os.environ}
+
+
 def connect(config: NodeConfig) -> bool:
     """Make sure Ray is initialised for ``config``; returns True when this call started the runtime (or joined
     one: then :func:`disconnect` only disconnects). A named cluster with ``address=None`` needs a runtime that
@@ -45,7 +57,7 @@ def connect(config: NodeConfig) -> bool:
             kwargs["object_store_memory"] = config.object_store_memory
         # "local": a runtime of our own even when `ray start` runs on this machine (a named cluster's, say),
         # which ray.init() would otherwise join
-        ray.init(address="local", **kwargs)
+        ray.init(address="local", _system_config=_system_config(), **kwargs)
         return True
     ray.init(address=config.address, **kwargs)
     # Joined an external cluster: ray.shutdown() only disconnects this driver, which is what we want at the end.
@@ -73,6 +85,10 @@ def start_local_head(num_cpus: int | None = None, object_store_memory: int | Non
         exe = shutil.which("ray") or "ray"
     cmd = [exe, "start", "--head", f"--num-cpus={num_cpus or os.cpu_count() or 1}", "--include-dashboard=false",
            "--disable-usage-stats"]
+    if _system_config():
+        import json
+
+        cmd.append(f"--system-config={json.dumps(_system_config())}")
     if object_store_memory is not None:
         cmd.append(f"--object-store-memory={object_store_memory}")
     out = subprocess.run(cmd, capture_output=True, text=True)

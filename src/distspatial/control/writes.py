@@ -4,6 +4,8 @@
 puts each one into Ray's object store; the controller places them (:func:`~distspatial.control.placement.
 place_partitions`), hands every owner node the object references (the node reads the arrays from the object
 store and keeps a copy of its own), and only when every node has built its partitions publishes the metadata.
+A large data set arrives in waves (:meth:`WritesMixin.begin_distribute`, :meth:`WritesMixin.stage_partitions`):
+the object store then holds a wave or two at a time, not the whole set (its pages stay allocated afterwards).
 
 **Ingest** (:func:`ingest`). Each point gets its curve key (points outside the original global bounds are
 accepted: their keys are those of the nearest point of the bounds, which keeps routing and the planner's exact
@@ -55,46 +57,137 @@ class WritesMixin:
     def _write_timeout(self) -> float:
         return max(30.0, self.config.communication_timeout_ms / 1000)
 
-    def _load_parts(self, n_parts: int, node_args) -> tuple[int, dict[int, tuple[int, ...]]]:
-        """Place ``n_parts`` partitions on the live nodes and load them (``node_args(node, pids) -> (args, wire,
-        raw)``); returns ``(data set id, owners)``. Raises when a node fails to load (nothing is published)."""
+    def _place_new_dataset(self, n_parts: int) -> tuple[int, dict[int, tuple[int, ...]]]:
+        """Owners of ``n_parts`` partitions of a new data set on the live nodes, and the data set's id."""
         live = self.live_node_ids
         owners = place_partitions(n_parts, live, min(self.config.replication_factor, len(live)), self.machines())
         self.dataset_counter += 1
-        dataset = self.dataset_counter
+        return self.dataset_counter, owners
+
+    def _send_parts(self, dataset: int, owners: dict[int, tuple[int, ...]], pids: list[int], node_args,
+                    every_live_node: bool = False) -> None:
+        """Load partitions ``pids`` of data set ``dataset`` onto their owners (``node_args(node, pids) -> (args,
+        wire, raw)``), all nodes at once; ``every_live_node``: live nodes owning none of them get an empty load
+        (a node drops the previous data set's partitions on its first load of a new one). Raises when a node
+        fails to load."""
+        nodes = sorted({n for p in pids for n in owners[p]} | (set(self.live_node_ids) if every_live_node else set()))
         loads = []
-        for node in live:
-            pids = [p for p in range(n_parts) if node in owners[p]]
-            args, wire, raw = node_args(node, pids)
-            head = message_bytes(dataset, pids)
+        for node in nodes:
+            mine = [p for p in pids if node in owners[p]]
+            args, wire, raw = node_args(node, mine)
+            head = message_bytes(dataset, mine)
             self.comm.sent(node, int(wire) + head, int(raw) + head)
-            loads.append((node, self.actors[node].load_partitions.remote(dataset, pids, *args)))
+            loads.append((node, self.actors[node].load_partitions.remote(dataset, mine, *args)))
         for node, ref in loads:
             self.recv(node, ref)
+
+    def _load_parts(self, n_parts: int, node_args) -> tuple[int, dict[int, tuple[int, ...]]]:
+        """Place ``n_parts`` partitions on the live nodes and load them (``node_args(node, pids) -> (args, wire,
+        raw)``); returns ``(data set id, owners)``. Raises when a node fails to load (nothing is published)."""
+        dataset, owners = self._place_new_dataset(n_parts)
+        self._send_parts(dataset, owners, list(range(n_parts)), node_args, every_live_node=True)
         return dataset, owners
+
+    def _drop_dataset(self) -> None:
+        """No data set (a load failed or began): publish the empty layout."""
+        self.meta, self.routing = None, None
+        self.publish(layout=True)
+
+    def begin_distribute(self, n_parts: int, token: int) -> dict[int, tuple[int, ...]]:
+        """Start a distribute that arrives in waves (:meth:`stage_partitions`, then :meth:`distribute` with
+        ``staged``), so that the client's object store holds one or two waves at a time, not the whole
+        data set. The previous data set is dropped now (every node frees it; nothing is published until the
+        last wave). Returns each partition's owner nodes, for the client to put partitions of every node into
+        each wave."""
+        with self.lock:
+            dataset, owners = self._place_new_dataset(int(n_parts))
+            self._staged = None
+            self._drop_dataset()
+            try:
+                self._send_parts(dataset, owners, [], lambda node, pids: ([], 0, 0), every_live_node=True)
+            except Exception:
+                self._drop_dataset()
+                raise
+            self._staged = {"token": token, "dataset": dataset, "owners": owners, "n_parts": int(n_parts),
+                            "rows": {}, "totals": {}}
+            return owners
+
+    def _staged_load(self, token: int) -> dict:
+        st = self._staged
+        if st is None or st["token"] != token:
+            raise RuntimeError("this distribute_data was interrupted (another load began, or the controller "
+                               "restarted) and nothing of it was published; call distribute_data again")
+        return st
+
+    def stage_partitions(self, token: int, pieces: list[tuple[int, int, int, int]], refs: list[tuple],
+                         sizes: list[tuple[int, int]]) -> int:
+        """One wave of a distribute begun by :meth:`begin_distribute`: ``pieces`` of partitions, each
+        ``(partition id, first row, end row, rows of the partition)`` with its ``(points_ref, ids_ref)`` and
+        ``(wire, raw)`` bytes, onto the partitions' owners (a node builds a partition when its last piece
+        arrives). Returns how many partitions are complete so far."""
+        with self.lock:
+            st = self._staged_load(token)
+            self._send_staged(st, pieces, refs, sizes)
+            return sum(1 for p, rows in st["rows"].items() if rows == st["totals"][p])
+
+    def _send_staged(self, st: dict, pieces: list[tuple[int, int, int, int]], refs: list[tuple],
+                     sizes: list[tuple[int, int]]) -> None:
+        loads = []
+        try:
+            for node in sorted({n for pid, *_ in pieces for n in st["owners"][int(pid)]}):
+                mine = [j for j, (pid, *_) in enumerate(pieces) if node in st["owners"][int(pid)]]
+                wire, raw = np.sum([sizes[j] for j in mine], axis=0)
+                head = message_bytes(st["dataset"], [pieces[j] for j in mine])
+                self.comm.sent(node, int(wire) + head, int(raw) + head)
+                loads.append((node, self.actors[node].load_pieces.remote(
+                    st["dataset"], [pieces[j] for j in mine], *[r for j in mine for r in refs[j]])))
+            for node, ref in loads:
+                self.recv(node, ref)
+        except Exception:
+            self._staged = None
+            self._drop_dataset()
+            raise
+        for pid, start, stop, total in pieces:
+            st["totals"][int(pid)] = int(total)
+            st["rows"][int(pid)] = st["rows"].get(int(pid), 0) + int(stop) - int(start)
 
     def distribute(
         self, layout: dict[str, Any], refs: list[tuple], sizes: list[tuple[int, int]],
         id_map: tuple[np.ndarray, np.ndarray] | None, mean_variance: float, token: int | None = None,
+        staged: list[tuple[int, int, int, int]] | None = None,
     ) -> ClusterView:
         """Load a new data set cut by the client: ``layout`` (dim, lo, hi, curve, bits, per-partition key_lo,
         key_hi, box_lo, box_hi, counts, next_id), one ``(points_ref, ids_ref)`` per partition and its
-        ``(wire, raw)`` bytes; ``id_map`` = (sorted user ids, row of each) or ``None``. Replaces any data set."""
+        ``(wire, raw)`` bytes; ``id_map`` = (sorted user ids, row of each) or ``None``. Replaces any data set.
+
+        ``staged``: the last wave of a load begun by :meth:`begin_distribute` (``token`` the same): ``refs`` and
+        ``sizes`` are then those of the pieces ``staged`` (as in :meth:`stage_partitions`); every partition
+        must be complete after it."""
         with self.lock:
             if token is not None and token in self.recent:
                 return self.view(light=True)
-            n_parts = len(refs)
+            if staged is not None:
+                st = self._staged_load(token)
+                self._send_staged(st, staged, refs, sizes)
+                n_parts, dataset, owners = st["n_parts"], st["dataset"], st["owners"]
+                self._staged = None
+                missing = [p for p in range(n_parts) if st["rows"].get(p, 0) != int(layout["counts"][p])]
+                if missing:
+                    self._drop_dataset()
+                    raise RuntimeError(f"distribute_data: {len(missing)} of {n_parts} partitions did not arrive "
+                                       "whole; nothing was published")
+            else:
+                n_parts = len(refs)
 
-            def args(node: int, pids: list[int]):
-                wire, raw = np.sum([sizes[p] for p in pids], axis=0) if pids else (0, 0)
-                return [r for p in pids for r in refs[p]], wire, raw
+                def args(node: int, pids: list[int]):
+                    wire, raw = np.sum([sizes[p] for p in pids], axis=0) if pids else (0, 0)
+                    return [r for p in pids for r in refs[p]], wire, raw
 
-            try:
-                dataset, owners = self._load_parts(n_parts, args)
-            except Exception:
-                self.meta, self.routing = None, None
-                self.publish(layout=True)
-                raise
+                try:
+                    dataset, owners = self._load_parts(n_parts, args)
+                except Exception:
+                    self._drop_dataset()
+                    raise
             d = int(layout["dim"])
             counts = layout["counts"]
             parts = tuple(

@@ -51,6 +51,7 @@ class SpatialNode(LoadingMixin, QueryRoundsMixin, JoinWriterMixin, PolygonRounds
         self._prepared: dict[int, tuple[int, Any]] = {}
         self.compress = bool(compress)  # compress large query results (NodeConfig.compression)
         self.partitions: dict[int, LocalPartition] = {}
+        self._incoming: dict[int, dict] = {}  # partitions arriving in pieces (load_pieces), until complete
         self.dataset_id = -1
         self._kmeans: dict[tuple[int, int], Any] = {}
         self._mind2: dict[tuple[int, int], np.ndarray] = {}
@@ -197,6 +198,7 @@ class SpatialNode(LoadingMixin, QueryRoundsMixin, JoinWriterMixin, PolygonRounds
         if dataset_id != self.dataset_id:
             self.clear()
             self.dataset_id = dataset_id
+        pts = ids = None
         for j, pid in enumerate(partition_ids):  # compressed transfers were decoded by data_message
             # arrays read from Ray's object store are views of an object owned by the sender (a client that
             # may exit): keep a copy of our own, so a partition never depends on another process
@@ -205,6 +207,41 @@ class SpatialNode(LoadingMixin, QueryRoundsMixin, JoinWriterMixin, PolygonRounds
         del arrays, pts, ids
         release_free_memory()  # the transient copies of the load (the heap keeps them otherwise)
         return [int(p) for p in partition_ids]
+
+    @data_message()
+    def load_pieces(self, dataset_id: int, pieces: list[tuple[int, int, int, int]], *arrays: np.ndarray) -> list[int]:
+        """Pieces of partitions of data set ``dataset_id``, each ``(partition id, first row, end row, rows of the
+        partition)``, ``arrays`` their ``points, ids`` in turn (top-level: Ray passes object-store views). The
+        rows are copied into the partition's arrays; a partition's KD-tree is built when its last piece arrives
+        (the client sends a large data set in bounded waves of pieces). Returns the partitions completed."""
+        if len(arrays) != 2 * len(pieces):
+            raise ValueError("load_pieces needs one (points, ids) pair per piece")
+        if dataset_id != self.dataset_id:
+            self.clear()
+            self.dataset_id = dataset_id
+        done = []
+        for j, (pid, start, stop, total) in enumerate(pieces):
+            pts, ids = arrays[2 * j], arrays[2 * j + 1]
+            if len(pts) != stop - start or len(ids) != stop - start or not 0 <= start <= stop <= total:
+                raise ValueError(f"load_pieces: piece {j} of partition {pid} does not fit rows {start}:{stop} of "
+                                 f"{total}")
+            buf = self._incoming.get(pid)
+            if buf is None:
+                buf = self._incoming[pid] = {"points": np.empty((total, pts.shape[1]), dtype=pts.dtype),
+                                             "ids": np.empty(total, dtype=ids.dtype), "starts": set(), "rows": 0}
+            if start in buf["starts"]:  # a replayed piece
+                continue
+            buf["points"][start:stop], buf["ids"][start:stop] = pts, ids
+            buf["starts"].add(start)
+            buf["rows"] += stop - start
+            if buf["rows"] == total:
+                del self._incoming[pid]
+                self.partitions[int(pid)] = LocalPartition(buf["points"], buf["ids"])
+                done.append(int(pid))
+        del arrays
+        if done:
+            release_free_memory()
+        return done
 
     @data_message()
     def export_partition(self, partition_id: int, compress: bool = False) -> tuple[Any, Any]:
@@ -314,6 +351,7 @@ class SpatialNode(LoadingMixin, QueryRoundsMixin, JoinWriterMixin, PolygonRounds
     def clear(self) -> None:
         """Drop all data and algorithm state."""
         self.partitions.clear()
+        self._incoming.clear()
         self._kmeans.clear()
         self._mind2.clear()
         self._snapshots.clear()
