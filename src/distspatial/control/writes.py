@@ -139,7 +139,7 @@ class WritesMixin:
                 wire, raw = np.sum([sizes[j] for j in mine], axis=0)
                 head = message_bytes(st["dataset"], [pieces[j] for j in mine])
                 self.comm.sent(node, int(wire) + head, int(raw) + head)
-                loads.append((node, self.actors[node].load_pieces.remote(
+                loads.append((node, self.actors[node].load_slices.remote(
                     st["dataset"], [pieces[j] for j in mine], *[r for j in mine for r in refs[j]])))
             for node, ref in loads:
                 self.recv(node, ref)

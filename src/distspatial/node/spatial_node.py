@@ -51,7 +51,7 @@ class SpatialNode(LoadingMixin, QueryRoundsMixin, JoinWriterMixin, PolygonRounds
         self._prepared: dict[int, tuple[int, Any]] = {}
         self.compress = bool(compress)  # compress large query results (NodeConfig.compression)
         self.partitions: dict[int, LocalPartition] = {}
-        self._incoming: dict[int, dict] = {}  # partitions arriving in pieces (load_pieces), until complete
+        self._incoming: dict[int, dict] = {}  # partitions arriving in slices (load_slices), until complete
         self.dataset_id = -1
         self._kmeans: dict[tuple[int, int], Any] = {}
         self._mind2: dict[tuple[int, int], np.ndarray] = {}
@@ -209,13 +209,13 @@ class SpatialNode(LoadingMixin, QueryRoundsMixin, JoinWriterMixin, PolygonRounds
         return [int(p) for p in partition_ids]
 
     @data_message()
-    def load_pieces(self, dataset_id: int, pieces: list[tuple[int, int, int, int]], *arrays: np.ndarray) -> list[int]:
+    def load_slices(self, dataset_id: int, pieces: list[tuple[int, int, int, int]], *arrays: np.ndarray) -> list[int]:
         """Pieces of partitions of data set ``dataset_id``, each ``(partition id, first row, end row, rows of the
         partition)``, ``arrays`` their ``points, ids`` in turn (top-level: Ray passes object-store views). The
         rows are copied into the partition's arrays; a partition's KD-tree is built when its last piece arrives
         (the client sends a large data set in bounded waves of pieces). Returns the partitions completed."""
         if len(arrays) != 2 * len(pieces):
-            raise ValueError("load_pieces needs one (points, ids) pair per piece")
+            raise ValueError("load_slices needs one (points, ids) pair per slice")
         if dataset_id != self.dataset_id:
             self.clear()
             self.dataset_id = dataset_id
@@ -223,7 +223,7 @@ class SpatialNode(LoadingMixin, QueryRoundsMixin, JoinWriterMixin, PolygonRounds
         for j, (pid, start, stop, total) in enumerate(pieces):
             pts, ids = arrays[2 * j], arrays[2 * j + 1]
             if len(pts) != stop - start or len(ids) != stop - start or not 0 <= start <= stop <= total:
-                raise ValueError(f"load_pieces: piece {j} of partition {pid} does not fit rows {start}:{stop} of "
+                raise ValueError(f"load_slices: slice {j} of partition {pid} does not fit rows {start}:{stop} of "
                                  f"{total}")
             buf = self._incoming.get(pid)
             if buf is None:
