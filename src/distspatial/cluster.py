@@ -517,6 +517,7 @@ class DistributedSpatialCluster:
         >>> meta = cluster.distribute_files(["a.parquet", "b.csv"], id_column="id")  # doctest: +SKIP
         """
         self._require_open()
+        from .io.common import redact_uri
         from .io.shares import is_uri
 
         def resolve(p: Any) -> str:  # the controller and the nodes may run elsewhere: absolute local paths
@@ -538,7 +539,7 @@ class DistributedSpatialCluster:
                                             self._rt.new_token(), None if info is None else info.name,
                                             info is not None and info.geographic)
             self._rt.install(view)
-        log.info("loaded %d points from %s in %.2f s", view.meta.n_points, source, t.seconds)
+        log.info("loaded %d points from %s in %.2f s", view.meta.n_points, redact_uri(str(source)), t.seconds)
         return view.meta
 
     def _file_crs(self, source: Any, columns: Any) -> Any:

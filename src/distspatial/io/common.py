@@ -5,6 +5,7 @@ result table to Arrow. (Kept apart so that :mod:`~distspatial.io.files` and
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -12,7 +13,32 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-__all__ = ["DataFileError"]
+__all__ = ["DataFileError", "redact_uri"]
+
+# the user info of a URI (``s3://KEY:SECRET@bucket/...``): up to the first "@" of the authority, or, for a secret
+# with an unescaped "/" (``KEY:ab/cd@bucket``), up to the first "@" after a "user:" that is not ``host:port/``
+_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)(?:[^\s/?#@]*@|[^\s/?#@:]*:(?!\d*(?:[/?#\s]|$))[^\s@]*?@)")
+# query parameters that may carry a secret (``?secret_key=...``, ``&session_token=...``, SAS signatures)
+_SECRET_QUERY = re.compile(r"([?&][^=&\s#]*(?:secret|token|passw|credential|signature|sig\b|key)[^=&\s#]*=)"
+                           r"[^&\s#:;,'\"()]*", re.IGNORECASE)
+_SAFE_QUERY_KEYS = ("endpoint_override", "region", "scheme")
+
+
+def redact_uri(text: Any) -> str:
+    """``text`` with the credentials of every URI in it removed: the user info (``s3://KEY:SECRET@bucket/a`` ->
+    ``s3://bucket/a``) and the values of query parameters that look secret (``secret_key=***``). Local paths and
+    URIs without credentials come back unchanged; used for every path or message shown to users.
+
+    >>> redact_uri("s3://AK:S%2FK@bkt/dir/a.parquet?region=us-east-1&session_token=xyz: no such file")
+    's3://bkt/dir/a.parquet?region=us-east-1&session_token=***: no such file'
+    """
+    out = _USERINFO.sub(r"\1", str(text))
+
+    def hide(m: re.Match) -> str:
+        name = m.group(1)[1:-1]
+        return m.group(0) if name.lower() in _SAFE_QUERY_KEYS else m.group(1) + "***"
+
+    return _SECRET_QUERY.sub(hide, out) if "://" in out else out
 
 
 class DataFileError(ValueError):
@@ -24,12 +50,13 @@ class DataFileError(ValueError):
 
     def __init__(self, path: Any, problem: str, fix: str = "", *, row: int | None = None,
                  column: str | None = None) -> None:
-        self.path = str(path)
-        self.problem = problem
-        self.fix = fix
+        # credentials in a URI never reach a message, a log or a traceback (see redact_uri)
+        self.path = redact_uri(path)
+        self.problem = redact_uri(problem)
+        self.fix = redact_uri(fix)
         self.row = row
         self.column = column
-        super().__init__(f"{self.path}: {problem}" + (f"; {fix}" if fix else ""))
+        super().__init__(f"{self.path}: {self.problem}" + (f"; {self.fix}" if self.fix else ""))
 
     def __reduce__(self):  # pickled with its fields, so the error crosses Ray (raised on a node) intact
         return (_data_file_error, (self.path, self.problem, self.fix, self.row, self.column))

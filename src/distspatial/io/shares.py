@@ -2,10 +2,14 @@
 
 A *source* is a point file, a directory (every point file under it, recursively), a glob (``"data/*.parquet"``,
 ``**`` recursive), a list of any of these, or a URI that pyarrow's filesystems understand (``s3://``, ``gs://``,
-``hdfs://``, ``file://``). :func:`plan_shares` expands it in a fixed order (a directory's and a glob's files
-sorted by path; a list in the order given) and cuts it into :class:`Share`\\ s, reading **only metadata**: file
-sizes, Parquet footers (row groups) and ``.npy`` headers, never the points. :func:`read_share` reads one share as
-a float64 ``(n, d)`` array (and the ids of ``id_column``), in any process that reaches the files.
+``hdfs://``, ``file://``). A URI may carry pyarrow's options in its query string and the credentials in its user
+info (``s3://KEY:SECRET@bucket/dir/?endpoint_override=host:9000&scheme=http&region=us-east-1``): every file
+expanded from it keeps them, so each process opens it alone. In a URI ``?`` starts that query string: its globs
+use ``*``, ``**`` and ``[...]``. Messages and :meth:`Share.describe` show URIs without credentials
+(:func:`~distspatial.io.common.redact_uri`). :func:`plan_shares` expands a source in a fixed order (a directory's
+and a glob's files sorted by path; a list in the order given) and cuts it into :class:`Share`\\ s, reading **only
+metadata**: file sizes, Parquet footers (row groups) and ``.npy`` headers, never the points. :func:`read_share`
+reads one share as a float64 ``(n, d)`` array (and the ids of ``id_column``), in any process that reaches the files.
 
 How files are cut:
 
@@ -33,16 +37,18 @@ has each node call :func:`read_share` on its shares.
 
 from __future__ import annotations
 
-import fnmatch
 import glob as _glob
 import os
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote, unquote
 
 import numpy as np
 import pyarrow as pa
 
+from .common import redact_uri
 from .files import (
     READ_FORMATS,
     DataFileError,
@@ -89,13 +95,14 @@ class Share:
     nbytes: int = 0
 
     def describe(self) -> str:
-        """``path`` with the part read: ``a.parquet (row groups 2-3)``, ``b.npy (rows 0:1000)``."""
+        """``path`` (without credentials) and the part read: ``a.parquet (row groups 2-3)``, ``b.npy (rows 0:10)``."""
+        path = redact_uri(self.path)
         if self.row_groups is not None:
             g = self.row_groups
-            return f"{self.path} (row group{'s' if len(g) != 1 else ''} {g[0]}" + (f"-{g[-1]})" if len(g) > 1 else ")")
+            return f"{path} (row group{'s' if len(g) != 1 else ''} {g[0]}" + (f"-{g[-1]})" if len(g) > 1 else ")")
         if self.kind == "npy":
-            return f"{self.path} (rows {self.row_start}:{self.row_stop})"
-        return self.path
+            return f"{path} (rows {self.row_start}:{self.row_stop})"
+        return path
 
 
 # -- expanding a source ----------------------------------------------------------------------------------------------
@@ -103,6 +110,41 @@ def is_uri(path: str) -> bool:
     """``scheme://...`` (pyarrow filesystem) other than a Windows drive path."""
     head, sep, _ = path.partition("://")
     return bool(sep) and len(head) > 1 and head.replace("+", "").replace("-", "").isalnum()
+
+
+def _split_query(uri: str) -> tuple[str, str]:
+    """``(URI before "?", query string after it)``: pyarrow's options (``?region=...&endpoint_override=...``)."""
+    head, _, query = uri.partition("?")
+    return head, query
+
+
+def _kind(path: str) -> str:
+    """:func:`detect_format` of a local path or of a URI's path (not of its query string)."""
+    return detect_format(_split_query(path)[0] if is_uri(path) else path)
+
+
+def _glob_regex(pattern: str) -> re.Pattern:
+    """A glob as a regex over whole paths: ``*`` and ``[...]`` within one directory, ``**`` across any."""
+    out, i = [], 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            out.append("(?:.*/)?")
+            i += 3
+        elif pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+        elif pattern[i] == "*":
+            out.append("[^/]*")
+            i += 1
+        elif pattern[i] == "[" and "]" in pattern[i + 2:]:
+            j = pattern.index("]", i + 2)
+            body = pattern[i + 1:j]
+            out.append("[" + ("^" + body[1:] if body.startswith("!") else body).replace("\\", "\\\\") + "]")
+            i = j + 1
+        else:
+            out.append(re.escape(pattern[i]))
+            i += 1
+    return re.compile("".join(out) + r"\Z", re.DOTALL)
 
 
 def _readable(name: str) -> bool:
@@ -146,28 +188,44 @@ def _expand_local(src: str) -> list[str]:
 def _expand_uri(src: str) -> list[str]:
     from pyarrow import fs as pafs
 
-    glob_at = min((src.find(c) for c in _GLOB_CHARS if c in src), default=-1)
-    base = (src if glob_at < 0 else src[: src.rfind("/", 0, glob_at)]).rstrip("/")
-    filesystem, root = _filesystem(base)
+    head, query = _split_query(src)  # the query string (pyarrow's options) goes with every file's URI
+    tail = "?" + query if query else ""
+    glob_at = min((head.find(c) for c in "*[" if c in head), default=-1)
+    base = (head if glob_at < 0 else head[: head.rfind("/", 0, glob_at)]).rstrip("/")
+    if not base.partition("://")[2]:
+        raise DataFileError(src, "a pattern cannot match bucket or host names", "put the pattern in the path")
+    filesystem, root = _filesystem(base + tail)
     root = root.rstrip("/")
-    # the URI of a path of this filesystem: s3://bucket/dir -> root bucket/dir; hdfs://host:9000/dir -> root /dir
-    prefix = base[: len(base) - len(root)] if root and base.endswith(root) else base.split("://", 1)[0] + "://"
-    info = filesystem.get_file_info(root)
-    if info.type == pafs.FileType.NotFound:
-        raise _missing(src)
-    if info.type == pafs.FileType.File and glob_at < 0:
-        return [src]
-    listed = filesystem.get_file_info(pafs.FileSelector(root, recursive=True))
+    # the URI of a path of this filesystem: s3://KEY:SECRET@bucket/dir -> root bucket/dir, prefix s3://KEY:SECRET@;
+    # hdfs://host:9000/dir -> root /dir, prefix hdfs://host:9000; file:///tmp/dir -> root /tmp/dir, prefix file://
+    scheme, rest = base.split("://", 1)
+    authority = rest.split("/", 1)[0]
+    userinfo = authority.rpartition("@")[0]
+    prefix = f"{scheme}://" + (authority if root.startswith("/") else (userinfo + "@" if userinfo else ""))
+    try:
+        info = filesystem.get_file_info(root)
+        if info.type == pafs.FileType.NotFound:
+            bucket = root.split("/", 1)[0]  # object stores (s3://, gs://): the first part of the path
+            if not root.startswith("/") and filesystem.get_file_info(bucket).type == pafs.FileType.NotFound:
+                raise DataFileError(src, f"no such file or directory: the bucket {bucket!r} does not exist",
+                                    "check the bucket name, the endpoint and the credentials")
+            raise _missing(src)
+        if info.type == pafs.FileType.File and glob_at < 0:
+            return [src]
+        listed = filesystem.get_file_info(pafs.FileSelector(root, recursive=True))
+    except OSError as exc:  # e.g. no such bucket, access denied, the server unreachable
+        raise DataFileError(src, f"cannot be listed ({exc})", "check the URI and the credentials") from None
     files = sorted(i.path for i in listed if i.type == pafs.FileType.File)
-    if glob_at >= 0:
-        files = [f for f in files if fnmatch.fnmatch(prefix + f, src)]
+    if glob_at >= 0:  # the pattern in the filesystem's terms (percent escapes decoded, as pyarrow does)
+        pattern = _glob_regex(root + "/" + unquote(head[len(base):].lstrip("/")))
+        files = [f for f in files if pattern.match(f)]
     else:
         files = [f for f in files if _readable(f) and not any(
             part.startswith((".", "_")) for part in f[len(root):].strip("/").split("/")[:-1])]
     if not files:
         raise DataFileError(src, "matches no point file", "check the URI; point files end in " +
                             ", ".join(sorted(READ_FORMATS)))
-    return [prefix + f for f in files]
+    return [prefix + quote(f, safe="/:@!$&'()*+,;=~") + tail for f in files]
 
 
 def expand_source(source: Any) -> list[str]:
@@ -262,7 +320,7 @@ def _open(path: str, kind: str, columns: list[str] | None, id_column: str | None
 
 def share_columns(path: str, columns: Any = None, id_column: str | None = None) -> list[str]:
     """The coordinate columns :func:`read_share` reads from ``path`` (metadata only: the header / footer)."""
-    return _open(path, detect_format(path), _parse_columns(columns), id_column, (0, 0)).columns
+    return _open(path, _kind(path), _parse_columns(columns), id_column, (0, 0)).columns
 
 
 def check_same_columns(found: Sequence[tuple[str, Sequence[str]]]) -> None:
@@ -308,7 +366,7 @@ def plan_shares(source: Any, n_shares_hint: int, columns: Any = None, id_column:
     per_file: list[tuple[str, str, list[tuple], int]] = []
     seen_cols: list[tuple[str, list[str]]] = []
     for path in files:
-        kind = detect_format(path)
+        kind = _kind(path)
         size = _file_size(path)
         if kind == "parquet":
             src = _open(path, kind, cols, id_column)
@@ -453,7 +511,7 @@ def source_crs(source: Any, columns: Any = None) -> Any:
         first = expand_source(source)[0]
     except (DataFileError, TypeError, ValueError):
         return None
-    if detect_format(first) != "parquet":
+    if _kind(first) != "parquet":
         return None
     geo = _open(first, "parquet", _parse_columns(columns), None).geo
     return None if geo is None else geo.crs_input

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from ..io.common import redact_uri
 from ..io.files import DataFileError
 from ..core.crs import to_unit
 from ..io.shares import Share, check_same_columns, read_share, share_columns
@@ -143,7 +144,7 @@ class LoadingMixin:
             self.counters["shares_read"] = self.counters.get("shares_read", 0) + len(shares)
             self.counters["points_read"] = self.counters.get("points_read", 0) + n
         self.last_load = {"load_id": load_id, "shares": [s.index for s in shares], "points": n,
-                          "paths": sorted({s.path for s in shares})}
+                          "paths": sorted({redact_uri(s.path) for s in shares})}
         return out
 
     def shuffle_staged(
