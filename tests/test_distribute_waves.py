@@ -105,3 +105,27 @@ def test_an_interrupted_or_incomplete_staged_load_publishes_nothing(cluster):
     assert meta.n_points == 3000
     dist, got = cluster.distributed_knn_search(pts[:20], 1)
     assert (dist[:, 0] == 0).all()
+
+
+def test_ids_past_int32_ingested_into_compact_partitions(cluster):
+    """Nodes store ids that fit as int32; ids past int32 ingested later come back whole (int64) from kNN,
+    range and point_ids, checked against cKDTree over all points."""
+    rng = np.random.default_rng(8)
+    pts = rng.random((4000, 2))
+    ids = np.arange(4000, dtype=np.int64) * 3
+    cluster.distribute_data(pts, ids=ids)
+    new = rng.random((600, 2))
+    new_ids = np.arange(600, dtype=np.int64) + 2**40
+    cluster.ingest(new, ids=new_ids)
+    all_pts, all_ids = np.vstack([pts, new]), np.concatenate([ids, new_ids])
+    q = rng.random((150, 2))
+    dist, got = cluster.distributed_knn_search(q, 5)
+    ref_d, ref_i = cKDTree(all_pts).query(q, 5)
+    assert got.dtype == np.int64
+    np.testing.assert_allclose(dist, ref_d, rtol=0, atol=1e-12)
+    assert (got == all_ids[ref_i]).mean() > 0.999
+    hits = cluster.range_search(q[:30], 0.04)
+    for h, r in zip(hits, cKDTree(all_pts).query_ball_point(q[:30], 0.04)):
+        assert h.dtype == np.int64 and h.tolist() == sorted(all_ids[r].tolist())
+    ids_now = cluster.point_ids()
+    assert ids_now.dtype == np.int64 and np.array_equal(np.sort(ids_now), np.sort(all_ids))

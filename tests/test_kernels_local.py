@@ -141,3 +141,34 @@ def test_ball_pruning_never_drops_a_partition_that_holds_a_hit(d, curve, batch):
     assert needed > 0
     # pruning works: far fewer pairs than every query x every partition
     assert n_pairs < 0.5 * len(centers) * routing.n_partitions
+
+
+def test_ids_stored_as_int32_widen_for_ids_past_int32():
+    """A partition keeps ids that fit as int32 (4 bytes a point); appends of ids past int32 widen the runs and
+    the merged base, and every answer speaks int64 ids equal to the brute-force reference."""
+    rng = np.random.default_rng(7)
+    pts = rng.random((3000, 2))
+    ids = rng.permutation(3000).astype(np.int64) + 2**31 - 3000  # the largest fits int32 exactly
+    part = LocalPartition(pts, ids)
+    assert part.ids.dtype == np.int32 and part.ids.max() == 2**31 - 1
+    new = rng.random((500, 2))
+    new_ids = np.arange(500, dtype=np.int64) + 2**40  # past int32: must not wrap
+    part.append(new[:250], new_ids[:250])
+    part.append(new[250:], new_ids[250:])
+    all_pts, all_ids = np.vstack([pts, new]), np.concatenate([ids, new_ids])
+    q = rng.random((200, 2))
+    for flushed in (False, True):
+        if flushed:
+            part.flush()  # one base again: int64 now, since some ids do not fit
+            assert part.ids.dtype == np.int64
+        dist, got = part.knn(q, 6)
+        ref_d, ref_i = cKDTree(all_pts).query(q, 6)
+        assert got.dtype == np.int64
+        np.testing.assert_allclose(dist, ref_d, rtol=0, atol=1e-12)
+        assert (got == all_ids[ref_i]).mean() > 0.999  # ties aside
+        rows = part.radius(q[:20], np.full(20, 0.05))
+        ref = cKDTree(all_pts).query_ball_point(q[:20], 0.05)
+        for r, h in zip(rows, ref):
+            assert sorted(part.ids[r].astype(np.int64).tolist()) == sorted(all_ids[h].tolist())
+    # ids that never fit stay int64 from the start
+    assert LocalPartition(pts, ids + 2**32).ids.dtype == np.int64

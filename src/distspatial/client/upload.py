@@ -24,6 +24,7 @@ import ray
 
 from ..core.codec import encode, wire_and_raw
 from ..core.progress import make_bar
+from ..kernels.local_index import compact_ids
 
 __all__ = ["WAVE_BYTES", "plan_waves", "upload_partitions"]
 
@@ -60,13 +61,17 @@ def upload_partitions(rt: Any, plan: Any, layout: dict, id_map: Any, mean_varian
     nodes through the controller of runtime ``rt`` and publish them with ``layout``; returns the new view.
     ``wave_bytes``: bytes per wave (default :data:`WAVE_BYTES`, read at each call)."""
     wave_bytes = WAVE_BYTES if wave_bytes is None else int(wave_bytes)
+
     def put(arrays):
+        arrays = (arrays[0], arrays[1].astype(ids_dtype, copy=False))
         objs = [encode(a) if compression else a for a in arrays]
         return tuple(ray.put(o) for o in objs), tuple(np.sum([wire_and_raw(o) for o in objs], axis=0))
 
     token = rt.new_token()
     n, n_parts = len(plan.points), plan.n_partitions
-    row_bytes = plan.points.shape[1] * plan.points.itemsize + plan.ids.itemsize
+    # ids travel (and are stored) as int32 when they all fit: the nodes keep them so anyway
+    ids_dtype = compact_ids(np.array([plan.ids.min(), plan.ids.max()])).dtype if n else plan.ids.dtype
+    row_bytes = plan.points.shape[1] * plan.points.itemsize + ids_dtype.itemsize
     bar = make_bar(n, "distribute", progress, unit="pt")
     try:
         if n * row_bytes <= 2 * wave_bytes:  # small: every partition in one call

@@ -117,8 +117,10 @@ class CurveRun:
         nb = len(b) - (0 if dead_b is None else int(np.count_nonzero(dead_b)))
         keys = np.empty(na + nb, dtype=a.keys.dtype)
         pts = np.empty((na + nb, a.points.shape[1]))
-        ids = np.empty(na + nb, dtype=a.ids.dtype)
-        _merge_two(a.keys, a.points, a.ids, _mask(dead_a, len(a)), b.keys, b.points, b.ids.astype(a.ids.dtype),
+        dtype = np.result_type(a.ids, b.ids)  # never narrow: a newer run may hold ids past int32
+        ids = np.empty(na + nb, dtype=dtype)
+        _merge_two(a.keys, a.points, a.ids.astype(dtype, copy=False), _mask(dead_a, len(a)), b.keys, b.points,
+                   b.ids.astype(dtype, copy=False),
                    _mask(dead_b, len(b)), keys, pts, ids)
         return cls(pts, ids, keys, a.frame)
 

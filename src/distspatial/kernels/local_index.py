@@ -22,12 +22,29 @@ from scipy.spatial import cKDTree
 
 from .curve_runs import FANOUT, CurveRun, morton_frame
 
-__all__ = ["LocalPartition", "merge_topk"]
+__all__ = ["LocalPartition", "compact_ids", "merge_topk", "wide_ids"]
 
 #: points per KD-tree leaf (at most). cKDTree keeps a 72-byte node per ~5 points at 16 (13 B per point), per
 #: ~8 at 24 (9 B); k = 10 queries in 2-D and 3-D ran within 1-2% of 16, ball queries as fast (issue #14's memory
 #: per point)
 LEAFSIZE = 24
+
+_I32 = np.iinfo(np.int32)
+
+
+def compact_ids(ids: np.ndarray) -> np.ndarray:
+    """``ids`` as int32 when every value fits (4 bytes per point instead of 8), else as they are. A partition
+    stores its ids this way; whatever leaves a node goes through :func:`wide_ids`."""
+    ids = np.asarray(ids)
+    if ids.dtype == np.int64 and len(ids) and _I32.min <= int(ids.min()) and int(ids.max()) <= _I32.max:
+        return ids.astype(np.int32)
+    return ids
+
+
+def wide_ids(ids: np.ndarray) -> np.ndarray:
+    """Stored ids as int64, the dtype every answer speaks (no copy when they already are)."""
+    return ids.astype(np.int64, copy=False)
+
 
 #: id used for "no neighbour" slots (fewer than k points within the bound); distances there are ``inf``.
 MISSING_ID = -1
@@ -234,7 +251,7 @@ class LocalPartition:
 
     def __init__(self, points: np.ndarray, ids: np.ndarray, leafsize: int = LEAFSIZE) -> None:
         points = np.ascontiguousarray(points, dtype=np.float64)
-        ids = np.ascontiguousarray(ids)
+        ids = compact_ids(np.ascontiguousarray(ids))
         if points.ndim != 2 or len(points) != len(ids):
             raise ValueError("points must be (n, d) and ids (n,)")
         self.leafsize = leafsize
@@ -303,7 +320,10 @@ class LocalPartition:
             return
         pts = np.ascontiguousarray(points, dtype=np.float64).reshape(-1, self.dim)
         frame = self._frame if self._frame is not None else morton_frame(pts)
-        seg = _RunSegment(CurveRun.build(pts, np.asarray(ids).astype(self._id_dtype, copy=False), frame))
+        ids = np.asarray(ids)
+        if self._id_dtype == np.int32 and len(ids) and (int(ids.min()) < _I32.min or int(ids.max()) > _I32.max):
+            self._id_dtype = np.dtype(np.int64)  # ids past int32 arrive: the runs (and the next base) widen
+        seg = _RunSegment(CurveRun.build(pts, ids.astype(self._id_dtype, copy=False), frame))
         with self.lock:
             if self._frame is None:
                 self._frame = frame

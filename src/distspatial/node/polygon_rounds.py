@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from ..core.geo import unit_to_lonlat
+from ..kernels.local_index import wide_ids
 from .messages import data_message
 
 __all__ = ["PolygonRoundsMixin", "partition_lonlat"]
@@ -56,7 +57,7 @@ class PolygonRoundsMixin:
             if counts is not None:
                 counts += np.bincount(poly, minlength=len(geoms))
                 continue
-            ids_out.append(ids[rows])
+            ids_out.append(wide_ids(ids[rows]))
             poly_out.append(poly)
             if return_points:
                 pts_out.append(xy[rows])

@@ -22,7 +22,7 @@ import numpy as np
 from ..core.codec import encode
 from ..core.errors import PartitionMovedError, StaleMetadataError
 from ..core.memory import release_free_memory
-from ..kernels.local_index import LocalPartition
+from ..kernels.local_index import LocalPartition, wide_ids
 from .loading import LoadingMixin
 from .messages import Segment, data_message
 from .polygon_rounds import PolygonRoundsMixin
@@ -250,8 +250,8 @@ class SpatialNode(LoadingMixin, QueryRoundsMixin, JoinWriterMixin, PolygonRounds
         with :func:`distspatial.core.codec.encode` when ``compress``."""
         part = self._part(partition_id)
         if compress:
-            return encode(part.points), encode(part.ids)
-        return part.points, part.ids
+            return encode(part.points), encode(wide_ids(part.ids))
+        return part.points, wide_ids(part.ids)
 
     @data_message()
     def write_partitions(self, ckpt_uri: str, partition_ids: list[int]) -> list[tuple[int, str, int, int, str]]:
@@ -262,7 +262,7 @@ class SpatialNode(LoadingMixin, QueryRoundsMixin, JoinWriterMixin, PolygonRounds
         for pid in partition_ids:
             part = self._part(pid)
             name = f"part-{pid:05d}.dsz"
-            nbytes, raw, digest = write_partition_file(join(ckpt_uri, name), part.points, part.ids)
+            nbytes, raw, digest = write_partition_file(join(ckpt_uri, name), part.points, wide_ids(part.ids))
             out.append((pid, name, nbytes, raw, digest))
         return out
 
@@ -342,7 +342,7 @@ class SpatialNode(LoadingMixin, QueryRoundsMixin, JoinWriterMixin, PolygonRounds
     @data_message()
     def partition_ids(self, partition_ids: list[int]) -> list[tuple[int, np.ndarray]]:
         """``[(pid, ids)]``: the ids each partition holds now."""
-        return [(pid, self._part(pid).ids) for pid in partition_ids]
+        return [(pid, wide_ids(self._part(pid).ids)) for pid in partition_ids]
 
     def drop_partitions(self, partition_ids: list[int]) -> None:
         for pid in partition_ids:
@@ -435,7 +435,7 @@ class SpatialNode(LoadingMixin, QueryRoundsMixin, JoinWriterMixin, PolygonRounds
                 else:
                     hits = part.radius(centers[a:b], radii[a:b], workers=self.threads)
                 rows = np.concatenate(hits) if hits else np.empty(0, dtype=np.int64)
-                id_chunks.append(part.ids[rows])
+                id_chunks.append(wide_ids(part.ids[rows]))
                 if return_points:
                     pt_chunks.append(part.points[rows])
             self._count(pid, b - a)
@@ -468,7 +468,7 @@ class SpatialNode(LoadingMixin, QueryRoundsMixin, JoinWriterMixin, PolygonRounds
                 for i in range(a, b):  # one search per box; batches of boxes are short
                     rows = per_box[i - a] if self.on_gpu else part.box(lo[i], hi[i])
                     counts[i] = len(rows)
-                    id_chunks.append(part.ids[rows])
+                    id_chunks.append(wide_ids(part.ids[rows]))
                     if return_points:
                         pt_chunks.append(part.points[rows])
         return _pack_hits(counts, id_chunks, pt_chunks, return_points, lo)
@@ -480,7 +480,7 @@ class SpatialNode(LoadingMixin, QueryRoundsMixin, JoinWriterMixin, PolygonRounds
         for pid in partition_ids:
             part = self._part(pid)
             keep = np.random.default_rng([seed, pid]).random(part.size) < fraction
-            out.append((part.ids[keep], part.points[keep]))
+            out.append((wide_ids(part.ids[keep]), part.points[keep]))
         return out
 
     @data_message()
@@ -562,7 +562,7 @@ class SpatialNode(LoadingMixin, QueryRoundsMixin, JoinWriterMixin, PolygonRounds
         snap = self._snapshots.get((run, pid))
         if snap is None:
             part = self._part(pid)
-            snap = self._snapshots[(run, pid)] = (part.points, part.ids)
+            snap = self._snapshots[(run, pid)] = (part.points, wide_ids(part.ids))
         return snap
 
     @data_message()
@@ -691,7 +691,7 @@ class SpatialNode(LoadingMixin, QueryRoundsMixin, JoinWriterMixin, PolygonRounds
         for pid in partition_ids:
             part = self._part(pid)
             mc = micro_clusters(part.points, per_partition[pid], seed=int(seed) * 1_000_003 + pid)
-            out.append((pid, mc.summary(), part.ids, mc.labels))
+            out.append((pid, mc.summary(), wide_ids(part.ids), mc.labels))
         return out
 
     @data_message()
