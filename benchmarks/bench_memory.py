@@ -8,9 +8,9 @@ it, the same for one scipy cKDTree over the same points with its ids (the single
 Each size runs in a fresh process, ``--repeat`` times (the median is shown). "Used" is ``total - available``
 (psutil): it counts the nodes' memory, the client's, and Ray's shared-memory object store pages still held. Next
 to it, from ``/proc/meminfo``: the growth of anonymous memory (every process's heap) plus shared memory (the
-object store's pages): what the processes hold, without the kernel's own changes (on this VM "used" moves by
-about 10 B per point at 10M between runs of the same thing, and grows ~12 B/point more than anonymous + shared
-memory across a load with Ray running).
+object store's pages): what the processes hold. And "used" less the free pages on the kernel's per-CPU lists
+(``/proc/zoneinfo`` pagesets' counts): on this VM's kernel (6.18) those lists grow to ~110 MB per CPU after heavy
+allocation and count as used, which made "used" move by ~10 B per point at 10M between runs of the same thing.
 """
 
 from __future__ import annotations
@@ -33,7 +33,11 @@ def used():
     for line in open("/proc/meminfo"):
         k, v = line.split(":")
         mi[k] = int(v.split()[0]) * 1024
-    return np.array([vm.total - vm.available, mi["AnonPages"] + mi["Shmem"], mi["Shmem"]])
+    # free pages the kernel keeps on its per-CPU lists are in neither MemFree nor MemAvailable (kernel 6.x tunes
+    # those lists up to ~110 MB per CPU here): "used" less them
+    pcp = sum(int(line.split()[1]) for line in open("/proc/zoneinfo") if line.strip().startswith("count:")) * 4096
+    used = vm.total - vm.available
+    return np.array([used, used - pcp, mi["AnonPages"] + mi["Shmem"], mi["Shmem"]])
 rng = np.random.default_rng(0)
 pts = rng.random((n, 2))
 if which == "ckdtree":
@@ -62,8 +66,9 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[1_000_000, 10_000_000, 40_000_000])
     ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args()
-    print("| points | distspatial: used | anon + shared | of it object store | cKDTree + ids: used | anon + shared |")
-    print("|---|---|---|---|---|---|")
+    print("| points | distspatial: used | used less per-CPU free lists | anon + shared | of it object store "
+          "| cKDTree + ids: used | less per-CPU lists | anon + shared |")
+    print("|---|---|---|---|---|---|---|---|")
     for n in args.sizes:
         res = {}
         for which in ("distspatial", "ckdtree"):
@@ -76,7 +81,8 @@ def main() -> None:
                 runs.append(json.loads(out.stdout.strip().splitlines()[-1])["bytes_per_point"])
             res[which] = np.median(np.array(runs), axis=0)
         ds, ck = res["distspatial"], res["ckdtree"]
-        print(f"| {n:,} | {ds[0]:.0f} B | {ds[1]:.0f} B | {ds[2]:.1f} B | {ck[0]:.0f} B | {ck[1]:.0f} B |", flush=True)
+        print(f"| {n:,} | {ds[0]:.0f} B | {ds[1]:.0f} B | {ds[2]:.0f} B | {ds[3]:.1f} B | {ck[0]:.0f} B | {ck[1]:.0f} B "
+              f"| {ck[2]:.0f} B |", flush=True)
 
 
 if __name__ == "__main__":
