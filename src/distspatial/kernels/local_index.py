@@ -127,6 +127,9 @@ class _TreeSegment(_Segment):
         if m == 0 or self.n_live == 0:
             return np.full((m, k), np.inf), np.full((m, k), MISSING_ID, dtype=np.int64)
         kk = min(k + self.n_dead, self.n)  # dead rows can take slots: ask for that many more
+        if ub is None and self.dead is None and kk == k:  # every slot is a live row: no masks (batched kNN)
+            dist, idx = self.tree.query(queries, k=k, workers=workers)
+            return dist.reshape(m, k), self.ids[idx.reshape(m, k)].astype(np.int64, copy=False)
         if ub is None:
             dist, idx = self.tree.query(queries, k=kk, workers=workers)
         else:
