@@ -115,7 +115,9 @@ def _in_flight_at(calls, t):
 def test_node_killed_during_queries_and_kmeans(ray_cluster):
     c, workers = ray_cluster
     pts = skewed_points(40_000, 2, n_hotspots=8, seed=31)
-    q = skewed_points(20_000, 2, n_hotspots=8, seed=31, sample_seed=4)
+    # batches long enough (~0.4-0.8 s once warm) for the kill (~20 ms, after a poll that a loaded machine can
+    # delay) to land inside one: with 20K queries (~0.15 s a batch) it once landed just after a batch ended
+    q = skewed_points(60_000, 2, n_hotspots=8, seed=31, sample_seed=4)
     init = pts[np.random.default_rng(0).choice(len(pts), 6, replace=False)]
     ref = KMeans(6, init=init, n_init=1, algorithm="lloyd", max_iter=60, tol=0).fit(pts)
     with DistributedSpatialCluster(_config()) as cluster:

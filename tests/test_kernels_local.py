@@ -116,9 +116,12 @@ def _routing_for(pts, n_parts, curve):
 @pytest.mark.parametrize("d", [1, 2, 3, 4, 5])
 @pytest.mark.parametrize("curve", ["hilbert", "morton"])
 @pytest.mark.parametrize("batch", [None, 1, 8])  # None: one batch (cell test first); 1, 8: small batches (box first)
-def test_ball_pruning_never_drops_a_partition_that_holds_a_hit(d, curve, batch):
+def test_ball_pruning_never_drops_a_partition_that_holds_a_hit(d, curve, batch, monkeypatch):
     from distspatial.io.datasets import skewed_points
+    from distspatial.kernels import query_planning
     from distspatial.kernels.query_planning import ball_pairs
+
+    monkeypatch.setattr(query_planning, "_CHUNK", 37)  # several blocks of the box test in one batch
 
     pts = skewed_points(20_000, d, n_hotspots=5, seed=d)
     routing, part_of_row, plan = _routing_for(pts, 24, curve)
