@@ -537,3 +537,25 @@ def test_hilbert_coarse_levels_at_library_widths(d, bits):
         assert len(bad) == 0, f"level {level}: keys {[(int(b) + 1) * n_cell for b in bad[:3]]} not next to the keys before"
         _assert_unit_walk((bases[order] // side).astype(U64))  # the cubes themselves, in key order
         assert np.all(entry[0] == 0)
+
+
+def test_sort_keys_is_numpys_stable_argsort():
+    """The compiled radix sort of long key arrays gives exactly NumPy's stable order (ties in input order),
+    with the keys in that order: many duplicates, keys using every bit, a digit shared by all keys (skipped
+    pass), and the short-array NumPy path."""
+    from distspatial.core.curves import _RADIX_MIN_KEYS, sort_keys
+
+    rng = np.random.default_rng(3)
+    n = _RADIX_MIN_KEYS * 3 + 17
+    cases = [
+        rng.integers(0, 2**64 - 1, n, dtype=np.uint64, endpoint=True),  # top bit set on about half
+        rng.integers(0, 50, n).astype(np.uint64) << np.uint64(40),  # many ties; low digits all zero
+        (rng.integers(0, 2**20, n).astype(np.uint64) | np.uint64(0xABC) << np.uint64(30)),
+        np.full(n, 7, dtype=np.uint64),
+        rng.integers(0, 2**62, 1000, dtype=np.uint64),  # below the radix threshold
+    ]
+    for keys in cases:
+        order, sorted_keys = sort_keys(keys)
+        ref = np.argsort(keys, kind="stable")
+        assert np.array_equal(order, ref)
+        assert np.array_equal(sorted_keys, keys[ref])

@@ -1,4 +1,5 @@
-"""Compiled (Numba) Hilbert keys for 2 <= d <= 4: quantization and the table walk in one pass over the points.
+"""Compiled (Numba) Hilbert keys for 2 <= d <= 4: quantization and the table walk in one pass over the points;
+and a stable radix argsort of curve keys (:func:`radix_argsort`).
 
 The same state machine as the NumPy table path of :mod:`distspatial.core.curves` (the tables come from there),
 walked point by point with tables small enough to stay in the L1 cache (the NumPy path gathers from tables of
@@ -117,3 +118,56 @@ def morton_points(points: np.ndarray, lo: np.ndarray, scale: np.ndarray, top: fl
     _morton_kernel()(pts, np.ascontiguousarray(lo[:d], dtype=np.float64),
                      np.ascontiguousarray(scale[:d], dtype=np.float64), float(top), int(bits), out)
     return out
+
+
+@lru_cache(maxsize=None)
+def _radix_kernel():
+    from numba import njit
+
+    @njit(cache=True, nogil=True)
+    def radix_argsort(keys, passes, digit, order, sorted_keys, tmp_order, tmp_keys):  # pragma: no cover
+        n = keys.shape[0]
+        buckets = 1 << digit
+        dmask = np.uint64(buckets - 1)
+        for i in range(n):
+            order[i] = i
+            sorted_keys[i] = keys[i]
+        src_o, src_k, dst_o, dst_k = order, sorted_keys, tmp_order, tmp_keys
+        count = np.empty(buckets + 1, dtype=np.int64)
+        swaps = 0
+        for p in range(passes):
+            shift = np.uint64(digit * p)
+            count[:] = 0
+            for i in range(n):
+                count[((src_k[i] >> shift) & dmask) + 1] += 1
+            if count.max() == n:  # every key has the same digit here: the pass would not move anything
+                continue
+            for j in range(buckets):
+                count[j + 1] += count[j]
+            for i in range(n):
+                dgt = (src_k[i] >> shift) & dmask
+                pos = count[dgt]
+                count[dgt] = pos + 1
+                dst_k[pos] = src_k[i]
+                dst_o[pos] = src_o[i]
+            src_o, src_k, dst_o, dst_k = dst_o, dst_k, src_o, src_k
+            swaps += 1
+        return swaps % 2 == 1  # the answer ended in the tmp arrays
+
+    return radix_argsort
+
+
+def radix_argsort(keys: np.ndarray, digit: int = 13) -> tuple[np.ndarray, np.ndarray]:
+    """``(order, keys[order])`` with ``order`` the stable ascending order of uint64 ``keys`` (equal keys keep
+    their input order), as ``np.argsort(keys, kind="stable")``: an LSD radix sort over ``digit``-bit digits, as
+    many passes as the largest key needs, a pass skipped when all keys share its digit. 10M 62-bit keys: ~0.7 s
+    here against ~1.9 s for NumPy's stable sort (13-bit digits: 8 took 1.1-1.4 s, 11 0.8-0.9, 16 0.8)."""
+    keys = np.ascontiguousarray(keys, dtype=_U64)
+    n = len(keys)
+    top = int(keys.max()) if n else 0
+    passes = max(1, -(-top.bit_length() // digit))
+    order, sorted_keys = np.empty(n, dtype=np.int64), np.empty(n, dtype=_U64)
+    tmp_order, tmp_keys = np.empty(n, dtype=np.int64), np.empty(n, dtype=_U64)
+    if _radix_kernel()(keys, passes, digit, order, sorted_keys, tmp_order, tmp_keys):
+        return tmp_order, tmp_keys
+    return order, sorted_keys

@@ -29,7 +29,8 @@ from functools import lru_cache
 
 import numpy as np
 
-__all__ = ["CURVES", "default_bits", "quantize", "morton_keys", "hilbert_keys", "curve_keys", "warm_compiled_kernels",
+__all__ = ["CURVES", "default_bits", "quantize", "morton_keys", "hilbert_keys", "curve_keys", "sort_keys",
+           "warm_compiled_kernels",
            "small_batch_keys"]
 
 #: Names accepted by :func:`curve_keys`.
@@ -208,6 +209,22 @@ def small_batch_keys(lo: np.ndarray, hi: np.ndarray, curve: str, bits: int) -> C
         return morton_points(points, q_lo, scale, top, bits)
 
     return keys
+
+
+#: key arrays at least this long are sorted by the compiled radix sort (shorter: NumPy's stable sort)
+_RADIX_MIN_KEYS = 1 << 16
+
+
+def sort_keys(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(order, keys[order])``: the stable ascending order of uint64 curve ``keys`` (ties in input order), as
+    ``np.argsort(keys, kind="stable")``; a compiled radix sort for long arrays (~2.5x faster at 10M)."""
+    keys = np.asarray(keys)
+    if len(keys) >= _RADIX_MIN_KEYS and keys.dtype == _U64 and _have_numba():
+        from ._curves_compiled import radix_argsort
+
+        return radix_argsort(keys)
+    order = np.argsort(keys, kind="stable")
+    return order, np.take(keys, order)
 
 
 def warm_compiled_kernels() -> None:
