@@ -31,6 +31,7 @@ import numpy as np
 from ..io.common import redact_uri
 from ..io.files import DataFileError
 from ..core.crs import to_unit
+from ..core.curves import sort_keys
 from ..io.shares import Share, check_same_columns, read_share, share_columns
 
 __all__ = ["LoadingMixin", "id_bucket"]
@@ -222,9 +223,10 @@ class LoadingMixin:
             pts = np.concatenate([g[0] for g in got]) if len(got) > 1 else got[0][0]
             ids = np.concatenate([g[1] for g in got]) if len(got) > 1 else got[0][1]
             keys = np.concatenate([g[2] for g in got]) if len(got) > 1 else got[0][2]
-            order = np.argsort(keys)  # curve order inside the partition, as distribute_data leaves it
-            # np.take makes arrays of this process (the pieces are views of Ray's object store)
-            pts, ids, keys = np.take(pts, order, axis=0), np.take(ids, order), np.take(keys, order)
+            # curve order inside the partition (stable, as distribute_data leaves it); np.take and the sort make
+            # arrays of this process (the pieces are views of Ray's object store)
+            order, keys = sort_keys(keys)
+            pts, ids = np.take(pts, order, axis=0), np.take(ids, order)
             received += pts.nbytes + ids.nbytes + keys.nbytes
             d = pts.shape[1]
             arrays += [pts, ids]
