@@ -24,7 +24,7 @@ import ray
 
 from ..core.codec import encode, wire_and_raw
 from ..core.progress import make_bar
-from ..kernels.local_index import compact_ids
+from ..kernels.local_index import fits_int32
 
 __all__ = ["WAVE_BYTES", "plan_waves", "upload_partitions"]
 
@@ -70,7 +70,7 @@ def upload_partitions(rt: Any, plan: Any, layout: dict, id_map: Any, mean_varian
     token = rt.new_token()
     n, n_parts = len(plan.points), plan.n_partitions
     # ids travel (and are stored) as int32 when they all fit: the nodes keep them so anyway
-    ids_dtype = compact_ids(np.array([plan.ids.min(), plan.ids.max()])).dtype if n else plan.ids.dtype
+    ids_dtype = np.dtype(np.int32) if fits_int32(plan.ids) else plan.ids.dtype
     row_bytes = plan.points.shape[1] * plan.points.itemsize + ids_dtype.itemsize
     bar = make_bar(n, "distribute", progress, unit="pt")
     try:
@@ -87,8 +87,7 @@ def upload_partitions(rt: Any, plan: Any, layout: dict, id_map: Any, mean_varian
                 for i, wave in enumerate(waves):
                     while len(in_flight) >= 2:  # the store holds this wave and the one being loaded
                         in_flight.popleft().result()
-                    refs, sizes = zip(*(put((plan.points[plan.cuts[p] + a:plan.cuts[p] + b],
-                                             plan.ids[plan.cuts[p] + a:plan.cuts[p] + b])) for p, a, b, _ in wave))
+                    refs, sizes = zip(*(put(tuple(arr[a:b] for arr in plan.part(p))) for p, a, b, _ in wave))
                     rows = sum(b - a for _, a, b, _ in wave)
                     if i < len(waves) - 1:
                         fut = pool.submit(rt.call_controller, "stage_partitions", token, wave, list(refs),

@@ -74,7 +74,8 @@ __all__ = ["ClusterController", "ClusterView", "controller_actor_name", "NAMESPA
 #: controller methods that change the cluster (its data, layout, settings, or its existence): clients call them
 #: through :meth:`ClusterController.guarded`, which checks the cluster's token first
 GUARDED = frozenset((
-    "distribute", "begin_distribute", "stage_partitions", "distribute_files", "load_checkpoint", "begin_chunked", "end_chunked", "ingest", "delete", "update",
+    "distribute", "begin_distribute", "stage_partitions", "distribute_files", "load_checkpoint", "begin_chunked",
+    "end_chunked", "ingest", "delete", "update",
     "set_options", "add_nodes", "remove_node", "move_partition", "split_partition", "add_read_replica", "rebalance",
     "restore_redundancy", "follow_ray_cluster", "checkpoint", "shutdown",
 ))

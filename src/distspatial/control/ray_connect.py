@@ -7,6 +7,7 @@ own actors when we are done.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 
@@ -85,10 +86,9 @@ def start_local_head(num_cpus: int | None = None, object_store_memory: int | Non
         exe = shutil.which("ray") or "ray"
     cmd = [exe, "start", "--head", f"--num-cpus={num_cpus or os.cpu_count() or 1}", "--include-dashboard=false",
            "--disable-usage-stats"]
-    if _system_config():
-        import json
-
-        cmd.append(f"--system-config={json.dumps(_system_config())}")
+    system_config = _system_config()
+    if system_config:
+        cmd.append(f"--system-config={json.dumps(system_config)}")
     if object_store_memory is not None:
         cmd.append(f"--object-store-memory={object_store_memory}")
     out = subprocess.run(cmd, capture_output=True, text=True)

@@ -64,20 +64,23 @@ class WritesMixin:
         self.dataset_counter += 1
         return self.dataset_counter, owners
 
-    def _send_parts(self, dataset: int, owners: dict[int, tuple[int, ...]], pids: list[int], node_args,
-                    every_live_node: bool = False) -> None:
-        """Load partitions ``pids`` of data set ``dataset`` onto their owners (``node_args(node, pids) -> (args,
-        wire, raw)``), all nodes at once; ``every_live_node``: live nodes owning none of them get an empty load
-        (a node drops the previous data set's partitions on its first load of a new one). Raises when a node
-        fails to load."""
-        nodes = sorted({n for p in pids for n in owners[p]} | (set(self.live_node_ids) if every_live_node else set()))
+    def _send_parts(self, dataset: int, owners: dict[int, tuple[int, ...]], items: list, node_args,
+                    every_live_node: bool = False, method: str = "load_partitions", pid_of=int) -> None:
+        """Load ``items`` of data set ``dataset`` onto their partitions' owners, all nodes at once: partition ids
+        (``load_partitions``), or slices ``(pid, first row, end row, rows)`` with ``method="load_slices"`` and
+        ``pid_of`` their partition. ``node_args(node, mine) -> (args, wire, raw)``: the node's arrays for its
+        items. ``every_live_node``: live nodes owning none of them get an empty load (a node drops the previous
+        data set's partitions on its first load of a new one). Raises when a node fails to load."""
+        nodes = {n for it in items for n in owners[pid_of(it)]}
+        if every_live_node:
+            nodes |= set(self.live_node_ids)
         loads = []
-        for node in nodes:
-            mine = [p for p in pids if node in owners[p]]
+        for node in sorted(nodes):
+            mine = [it for it in items if node in owners[pid_of(it)]]
             args, wire, raw = node_args(node, mine)
             head = message_bytes(dataset, mine)
             self.comm.sent(node, int(wire) + head, int(raw) + head)
-            loads.append((node, self.actors[node].load_partitions.remote(dataset, mine, *args)))
+            loads.append((node, getattr(self.actors[node], method).remote(dataset, mine, *args)))
         for node, ref in loads:
             self.recv(node, ref)
 
@@ -132,17 +135,16 @@ class WritesMixin:
 
     def _send_staged(self, st: dict, pieces: list[tuple[int, int, int, int]], refs: list[tuple],
                      sizes: list[tuple[int, int]]) -> None:
-        loads = []
+        at = {tuple(pc): j for j, pc in enumerate(pieces)}
+
+        def args(node: int, mine: list):
+            js = [at[tuple(pc)] for pc in mine]
+            wire, raw = np.sum([sizes[j] for j in js], axis=0)
+            return [r for j in js for r in refs[j]], wire, raw
+
         try:
-            for node in sorted({n for pid, *_ in pieces for n in st["owners"][int(pid)]}):
-                mine = [j for j, (pid, *_) in enumerate(pieces) if node in st["owners"][int(pid)]]
-                wire, raw = np.sum([sizes[j] for j in mine], axis=0)
-                head = message_bytes(st["dataset"], [pieces[j] for j in mine])
-                self.comm.sent(node, int(wire) + head, int(raw) + head)
-                loads.append((node, self.actors[node].load_slices.remote(
-                    st["dataset"], [pieces[j] for j in mine], *[r for j in mine for r in refs[j]])))
-            for node, ref in loads:
-                self.recv(node, ref)
+            self._send_parts(st["dataset"], st["owners"], pieces, args, method="load_slices",
+                             pid_of=lambda pc: int(pc[0]))
         except Exception:
             self._staged = None
             self._drop_dataset()

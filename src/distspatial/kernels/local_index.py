@@ -22,7 +22,7 @@ from scipy.spatial import cKDTree
 
 from .curve_runs import FANOUT, CurveRun, morton_frame
 
-__all__ = ["LocalPartition", "compact_ids", "merge_topk", "wide_ids"]
+__all__ = ["LocalPartition", "compact_ids", "fits_int32", "merge_topk", "wide_ids"]
 
 #: points per KD-tree leaf (at most). cKDTree keeps a 72-byte node per ~5 points at 16 (13 B per point), per
 #: ~8 at 24 (9 B); k = 10 queries in 2-D and 3-D ran within 1-2% of 16, ball queries as fast (issue #14's memory
@@ -32,11 +32,16 @@ LEAFSIZE = 24
 _I32 = np.iinfo(np.int32)
 
 
+def fits_int32(ids: np.ndarray) -> bool:
+    """Every value of the (non-empty) integer array ``ids`` fits int32."""
+    return len(ids) > 0 and _I32.min <= int(ids.min()) and int(ids.max()) <= _I32.max
+
+
 def compact_ids(ids: np.ndarray) -> np.ndarray:
     """``ids`` as int32 when every value fits (4 bytes per point instead of 8), else as they are. A partition
     stores its ids this way; whatever leaves a node goes through :func:`wide_ids`."""
     ids = np.asarray(ids)
-    if ids.dtype == np.int64 and len(ids) and _I32.min <= int(ids.min()) and int(ids.max()) <= _I32.max:
+    if ids.dtype == np.int64 and fits_int32(ids):
         return ids.astype(np.int32)
     return ids
 
@@ -117,7 +122,8 @@ class _TreeSegment(_Segment):
 
     __slots__ = ("tree",)
 
-    def __init__(self, points: np.ndarray, ids: np.ndarray, leafsize: int = LEAFSIZE, tree: cKDTree | None = None) -> None:
+    def __init__(self, points: np.ndarray, ids: np.ndarray, leafsize: int = LEAFSIZE,
+                 tree: cKDTree | None = None) -> None:
         super().__init__(points, ids)
         self.tree = tree if tree is not None else _kdtree(points, leafsize)
 
@@ -324,7 +330,7 @@ class LocalPartition:
         pts = np.ascontiguousarray(points, dtype=np.float64).reshape(-1, self.dim)
         frame = self._frame if self._frame is not None else morton_frame(pts)
         ids = np.asarray(ids)
-        if self._id_dtype == np.int32 and len(ids) and (int(ids.min()) < _I32.min or int(ids.max()) > _I32.max):
+        if self._id_dtype == np.int32 and len(ids) and not fits_int32(ids):
             self._id_dtype = np.dtype(np.int64)  # ids past int32 arrive: the runs (and the next base) widen
         seg = _RunSegment(CurveRun.build(pts, ids.astype(self._id_dtype, copy=False), frame))
         with self.lock:
