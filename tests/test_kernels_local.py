@@ -116,12 +116,9 @@ def _routing_for(pts, n_parts, curve):
 @pytest.mark.parametrize("d", [1, 2, 3, 4, 5])
 @pytest.mark.parametrize("curve", ["hilbert", "morton"])
 @pytest.mark.parametrize("batch", [None, 1, 8])  # None: one batch (cell test first); 1, 8: small batches (box first)
-def test_ball_pruning_never_drops_a_partition_that_holds_a_hit(d, curve, batch, monkeypatch):
+def test_ball_pruning_never_drops_a_partition_that_holds_a_hit(d, curve, batch):
     from distspatial.io.datasets import skewed_points
-    from distspatial.kernels import query_planning
     from distspatial.kernels.query_planning import ball_pairs
-
-    monkeypatch.setattr(query_planning, "_CHUNK", 37)  # several blocks of the box test in one batch
 
     pts = skewed_points(20_000, d, n_hotspots=5, seed=d)
     routing, part_of_row, plan = _routing_for(pts, 24, curve)
@@ -144,6 +141,84 @@ def test_ball_pruning_never_drops_a_partition_that_holds_a_hit(d, curve, batch, 
     assert needed > 0
     # pruning works: far fewer pairs than every query x every partition
     assert n_pairs < 0.5 * len(centers) * routing.n_partitions
+
+
+@pytest.mark.parametrize("d", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("curve", ["hilbert", "morton"])
+@pytest.mark.parametrize("data", ["skewed", "duplicates"])
+def test_knn_followups_never_drop_a_partition_with_a_closer_point(d, curve, data):
+    """Round 2 of a large batch (the compiled planner): every partition other than the home one that holds a
+    point strictly closer than the query's k-th distance in its home partition is planned (cKDTree reference)."""
+    from distspatial.core.curves import curve_keys
+    from distspatial.io.datasets import skewed_points
+    from distspatial.kernels.query_planning import knn_followups
+
+    k = 5
+    pts = skewed_points(20_000, d, n_hotspots=5, seed=10 + d)
+    if data == "duplicates":  # a few hundred distinct positions, each many times
+        pts = np.round(pts * 32) / 32
+    routing, part_of_row, _ = _routing_for(pts, 24, curve)
+    rng = np.random.default_rng(d)
+    q = np.concatenate([pts[rng.choice(len(pts), 3000)] + rng.normal(0, 1e-3, (3000, d)),
+                        rng.uniform(-0.3, 1.3, (500, d))])
+    home = routing.home_partitions(curve_keys(q, routing.lo, routing.hi, routing.curve, routing.bits))
+    kth = np.empty(len(q))
+    for p in np.unique(home):
+        rows = np.flatnonzero(home == p)
+        own = pts[part_of_row == p]
+        dist, _ = cKDTree(own).query(q[rows], k=k)
+        kth[rows] = dist[:, -1] if len(own) >= k else np.inf
+    follow = knn_followups(q, kth, home, routing)
+    assert len(q) * routing.n_partitions > 4096  # the large-batch path
+    planned = {(int(r), int(p)) for p, rows in follow.groups().items() for r in rows}
+    assert all(p != home[r] for r, p in planned)
+    tree = cKDTree(pts)
+    needed = 0
+    for i in range(len(q)):
+        near = tree.query_ball_point(q[i], np.nextafter(kth[i], 0) if np.isfinite(kth[i]) else np.inf)
+        for p in set(part_of_row[near].tolist()) - {int(home[i])}:
+            if np.sqrt(((pts[near] - q[i]) ** 2).sum(axis=1))[part_of_row[near] == p].min() < kth[i]:
+                needed += 1
+                assert (i, p) in planned, f"query {i} (k-th distance {kth[i]}) misses partition {p}"
+    assert needed > 0 or data == "duplicates"  # the test can fail: some queries need other partitions
+    assert follow.n_pairs < 0.5 * len(q) * routing.n_partitions  # and it prunes
+
+
+@pytest.mark.parametrize("curve", ["hilbert", "morton"])
+def test_home_in_curve_order_groups_rows_by_home_partition_in_key_order(curve):
+    """The client's round-1 split: every query once, in the partition whose key range holds its key, each
+    partition's rows in ascending key order (the nodes answer them as they come)."""
+    from distspatial.core.curves import curve_keys
+    from distspatial.io.datasets import skewed_points
+    from distspatial.kernels.query_planning import home_in_curve_order
+
+    pts = skewed_points(20_000, 2, n_hotspots=5, seed=3)
+    routing, _, _ = _routing_for(pts, 24, curve)
+    q = np.concatenate([skewed_points(100_000, 2, n_hotspots=5, seed=4), pts[:500]])  # with repeated keys
+    keys = curve_keys(q, routing.lo, routing.hi, routing.curve, routing.bits)
+    home = home_in_curve_order(keys, routing)
+    assert np.array_equal(np.sort(home.rows), np.arange(len(q)))
+    key_lo = [int(x) for x in routing.key_lo]  # partitions' first keys, in curve order
+    for p, rows in home.groups().items():
+        k = keys[rows]
+        assert np.all(k[1:] >= k[:-1])
+        # brute force: the partition with the largest key_lo <= key (keys below the first go to the first)
+        pos = [max(0, sum(lo <= int(x) for lo in key_lo) - 1) for x in k[:: max(1, len(k) // 200)]]
+        assert np.all(routing.by_key[pos] == p)
+
+
+@pytest.mark.parametrize("m", [10, 100_000])
+def test_put_rows_equals_fancy_assignment(m):
+    from distspatial.kernels.query_planning import put_rows
+
+    rng = np.random.default_rng(m)
+    rows = rng.permutation(2 * m)[:m]
+    for dtype in (np.float64, np.int64):
+        src = rng.integers(0, 1 << 40, (m, 7)).astype(dtype)
+        ours, ref = np.zeros((2 * m, 7), dtype), np.zeros((2 * m, 7), dtype)
+        put_rows(ours, rows, src)
+        ref[rows] = src
+        assert np.array_equal(ours, ref)
 
 
 def test_ids_stored_as_int32_widen_for_ids_past_int32():

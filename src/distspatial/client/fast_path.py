@@ -45,10 +45,17 @@ _warmed = threading.Event()
 
 
 def _warm_in_background() -> None:
-    """Load the compiled curve-key kernels once per process, off the query's path."""
+    """Load the compiled curve-key and planning kernels once per process, off the query's path."""
     if not _warmed.is_set():
         _warmed.set()
-        threading.Thread(target=warm_compiled_kernels, daemon=True, name="warm-curve-kernels").start()
+        threading.Thread(target=_warm, daemon=True, name="warm-curve-kernels").start()
+
+
+def _warm() -> None:
+    from ..kernels import query_planning
+
+    warm_compiled_kernels()
+    query_planning.warm_up()
 
 
 @dataclass(frozen=True)

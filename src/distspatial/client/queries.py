@@ -1,8 +1,8 @@
 """The query path on the client: plan on the cached view, send one message per node and round, merge.
 
 **kNN** (:func:`knn`). Queries get curve keys; each goes to a node holding its *home* partition (the key range
-holding its key), one message per node. That node sorts its share in curve order, answers it in the home
-partitions, plans the second round from the k-th distances (MINDIST and cell tests), asks the other nodes
+holding its key), one message per node, each partition's rows in curve order (one radix sort here saves every
+node a sort and a scatter back). That node answers them in the home partitions, plans the second round from the k-th distances (MINDIST and cell tests), asks the other nodes
 directly, merges, and returns final answers (:mod:`distspatial.node.query_rounds`): the client's work is O(m). **Range and box** (:func:`hits`) need one round over the partitions whose boxes
 they reach; hits are sorted by (query, id) and split per query. Every partition is read from exactly one replica
 per round, so no id is reported twice. Every call carries the plan's metadata version; a node that knows a newer
@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from ..core.curves import curve_keys
-from ..kernels.query_planning import Assignment
+from ..kernels.query_planning import Assignment, home_in_curve_order, put_rows
 from .fast_path import MAX_QUERIES, OneHop
 from .runtime import ClusterRuntime
 
@@ -36,15 +36,16 @@ def knn(rt: ClusterRuntime, q: np.ndarray, k: int, missing: list[int] | None = N
     meta, routing, version = rt.snapshot()
     m = len(q)
     keys = curve_keys(q, meta.lo, meta.hi, meta.curve, meta.bits)
-    home = Assignment.from_pairs(np.arange(m, dtype=np.int64), routing.home_partitions(keys), m)
+    home = home_in_curve_order(keys, routing)  # the nodes answer each partition's rows as they come
     dist = np.full((m, k), np.inf)  # rows whose home partition is lost (partial answers) keep these
     ids = np.full((m, k), -1, dtype=np.int64)
     left_out: set[int] = set()
     for rows, (d_, i_, miss) in rt.run_assignment(
         home, "knn_batch", lambda rows: (np.take(q, rows, axis=0),), missing, version, k=k,
-        allow_partial=missing is not None,
+        allow_partial=missing is not None, presorted=True,
     ):
-        dist[rows], ids[rows] = d_, i_
+        put_rows(dist, rows, d_)
+        put_rows(ids, rows, i_)
         left_out.update(miss)
     if missing:  # a partial answer: queries whose home partition is lost search every partition still there
         groups = home.groups()

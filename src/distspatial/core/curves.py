@@ -29,7 +29,7 @@ from functools import lru_cache
 
 import numpy as np
 
-__all__ = ["CURVES", "default_bits", "quantize", "morton_keys", "hilbert_keys", "curve_keys", "sort_keys",
+__all__ = ["CURVES", "default_bits", "quantize", "quantization", "morton_keys", "hilbert_keys", "curve_keys", "sort_keys",
            "warm_compiled_kernels",
            "small_batch_keys"]
 
@@ -239,6 +239,19 @@ def warm_compiled_kernels() -> None:
 def _tiled(v: np.ndarray, n: int) -> np.ndarray:
     """``v`` repeated for min(n, _CHUNK) rows (row-major), for :func:`_quantize_into`."""
     return np.tile(v, max(1, min(n, _CHUNK))) if v.shape[0] > 1 else v
+
+
+def quantization(lo: np.ndarray, hi: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray, float]:
+    """``(lo, scale, top)`` such that :func:`quantize` maps a coordinate ``x`` of dimension ``t`` to the cell
+    ``uint64(min(max((x - lo[t]) * scale[t], 0), top))`` (NaN -> 0): for compiled kernels that quantize a few
+    values of their own and must agree with :func:`quantize` exactly.
+
+        >>> lo, scale, top = quantization(np.array([0.0]), np.array([1.0]), 2)
+        >>> int((0.5 - lo[0]) * scale[0])
+        2
+    """
+    _, lo_a, hi_a = _as_bounds(np.zeros((1, np.size(lo))), lo, hi)
+    return _quant_params(lo_a, hi_a, _check_bits(bits, 1))
 
 
 def quantize(points: np.ndarray, lo: np.ndarray, hi: np.ndarray, bits: int) -> np.ndarray:

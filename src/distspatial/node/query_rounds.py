@@ -112,13 +112,14 @@ class QueryRoundsMixin:
     @data_message(compress_result=True)
     def knn_batch(
         self, queries: np.ndarray, segments: list[Segment], k: int, version: int,
-        allow_partial: bool = False, homeless: bool = False,
+        allow_partial: bool = False, homeless: bool = False, presorted: bool = False,
     ) -> tuple[np.ndarray, np.ndarray, list[int]]:
         """Exact k nearest neighbours of ``queries`` (whose home partitions, as ``segments`` name them, are held
         here), planned on metadata ``version``: ``(distances (m, k), ids (m, k), partitions left out)`` in the
         order of ``queries``. Partitions are left out only with ``allow_partial`` (lost on every replica).
         ``homeless``: the queries' home partitions are lost (a partial answer): no first round, every partition
-        is searched (the answer is exact over the points still there)."""
+        is searched (the answer is exact over the points still there). ``presorted``: ``segments`` are the home
+        split of ``version`` with each segment's rows in curve order (the client sorted them: no sort here)."""
         self._check_version(version)
         routing, disp = self._rounds_at(version)
         if homeless:
@@ -133,7 +134,7 @@ class QueryRoundsMixin:
         missing_home = sorted(held - set(self.partitions))
         if missing_home:
             raise PartitionMovedError(f"node {self.node_id} does not hold partitions {missing_home}")
-        if len(queries) <= SMALL_BATCH:
+        if presorted or len(queries) <= SMALL_BATCH:
             return self._knn_small(disp, routing, queries, segments, k, version, allow_partial)
         keys = curve_keys(queries, routing.lo, routing.hi, routing.curve, routing.bits)
         order = np.argsort(keys)
@@ -182,10 +183,9 @@ class QueryRoundsMixin:
 
     def _knn_small(self, disp: Dispatcher, routing: RoutingTable, queries: np.ndarray, segments: list[Segment],
                    k: int, version: int, allow_partial: bool) -> tuple[np.ndarray, np.ndarray, list[int]]:
-        """:meth:`knn_batch` of a few queries (online ones, often one): the client's ``segments`` are the home
-        split itself (it computed them on ``version``'s routing, which this node holds), so no curve keys and no
-        sort; the follow-ups take the box test first (:func:`~distspatial.kernels.query_planning.knn_followups`),
-        and most queries end in their home partition."""
+        """:meth:`knn_batch` answered in the client's ``segments``: the home split itself (computed on
+        ``version``'s routing, which this node holds), so no curve keys, no sort and no scatter back. For a few
+        queries (online ones, often one) and for a batch whose rows the client put in curve order."""
         dist, ids = self._knn_local(queries, None, segments, k)
         home_part = np.empty(len(queries), dtype=np.int64)
         for p, a, b in segments:

@@ -61,10 +61,15 @@ class SpatialNode(LoadingMixin, QueryRoundsMixin, JoinWriterMixin, PolygonRounds
         import threading
 
         self._lock = threading.Lock()  # counters: updated by the query thread and the default thread
-        from ..kernels.curve_runs import warm_up
+        from ..kernels import curve_runs, query_planning
 
-        # the partitions' delta kernels (Numba): compiled or loaded now, off the path of the first live ingest
-        # (the curve-key kernels load with the first large batch; small ones need no keys here)
+        def warm_up() -> None:
+            curve_runs.warm_up()
+            query_planning.warm_up()
+
+        # the partitions' delta kernels and the follow-up planning (Numba): compiled or loaded now, off the path
+        # of the first live ingest and the first large batch (the curve-key kernels load with the first large
+        # batch; small ones need no keys here)
         threading.Thread(target=warm_up, daemon=True, name="distspatial-warm-up").start()
         import gc
 
