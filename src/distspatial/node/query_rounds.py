@@ -35,8 +35,8 @@ from ..core.codec import encode_all, message_bytes
 from ..core.curves import curve_keys
 from ..core.errors import PartitionLostError, PartitionMovedError, StaleMetadataError
 from ..core.stats import CommunicationCounters
-from ..kernels.query_planning import (Assignment, ball_pairs, box_pairs, knn_followups, knn_home, merge_candidates,
-                                      stack_groups)
+from ..kernels.query_planning import (ball_pairs, box_pairs, home_in_curve_order, knn_followups, knn_home,
+                                      merge_candidates, put_rows, stack_groups)
 from ..kernels.routing import RoutingTable
 from .dispatch import Dispatcher
 from .messages import Segment, data_message
@@ -417,9 +417,10 @@ class JoinWriterMixin:
         m = len(q)
         dist = np.full((m, k), np.inf)
         ids = np.full((m, k), -1, dtype=np.int64)
-        found, version = self._by_home(q, (), "knn_batch", {"k": k}, version)
+        found, version = self._by_home(q, (), "knn_batch", {"k": k, "presorted": True}, version)
         for rows, (d_, i_, _) in found:
-            dist[rows], ids[rows] = d_, i_
+            put_rows(dist, rows, d_)
+            put_rows(ids, rows, i_)
         if geo:
             from ..core.geo import chord_to_metres
 
@@ -459,8 +460,8 @@ class JoinWriterMixin:
 
     def _by_home(self, q: np.ndarray, extra: tuple[np.ndarray, ...], method: str, options: dict[str, Any],
                  version: int) -> tuple[list[tuple[np.ndarray, Any]], int]:
-        """Send the rows of ``q`` (and the same rows of ``extra``) to nodes of their home partitions as ``method``
-        calls (``knn_batch``, ``ball_batch``: they plan and merge the later rounds); re-planned on a newer version
+        """Send the rows of ``q`` (and the same rows of ``extra``) to nodes of their home partitions, each
+        partition's rows in curve order, as ``method`` calls (``knn_batch``, ``ball_batch``: they plan and merge the later rounds); re-planned on a newer version
         when the layout changed meanwhile. Returns ``([(rows, answer)], the version answered on)``."""
         for _ in range(100):
             try:
@@ -469,7 +470,7 @@ class JoinWriterMixin:
                 version = int(exc.version)
                 continue
             keys = curve_keys(q, routing.lo, routing.hi, routing.curve, routing.bits)
-            home = Assignment.from_pairs(np.arange(len(q), dtype=np.int64), routing.home_partitions(keys), len(q))
+            home = home_in_curve_order(keys, routing)
             groups = home.groups()
 
             def build(node: int, pids: list[int]):
