@@ -243,6 +243,8 @@ def section_http(args: argparse.Namespace) -> list[dict]:
         if args.replicated:
             servers[f"distspatial serve --replication {args.nodes}"] = servers["distspatial serve"] + [
                 "--replication", str(args.nodes)]
+        if args.low_latency:
+            servers["distspatial serve --low-latency"] = servers["distspatial serve"] + ["--low-latency"]
         for name, cmd in servers.items():
             t0 = time.perf_counter()
             srv = _Server(cmd)
@@ -320,12 +322,21 @@ def section_api(args: argparse.Namespace) -> list[dict]:
         wrong = sum(not np.allclose(c.distributed_knn_search(x, 10)[0], tree.query(x, 10)[0]) for x in q[:300])
         floor = timed(lambda x: ray.get(echo.echo.remote(x.tobytes())))  # the cheapest message: bytes
         one_hop = c._one_hop.calls
+        c.set_low_latency(True)  # compiled-graph channels: a core per node while open
+        for i in range(300):
+            c.distributed_knn_search(q[i], 10)
+        low = timed(lambda x: c.distributed_knn_search(x, 10))
+        wrong += sum(not np.allclose(c.distributed_knn_search(x, 10)[0], tree.query(x, 10)[0]) for x in q[:300])
+        channels = c._one_hop.open_channels
+        c.set_low_latency(False)
     peer = timed(lambda x: tree.query(x, 10))
-    for name, lat in (("distspatial single-point kNN", ours), ("trivial Ray actor call, 16 bytes (floor)", floor),
+    for name, lat in (("distspatial single-point kNN", ours),
+                      (f"same, set_low_latency(True) (compiled graphs to nodes {channels})", low),
+                      ("trivial Ray actor call, 16 bytes (floor)", floor),
                       ("one cKDTree, same query", peer)):
         rows.append({"what": name, "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99))})
     print(f"\nPython API, single-point kNN k=10, {n:,} points, 2 nodes, {calls:,} calls one after the other "
-          f"({one_hop:,} took the one-hop path; {wrong} of 300 checked answers wrong)")
+          f"({one_hop:,} took the one-hop path; {wrong} of 600 checked answers wrong)")
     print("| call | p50 ms | p99 ms |\n|---|---|---|")
     for r in rows:
         print(f"| {r['what']} | {r['p50_ms']:.3f} | {r['p99_ms']:.3f} |")
@@ -343,6 +354,8 @@ def main() -> None:
     ap.add_argument("--duration", type=float, default=None, help="seconds per measurement (10; --quick: 3)")
     ap.add_argument("--serve-args", default="", help="extra options of distspatial serve, e.g. '--batch-wait-ms 2'")
     ap.add_argument("--uncoalesced", action="store_true", help="also measure our service with --no-coalesce")
+    ap.add_argument("--low-latency", action="store_true",
+                    help="also measure our service with --low-latency (compiled graphs: a core per node)")
     ap.add_argument("--replicated", action="store_true",
                     help="also measure our service with --replication = --nodes (every node holds every partition)")
     ap.add_argument("--api", action="store_true", help="the Python API section: single-point kNN latency")

@@ -258,6 +258,7 @@ class DistributedSpatialCluster:
             self.shutdown()
             return
         self._closed = True
+        self._one_hop.close()
         self._rt.closed = (f"this client is closed; the cluster {self.name!r} still runs: attach again with "
                            f"DistributedSpatialCluster.attach({self.name!r})")
         disconnect(self._started_ray)
@@ -272,6 +273,9 @@ class DistributedSpatialCluster:
             return
         rt = getattr(self, "_rt", None)
         if rt is not None:
+            one_hop = getattr(self, "_one_hop", None)
+            if one_hop is not None:
+                one_hop.close()
             try:
                 rt.call_controller("shutdown", timeout_s=60)
             except AccessDeniedError:
@@ -329,6 +333,20 @@ class DistributedSpatialCluster:
         head = escape(repr(self))
         return (f"<div><b>{head}</b><table><thead><tr><th>node</th><th>status</th><th>partitions</th>"
                 f"<th>points</th></tr></thead><tbody>{''.join(rows)}</tbody></table></div>")
+
+    def set_low_latency(self, enabled: bool = True) -> None:
+        """Send this client's small queries (one-hop: up to 64 queries whose home partitions one node holds)
+        through Ray compiled graphs instead of actor calls: a single-point kNN takes ~0.45 ms instead of ~1.4 ms
+        at p50 (2 cores, 4M points). **Cost**: each node this client has sent such a query to keeps a loop
+        polling the channel, a whole core per node, idle or not, until ``set_low_latency(False)``, the client
+        closes or the node set changes. For machines with a core per node to spare; batches, writes and other
+        clients are unaffected (actor calls as before). A channel that fails is closed and that query goes as an
+        actor call; a node serves one such client at a time (a second one gets actor calls).
+
+        >>> cluster.set_low_latency(True)  # doctest: +SKIP
+        >>> dist, ids = cluster.distributed_knn_search([0.5, 0.5], k=10)  # doctest: +SKIP
+        """
+        self._one_hop.set_low_latency(enabled)
 
     @property
     def metadata(self) -> GlobalIndexMetadata:

@@ -10,6 +10,13 @@ queries to it in one call with one pickled argument
 only when the k-th distance reaches past it, asks its peers (node-side planning, so the answer is exact). A
 small kNN batch whose home partitions no single node holds goes as one call per node, all in flight together.
 
+**Low latency** (opt-in, :meth:`OneHop.set_low_latency`): the one-hop calls go through a Ray compiled graph per
+node (``experimental_compile``: a shared-memory channel to an execution loop in the node), ~0.45 ms a round trip
+on 2 cores against ~1.4 ms for an actor call. The node's loop polls its channel: each node with a channel uses a
+whole core while it is open, idle or not, so this is for machines with a core per node to spare; the channels
+close with :meth:`OneHop.set_low_latency` ``(False)``, when the node set changes, on a channel failure (that call
+falls back to an actor call) and with the client.
+
 What it does not handle it leaves to the regular path, by returning ``None``: a node that fails, does not answer
 within the communication timeout, or no longer holds a partition (the regular path then fails over, re-routes or
 recovers), and partial answers. A node that knows a newer metadata version refuses the call
@@ -80,6 +87,9 @@ class OneHop:
         self._turn = itertools.count()
         self._methods: dict[int, Any] = {}  # node -> its knn_batch handle in the "reads" group
         self._members = -1  # the node set those handles belong to
+        self._low_latency = False
+        self._channels: dict[int, _Channel | None] = {}  # node -> its compiled graph (None: could not open one)
+        self._channels_lock = threading.Lock()
         self.calls = 0
         self.fallbacks = 0
         self.resent = 0  # calls sent again under a newer version with the layout unchanged (no view fetch)
@@ -94,6 +104,7 @@ class OneHop:
         if plan is None or plan.failed != failed or self._members != self._rt.view.members:
             self._methods = {}
             self._members = self._rt.view.members
+            self._close_channels()
         owners = tuple(tuple(n for n in o if n not in failed) for o in routing.owners)
         plan = _Plan(version, version, small_batch_keys(meta.lo, meta.hi, meta.curve, meta.bits), routing.key_lo,
                      routing.by_key, owners, failed)
@@ -207,8 +218,74 @@ class OneHop:
             self.resent += 1
             return self._send_and_wait([(node, (*req[:-1], exc.version)) for node, req in calls])
 
+    # -- low latency: compiled-graph channels ------------------------------------------------------------------
+    def set_low_latency(self, enabled: bool) -> None:
+        """Send one-hop calls through compiled-graph channels (``True``; opened per node on first use) or actor
+        calls (``False``: open channels are closed). See the module docstring for the cost."""
+        self._low_latency = bool(enabled)
+        if not enabled:
+            self._close_channels()
+
+    @property
+    def low_latency(self) -> bool:
+        return self._low_latency
+
+    @property
+    def open_channels(self) -> list[int]:
+        """Nodes with an open channel."""
+        return sorted(n for n, ch in self._channels.items() if ch is not None)
+
+    def close(self) -> None:
+        """Close the channels and wait (up to 10 s) for their loops to stop: called before the nodes go."""
+        self._low_latency = False
+        self._close_channels(wait_s=10.0)
+
+    def _close_channels(self, wait_s: float = 0.0) -> None:
+        with self._channels_lock:
+            channels, self._channels = self._channels, {}
+        stopping = [ch.close() for ch in channels.values() if ch is not None]
+        for t in stopping:
+            if t is not None:
+                t.join(wait_s)
+
+    def _channel(self, node: int) -> _Channel | None:
+        with self._channels_lock:
+            if node in self._channels:
+                return self._channels[node]
+            ch = _Channel.open(self._rt.actor(node))
+            self._channels[node] = ch
+            return ch
+
+    def _send_compiled(self, node: int, blob: bytes) -> bytes | None:
+        """``one_hop(blob)`` on ``node`` through its channel; ``None`` when there is none or it failed (then it is
+        closed, and the call goes as an actor call). Errors the node raised propagate as from an actor call."""
+        ch = self._channel(node)
+        if ch is None:
+            return None
+        try:
+            return ch.call(blob, self._rt.dispatch.timeout_s)
+        except _ChannelBroken:
+            with self._channels_lock:
+                if self._channels.get(node) is ch:
+                    self._channels[node] = None  # not reopened until the node set changes
+            ch.close()
+            return None
+
     def _send_and_wait(self, calls: list[tuple[int, tuple]]) -> list[Any] | None:
         rt = self._rt
+        if self._low_latency and len(calls) == 1:
+            node, request = calls[0]
+            blob = pickle.dumps(request, protocol=pickle.HIGHEST_PROTOCOL)
+            try:
+                got = self._send_compiled(node, blob)
+            except (PartitionMovedError, PartitionLostError):
+                self.fallbacks += 1
+                return None
+            if got is not None:
+                rt.comm.sent(node, len(blob))
+                rt.comm.received(node, len(got))
+                self.calls += 1
+                return [decode_all(pickle.loads(got))]
         try:
             refs = []
             for node, request in calls:
@@ -243,3 +320,75 @@ class OneHop:
         if not common:
             return None
         return common[next(self._turn) % len(common)]
+
+
+class _ChannelBroken(Exception):
+    """A compiled-graph channel no longer works (its node died, it timed out): close it, use actor calls."""
+
+
+class _Channel:
+    """A compiled graph ``node.one_hop(input)`` (Ray's ``experimental_compile``), one call at a time."""
+
+    def __init__(self, graph: Any) -> None:
+        self._graph = graph
+        self._lock = threading.Lock()  # one execution in flight: answers are read in the order they were sent
+        self._closed = False
+
+    @classmethod
+    def open(cls, actor: Any) -> _Channel | None:
+        """The channel to ``actor``, checked with one ping; ``None`` when it cannot be opened (e.g. the node's
+        loop thread is taken by another client's channel)."""
+        from ray.dag import InputNode
+
+        try:
+            with InputNode() as inp:
+                dag = actor.one_hop.bind(inp)
+            ch = cls(dag.experimental_compile())
+        except Exception:  # noqa: BLE001 - any failure to compile: actor calls instead
+            return None
+        try:
+            if ch.call(_PING, 5.0) != b"":
+                raise _ChannelBroken("unexpected answer to a ping")
+        except Exception:  # noqa: BLE001
+            ch.close()
+            return None
+        return ch
+
+    def call(self, blob: bytes, timeout_s: float) -> bytes:
+        from ray.exceptions import RayChannelError, RayTaskError
+
+        with self._lock:
+            if self._closed:
+                raise _ChannelBroken("closed")
+            try:
+                return ray.get(self._graph.execute(blob), timeout=timeout_s)
+            except RayTaskError as exc:  # the node's own error (stale version, moved partition): as an actor call
+                cause = getattr(exc, "cause", None)
+                if isinstance(cause, RayActorError):
+                    raise _ChannelBroken(str(exc)) from None
+                raise
+            except (RayChannelError, RayActorError, GetTimeoutError, TimeoutError) as exc:
+                raise _ChannelBroken(str(exc)) from None
+
+    def close(self) -> threading.Thread | None:
+        """Tear the graph down in a background thread (returned; it waits for the node's loop to stop: up to
+        Ray's teardown timeout when the node is gone)."""
+        with self._lock:
+            if self._closed:
+                return None
+            self._closed = True
+        graph = self._graph
+
+        def teardown() -> None:
+            try:
+                graph.teardown()
+            except Exception:  # noqa: BLE001 - nothing more to do with a graph that fails to stop
+                pass
+
+        t = threading.Thread(target=teardown, daemon=True, name="distspatial-channel-teardown")
+        t.start()
+        return t
+
+
+#: the request a new channel is checked with (``one_hop`` answers ``b""``)
+_PING = pickle.dumps(("ping",), protocol=pickle.HIGHEST_PROTOCOL)
