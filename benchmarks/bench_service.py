@@ -245,36 +245,59 @@ def section_http(args: argparse.Namespace) -> list[dict]:
                 "--replication", str(args.nodes)]
         if args.low_latency:
             servers["distspatial serve --low-latency"] = servers["distspatial serve"] + ["--low-latency"]
-        for name, cmd in servers.items():
-            t0 = time.perf_counter()
-            srv = _Server(cmd)
-            print(f"# {name}: up in {time.perf_counter() - t0:.1f} s at {srv.url}", file=sys.stderr)
-            try:
-                for clients in args.clients:
-                    r = _drive(srv.url, clients, args.duration, qf)
-                    r["wrong"] = _check(r.pop("samples"), q, tree)
-                    r["server"] = name
-                    rows.append(r)
-                    print(f"#   {clients} clients: {r['requests_per_s']:,.0f} requests/s, p50 {r['p50_ms']:.2f} ms, "
-                          f"p99 {r['p99_ms']:.2f} ms, errors {r['errors']} {r['error_examples'][:2]}, "
-                          f"wrong {r['wrong']}", file=sys.stderr)
-            finally:
-                srv.stop()
+        if args.on_nodes:
+            servers[f"distspatial serve --on-nodes --replication {args.nodes}"] = servers["distspatial serve"] + [
+                "--on-nodes", "--replication", str(args.nodes)]
+
+        def measure(srv: _Server, name: str, clients: int, rnd: int) -> dict:
+            r = _drive(srv.url, clients, args.duration, qf)
+            r["wrong"] = _check(r.pop("samples"), q, tree)
+            r["server"], r["round"] = name, rnd
+            rows.append(r)
+            print(f"#   {name}, {clients} clients, round {rnd}: {r['requests_per_s']:,.0f} requests/s, p50 "
+                  f"{r['p50_ms']:.2f} ms, p99 {r['p99_ms']:.2f} ms, errors {r['errors']} "
+                  f"{r['error_examples'][:2]}, wrong {r['wrong']}", file=sys.stderr)
+            return r
+
+        # The peer stays up (idle while ours is measured) and is measured again right before each of our rows:
+        # this VM's speed moves by up to 2x between minutes, so only rows measured side by side compare.
+        peer_name = next(iter(servers))
+        peer = _Server(servers.pop(peer_name))
+        pairs = []
+        try:
+            for name, cmd in servers.items():
+                t0 = time.perf_counter()
+                srv = _Server(cmd)
+                print(f"# {name}: up in {time.perf_counter() - t0:.1f} s at {srv.url}", file=sys.stderr)
+                try:
+                    for clients in args.clients:
+                        for rnd in range(args.rounds):
+                            a = measure(peer, peer_name, clients, rnd)
+                            b = measure(srv, name, clients, rnd)
+                            pairs.append((name, clients, a, b))
+                finally:
+                    srv.stop()
+        finally:
+            peer.stop()
     print(f"\nHTTP, single-point kNN (k={K}, JSON), {args.points:,} uniform 2-D points, {args.nodes} nodes, "
-          f"{args.duration:g} s per row, load generator in its own process on the same {os.cpu_count()} cores\n")
-    print("| server | clients | requests/s | p50 ms | p99 ms | errors | wrong answers (of sample) |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+          f"{args.duration:g} s per row, load generator in its own process on the same {os.cpu_count()} cores; "
+          f"the peer measured right before each of our rows ({args.rounds} round(s) each)\n")
+    print("| server | clients | round | requests/s | p50 ms | p99 ms | errors | wrong answers (of sample) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['server']} | {r['clients']} | {r['requests_per_s']:,.0f} | {r['p50_ms']:.2f} | "
+        print(f"| {r['server']} | {r['clients']} | {r['round']} | {r['requests_per_s']:,.0f} | {r['p50_ms']:.2f} | "
               f"{r['p99_ms']:.2f} | {r['errors']} | {r['wrong']} |")
-    peer = {r["clients"]: r for r in rows if r["server"].startswith("peer")}
     print()
-    for r in rows:
-        if not r["server"].startswith("peer") and r["clients"] in peer:
-            ratio = r["requests_per_s"] / max(1e-9, peer[r["clients"]]["requests_per_s"])
-            r["ratio_to_peer"] = ratio
-            print(f"{r['server']} / peer at {r['clients']} clients: **{ratio:.2f}x** requests/s "
-                  f"(p99 {r['p99_ms']:.1f} vs {peer[r['clients']]['p99_ms']:.1f} ms)")
+    for name in servers:
+        for clients in args.clients:
+            got = [(a, b) for n, c, a, b in pairs if n == name and c == clients]
+            ratios = [b["requests_per_s"] / max(1e-9, a["requests_per_s"]) for a, b in got]
+            for _, b in got:
+                b["ratio_to_peer"] = b["requests_per_s"] / max(1e-9, got[0][0]["requests_per_s"])
+            print(f"{name} / peer at {clients} clients: **{float(np.median(ratios)):.2f}x** requests/s (median of "
+                  f"{len(ratios)} side-by-side pairs: {', '.join(f'{x:.2f}' for x in ratios)}; p99 "
+                  f"{float(np.median([b['p99_ms'] for _, b in got])):.1f} vs "
+                  f"{float(np.median([a['p99_ms'] for a, _ in got])):.1f} ms)")
     return rows
 
 
@@ -354,6 +377,10 @@ def main() -> None:
     ap.add_argument("--duration", type=float, default=None, help="seconds per measurement (10; --quick: 3)")
     ap.add_argument("--serve-args", default="", help="extra options of distspatial serve, e.g. '--batch-wait-ms 2'")
     ap.add_argument("--uncoalesced", action="store_true", help="also measure our service with --no-coalesce")
+    ap.add_argument("--on-nodes", action="store_true",
+                    help="also measure our service with --on-nodes --replication = --nodes (served from the nodes)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="peer/ours pairs per server and client count (the peer is measured before each of ours)")
     ap.add_argument("--low-latency", action="store_true",
                     help="also measure our service with --low-latency (compiled graphs: a core per node)")
     ap.add_argument("--replicated", action="store_true",

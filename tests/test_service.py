@@ -588,7 +588,7 @@ def test_overload_gets_503_retry_after_accepted_exact(svc):
         assert_knn_exact(svc, np.array([0.3, 0.7]), 3, r.json()["distances"], r.json()["ids"])
 
     # the request timeout: a request that waits for a busy cluster longer than it gets 504; its slot is freed
-    app = create_app(svc.cluster, workers=1, request_timeout_s=0.5)
+    app = create_app(svc.cluster, workers=1, request_timeout_s=2.0)  # room for the next request on a busy machine
     block = threading.Event()
     with BackgroundServer(app) as srv:
         app.state.pool.submit(block.wait)

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import ray
@@ -205,6 +205,46 @@ class DistributedSpatialCluster:
         self._one_hop = OneHop(self._rt)
         self.config = view.config
         return self
+
+    @classmethod
+    def _from_controller(cls, controller: Any, token: str | None) -> DistributedSpatialCluster:
+        """A client of the cluster of ``controller`` in a process already connected to its Ray cluster."""
+        view = ray.get(controller.view.remote(), timeout=120)
+        self = cls.__new__(cls)
+        self._started_ray = False
+        self._closed = False
+        self.latency = LatencyRecorder()
+        self.progress = False
+        self._rt = ClusterRuntime(controller, view)
+        self._rt.token = token
+        self._one_hop = OneHop(self._rt)
+        self.config = view.config
+        return self
+
+    def host_on_nodes(self, name: str, fn: Callable[..., Any], *args: Any) -> list[int]:
+        """Run ``fn(client, *args)`` in every live node's process, as that node's service ``name``, where it is
+        not running yet (a restarted or added node gets it when this is called again); returns the nodes that
+        run it now. ``client`` is a client of this cluster inside the node's process whose small queries (the
+        one-hop path) are answered by that node without a Ray call when it holds their home partitions. This is
+        how ``distspatial serve --on-nodes`` runs the HTTP service in every node; ``fn`` must be importable
+        there (a module-level function of an installed package).
+
+        >>> cluster.host_on_nodes("http", my_package.serve_here, 8000)  # doctest: +SKIP
+        [0, 1]
+        """
+        self._require_open()
+        self._rt.refresh()
+        rt = self._rt
+        refs = {n: rt.actor(n).host.remote(name, _run_hosted, rt.controller, rt.token, fn, *args)
+                for n in rt.live_node_ids}
+        hosting = []
+        for n, ref in refs.items():
+            try:
+                ray.get(ref, timeout=60)
+                hosting.append(n)
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                continue  # a node going away: the next call hosts it on its replacement
+        return hosting
 
     @staticmethod
     def list_clusters(address: str | None = None) -> list[dict[str, Any]]:
@@ -1317,3 +1357,11 @@ def _geo_box_filter(out: list, lo: np.ndarray, hi: np.ndarray, return_points: bo
 def _absolute(path: str) -> str:
     """Local paths are made absolute here: the controller and the nodes run in other working directories."""
     return path if "://" in str(path) else os.path.abspath(os.fspath(path))
+
+
+def _run_hosted(node: Any, controller: Any, token: str | None, fn: Callable[..., Any], *args: Any) -> None:
+    """In a node's process (:meth:`DistributedSpatialCluster.host_on_nodes`): a client whose one-hop calls to
+    this node go to it directly, then ``fn(client, *args)``."""
+    client = DistributedSpatialCluster._from_controller(controller, token)
+    client._one_hop.set_local(node.node_id, node.one_hop)
+    fn(client, *args)

@@ -90,7 +90,9 @@ class OneHop:
         self._low_latency = False
         self._channels: dict[int, _Channel | None] = {}  # node -> its compiled graph (None: could not open one)
         self._channels_lock = threading.Lock()
+        self._local: tuple[int, Callable[[bytes], bytes]] | None = None  # (node, its one_hop) in this process
         self.calls = 0
+        self.local_calls = 0  # calls answered by the node of this process, without Ray
         self.fallbacks = 0
         self.resent = 0  # calls sent again under a newer version with the layout unchanged (no view fetch)
 
@@ -271,8 +273,31 @@ class OneHop:
             ch.close()
             return None
 
+    # -- a client inside a node's process -----------------------------------------------------------------------
+    def set_local(self, node: int, one_hop: Callable[[bytes], bytes]) -> None:
+        """This client runs in the process of ``node`` (a hosted service): calls to it go to ``one_hop`` directly,
+        no Ray, and it is preferred among the replicas holding a query's home partitions."""
+        self._local = (int(node), one_hop)
+
+    def _send_local(self, blob: bytes) -> bytes | None:
+        assert self._local is not None
+        try:
+            got = self._local[1](blob)
+        except (PartitionMovedError, PartitionLostError):
+            return None
+        self.local_calls += 1
+        return got
+
     def _send_and_wait(self, calls: list[tuple[int, tuple]]) -> list[Any] | None:
         rt = self._rt
+        if self._local is not None and len(calls) == 1 and calls[0][0] == self._local[0]:
+            blob = pickle.dumps(calls[0][1], protocol=pickle.HIGHEST_PROTOCOL)
+            got = self._send_local(blob)
+            if got is None:
+                self.fallbacks += 1
+                return None
+            self.calls += 1
+            return [decode_all(pickle.loads(got))]
         if self._low_latency and len(calls) == 1:
             node, request = calls[0]
             blob = pickle.dumps(request, protocol=pickle.HIGHEST_PROTOCOL)
@@ -319,6 +344,8 @@ class OneHop:
             common = [n for n in common if n in plan.owners[p]]
         if not common:
             return None
+        if self._local is not None and self._local[0] in common:
+            return self._local[0]
         return common[next(self._turn) % len(common)]
 
 

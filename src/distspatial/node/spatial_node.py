@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 import time
 from typing import Any
 
@@ -61,6 +62,7 @@ class SpatialNode(LoadingMixin, QueryRoundsMixin, JoinWriterMixin, PolygonRounds
         import threading
 
         self._lock = threading.Lock()  # counters: updated by the query thread and the default thread
+        self._hosted: dict[str, threading.Thread] = {}  # name -> thread of a hosted service (see host)
         from ..kernels import curve_runs, query_planning
 
         def warm_up() -> None:
@@ -93,6 +95,24 @@ class SpatialNode(LoadingMixin, QueryRoundsMixin, JoinWriterMixin, PolygonRounds
             "bytes_out": 0,
             "raw_bytes_out": 0,  # before compression
         }
+
+    # -- hosted services -----------------------------------------------------------------------------------
+    def host(self, name: str, fn: Any, *args: Any) -> bool:
+        """Run ``fn(self, *args)`` in a daemon thread of this node's process as the service ``name``, unless
+        one of that name runs already (then ``False``). For services that answer next to the partitions, such as
+        the HTTP service of ``distspatial serve --on-nodes``: the node knows nothing of them (``fn`` comes from
+        the layer above, by reference). A restarted node hosts nothing until asked again."""
+        t = self._hosted.get(name)
+        if t is not None and t.is_alive():
+            return False
+        t = threading.Thread(target=fn, args=(self, *args), daemon=True, name=f"distspatial-hosted-{name}")
+        t.start()
+        self._hosted[name] = t
+        return True
+
+    def hosted(self) -> list[str]:
+        """Names of the services running here (:meth:`host`)."""
+        return sorted(n for n, t in self._hosted.items() if t.is_alive())
 
     # -- bookkeeping ----------------------------------------------------------------------------------------
     def ping(self) -> dict[str, Any]:

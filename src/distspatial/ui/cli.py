@@ -847,6 +847,9 @@ def _prepare_serve(s: Session) -> None:
     if a.insecure_no_auth and tokens is not None:
         raise ValueError("--insecure-no-auth with tokens configured (--token-file or DISTSPATIAL_TOKEN): choose one")
     check_exposure(a.host, tokens, a.read_only, a.insecure_no_auth)
+    if a.on_nodes and (a.audit_log or a.low_latency):
+        raise ValueError("--on-nodes serves from the nodes' processes: --audit-log (the nodes log writes to their "
+                         "own Ray logs) and --low-latency (their answers are local already) do not apply")
     s.extra["tokens"] = tokens
     if a.audit_log:
         import logging
@@ -874,6 +877,11 @@ def _prepare_serve(s: Session) -> None:
                 arg("--max-batch", type=_positive_int, default=256,
                     help="most query points in one gathered batch; a request with more goes alone (256)"),
                 arg("--no-coalesce", action="store_true", help="one cluster call per request (no gathering)"),
+                arg("--on-nodes", action="store_true",
+                    help="run the service in every node's process on --port (SO_REUSEPORT: the nodes of a machine "
+                         "share the port), answering gathered batches from the partitions that node holds without "
+                         "a Ray call; with --replication equal to --nodes every answer is local. Needs a "
+                         "loopback --host or tokens as usual; not with --audit-log or --low-latency"),
                 arg("--low-latency", action="store_true",
                     help="send small batches through Ray compiled graphs (DistributedSpatialCluster."
                          "set_low_latency): ~3x shorter round trips, but each node keeps a core busy while the "
@@ -907,14 +915,24 @@ def _serve(s: Session) -> int:
     from .service import run_server
 
     a = s.args
+    options = dict(workers=a.workers, max_body_bytes=int(a.max_body_mb * 2**20), coalesce=not a.no_coalesce,
+                   batch_wait_ms=a.batch_wait_ms, max_batch=a.max_batch, max_queue=a.max_queue,
+                   body_timeout_s=a.body_timeout_s, request_timeout_s=a.request_timeout_s,
+                   tokens=s.extra["tokens"], read_only=a.read_only, cors_origins=tuple(a.cors_origin))
+    if a.on_nodes:
+        from .service import run_on_nodes
+
+        sock = s.extra["socket"]
+        port = sock.getsockname()[1]
+        sock.close()  # the nodes bind the port themselves
+        run_on_nodes(s.cluster, a.host, port, **options,
+                     on_ready=lambda url: s.say(f"serving on {url} from nodes {s.cluster.node_ids} (status page "
+                                                f"{url}/, API docs {url}/docs); {_access_summary(s)}; Ctrl-C stops"))
+        s.say("stopped serving")
+        return EXIT_OK
     if a.low_latency:
         s.cluster.set_low_latency(True)
-    run_server(s.cluster, a.host, a.port, sock=s.extra["socket"], workers=a.workers,
-               max_body_bytes=int(a.max_body_mb * 2**20), coalesce=not a.no_coalesce,
-               batch_wait_ms=a.batch_wait_ms, max_batch=a.max_batch, max_queue=a.max_queue,
-               body_timeout_s=a.body_timeout_s, request_timeout_s=a.request_timeout_s,
-               tokens=s.extra["tokens"], read_only=a.read_only, insecure_no_auth=a.insecure_no_auth,
-               cors_origins=tuple(a.cors_origin),
+    run_server(s.cluster, a.host, a.port, sock=s.extra["socket"], insecure_no_auth=a.insecure_no_auth, **options,
                on_ready=lambda url: s.say(f"serving on {url} (status page {url}/, API docs {url}/docs); "
                                           f"{_access_summary(s)}; Ctrl-C stops"))
     s.say("stopped serving")

@@ -93,10 +93,11 @@ from ._requests import (  # noqa: F401
     audit_log,
     coordinate_names,
 )
+from ._on_nodes import run_on_nodes, serve_here
 from ._server import BackgroundServer, check_exposure, is_loopback, listen, run_server
 
 __all__ = [
-    "create_app", "run_server", "BackgroundServer", "RequestError", "ServiceMetrics", "StatusCollector",
+    "create_app", "run_server", "run_on_nodes", "serve_here", "BackgroundServer", "RequestError", "ServiceMetrics", "StatusCollector",
     "coordinate_names", "listen", "ARROW_STREAM", "NODE_COLORS", "check_exposure", "is_loopback", "REFUSAL_REASONS",
     "GEOJSON_TYPE",
 ]

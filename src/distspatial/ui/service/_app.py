@@ -123,6 +123,7 @@ def create_app(
     tokens: TokenSet | str | os.PathLike | None = None,
     read_only: bool = False,
     cors_origins: tuple[str, ...] | list[str] = (),
+    inline_batches: bool = False,
 ) -> FastAPI:
     """The ASGI app serving ``cluster`` (see the module docstring for the endpoints).
 
@@ -153,6 +154,9 @@ def create_app(
         read_only: answer 405 to every write endpoint (a query replica).
         cors_origins: web origins (``https://app.example.com``; ``*``: any) whose pages may call this service
             from a browser (CORS). Default: none; writes from pages of other origins get 403.
+        inline_batches: run gathered batches on the event loop's thread instead of ``workers`` threads: for a
+            service hosted in a node whose answers are local (``serve --on-nodes``), where handing each batch to
+            a thread and back costs more than answering it.
 
     Every answer carries ``X-Content-Type-Options: nosniff`` and a restrictive Content-Security-Policy; every
     write let through is logged to the ``distspatial.audit`` logger (time, client address, token name,
@@ -397,7 +401,8 @@ def create_app(
         return out
 
     runners = {"knn": answers(run_knn), "range": answers(run_range), "box": answers(run_box)}
-    coalescers = {kind: _Coalescer(kind, run, pool, metrics, batch_wait_ms / 1e3, max_batch, max_concurrent_batches)
+    coalescers = {kind: _Coalescer(kind, run, None if inline_batches else pool, metrics, batch_wait_ms / 1e3,
+                                   max_batch, max_concurrent_batches)
                   for kind, run in runners.items()}
 
     async def answer(kind: str, item: _Item) -> Response:

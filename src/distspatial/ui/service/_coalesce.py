@@ -33,9 +33,10 @@ class _Coalescer:
     request of a batch waits at most ``wait_s`` for others; a batch leaves earlier once it holds ``max_points``
     query points. At most ``max_concurrent`` batches run at once (in ``pool``; ``run(items)`` makes one cluster
     call for all of them and returns one answer per item, or an exception for an item that failed alone); while
-    they run, the next batch fills. Lives on the event loop's thread (no locks)."""
+    they run, the next batch fills. ``pool`` None: batches run on the event loop's thread itself (for a service
+    whose answers are local to its process: no thread hand-off). Lives on the event loop's thread (no locks)."""
 
-    def __init__(self, kind: str, run: Callable[[list[_Item]], list[Any]], pool: ThreadPoolExecutor,
+    def __init__(self, kind: str, run: Callable[[list[_Item]], list[Any]], pool: ThreadPoolExecutor | None,
                  metrics: ServiceMetrics, wait_s: float, max_points: int, max_concurrent: int) -> None:
         self.kind, self.run, self.pool, self.metrics = kind, run, pool, metrics
         self.wait_s, self.max_points, self.max_concurrent = wait_s, max_points, max(1, max_concurrent)
@@ -77,6 +78,14 @@ class _Coalescer:
                 continue
             self._running += 1
             self.metrics.record_batch(self.kind, len(batch), points)
+            if self.pool is None:  # inline: answered on the event loop's thread (answers local to this process)
+                fut = loop.create_future()
+                try:
+                    fut.set_result(self.run(batch))
+                except Exception as exc:  # noqa: BLE001 - the batch's error, given to its requests
+                    fut.set_exception(exc)
+                self._done(loop, batch, fut)
+                continue
             fut = loop.run_in_executor(self.pool, self.run, batch)
             fut.add_done_callback(functools.partial(self._done, loop, batch))
 

@@ -24,13 +24,17 @@ from ._requests import audit_log
 
 
 # -- running it ----------------------------------------------------------------------------------------------------
-def listen(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
-    """A listening socket (``port`` 0: a free one); connections made before uvicorn accepts wait in the backlog."""
+def listen(host: str = "127.0.0.1", port: int = 0, reuse_port: bool = False) -> socket.socket:
+    """A listening socket (``port`` 0: a free one); connections made before uvicorn accepts wait in the backlog.
+    ``reuse_port``: several processes listen on the same port and the kernel spreads new connections among them
+    (``SO_REUSEPORT``; the service hosted by every node of a machine)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     # proto IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets whose proto says TCP, and without it a
     # response written in two parts (headers, body) waits for the client's delayed ACK (~40 ms per request)
     sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         sock.bind((host, port))
     except OSError as exc:
@@ -125,7 +129,7 @@ class BackgroundServer:
     """uvicorn serving ``cluster`` (or a ready app) in a daemon thread: ``with BackgroundServer(c) as s: s.url``."""
 
     def __init__(self, cluster_or_app: Any, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning",
-                 insecure_no_auth: bool = False, **app_options: Any) -> None:
+                 insecure_no_auth: bool = False, reuse_port: bool = False, **app_options: Any) -> None:
         guard = getattr(cluster_or_app, "_guard", None)
         if guard is not None:  # a ready app: its own access settings
             check_exposure(host, guard.tokens, guard.read_only, insecure_no_auth)
@@ -133,14 +137,14 @@ class BackgroundServer:
             check_exposure(host, app_options.get("tokens"), bool(app_options.get("read_only")), insecure_no_auth)
         self.app = cluster_or_app if isinstance(cluster_or_app, FastAPI) else create_app(cluster_or_app,
                                                                                        **app_options)
-        self.host, self.port, self.log_level = host, port, log_level
+        self.host, self.port, self.log_level, self.reuse_port = host, port, log_level, reuse_port
         self.url = ""
         self._server: Any = None
         self._thread: threading.Thread | None = None
         self._sock: socket.socket | None = None
 
     def start(self, timeout_s: float = 30.0) -> BackgroundServer:
-        self._sock = listen(self.host, self.port)
+        self._sock = listen(self.host, self.port, self.reuse_port)
         self.url = _url(self.host, self._sock)
         self._server = _server(self.app, self.log_level, False)
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._sock]},
