@@ -53,6 +53,7 @@ from ..core.config import DEVICES
 from ..core.curves import curve_keys
 from .kmeans_compiled import HAVE_NUMBA, new_lloyd_state
 from .kmeans_kernels import squared_distances_min, check_centers, top_farthest
+from .local_index import build_kdtree
 
 __all__ = [
     "DEVICES",
@@ -528,7 +529,7 @@ class CpuPrepared(PreparedPoints):
     @property
     def tree(self) -> cKDTree:
         if self._tree is None:
-            self._tree = cKDTree(self.points, leafsize=16, balanced_tree=False, compact_nodes=False)
+            self._tree = build_kdtree(self.points) if len(self.points) else cKDTree(self.points)
         return self._tree
 
 

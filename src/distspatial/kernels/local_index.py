@@ -22,7 +22,7 @@ from scipy.spatial import cKDTree
 
 from .curve_runs import FANOUT, CurveRun, morton_frame
 
-__all__ = ["LocalPartition", "compact_ids", "fits_int32", "merge_topk", "wide_ids"]
+__all__ = ["LocalPartition", "build_kdtree", "compact_ids", "fits_int32", "merge_topk", "wide_ids"]
 
 #: points per KD-tree leaf (at most). cKDTree keeps a 72-byte node per ~5 points at 16 (13 B per point), per
 #: ~8 at 24 (9 B); k = 10 queries in 2-D and 3-D ran within 1-2% of 16, ball queries as fast (issue #14's memory
@@ -55,8 +55,9 @@ def wide_ids(ids: np.ndarray) -> np.ndarray:
 MISSING_ID = -1
 
 
-def _kdtree(points: np.ndarray, leafsize: int) -> cKDTree | None:
-    """The KD-tree of ``points`` (None when there are none)."""
+def build_kdtree(points: np.ndarray, leafsize: int = LEAFSIZE) -> cKDTree | None:
+    """The KD-tree of ``points`` as partitions build it (None when there are none): every KD-tree over a
+    partition's points is built here, so all share one leaf size and construction."""
     if not len(points):
         return None
     # balanced_tree=False (sliding midpoint) builds about 2x faster than median splits and queries as fast.
@@ -125,7 +126,7 @@ class _TreeSegment(_Segment):
     def __init__(self, points: np.ndarray, ids: np.ndarray, leafsize: int = LEAFSIZE,
                  tree: cKDTree | None = None) -> None:
         super().__init__(points, ids)
-        self.tree = tree if tree is not None else _kdtree(points, leafsize)
+        self.tree = tree if tree is not None else build_kdtree(points, leafsize)
 
     def knn(self, queries: np.ndarray, k: int, ub: np.ndarray | None, workers: int) -> tuple[np.ndarray, np.ndarray]:
         """``(dist (m, k), ids (m, k))`` over the live rows, ``inf`` / ``MISSING_ID`` where there are fewer."""
@@ -418,7 +419,7 @@ class LocalPartition:
                 live = [(p, i) if dead is None else (p[~dead], i[~dead]) for p, i, dead in parts]
                 job["pts"] = np.concatenate([p for p, _ in live])
                 job["ids"] = np.concatenate([i for _, i in live])
-                job["tree"] = _kdtree(job["pts"], self.leafsize)
+                job["tree"] = build_kdtree(job["pts"], self.leafsize)
                 job["frame"] = morton_frame(job["pts"]) if len(job["pts"]) else None
 
         job["thread"] = threading.Thread(target=build, daemon=True, name="distspatial-merge")
