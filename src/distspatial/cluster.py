@@ -195,26 +195,20 @@ class DistributedSpatialCluster:
         except BaseException:
             disconnect(started)
             raise
+        return cls._from_controller(controller, token, view, started)
+
+    @classmethod
+    def _from_controller(cls, controller: Any, token: str | None, view: Any = None,
+                         started_ray: bool = False) -> DistributedSpatialCluster:
+        """A client of the cluster of ``controller`` (its ``view`` fetched unless given) in a process connected to
+        its Ray cluster (``started_ray``: by this client, which then disconnects on close)."""
+        if view is None:
+            view = ray.get(controller.view.remote(), timeout=120)
         self = cls.__new__(cls)
-        self._started_ray = started
+        self._started_ray = started_ray
         self._closed = False
         self.latency = LatencyRecorder()
         self.progress = True
-        self._rt = ClusterRuntime(controller, view)
-        self._rt.token = token
-        self._one_hop = OneHop(self._rt)
-        self.config = view.config
-        return self
-
-    @classmethod
-    def _from_controller(cls, controller: Any, token: str | None) -> DistributedSpatialCluster:
-        """A client of the cluster of ``controller`` in a process already connected to its Ray cluster."""
-        view = ray.get(controller.view.remote(), timeout=120)
-        self = cls.__new__(cls)
-        self._started_ray = False
-        self._closed = False
-        self.latency = LatencyRecorder()
-        self.progress = False
         self._rt = ClusterRuntime(controller, view)
         self._rt.token = token
         self._one_hop = OneHop(self._rt)
@@ -1363,5 +1357,6 @@ def _run_hosted(node: Any, controller: Any, token: str | None, fn: Callable[...,
     """In a node's process (:meth:`DistributedSpatialCluster.host_on_nodes`): a client whose one-hop calls to
     this node go to it directly, then ``fn(client, *args)``."""
     client = DistributedSpatialCluster._from_controller(controller, token)
+    client.progress = False
     client._one_hop.set_local(node.node_id, node.one_hop)
     fn(client, *args)

@@ -88,6 +88,13 @@ def _box_d2(queries, i, lo, hi, p):  # pragma: no cover - compiled
     return s
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _within(queries, i, lo, hi, p, lim, strict):  # pragma: no cover - compiled
+    """The box test: box ``p`` closer to query ``i`` than ``sqrt(lim)`` (or as close, unless ``strict``)."""
+    d2 = _box_d2(queries, i, lo, hi, p)
+    return d2 < lim or (d2 == lim and not strict)
+
+
 @njit(cache=True, nogil=True)
 def cell_and_box_pairs(queries, limit2, exclude, strict, box_lo, box_hi, by_key, handled, owner, first,
                        last):  # pragma: no cover - compiled
@@ -118,22 +125,18 @@ def cell_and_box_pairs(queries, limit2, exclude, strict, box_lo, box_hi, by_key,
                         if p == ex or seen[p] == i:
                             continue
                         seen[p] = i
-                        d2 = _box_d2(queries, i, box_lo, box_hi, p)
-                        if d2 < lim or (d2 == lim and not strict):
+                        if _within(queries, i, box_lo, box_hi, p, lim, strict):
                             if rnd == 1:
-                                rows[n] = i
-                                parts[n] = p
+                                rows[n], parts[n] = i, p
                             n += 1
                     c += 1
             else:
                 for p in range(n_parts):
                     if p == ex:
                         continue
-                    d2 = _box_d2(queries, i, box_lo, box_hi, p)
-                    if d2 < lim or (d2 == lim and not strict):
+                    if _within(queries, i, box_lo, box_hi, p, lim, strict):
                         if rnd == 1:
-                            rows[n] = i
-                            parts[n] = p
+                            rows[n], parts[n] = i, p
                         n += 1
         total = n
     return rows, parts
