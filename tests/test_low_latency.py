@@ -73,13 +73,17 @@ def test_refusals_come_through_the_channel_and_answers_stay_exact_during_ingest(
     q = rng.random((300, 2))
     resent0 = c._one_hop.resent
     stop = threading.Event()
+    ingested = threading.Event()  # at least 3 ingests happened: the queries may stop after a full pass
     wrong: list[int] = []
 
     def query() -> None:
         try:
-            for i, x in enumerate(q):
-                if not np.allclose(c.distributed_knn_search(x, 5)[0], tree.query(x, 5)[0], rtol=0, atol=1e-12):
-                    wrong.append(i)
+            while True:
+                for i, x in enumerate(q):
+                    if not np.allclose(c.distributed_knn_search(x, 5)[0], tree.query(x, 5)[0], rtol=0, atol=1e-12):
+                        wrong.append(i)
+                if ingested.is_set():
+                    return
         finally:
             stop.set()
 
@@ -89,6 +93,8 @@ def test_refusals_come_through_the_channel_and_answers_stay_exact_during_ingest(
     while not stop.is_set():
         c.ingest(np.column_stack([rng.uniform(3, 4, 20), rng.random(20)]))
         n_ingests += 1
+        if n_ingests >= 3:
+            ingested.set()
     t.join(120)
     assert not wrong, f"{len(wrong)} answers differ from cKDTree"
     assert n_ingests >= 3 and c._one_hop.open_channels

@@ -98,13 +98,19 @@ def test_one_hop_queries_during_ingest_resend_without_a_view_fetch_and_stay_exac
     q = rng.random((400, 2))
     resent0, replans0 = c._one_hop.resent, c._rt.replans
     stop = threading.Event()
+    ingested = threading.Event()  # at least 5 ingests happened: the queries may stop after a full pass
     wrong: list[int] = []
 
     def query() -> None:
-        for i, x in enumerate(q):
-            if not np.allclose(c.distributed_knn_search(x, 5)[0], tree.query(x, 5)[0], rtol=0, atol=1e-12):
-                wrong.append(i)
-        stop.set()
+        try:
+            while True:  # whole passes over q until the ingests (slow on a busy machine) have overlapped them
+                for i, x in enumerate(q):
+                    if not np.allclose(c.distributed_knn_search(x, 5)[0], tree.query(x, 5)[0], rtol=0, atol=1e-12):
+                        wrong.append(i)
+                if ingested.is_set():
+                    return
+        finally:
+            stop.set()
 
     t = threading.Thread(target=query)
     t.start()
@@ -112,6 +118,8 @@ def test_one_hop_queries_during_ingest_resend_without_a_view_fetch_and_stay_exac
     while not stop.is_set():
         c.ingest(np.column_stack([rng.uniform(3, 4, 20), rng.random(20)]))
         n_ingests += 1
+        if n_ingests >= 5:
+            ingested.set()
     t.join(120)
     assert not wrong, f"{len(wrong)} answers differ from cKDTree"
     assert n_ingests >= 5

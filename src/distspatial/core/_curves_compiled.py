@@ -82,6 +82,17 @@ def hilbert_points(points: np.ndarray, lo: np.ndarray, scale: np.ndarray, top: f
     return out
 
 
+def hilbert_grid(grid: np.ndarray, bits: int, tables: tuple[np.ndarray, np.ndarray, int]) -> np.ndarray:
+    """Hilbert keys of ``(n, d)`` grid cells (2 <= d <= 4), equal to :func:`~distspatial.core.curves.hilbert_keys`;
+    ``tables`` as for :func:`hilbert_points`. A few microseconds for a few cells."""
+    from ._hilbert_compiled import hilbert_grid as kernel
+
+    tab1, tab, levels = tables
+    out = np.empty(grid.shape[0], dtype=_U64)
+    kernel(np.ascontiguousarray(grid, dtype=_U64), tab1, tab, int(levels), int(bits), out)
+    return out
+
+
 @lru_cache(maxsize=None)
 def _morton_kernel():
     from numba import njit

@@ -29,7 +29,7 @@ from functools import lru_cache
 
 import numpy as np
 
-__all__ = ["CURVES", "default_bits", "quantize", "quantization", "morton_keys", "hilbert_keys", "curve_keys", "sort_keys",
+__all__ = ["CURVES", "default_bits", "quantize", "quantization", "grid_keys", "morton_keys", "hilbert_keys", "curve_keys", "sort_keys",
            "warm_compiled_kernels",
            "small_batch_keys"]
 
@@ -588,6 +588,22 @@ def hilbert_keys(grid: np.ndarray, bits: int) -> np.ndarray:
         full = _U64((1 << bits) - 1) if bits < 64 else _U64(0xFFFFFFFFFFFFFFFF)
         return (grid[:, 0] & full).astype(_U64)
     return _hilbert_skilling(grid, bits)
+
+
+def grid_keys(grid: np.ndarray, curve: str, bits: int) -> np.ndarray:
+    """Curve keys of ``(n, d)`` unsigned grid cells: :func:`hilbert_keys` or :func:`morton_keys`, Hilbert keys in
+    2-4 dimensions by the compiled kernel (a few microseconds for a few cells, against ~0.1 ms of NumPy calls).
+
+        >>> grid_keys(np.array([[0, 0], [0, 1], [1, 1], [1, 0]], dtype=np.uint64), "hilbert", 1).tolist()
+        [0, 1, 2, 3]
+    """
+    grid = _as_grid(grid)
+    d = grid.shape[1]
+    if curve == "hilbert" and d in _TABLE_DIMS and _have_numba():
+        from ._curves_compiled import hilbert_grid
+
+        return hilbert_grid(grid, _check_bits(bits, d), _small_tables(d))
+    return (hilbert_keys if curve == "hilbert" else morton_keys)(grid, bits)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -154,10 +154,11 @@ def put_rows(dst, rows, src):  # pragma: no cover - compiled
 def warm_up() -> None:
     """Compile (or load from Numba's disk cache, ~0.3 s) the kernels on tiny inputs: nodes and clients call this
     in a background thread at start, so that their first large kNN batch does not pay it."""
-    from ..core.curves import quantization
+    from ..core.curves import grid_keys, quantization
 
     q = np.array([[0.25, 0.25], [0.5, 0.75]])
     lim = np.array([0.01, np.inf])
+    grid_keys(np.zeros((1, 2), dtype=np.uint64), "hilbert", 2)  # the corner cells' keys
     lo, scale, top = quantization(np.zeros(2), np.ones(2), 2)  # the array types (read-only) of real calls
     handled, owner, grid = corner_cells(q, lim, lo, scale, top, 1, 4)
     box = np.array([[0.0, 0.0], [0.5, 0.5]])

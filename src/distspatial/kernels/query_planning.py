@@ -14,6 +14,7 @@ set of ``(query row, partition)`` pairs grouped by partition: :class:`Assignment
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -96,104 +97,27 @@ _CELL_MAX_DIM = 4
 
 def _cell_level(radii: np.ndarray, routing: RoutingTable) -> int:
     """Grid level whose cells are at least as wide as the typical ball's diameter (0 = no useful level)."""
-    sample = radii[:: max(1, len(radii) // 8192)]  # the level is a heuristic (any level plans exactly)
-    finite = sample[np.isfinite(sample)]
-    ext = routing.hi - routing.lo
-    ext = ext[ext > 0]
-    if len(finite) == 0 or len(ext) == 0:
+    ext = routing.min_extent
+    if len(radii) <= 64:  # a few online queries: no NumPy calls (each costs more than the whole choice here)
+        finite = sorted(x for x in radii.tolist() if math.isfinite(x))
+        r = finite[len(finite) // 2] if finite else math.nan
+    else:
+        sample = radii[:: max(1, len(radii) // 8192)]  # the level is a heuristic (any level plans exactly)
+        finite = sample[np.isfinite(sample)]
+        r = float(np.median(finite)) if len(finite) else math.nan
+    if math.isnan(r) or ext <= 0:
         return 0
-    r = float(np.median(finite))
     if r <= 0:
         return routing.bits
-    level = int(np.floor(np.log2(ext.min() / (2.0 * r))))
+    level = math.floor(math.log2(ext / (2.0 * r)))
     return max(0, min(routing.bits, level))
-
-
-def _expand_ranges(rows: np.ndarray, first: np.ndarray, last: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """All pairs ``(row, p)`` with ``first <= p <= last``, vectorized."""
-    cnt = np.maximum(last - first + 1, 0)
-    total = int(cnt.sum())
-    if total == 0:
-        return np.empty(0, np.int64), np.empty(0, np.int64)
-    offs = np.arange(total, dtype=np.int64) - np.repeat(np.cumsum(cnt) - cnt, cnt)
-    return np.repeat(rows, cnt), np.repeat(first, cnt) + offs
-
-
-def _cell_pairs(
-    centers: np.ndarray, radii: np.ndarray, routing: RoutingTable
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Exact space-partition test: the partitions whose curve-key range meets a grid cell the ball touches.
-
-    Data points get their keys from the same quantization, so a point inside a ball lies in one of the cells
-    between the cells of ``center - r`` and ``center + r``, and its key lies in that cell's key range (an
-    aligned cell is one contiguous key range on both curves). Used for balls spanning at most two cells per
-    dimension at a level chosen from the radii; returns ``(rows, partitions, handled_mask)``.
-    """
-    from ..core.curves import hilbert_keys, morton_keys, quantize
-
-    m, d = centers.shape
-    handled = np.zeros(m, dtype=bool)
-    level = _cell_level(radii, routing)
-    if d > _CELL_MAX_DIM or level == 0 or routing.dim != d:
-        return np.empty(0, np.int64), np.empty(0, np.int64), handled
-    bits = routing.bits
-    shift = np.uint64(bits - level)
-    finite = np.isfinite(radii)
-    idx = np.flatnonzero(finite)
-    r = radii[idx, None]
-    g_lo = quantize(centers[idx] - r, routing.lo, routing.hi, bits) >> shift
-    g_hi = quantize(centers[idx] + r, routing.lo, routing.hi, bits) >> shift
-    # Work on columns: reductions along a short last axis are slow in numpy.
-    lo_cols = [np.ascontiguousarray(g_lo[:, j]) for j in range(d)]
-    spans = [g_hi[:, j] - lo_cols[j] for j in range(d)]
-    ok = spans[0] <= 1
-    for j in range(1, d):
-        ok &= spans[j] <= 1
-    sel_ok = np.flatnonzero(ok)
-    idx = idx[sel_ok]
-    lo_cols = [c[sel_ok] for c in lo_cols]
-    wide = [spans[j][sel_ok] == 1 for j in range(d)]  # the ball reaches the next cell in dimension j
-    handled[idx] = True
-    key_shift = np.uint64(d * (bits - level))
-    low_mask = (np.uint64(1) << key_shift) - np.uint64(1) if key_shift < 64 else np.uint64(2**64 - 1)
-    to_keys = hilbert_keys if routing.curve == "hilbert" else morton_keys
-    rows_out, parts_out = [], []
-    for pattern in range(1 << d):  # each corner cell of the (at most 2 x ... x 2) block the ball touches
-        dims = [j for j in range(d) if (pattern >> j) & 1]
-        if dims:
-            fresh = wide[dims[0]].copy()
-            for j in dims[1:]:
-                fresh &= wide[j]
-            sel = np.flatnonzero(fresh)
-        else:
-            sel = np.arange(len(idx))
-        cell = np.empty((len(sel), d), dtype=np.uint64)
-        for j in range(d):
-            cell[:, j] = lo_cols[j][sel] + np.uint64(1 if j in dims else 0)
-        if len(cell) == 0:
-            continue
-        key = to_keys(cell << shift, bits)
-        a = key & ~low_mask
-        first, last = routing.partitions_in_key_range(a, a | low_mask)
-        r_, p_ = _expand_ranges(idx[sel], first, last)
-        rows_out.append(r_)
-        parts_out.append(routing.by_key[p_])
-    if not rows_out:
-        return np.empty(0, np.int64), np.empty(0, np.int64), handled
-    return np.concatenate(rows_out), np.concatenate(parts_out), handled
 
 
 def _pairs_within(
     queries: np.ndarray, limit2: np.ndarray, routing: RoutingTable, strict: bool, exclude: np.ndarray | None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Pairs ``(query, partition)`` that can hold a point within ``sqrt(limit2)`` of the query.
-
-    A pair must pass both the cell test (where it applies) and the box (MINDIST) test. Small batches (a few
-    online queries) take the box test first and the cell test only for queries with a box left: most single
-    queries end inside their home partition, and the cell test's fixed cost (~0.4 ms) would be their whole cost.
-    """
-    if len(queries) * routing.n_partitions <= _SMALL_PAIRS:
-        return _pairs_within_small(queries, limit2, routing, strict, exclude)
+    """Pairs ``(query, partition)`` that can hold a point within ``sqrt(limit2)`` of the query: each pair passes
+    the box (MINDIST) test and, where it applies, the cell test (:func:`_pairs_compiled`)."""
     return _pairs_compiled(queries, limit2, routing, strict, exclude)
 
 
@@ -204,7 +128,7 @@ def _pairs_compiled(
     each ball touches (when it spans at most two per dimension at the level :func:`_cell_level` picks), their
     curve keys, then per query the partitions of those cells (or of every partition, for the other queries)
     that pass the box test. The same pairs as :func:`_cell_pairs` with the box test, in one pass per query."""
-    from ..core.curves import hilbert_keys, morton_keys, quantization
+    from ..core.curves import grid_keys
     from ._planning_compiled import cell_and_box_pairs, corner_cells
 
     m, d = queries.shape
@@ -215,47 +139,17 @@ def _pairs_compiled(
     handled = np.zeros(m, dtype=bool)
     if d <= _CELL_MAX_DIM and level > 0 and routing.dim == d:
         bits = routing.bits
-        q_lo, scale, top = quantization(routing.lo, routing.hi, bits)
+        q_lo, scale, top = routing.quantization
         handled, owner, grid = corner_cells(q, limit2, q_lo, scale, top, bits - level, 1 << d)
         if len(owner):
             key_shift = np.uint64(d * (bits - level))
             low_mask = (np.uint64(1) << key_shift) - np.uint64(1) if key_shift < 64 else np.uint64(2**64 - 1)
-            key = (hilbert_keys if routing.curve == "hilbert" else morton_keys)(grid, bits)
+            key = grid_keys(grid, routing.curve, bits)
             a = key & ~low_mask
             first, last = routing.partitions_in_key_range(a, a | low_mask)
     ex = np.full(m, -1, dtype=np.int64) if exclude is None else np.ascontiguousarray(exclude, dtype=np.int64)
     return cell_and_box_pairs(q, limit2, ex, strict, routing.box_lo, routing.box_hi, routing.by_key, handled,
                               owner, first, last)
-
-
-#: batches with at most this many (query, partition) combinations are planned box test first
-_SMALL_PAIRS = 4096
-
-
-def _pairs_within_small(
-    queries: np.ndarray, limit2: np.ndarray, routing: RoutingTable, strict: bool, exclude: np.ndarray | None
-) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`_pairs_within` for a small batch: the same pairs (box test, and the cell test where it applies),
-    the cell test run only on the queries the box test leaves with some partition."""
-    m = len(queries)
-    d2 = routing.mindist2(queries)
-    lim = limit2[:, None]
-    mask = d2 < lim if strict else d2 <= lim
-    if exclude is not None:
-        mask[np.arange(m), exclude] = False
-    rows, parts = np.nonzero(mask)
-    if not len(rows):
-        return rows.astype(np.int64), parts.astype(np.int64)
-    live = np.unique(rows)
-    cell_rows, cell_parts, handled = _cell_pairs(queries[live], np.sqrt(limit2[live]), routing)
-    if handled.any():
-        n_p = routing.n_partitions
-        in_cells = np.isin(rows * n_p + parts, live[cell_rows] * n_p + cell_parts)
-        was_handled = np.zeros(m, dtype=bool)
-        was_handled[live[handled]] = True
-        keep = in_cells | ~was_handled[rows]
-        rows, parts = rows[keep], parts[keep]
-    return rows.astype(np.int64), parts.astype(np.int64)
 
 
 def box_mindist2_pairs(points: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:

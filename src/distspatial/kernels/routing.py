@@ -52,6 +52,19 @@ class RoutingTable:
         self.box_hi = np.array([p.hi for p in parts], dtype=np.float64).reshape(len(parts), meta.dim)
         self.sizes = np.array([p.size for p in parts], dtype=np.int64)
         self.owners: list[tuple[int, ...]] = [p.owners for p in parts]
+        ext = np.asarray(meta.hi, dtype=np.float64) - np.asarray(meta.lo, dtype=np.float64)
+        #: the smallest positive extent of the key grid's box (0 when none): the planner's cell-level scale
+        self.min_extent = float(ext[ext > 0].min()) if np.any(ext > 0) else 0.0
+        self._quantization: tuple[np.ndarray, np.ndarray, float] | None = None
+
+    @property
+    def quantization(self) -> tuple[np.ndarray, np.ndarray, float]:
+        """``(lo, scale, top)`` of the curve keys' quantization (:func:`~distspatial.core.curves.quantization`)."""
+        if self._quantization is None:
+            from ..core.curves import quantization
+
+            self._quantization = quantization(self.lo, self.hi, self.bits)
+        return self._quantization
 
     def home_partitions(self, keys: np.ndarray) -> np.ndarray:
         """Partition index whose key range holds each key (keys below the first range go to partition 0)."""
