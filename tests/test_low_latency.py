@@ -6,8 +6,6 @@ is open, so the module keeps to two nodes and closes the channels as soon as eac
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 import pytest
 import ray
@@ -17,7 +15,7 @@ from distspatial import DistributedSpatialCluster, NodeConfig
 from distspatial.datasets import skewed_points
 
 from .conftest import assert_knn_ids_match
-from .test_one_hop import _border_queries
+from .test_one_hop import _border_queries, queries_during_ingest
 
 
 def _points() -> np.ndarray:
@@ -72,30 +70,7 @@ def test_refusals_come_through_the_channel_and_answers_stay_exact_during_ingest(
     rng = np.random.default_rng(8)
     q = rng.random((300, 2))
     resent0 = c._one_hop.resent
-    stop = threading.Event()
-    ingested = threading.Event()  # at least 3 ingests happened: the queries may stop after a full pass
-    wrong: list[int] = []
-
-    def query() -> None:
-        try:
-            while True:
-                for i, x in enumerate(q):
-                    if not np.allclose(c.distributed_knn_search(x, 5)[0], tree.query(x, 5)[0], rtol=0, atol=1e-12):
-                        wrong.append(i)
-                if ingested.is_set():
-                    return
-        finally:
-            stop.set()
-
-    t = threading.Thread(target=query)
-    t.start()
-    n_ingests = 0
-    while not stop.is_set():
-        c.ingest(np.column_stack([rng.uniform(3, 4, 20), rng.random(20)]))
-        n_ingests += 1
-        if n_ingests >= 3:
-            ingested.set()
-    t.join(120)
+    wrong, n_ingests = queries_during_ingest(c, q, tree, rng, min_ingests=3)
     assert not wrong, f"{len(wrong)} answers differ from cKDTree"
     assert n_ingests >= 3 and c._one_hop.open_channels
     assert c._one_hop.resent > resent0, "no refusal came back through a channel"

@@ -87,23 +87,17 @@ def test_single_range_and_box_queries_take_one_hop_and_equal_references(one_hop_
         np.testing.assert_array_equal(g, np.sort(tree.query_ball_point(x, 0.03)))
 
 
-def test_one_hop_queries_during_ingest_resend_without_a_view_fetch_and_stay_exact(one_hop_cluster):
-    """Every ingest is a new metadata version, and nodes refuse calls planned on an older one. With the layout
-    unchanged, the one-hop path sends the same plan again under the node's version instead of fetching the view.
-    Points are ingested far from the queries (x in [3, 4]), so every answer must equal cKDTree over the base
-    points. (Runs after the other tests of the module's cluster: it adds points.)"""
-    c, pts, _ = one_hop_cluster
-    tree = cKDTree(pts)
-    rng = np.random.default_rng(12)
-    q = rng.random((400, 2))
-    resent0, replans0 = c._one_hop.resent, c._rt.replans
+def queries_during_ingest(c, q: np.ndarray, tree: cKDTree, rng, min_ingests: int) -> tuple[list[int], int]:
+    """Single kNN queries (k=5) over ``q`` in a thread, in whole passes, while this thread ingests points far
+    from them (x in [3, 4]), until at least ``min_ingests`` ingests overlapped the queries: ``(indices of answers
+    that differ from cKDTree's, ingests)``."""
     stop = threading.Event()
-    ingested = threading.Event()  # at least 5 ingests happened: the queries may stop after a full pass
+    ingested = threading.Event()
     wrong: list[int] = []
 
     def query() -> None:
         try:
-            while True:  # whole passes over q until the ingests (slow on a busy machine) have overlapped them
+            while True:  # whole passes until the ingests (slow on a busy machine) have overlapped them
                 for i, x in enumerate(q):
                     if not np.allclose(c.distributed_knn_search(x, 5)[0], tree.query(x, 5)[0], rtol=0, atol=1e-12):
                         wrong.append(i)
@@ -118,9 +112,23 @@ def test_one_hop_queries_during_ingest_resend_without_a_view_fetch_and_stay_exac
     while not stop.is_set():
         c.ingest(np.column_stack([rng.uniform(3, 4, 20), rng.random(20)]))
         n_ingests += 1
-        if n_ingests >= 5:
+        if n_ingests >= min_ingests:
             ingested.set()
     t.join(120)
+    return wrong, n_ingests
+
+
+def test_one_hop_queries_during_ingest_resend_without_a_view_fetch_and_stay_exact(one_hop_cluster):
+    """Every ingest is a new metadata version, and nodes refuse calls planned on an older one. With the layout
+    unchanged, the one-hop path sends the same plan again under the node's version instead of fetching the view.
+    Points are ingested far from the queries (x in [3, 4]), so every answer must equal cKDTree over the base
+    points. (Runs after the other tests of the module's cluster: it adds points.)"""
+    c, pts, _ = one_hop_cluster
+    tree = cKDTree(pts)
+    rng = np.random.default_rng(12)
+    q = rng.random((400, 2))
+    resent0, replans0 = c._one_hop.resent, c._rt.replans
+    wrong, n_ingests = queries_during_ingest(c, q, tree, rng, min_ingests=5)
     assert not wrong, f"{len(wrong)} answers differ from cKDTree"
     assert n_ingests >= 5
     resent = c._one_hop.resent - resent0
