@@ -115,10 +115,16 @@ def _routing_for(pts, n_parts, curve):
 
 @pytest.mark.parametrize("d", [1, 2, 3, 4, 5])
 @pytest.mark.parametrize("curve", ["hilbert", "morton"])
-@pytest.mark.parametrize("batch", [None, 1, 8])  # None: one batch (cell test first); 1, 8: small batches (box first)
-def test_ball_pruning_never_drops_a_partition_that_holds_a_hit(d, curve, batch):
+@pytest.mark.parametrize("batch", [None, 1, 8])  # None: one batch (compiled); 1, 8: small batches
+@pytest.mark.parametrize("compiled", [True, False])  # small batches: compiled, or NumPy (kernels not loaded yet)
+def test_ball_pruning_never_drops_a_partition_that_holds_a_hit(d, curve, batch, compiled, monkeypatch):
     from distspatial.io.datasets import skewed_points
+    from distspatial.kernels import _planning_compiled, query_planning
     from distspatial.kernels.query_planning import ball_pairs
+
+    if compiled:
+        query_planning.warm_up()
+    monkeypatch.setattr(_planning_compiled, "READY", compiled)
 
     pts = skewed_points(20_000, d, n_hotspots=5, seed=d)
     routing, part_of_row, plan = _routing_for(pts, 24, curve)

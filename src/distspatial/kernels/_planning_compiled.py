@@ -17,7 +17,10 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-__all__ = ["corner_cells", "cell_and_box_pairs", "put_rows"]
+__all__ = ["corner_cells", "cell_and_box_pairs", "put_rows", "READY"]
+
+#: set once :func:`warm_up` has loaded every kernel here (small batches take the NumPy path until then)
+READY = False
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -168,3 +171,5 @@ def warm_up() -> None:
     rows = np.arange(2, dtype=np.int64)
     put_rows(np.empty((2, 2)), rows, q)
     put_rows(np.empty((2, 2), dtype=np.int64), rows, np.zeros((2, 2), dtype=np.int64))
+    global READY
+    READY = True

@@ -15,6 +15,7 @@ set of ``(query row, partition)`` pairs grouped by partition: :class:`Assignment
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -113,12 +114,95 @@ def _cell_level(radii: np.ndarray, routing: RoutingTable) -> int:
     return max(0, min(routing.bits, level))
 
 
+def _expand_ranges(rows: np.ndarray, first: np.ndarray, last: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """All pairs ``(row, p)`` with ``first <= p <= last``, vectorized."""
+    cnt = np.maximum(last - first + 1, 0)
+    total = int(cnt.sum())
+    if total == 0:
+        return np.empty(0, np.int64), np.empty(0, np.int64)
+    offs = np.arange(total, dtype=np.int64) - np.repeat(np.cumsum(cnt) - cnt, cnt)
+    return np.repeat(rows, cnt), np.repeat(first, cnt) + offs
+
+
+def _cell_pairs(
+    centers: np.ndarray, radii: np.ndarray, routing: RoutingTable
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Exact space-partition test: the partitions whose curve-key range meets a grid cell the ball touches.
+
+    Data points get their keys from the same quantization, so a point inside a ball lies in one of the cells
+    between the cells of ``center - r`` and ``center + r``, and its key lies in that cell's key range (an
+    aligned cell is one contiguous key range on both curves). Used for balls spanning at most two cells per
+    dimension at a level chosen from the radii; returns ``(rows, partitions, handled_mask)``.
+    """
+    from ..core.curves import hilbert_keys, morton_keys, quantize
+
+    m, d = centers.shape
+    handled = np.zeros(m, dtype=bool)
+    level = _cell_level(radii, routing)
+    if d > _CELL_MAX_DIM or level == 0 or routing.dim != d:
+        return np.empty(0, np.int64), np.empty(0, np.int64), handled
+    bits = routing.bits
+    shift = np.uint64(bits - level)
+    finite = np.isfinite(radii)
+    idx = np.flatnonzero(finite)
+    r = radii[idx, None]
+    g_lo = quantize(centers[idx] - r, routing.lo, routing.hi, bits) >> shift
+    g_hi = quantize(centers[idx] + r, routing.lo, routing.hi, bits) >> shift
+    # Work on columns: reductions along a short last axis are slow in numpy.
+    lo_cols = [np.ascontiguousarray(g_lo[:, j]) for j in range(d)]
+    spans = [g_hi[:, j] - lo_cols[j] for j in range(d)]
+    ok = spans[0] <= 1
+    for j in range(1, d):
+        ok &= spans[j] <= 1
+    sel_ok = np.flatnonzero(ok)
+    idx = idx[sel_ok]
+    lo_cols = [c[sel_ok] for c in lo_cols]
+    wide = [spans[j][sel_ok] == 1 for j in range(d)]  # the ball reaches the next cell in dimension j
+    handled[idx] = True
+    key_shift = np.uint64(d * (bits - level))
+    low_mask = (np.uint64(1) << key_shift) - np.uint64(1) if key_shift < 64 else np.uint64(2**64 - 1)
+    to_keys = hilbert_keys if routing.curve == "hilbert" else morton_keys
+    rows_out, parts_out = [], []
+    for pattern in range(1 << d):  # each corner cell of the (at most 2 x ... x 2) block the ball touches
+        dims = [j for j in range(d) if (pattern >> j) & 1]
+        if dims:
+            fresh = wide[dims[0]].copy()
+            for j in dims[1:]:
+                fresh &= wide[j]
+            sel = np.flatnonzero(fresh)
+        else:
+            sel = np.arange(len(idx))
+        cell = np.empty((len(sel), d), dtype=np.uint64)
+        for j in range(d):
+            cell[:, j] = lo_cols[j][sel] + np.uint64(1 if j in dims else 0)
+        if len(cell) == 0:
+            continue
+        key = to_keys(cell << shift, bits)
+        a = key & ~low_mask
+        first, last = routing.partitions_in_key_range(a, a | low_mask)
+        r_, p_ = _expand_ranges(idx[sel], first, last)
+        rows_out.append(r_)
+        parts_out.append(routing.by_key[p_])
+    if not rows_out:
+        return np.empty(0, np.int64), np.empty(0, np.int64), handled
+    return np.concatenate(rows_out), np.concatenate(parts_out), handled
+
+
 def _pairs_within(
     queries: np.ndarray, limit2: np.ndarray, routing: RoutingTable, strict: bool, exclude: np.ndarray | None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Pairs ``(query, partition)`` that can hold a point within ``sqrt(limit2)`` of the query: each pair passes
-    the box (MINDIST) test and, where it applies, the cell test (:func:`_pairs_compiled`)."""
+    the box (MINDIST) test and, where it applies, the cell test. Compiled (:func:`_pairs_compiled`), except for a
+    small batch in a process that has not loaded the compiled kernels yet (:func:`warm_up` loads them in the
+    background: a few online queries never wait for a compile, which takes seconds on a cold cache)."""
+    if len(queries) * routing.n_partitions <= _SMALL_PAIRS and not _compiled_ready():
+        return _pairs_within_small(queries, limit2, routing, strict, exclude)
     return _pairs_compiled(queries, limit2, routing, strict, exclude)
+
+
+def _compiled_ready() -> bool:
+    mod = sys.modules.get(__package__ + "._planning_compiled")
+    return mod is not None and mod.READY
 
 
 def _pairs_compiled(
@@ -127,7 +211,8 @@ def _pairs_compiled(
     """:func:`_pairs_within` of a large batch in two compiled passes around the NumPy key functions: the cells
     each ball touches (when it spans at most two per dimension at the level :func:`_cell_level` picks), their
     curve keys, then per query the partitions of those cells (or of every partition, for the other queries)
-    that pass the box test. The same pairs as :func:`_cell_pairs` with the box test, in one pass per query."""
+    that pass the box test. The same pairs as :func:`_cell_pairs` with the box test (at the same level), in one
+    pass per query."""
     from ..core.curves import grid_keys
     from ._planning_compiled import cell_and_box_pairs, corner_cells
 
@@ -150,6 +235,36 @@ def _pairs_compiled(
     ex = np.full(m, -1, dtype=np.int64) if exclude is None else np.ascontiguousarray(exclude, dtype=np.int64)
     return cell_and_box_pairs(q, limit2, ex, strict, routing.box_lo, routing.box_hi, routing.by_key, handled,
                               owner, first, last)
+
+
+#: batches with at most this many (query, partition) combinations are planned box test first
+_SMALL_PAIRS = 4096
+
+
+def _pairs_within_small(
+    queries: np.ndarray, limit2: np.ndarray, routing: RoutingTable, strict: bool, exclude: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_pairs_within` for a small batch: the same pairs (box test, and the cell test where it applies),
+    the cell test run only on the queries the box test leaves with some partition."""
+    m = len(queries)
+    d2 = routing.mindist2(queries)
+    lim = limit2[:, None]
+    mask = d2 < lim if strict else d2 <= lim
+    if exclude is not None:
+        mask[np.arange(m), exclude] = False
+    rows, parts = np.nonzero(mask)
+    if not len(rows):
+        return rows.astype(np.int64), parts.astype(np.int64)
+    live = np.unique(rows)
+    cell_rows, cell_parts, handled = _cell_pairs(queries[live], np.sqrt(limit2[live]), routing)
+    if handled.any():
+        n_p = routing.n_partitions
+        in_cells = np.isin(rows * n_p + parts, live[cell_rows] * n_p + cell_parts)
+        was_handled = np.zeros(m, dtype=bool)
+        was_handled[live[handled]] = True
+        keep = in_cells | ~was_handled[rows]
+        rows, parts = rows[keep], parts[keep]
+    return rows.astype(np.int64), parts.astype(np.int64)
 
 
 def box_mindist2_pairs(points: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
