@@ -201,8 +201,8 @@ def _pairs_within(
 
 
 def _compiled_ready() -> bool:
-    mod = sys.modules.get(__package__ + "._planning_compiled")
-    return mod is not None and mod.READY
+    # the warm-up thread may be importing the module right now: it is in sys.modules before READY exists
+    return getattr(sys.modules.get(__package__ + "._planning_compiled"), "READY", False)
 
 
 def _pairs_compiled(
